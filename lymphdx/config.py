@@ -44,7 +44,8 @@ class DataConfig(_Section):
     shape: tuple[int, int, int] = (48, 48, 32)
     fit: Literal["crop", "resize"] = "crop"
     hu_window: tuple[float, float] = (-250.0, 350.0)
-    cache_dir: str | None = None
+    cache_dir: str | None = None  # default: $LYMPHDX_CACHE or ~/.cache/lymphdx
+    split_seed: int = 0  # seeds the patient-wise split; shared by all runs of a comparison
     split: SplitConfig = Field(default_factory=SplitConfig)
 
     @model_validator(mode="after")
@@ -125,17 +126,35 @@ class EvaluationConfig(_Section):
     threshold: float = Field(0.5, ge=0, le=1)
 
 
+class ManifestConfig(_Section):
+    """The run's data: the two manifests (absolute paths once resolved)."""
+
+    weak: str | None = None
+    strong: str | None = None
+
+
 class Config(_Section):
     """The whole resolved configuration of a run."""
 
     preset: str = "quick"
     strategy: Literal["supervised", "semi-supervised", "multitask", "ssmdmt"] = "ssmdmt"
     seed: int = 0
+    manifests: ManifestConfig = Field(default_factory=ManifestConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     propagation: PropagationConfig = Field(default_factory=PropagationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> Config:
+        factor = self.model.downsampling
+        if any(s % factor for s in self.data.shape):
+            raise ValueError(
+                f"data.shape {list(self.data.shape)} must be divisible by the model's "
+                f"downsampling factor {factor} (stem_stride x 2^(blocks-1))"
+            )
+        return self
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

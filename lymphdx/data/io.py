@@ -10,6 +10,12 @@ Intensities come out in Hounsfield units: DICOM RescaleSlope/Intercept and NIfTI
 
 from __future__ import annotations
 
+import gzip
+import os
+import shutil
+import struct
+import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +128,109 @@ def _read_dicom_folder(folder: Path, patient: str | None) -> sitk.Image:
     return reader.Execute()
 
 
+@dataclass(frozen=True)
+class _NiftiLayout:
+    """Where a single-file NIfTI-1 keeps its voxels."""
+
+    vox_offset: int
+    nbytes: int  # voxel data bytes
+    float_dtype: np.dtype | None  # set for float32/float64 data, else None
+
+
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes
+
+
+def _nifti_layout(header: bytes) -> _NiftiLayout | None:
+    """The voxel layout a single-file NIfTI-1 header promises, or None if not one."""
+    for endian in ("<", ">"):
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            break
+    else:
+        return None
+    if header[344:347] != b"n+1":  # .hdr/.img pair or Analyze: not checked here
+        return None
+    dim = struct.unpack(endian + "8h", header[40:56])
+    datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
+    vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
+    if not 1 <= dim[0] <= 7 or bitpix <= 0 or any(d < 0 for d in dim[1 : dim[0] + 1]):
+        return None  # nonsense header: let the reader report it
+    voxels = 1
+    for d in dim[1 : dim[0] + 1]:
+        voxels *= d
+    code = _NIFTI_FLOATS.get(datatype)
+    float_dtype = np.dtype(endian + code) if code and bitpix == 8 * int(code[1]) else None
+    return _NiftiLayout(vox_offset, voxels * bitpix // 8, float_dtype)
+
+
+def _is_nifti2(header: bytes) -> bool:
+    return (
+        len(header) >= 8
+        and header[4:7] == b"n+2"
+        and header[:4] in (struct.pack("<i", 540), struct.pack(">i", 540))
+    )
+
+
+def _check_nifti(path: Path, patient: str | None) -> None:
+    """Refuse a truncated or corrupt NIfTI file, or one with NaN/infinite voxels.
+
+    ITK's NIfTI reader silently accepts a file that ends early (the missing voxels come
+    back as garbage) and silently turns NaN/inf voxels into 0, so both are checked here
+    in one streaming pass: a gzip stream is decompressed to its end (which verifies its
+    CRC), its length compared with what the header promises, and float voxels scanned.
+    """
+    with path.open("rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    opener = gzip.open if gzipped else open
+    nonfinite = 0
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(348)
+            if _is_nifti2(header):
+                raise InputError(
+                    "NIfTI-2 files are not supported by the reader (SimpleITK); "
+                    "save the scan as NIfTI-1 (.nii.gz), NRRD or MHA",
+                    path,
+                    patient,
+                )
+            layout = _nifti_layout(header)
+            if layout is None:
+                return  # not a single-file NIfTI-1: the reader will judge it
+            if layout.float_dtype is None and not gzipped:
+                total = path.stat().st_size
+            else:
+                total, pending = len(header), b""
+                data_end = layout.vox_offset + layout.nbytes
+                while chunk := f.read(1 << 22):
+                    start, total = total, total + len(chunk)
+                    if layout.float_dtype is None:
+                        continue
+                    lo, hi = max(layout.vox_offset - start, 0), min(data_end - start, len(chunk))
+                    if lo >= hi:
+                        continue
+                    pending += chunk[lo:hi]
+                    whole = len(pending) - len(pending) % layout.float_dtype.itemsize
+                    values = np.frombuffer(pending[:whole], layout.float_dtype)
+                    nonfinite += int(values.size - np.count_nonzero(np.isfinite(values)))
+                    pending = pending[whole:]
+    except (EOFError, OSError, zlib.error) as err:
+        raise InputError(
+            f"corrupt or truncated gzip data ({err}); the file is incomplete, "
+            "copy or export it again",
+            path,
+            patient,
+        ) from None
+    expected = layout.vox_offset + layout.nbytes
+    if total < expected:
+        raise InputError(
+            f"truncated NIfTI file: holds {total} bytes but its header needs "
+            f"{expected}; copy or export it again",
+            path,
+            patient,
+        )
+    if nonfinite:
+        raise InputError(f"{nonfinite} voxels are NaN or infinite", path, patient)
+
+
 def read_image(path: str | Path, patient: str | None = None) -> sitk.Image:
     """Read a volume file or a DICOM series folder as a SimpleITK image.
 
@@ -134,14 +243,17 @@ def read_image(path: str | Path, patient: str | None = None) -> sitk.Image:
     try:
         if path.is_dir():
             return _read_dicom_folder(path, patient)
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti(path, patient)
         return sitk.ReadImage(str(path))
     except InputError:
         raise
     except RuntimeError as err:  # SimpleITK/ITK reader errors
         first = str(err).strip().splitlines()
         detail = next((line for line in first if "ERROR" in line or "rror" in line), "")
+        suffix = f": {detail[:200]}" if detail else ""
         raise InputError(
-            f"cannot read as a medical image (corrupt or unsupported format){': ' + detail[:200] if detail else ''}",
+            f"cannot read as a medical image (corrupt or unsupported format){suffix}",
             path,
             patient,
         ) from None
@@ -239,6 +351,32 @@ def write_volume(path: str | Path, array: np.ndarray, geometry: Geometry) -> Pat
     Written to a temporary name and renamed, so a crash never leaves half a file.
     """
     path = Path(path)
+    image = to_sitk(array, geometry)
+    if path.name.lower().endswith(_DETACHED_HEADER_SUFFIXES):
+        _write_detached(path, image)
+        return path
     with atomic_path(path) as tmp:
-        sitk.WriteImage(to_sitk(array, geometry), str(tmp), useCompression=True)
+        sitk.WriteImage(image, str(tmp), useCompression=True)
     return path
+
+
+_DETACHED_HEADER_SUFFIXES = (".mhd", ".nhdr")
+
+
+def _write_detached(path: Path, image: sitk.Image) -> None:
+    """Write a header + data-file pair (``.mhd``/``.nhdr``) without exposing half of it.
+
+    The header names its data file, so both are written under their final names in a
+    temporary folder beside ``path``; then the data file is moved into place, and the
+    header last, so a reader never finds a header whose data file is missing.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+    try:
+        sitk.WriteImage(image, str(tmpdir / path.name), useCompression=True)
+        for written in sorted(tmpdir.iterdir()):
+            if written.name != path.name:
+                os.replace(written, path.parent / written.name)
+        os.replace(tmpdir / path.name, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

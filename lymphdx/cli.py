@@ -1,0 +1,206 @@
+"""Command line: parses arguments, calls the library, prints. No logic lives here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from lymphdx.errors import LymphdxError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Semi-supervised multi-domain multi-task CT classification of metastatic lymph nodes.",
+)
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn lymphdx errors into one clear line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LymphdxError as err:
+            typer.echo(f"lymphdx: error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("lymphdx: interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _config(config: Path | None, preset: str | None, overrides: dict[str, Any]):
+    from lymphdx.config import load_config
+
+    return load_config(
+        config, preset=preset, overrides={k: v for k, v in overrides.items() if v is not None}
+    )
+
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="YAML config (overrides the preset).")
+]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="quick (default) or paper.")]
+
+
+@app.command()
+@_friendly
+def synth(
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    n_weak: Annotated[int, typer.Option(help="Weak-set scans.")] = 123,
+    n_pos: Annotated[int, typer.Option(help="Positive weak-set scans.")] = 57,
+    n_strong: Annotated[int, typer.Option(help="Strong-set scans.")] = 85,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Write the synthetic two-hospital data set (NIfTI + manifests)."""
+    from lymphdx.data.synthetic import SynthSpec, write_synthetic
+
+    summary = write_synthetic(
+        out, SynthSpec(n_weak=n_weak, n_pos=n_pos, n_strong=n_strong, seed=seed)
+    )
+    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(f"weak manifest:   {out / 'weak' / 'manifest.csv'}")
+    typer.echo(f"strong manifest: {out / 'strong' / 'manifest.csv'}")
+
+
+@app.command("train")
+@_friendly
+def train_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Run folder.")],
+    weak: Annotated[Path | None, typer.Option("--weak", help="Weak (label) manifest CSV.")] = None,
+    strong: Annotated[
+        Path | None, typer.Option("--strong", help="Strong (ROI) manifest CSV.")
+    ] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help="supervised, semi-supervised, multitask or ssmdmt.")
+    ] = None,
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override training.epochs.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
+    ] = False,
+) -> None:
+    """Train one strategy."""
+    import yaml
+
+    from lymphdx.config import validate
+    from lymphdx.training.trainer import train
+
+    if resume and config is None and (out / "config.yaml").exists():
+        cfg = validate(yaml.safe_load((out / "config.yaml").read_text()), str(out / "config.yaml"))
+    else:
+        over: dict[str, Any] = {"strategy": strategy, "seed": seed}
+        if epochs is not None:
+            over["training"] = {"epochs": epochs}
+        cfg = _config(config, preset, over)
+    if (weak is None or strong is None) and not (cfg.manifests.weak and cfg.manifests.strong):
+        raise LymphdxError("give --weak and --strong manifests (or a config that names them)")
+    result = train(cfg, out, weak, strong, resume=resume, progress=sys.stderr.isatty())
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+@_friendly
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    split: Annotated[str, typer.Option(help="Weak-set split to score.")] = "test",
+) -> None:
+    """Score the run's best model on a split; writes RUN/metrics.json."""
+    from lymphdx.evaluation.evaluate import evaluate_run
+
+    typer.echo(json.dumps(evaluate_run(run, split), indent=2))
+
+
+@app.command()
+@_friendly
+def predict(
+    images: Annotated[
+        list[Path], typer.Argument(help="Scans: NIfTI/NRRD/MHA files or DICOM series folders.")
+    ],
+    model: Annotated[Path, typer.Option("--model", help="Run folder of a trained model.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    domain: Annotated[
+        str, typer.Option(help="Which training hospital's normalisation to use.")
+    ] = "weak",
+) -> None:
+    """Predict metastasis probability and ROI maps; writes OUT/<name>/..."""
+    from lymphdx.inference import predict as run_predict
+
+    for r in run_predict(model, images, out, domain=domain):
+        typer.echo(f"{r['image']}: probability {r['probability']:.3f} label {r['label']}")
+
+
+@app.command("compare")
+@_friendly
+def compare_cmd(
+    weak: Annotated[Path, typer.Option("--weak", help="Weak (label) manifest CSV.")],
+    strong: Annotated[Path, typer.Option("--strong", help="Strong (ROI) manifest CSV.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    strategies: Annotated[
+        list[str] | None, typer.Option("--strategies", help="Strategies to run (repeat).")
+    ] = None,
+    seeds: Annotated[int, typer.Option("--seeds", help="Number of seeds (0..K-1).")] = 3,
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    epochs: Annotated[int | None, typer.Option(help="Override training.epochs.")] = None,
+) -> None:
+    """Train and evaluate every strategy and seed; writes results.json, results.md, roc.png."""
+    from lymphdx.evaluation.report import compare, format_table
+
+    cfg = _config(config, preset, {"training": {"epochs": epochs}} if epochs else {})
+    results = compare(cfg, weak, strong, out, strategies, list(range(seeds)))
+    typer.echo(format_table(results))
+
+
+@app.command()
+@_friendly
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("demo_out"),
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per strategy.")] = 2,
+    epochs: Annotated[int | None, typer.Option(help="Override training.epochs.")] = None,
+) -> None:
+    """Synthetic data + compare of the four strategies with the quick preset."""
+    from lymphdx.config import load_config
+    from lymphdx.data.synthetic import SynthSpec, write_synthetic
+    from lymphdx.evaluation.report import compare, format_table
+
+    start = time.perf_counter()
+    data = out / "data"
+    if (
+        not (data / "weak" / "manifest.csv").exists()
+        or not (data / "strong" / "manifest.csv").exists()
+    ):
+        typer.echo(f"[demo] writing the synthetic two-hospital data set to {data}")
+        write_synthetic(data, SynthSpec())
+    over: dict[str, Any] = {"data": {"cache_dir": str(out / "cache")}}
+    if epochs:
+        over["training"] = {"epochs": epochs}
+    cfg = load_config(preset="quick", overrides=over)
+    results = compare(
+        cfg,
+        data / "weak" / "manifest.csv",
+        data / "strong" / "manifest.csv",
+        out / "compare",
+        None,
+        list(range(seeds)),
+    )
+    typer.echo("")
+    typer.echo(format_table(results))
+    typer.echo(f"[demo] finished in {time.perf_counter() - start:.0f} s; see {out / 'compare'}")
+
+
+def main() -> None:
+    """Entry point of the ``lymphdx`` console script."""
+    app()

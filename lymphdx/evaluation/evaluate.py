@@ -1,0 +1,100 @@
+"""Evaluate a trained run on one split of the weak set: ``metrics.json`` + per-patient CSV.
+
+The test split is scored once per run with the model chosen on validation AUC (``best``);
+nothing here feeds back into any choice.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from lymphdx.config import Config, validate
+from lymphdx.errors import LymphdxError
+from lymphdx.evaluation.metrics import auc, bootstrap_auc_ci, delong
+from lymphdx.fileutil import write_json, write_text
+from lymphdx.models.multitask import MultiTaskNet, build_model
+from lymphdx.training.trainer import load_checkpoint, load_run_data, predict_probabilities
+
+__all__ = ["load_run_config", "load_model", "evaluate_run", "read_predictions"]
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The resolved ``config.yaml`` of a run folder."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise LymphdxError(f"{run_dir} is not a lymphdx run folder (no config.yaml)")
+    return validate(yaml.safe_load(path.read_text()), str(path))
+
+
+def load_model(run_dir: str | Path, which: str = "best") -> tuple[Config, MultiTaskNet, dict]:
+    """Config, model (eval mode) and checkpoint state of a run."""
+    config = load_run_config(run_dir)
+    state = load_checkpoint(Path(run_dir) / "checkpoints" / f"{which}.pt")
+    model = build_model(config.model)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return config, model, state
+
+
+def read_predictions(path: str | Path) -> dict[str, tuple[int, float]]:
+    """``patient_id -> (label, probability)`` from a ``predictions_<split>.csv``."""
+    with open(path, newline="") as f:
+        return {
+            r["patient_id"]: (int(r["label"]), float(r["probability"])) for r in csv.DictReader(f)
+        }
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
+    """Score the ``best`` model on the weak set's ``split``; writes ``metrics.json`` and
+    ``predictions_<split>.csv`` into the run folder and returns the metrics."""
+    run_dir = Path(run_dir)
+    config, model, state = load_model(run_dir)
+    data = load_run_data(config, run_dir, need_strong=False)
+    volumes = data.volumes("weak", split)
+    if len(volumes) == 0:
+        raise LymphdxError(f"the weak set has no patients in split {split!r}")
+    probs = predict_probabilities(model, volumes)
+    labels = volumes.labels
+    threshold = config.evaluation.threshold
+    pred = (probs > threshold).astype(int)
+    value = auc(labels, probs)
+    _, var = delong(labels, probs)
+    tp = int(((pred == 1) & (labels == 1)).sum())
+    tn = int(((pred == 0) & (labels == 0)).sum())
+    metrics: dict[str, Any] = {
+        "split": split,
+        "n": int(len(labels)),
+        "n_pos": int(labels.sum()),
+        "auc": value,
+        "auc_ci95": list(
+            bootstrap_auc_ci(
+                labels, probs, config.evaluation.bootstrap, config.evaluation.ci, seed=config.seed
+            )
+        ),
+        "auc_se_delong": float(np.sqrt(var)),
+        "threshold": threshold,
+        "sensitivity": tp / max(1, int(labels.sum())),
+        "specificity": tn / max(1, int((labels == 0).sum())),
+        "accuracy": float((pred == labels).mean()),
+        "strategy": config.strategy,
+        "seed": config.seed,
+        "best_epoch": int(state["best"]["epoch"]),
+        "best_val_auc": float(state["best"]["val_auc"]),
+    }
+    buf = _io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["patient_id", "label", "probability"])
+    for pid, y, p in zip(volumes.patient_ids, labels, probs, strict=True):
+        w.writerow([pid, int(y), f"{float(p):.6f}"])
+    write_text(run_dir / f"predictions_{split}.csv", buf.getvalue())
+    if split == "test":
+        write_json(run_dir / "metrics.json", metrics)
+    else:
+        write_json(run_dir / f"metrics_{split}.json", metrics)
+    return metrics

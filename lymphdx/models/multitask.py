@@ -1,0 +1,199 @@
+"""The paper's model (§3.2, Fig. 1): encoder f, classifier σ and ROI decoder g.
+
+    o = f(v)        (B, C_o, D/s, H/s, W/s)   s = stem_stride · 2^(n_blocks-1)
+    ỹ = σ(o)        (B,)                      one logit per scan
+    s̃ = g(o)        (B, 1, D, H, W)           one logit per voxel
+
+The paper preset maps a 512×512×256 (x, y, z) scan, i.e. a (B, 1, 256, 512, 512) tensor,
+to a 16×16×8 embedding. The decoder mirrors the encoder: one dense block per encoder
+block, 2× trilinear upsampling between them, optionally concatenating the encoder's
+features of the same resolution (``decoder_skips``; the paper's g sees o only).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Conv
+from monai.networks.layers.utils import get_act_layer, get_norm_layer
+from torch import nn
+
+from lymphdx.config import ModelConfig
+from lymphdx.models.densenet3d import DenseBlock, Transition, norm_spec
+
+__all__ = ["DenseEncoder", "Classifier", "RoiDecoder", "MultiTaskNet", "build_model"]
+
+
+class DenseEncoder(nn.Module):
+    """Stem conv (stride ``stem_stride``), dense blocks with transitions between them.
+
+    Input ``(B, 1, D, H, W)``; returns the embedding ``o`` ``(B, C_o, D/s, H/s, W/s)`` and
+    the features entering each transition (finest first), for optional decoder skips.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        norm = norm_spec(cfg.norm)
+        conv = Conv[Conv.CONV, 3]
+        channels = cfg.init_features
+        k = 3 if cfg.stem_stride <= 2 else 5
+        self.stem = nn.Sequential(
+            conv(1, channels, kernel_size=k, stride=cfg.stem_stride, padding=k // 2, bias=False),
+            get_norm_layer(norm, spatial_dims=3, channels=channels),
+            get_act_layer(("relu", {"inplace": True})),
+        )
+        self.blocks = nn.ModuleList()
+        self.transitions = nn.ModuleList()
+        self.level_channels: list[int] = []
+        for i, n in enumerate(cfg.block_layers):
+            block = DenseBlock(
+                n, channels, cfg.growth_rate, cfg.bn_size, cfg.dropout, norm, cfg.checkpointing
+            )
+            self.blocks.append(block)
+            channels = block.out_channels
+            self.level_channels.append(channels)
+            if i < len(cfg.block_layers) - 1:
+                self.transitions.append(Transition(3, channels, channels // 2, norm=norm))
+                channels //= 2
+        self.final = nn.Sequential(
+            get_norm_layer(norm, spatial_dims=3, channels=channels),
+            get_act_layer(("relu", {"inplace": True})),
+        )
+        self.out_channels = channels
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = self.stem(x)
+        skips = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i < len(self.transitions):
+                skips.append(x)
+                x = self.transitions[i](x)
+        return self.final(x), skips
+
+
+class Classifier(nn.Module):
+    """σ: global pooling of ``o`` and two fully connected layers → one logit ``(B,)``."""
+
+    def __init__(self, in_channels: int, hidden: int, pool: str, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.pool = pool
+        width = in_channels * (2 if pool == "avgmax" else 1)
+        self.fc1 = nn.Linear(width, hidden)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc2 = nn.Linear(hidden, 1)
+
+    def forward(self, o: torch.Tensor) -> torch.Tensor:
+        pooled = []
+        if self.pool in ("avg", "avgmax"):
+            pooled.append(o.mean(dim=(2, 3, 4)))
+        if self.pool in ("max", "avgmax"):
+            pooled.append(o.amax(dim=(2, 3, 4)))
+        h = F.relu(self.fc1(torch.cat(pooled, dim=1)))
+        return self.fc2(self.dropout(h)).squeeze(1)
+
+
+class RoiDecoder(nn.Module):
+    """g: dense blocks from the embedding back up to the input size.
+
+    Input ``o`` ``(B, C_o, d, h, w)`` (and skips when enabled); output logits
+    ``(B, 1, d·s, h·s, w·s)``. The last ``stem_stride`` factor is a trilinear upsampling
+    of the logits, so no layer runs at full resolution (full-resolution layers would
+    dominate the cost, see DESIGN.md's compute budget).
+    """
+
+    def __init__(self, cfg: ModelConfig, encoder: DenseEncoder) -> None:
+        super().__init__()
+        norm = norm_spec(cfg.norm)
+        conv = Conv[Conv.CONV, 3]
+        layers = list(cfg.decoder_layers or cfg.block_layers)
+        self.skips = cfg.decoder_skips
+        self.stem_stride = cfg.stem_stride
+        self.blocks = nn.ModuleList()
+        self.reduce = nn.ModuleList()
+        channels = encoder.out_channels
+        # levels from coarsest to finest; level i (i>0) is preceded by a 2× upsampling.
+        n = len(layers)
+        for i in range(n):
+            in_ch = channels
+            if i > 0 and self.skips:
+                in_ch += encoder.level_channels[n - 1 - i]
+            width = max(cfg.growth_rate, encoder.level_channels[n - 1 - i] // 2)
+            self.reduce.append(
+                nn.Sequential(
+                    get_norm_layer(norm, spatial_dims=3, channels=in_ch),
+                    get_act_layer(("relu", {"inplace": True})),
+                    conv(in_ch, width, kernel_size=1, bias=False),
+                )
+            )
+            block = DenseBlock(
+                layers[n - 1 - i], width, cfg.growth_rate, cfg.bn_size, 0.0, norm, cfg.checkpointing
+            )
+            self.blocks.append(block)
+            channels = block.out_channels
+        self.head = nn.Sequential(
+            get_norm_layer(norm, spatial_dims=3, channels=channels),
+            get_act_layer(("relu", {"inplace": True})),
+            conv(channels, 1, kernel_size=1, bias=True),
+        )
+
+    def forward(
+        self, o: torch.Tensor, skips: list[torch.Tensor], out_size: tuple[int, int, int]
+    ) -> torch.Tensor:
+        x = o
+        for i, (reduce, block) in enumerate(zip(self.reduce, self.blocks, strict=True)):
+            if i > 0:
+                x = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
+                if self.skips:
+                    x = torch.cat([x, skips[len(skips) - i]], dim=1)
+            x = block(reduce(x))
+        logits = self.head(x)
+        if tuple(logits.shape[2:]) != tuple(out_size):
+            logits = F.interpolate(logits, size=out_size, mode="trilinear", align_corners=False)
+        return logits
+
+
+class MultiTaskNet(nn.Module):
+    """Encoder shared by the classifier and the ROI decoder.
+
+    ``forward(x, roi=True)`` with ``x`` ``(B, 1, D, H, W)``, D/H/W divisible by the
+    downsampling factor, returns ``{"cls": (B,), "roi": (B, 1, D, H, W)}``; with
+    ``roi=False`` the decoder is not run (so it receives no gradient).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = DenseEncoder(cfg)
+        self.classifier = Classifier(
+            self.encoder.out_channels, cfg.classifier_hidden, cfg.pool, cfg.dropout
+        )
+        self.decoder = RoiDecoder(cfg, self.encoder)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding ``o = f(v)``, ``(B, C_o, D/s, H/s, W/s)``."""
+        return self.encoder(x)[0]
+
+    def forward(self, x: torch.Tensor, roi: bool = True) -> dict[str, torch.Tensor]:
+        factor = self.cfg.downsampling
+        if any(s % factor for s in x.shape[2:]):
+            raise ValueError(
+                f"input size {tuple(x.shape[2:])} (D, H, W) is not divisible by the network's "
+                f"downsampling factor {factor}"
+            )
+        o, skips = self.encoder(x)
+        out = {"cls": self.classifier(o)}
+        if roi:
+            out["roi"] = self.decoder(o, skips, tuple(x.shape[2:]))
+        return out
+
+
+def build_model(cfg: ModelConfig) -> MultiTaskNet:
+    """The multi-task network of a config, Kaiming-initialised as in DenseNet."""
+    model = MultiTaskNet(cfg)
+    for m in model.modules():
+        if isinstance(m, nn.Conv3d):
+            nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+    return model

@@ -1,0 +1,77 @@
+"""Model shapes for both presets, routing of gradients, checkpointing equivalence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lymphdx.config import load_config
+from lymphdx.models.multitask import build_model
+
+
+def test_quick_preset_shapes() -> None:
+    cfg = load_config(preset="quick")
+    model = build_model(cfg.model)
+    x_size, y_size, z_size = cfg.data.shape
+    x = torch.randn(2, 1, z_size, y_size, x_size)
+    out = model(x)
+    assert out["cls"].shape == (2,)
+    assert out["roi"].shape == (2, 1, z_size, y_size, x_size)
+    o = model.embed(x)
+    assert o.shape[2:] == (z_size // 16, y_size // 16, x_size // 16)
+
+
+def test_paper_preset_maps_512_512_256_to_16_16_8_on_meta_device() -> None:
+    cfg = load_config(preset="paper")
+    assert tuple(cfg.data.shape) == (512, 512, 256)
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+        x = torch.empty(1, 1, 256, 512, 512)  # (B, 1, z, y, x): no memory is allocated
+        o = model.embed(x)
+        out = model(x)
+    assert tuple(o.shape[2:]) == (8, 16, 16)  # (z, y, x) = 16 × 16 × 8 in (x, y, z)
+    assert len(model.encoder.blocks) == 5 and len(model.decoder.blocks) == 5
+    assert out["roi"].shape == (1, 1, 256, 512, 512)
+    assert out["cls"].shape == (1,)
+    # two fully connected layers in the classifier
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.classifier.modules()) == 2
+
+
+def test_indivisible_input_is_refused() -> None:
+    model = build_model(load_config().model)
+    with pytest.raises(ValueError, match="divisible"):
+        model(torch.randn(1, 1, 30, 48, 48))
+
+
+def test_config_refuses_shape_not_divisible_by_downsampling() -> None:
+    from lymphdx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="divisible"):
+        load_config(overrides={"data": {"shape": [50, 48, 32]}})
+
+
+def test_without_roi_the_decoder_gets_no_gradient() -> None:
+    model = build_model(load_config().model)
+    out = model(torch.randn(2, 1, 32, 48, 48), roi=False)
+    assert "roi" not in out
+    out["cls"].sum().backward()
+    assert all(p.grad is None for p in model.decoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+
+
+def test_checkpointing_matches_outputs_and_gradients() -> None:
+    cfg = load_config()
+    torch.manual_seed(0)
+    plain = build_model(cfg.model)
+    ckpt = build_model(cfg.model.model_copy(update={"checkpointing": True}))
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, 32, 48, 48)
+    grads = []
+    for model in (plain, ckpt):
+        out = model(x)
+        (out["cls"].sum() + out["roi"].mean()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        outs = out
+    torch.testing.assert_close(outs["cls"], plain(x)["cls"], rtol=1e-4, atol=1e-5)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,217 @@
+"""The trainer: strategies route only their losses, propagation, resume, end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from lymphdx.data import preprocess
+from lymphdx.data.io import read_volume
+from lymphdx.errors import LymphdxError
+from lymphdx.evaluation.evaluate import evaluate_run
+from lymphdx.inference import predict
+from lymphdx.models.multitask import build_model
+from lymphdx.training import propagation
+from lymphdx.training.propagation import is_propagation_epoch, propagate_labels, propagate_masks
+from lymphdx.training.strategies import STRATEGIES
+from lymphdx.training.trainer import load_checkpoint, load_run_data, train
+from tests.conftest import tiny_config
+
+
+def _manifests(data: Path) -> tuple[Path, Path]:
+    return data / "weak" / "manifest.csv", data / "strong" / "manifest.csv"
+
+
+def _record_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    seen: dict[str, list[str]] = {"image": [], "mask": []}
+    image, mask = preprocess.PreprocessCache.image, preprocess.PreprocessCache.mask
+
+    def image_spy(self, path, patient=None):  # type: ignore[no-untyped-def]
+        seen["image"].append(str(path))
+        return image(self, path, patient)
+
+    def mask_spy(self, mask_path, image_path, patient=None):  # type: ignore[no-untyped-def]
+        seen["mask"].append(str(mask_path))
+        return mask(self, mask_path, image_path, patient)
+
+    monkeypatch.setattr(preprocess.PreprocessCache, "image", image_spy)
+    monkeypatch.setattr(preprocess.PreprocessCache, "mask", mask_spy)
+    return seen
+
+
+def _initial_state(config) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    torch.manual_seed(config.seed)
+    return build_model(config.model).state_dict()
+
+
+def _changed(before: dict, after: dict, prefix: str) -> bool:
+    keys = [k for k in before if k.startswith(prefix) and before[k].is_floating_point()]
+    return any(not torch.equal(before[k], after[k]) for k in keys)
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_strategy_routes_only_its_losses(
+    strategy: str, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flags = STRATEGIES[strategy]
+    config = tiny_config(tmp_path, strategy=strategy)
+    seen = _record_reads(monkeypatch)
+    weak, strong = _manifests(tiny_data)
+    train(config, tmp_path / "run", weak, strong, progress=False)
+
+    strong_images = [p for p in seen["image"] if "/strong/" in p]
+    assert bool(strong_images) == flags.uses_strong
+    assert bool(seen["mask"]) == flags.roi_strong  # masks only where the ROI loss is used
+    # weak-set ground truth is never read by training
+    assert not any("weak_truth" in p for p in seen["image"] + seen["mask"])
+
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    before = _initial_state(config)
+    assert _changed(before, state["model"], "encoder.")
+    assert _changed(before, state["model"], "decoder.") == flags.trains_decoder
+
+    with open(tmp_path / "run" / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    last = rows[-1]  # epoch 1: after the first propagation
+    assert bool(last["loss_roi"]) == flags.roi_strong
+    assert bool(last["loss_pseudo_cls"]) == flags.pseudo_cls_strong
+    assert bool(last["loss_pseudo_roi"]) == flags.pseudo_roi_weak
+    assert int(last["propagated"]) == int(flags.propagates)
+    assert rows[0]["loss_pseudo_cls"] == "" and rows[0]["loss_pseudo_roi"] == ""  # warm-up
+
+
+def test_propagation_schedule() -> None:
+    from lymphdx.config import PropagationConfig
+
+    cfg = PropagationConfig(warmup_epochs=3, every=2)
+    assert [e for e in range(10) if is_propagation_epoch(e, cfg)] == [3, 5, 7, 9]
+
+
+def test_propagated_labels_come_from_the_model_and_zeta_is_applied(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(tmp_path)
+    weak, strong = _manifests(tiny_data)
+    config = config.model_validate(
+        {**config.model_dump(), "manifests": {"weak": str(weak), "strong": str(strong)}}
+    )
+    data = load_run_data(config, tmp_path)
+    volumes = data.volumes("strong", "train")
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    with torch.no_grad():
+        model.classifier.fc2.bias.fill_(20.0)
+    targets, weights = propagate_labels(model, volumes, config.propagation)
+    assert targets.tolist() == [1.0] * len(volumes)
+    with torch.no_grad():
+        model.classifier.fc2.bias.fill_(-20.0)
+    targets, _ = propagate_labels(model, volumes, config.propagation)
+    assert targets.tolist() == [0.0] * len(volumes)  # change the model, labels change
+    # soft labels and the confidence cut-off
+    soft_cfg = config.propagation.model_copy(update={"pseudo_labels": "soft", "confidence": 0.5})
+    with torch.no_grad():
+        model.classifier.fc2.bias.fill_(0.0)
+        model.classifier.fc2.weight.zero_()
+    targets, weights = propagate_labels(model, volumes, soft_cfg)
+    assert np.allclose(targets, 0.5) and weights.sum() == 0  # p = 0.5 is not confident
+
+    # ζ: a decoder whose output probability is exactly known
+    weak_volumes = data.volumes("weak", "train")
+    with torch.no_grad():
+        head = model.decoder.head[-1]
+        head.weight.zero_()
+        head.bias.fill_(float(np.log(0.85 / 0.15)))  # p = 0.85 everywhere
+    assert propagate_masks(model, weak_volumes, config.propagation).min() == 1  # 0.85 > ζ = 0.8
+    high = config.propagation.model_copy(update={"roi_threshold": 0.9})
+    assert propagate_masks(model, weak_volumes, high).max() == 0  # 0.85 < 0.9
+
+
+def test_propagation_masks_depend_on_the_model(tiny_data: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path)
+    weak, strong = _manifests(tiny_data)
+    config = config.model_validate(
+        {**config.model_dump(), "manifests": {"weak": str(weak), "strong": str(strong)}}
+    )
+    volumes = load_run_data(config, tmp_path).volumes("weak", "train")
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    cfg = config.propagation.model_copy(update={"roi_threshold": 0.5})
+    with torch.no_grad():
+        model.decoder.head[-1].bias.fill_(0.0)
+    a = propagation.propagate_masks(model, volumes, cfg)
+    with torch.no_grad():
+        model.decoder.head[-1].bias.fill_(5.0)
+    b = propagation.propagate_masks(model, volumes, cfg)
+    assert a.shape == (len(volumes), 16, 32, 32)
+    assert b.mean() > a.mean()
+
+
+def test_resume_continues_the_same_run(tiny_data: Path, tmp_path: Path) -> None:
+    weak, strong = _manifests(tiny_data)
+    full = tiny_config(tmp_path, training={"epochs": 2})
+    train(full, tmp_path / "a", weak, strong, progress=False)
+    first = tiny_config(tmp_path, training={"epochs": 1})
+    train(first, tmp_path / "b", weak, strong, progress=False)
+    with pytest.raises(LymphdxError, match="already holds a run"):
+        train(first, tmp_path / "b", weak, strong, progress=False)
+    train(full, tmp_path / "b", weak, strong, resume=True, progress=False)
+
+    def history(run: str) -> list[dict]:
+        with open(tmp_path / run / "history.csv") as f:
+            return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+
+    assert history("a") == history("b")
+    sa = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")["model"]
+    sb = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["model"]
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    # another config cannot resume this run
+    other = tiny_config(tmp_path, training={"epochs": 2, "lr": 0.01})
+    with pytest.raises(LymphdxError, match="training.lr"):
+        train(other, tmp_path / "b", weak, strong, resume=True, progress=False)
+
+
+def test_end_to_end_train_evaluate_predict(tiny_data: Path, tmp_path: Path) -> None:
+    weak, strong = _manifests(tiny_data)
+    run = tmp_path / "run"
+    train(tiny_config(tmp_path), run, weak, strong, progress=False)
+    for name in ("config.yaml", "splits.csv", "history.csv", "normalization.json", "train.log"):
+        assert (run / name).exists(), name
+    assert (run / "checkpoints" / "best.pt").exists() and (run / "checkpoints" / "last.pt").exists()
+    assert any((run / "tensorboard").iterdir())
+
+    metrics = evaluate_run(run)
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved == metrics
+    with open(run / "splits.csv") as f:
+        test_rows = [r for r in csv.DictReader(f) if r["set"] == "weak" and r["split"] == "test"]
+    assert saved["split"] == "test" and saved["n"] == len(test_rows)
+    assert saved["n_pos"] == sum(int(r["label"]) for r in test_rows)
+    lo, hi = saved["auc_ci95"]
+    assert 0.0 <= lo <= saved["auc"] <= hi <= 1.0
+
+    image = tiny_data / "weak" / "images" / "W0001.nii.gz"
+    out = tmp_path / "pred"
+    (result,) = predict(run, [image], out)
+    folder = out / "W0001"
+    pred = json.loads((folder / "prediction.json").read_text())
+    assert 0.0 <= pred["probability"] <= 1.0 and pred["label"] in (0, 1)
+    assert pred["threshold"] == 0.5 and pred["roi_threshold"] == 0.8
+    source = nib.load(str(image))
+    for name in ("roi_prob.nii.gz", "roi_mask.nii.gz"):
+        written = nib.load(str(folder / name))
+        assert written.shape == source.shape
+        np.testing.assert_allclose(written.affine, source.affine, atol=1e-4)
+    mask = np.asarray(nib.load(str(folder / "roi_mask.nii.gz")).dataobj)
+    prob = np.asarray(nib.load(str(folder / "roi_prob.nii.gz")).dataobj)
+    assert set(np.unique(mask)) <= {0, 1}
+    assert np.array_equal(mask > 0, prob > 0.8)
+    assert (folder / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert read_volume(folder / "roi_prob.nii.gz").geometry.close_to(read_volume(image).geometry)
