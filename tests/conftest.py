@@ -21,9 +21,17 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_config(tmp_path: Path, **overrides: object) -> Config:
     """A very small network on 32×32×16 volumes, 2 epochs, propagation from epoch 1."""
     base: dict = {
-        "data": {"spacing": [7.5, 7.5, 12.0], "shape": [32, 32, 16], "cache_dir": str(tmp_path / "cache")},
-        "model": {"init_features": 8, "growth_rate": 4, "block_layers": [1, 1, 1, 1],
-                  "classifier_hidden": 8},
+        "data": {
+            "spacing": [7.5, 7.5, 12.0],
+            "shape": [32, 32, 16],
+            "cache_dir": str(tmp_path / "cache"),
+        },
+        "model": {
+            "init_features": 8,
+            "growth_rate": 4,
+            "block_layers": [1, 1, 1, 1],
+            "classifier_hidden": 8,
+        },
         "training": {"epochs": 2, "batch_size": 4, "strong_batch_size": 2},
         "propagation": {"warmup_epochs": 1, "every": 1},
         "evaluation": {"bootstrap": 200},

@@ -13,7 +13,9 @@ def test_bce_hand_worked() -> None:
     logits = torch.tensor([0.0, math.log(3.0)])  # sigmoid: 0.5, 0.75
     targets = torch.tensor([1.0, 0.0])
     # -ln 0.5 = ln 2 ; -ln(1 - 0.75) = ln 4 ; mean = 1.5 ln 2
-    assert math.isclose(float(classification_loss(logits, targets)), 1.5 * math.log(2), rel_tol=1e-6)
+    assert math.isclose(
+        float(classification_loss(logits, targets)), 1.5 * math.log(2), rel_tol=1e-6
+    )
     # weight 0 removes the second scan (a pseudo-label below the confidence cut-off)
     w = torch.tensor([1.0, 0.0])
     assert math.isclose(float(classification_loss(logits, targets, w)), math.log(2), rel_tol=1e-6)

@@ -293,8 +293,9 @@ class _Grid:
         return (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
 
     def index_of(self, point) -> tuple[int, int, int]:
-        """Nearest voxel ``(z, y, x)`` of a world point ``(x, y, z)``."""
+        """Nearest voxel ``(z, y, x)`` of a world point ``(x, y, z)`` (clipped to the grid)."""
         ijk = np.rint((np.asarray(point) - self.origin) / self.spacing).astype(int)
+        ijk = np.clip(ijk, 0, np.asarray(self.shape[::-1]) - 1)
         return (int(ijk[2]), int(ijk[1]), int(ijk[0]))
 
     @property

@@ -1,0 +1,162 @@
+"""The command line as DESIGN.md fixes it: commands, output files, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from lymphdx.cli import app
+from tests.conftest import tiny_config
+
+runner = CliRunner()
+
+
+def _config_file(tmp_path: Path) -> Path:
+    cfg = tiny_config(tmp_path, training={"epochs": 1})
+    data = cfg.model_dump(mode="json")
+    data.pop("manifests")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_train_evaluate_predict_compare_commands(tiny_data: Path, tmp_path: Path) -> None:
+    weak, strong = tiny_data / "weak" / "manifest.csv", tiny_data / "strong" / "manifest.csv"
+    config = _config_file(tmp_path)
+    run = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--weak",
+            str(weak),
+            "--strong",
+            str(strong),
+            "--strategy",
+            "multitask",
+            "--out",
+            str(run),
+            "--config",
+            str(config),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["strategy"] == "multitask" and saved["manifests"]["weak"] == str(weak.resolve())
+
+    result = runner.invoke(app, ["evaluate", str(run)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"split", "n", "n_pos", "auc", "auc_ci95"} <= set(metrics)
+
+    image = tiny_data / "weak" / "images" / "W0002.nii.gz"
+    result = runner.invoke(
+        app, ["predict", "--model", str(run), str(image), "--out", str(tmp_path / "p")]
+    )
+    assert result.exit_code == 0, result.output
+    for name in ("prediction.json", "roi_prob.nii.gz", "roi_mask.nii.gz", "overlay.png"):
+        assert (tmp_path / "p" / "W0002" / name).exists(), name
+
+    out = tmp_path / "cmp"
+    result = runner.invoke(
+        app,
+        [
+            "compare",
+            "--weak",
+            str(weak),
+            "--strong",
+            str(strong),
+            "--out",
+            str(out),
+            "--strategies",
+            "supervised",
+            "--strategies",
+            "ssmdmt",
+            "--seeds",
+            "2",
+            "--config",
+            str(config),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    for name in ("supervised", "ssmdmt"):
+        r = results["strategies"][name]
+        assert len(r["test_auc"]) == 2
+        assert abs(r["test_auc_mean"] - sum(r["test_auc"]) / 2) < 1e-12
+        assert r["test_auc_ci95"][0] <= r["test_auc_ci95"][1]
+    assert "ssmdmt vs supervised" in results["paired_tests"]
+    table = (out / "results.md").read_text()
+    assert "Semi-Supervised Multi-domain Multi-Task" in table and "Supervised Baseline" in table
+    assert (out / "roc.png").exists()
+    # compare is resumable: a second call reuses the finished runs
+    again = runner.invoke(
+        app,
+        [
+            "compare",
+            "--weak",
+            str(weak),
+            "--strong",
+            str(strong),
+            "--out",
+            str(out),
+            "--strategies",
+            "supervised",
+            "--strategies",
+            "ssmdmt",
+            "--seeds",
+            "2",
+            "--config",
+            str(config),
+        ],
+    )
+    assert again.exit_code == 0
+    assert json.loads((out / "results.json").read_text()) == results
+
+
+def test_errors_are_one_clear_line(tmp_path: Path) -> None:
+    bad = tmp_path / "weak.csv"
+    bad.write_text("patient_id,image\nP1,a.nii.gz\n")
+    strong = tmp_path / "strong.csv"
+    strong.write_text("patient_id,image,mask\n")
+    result = runner.invoke(
+        app, ["train", "--weak", str(bad), "--strong", str(strong), "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2
+    assert "label" in result.output and "weak.csv" in result.output
+    assert "Traceback" not in result.output
+
+    unknown = tmp_path / "c.yaml"
+    unknown.write_text("training:\n  epoch: 3\n")
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--weak",
+            str(bad),
+            "--strong",
+            str(strong),
+            "--out",
+            str(tmp_path / "r"),
+            "--config",
+            str(unknown),
+        ],
+    )
+    assert result.exit_code == 2 and "training.epoch" in result.output
+
+
+def test_synth_command_writes_manifests(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["synth", "--out", str(tmp_path / "d"), "--n-weak", "4", "--n-pos", "2", "--n-strong", "2"],
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        (tmp_path / "d" / "weak" / "manifest.csv").read_text().startswith("patient_id,image,label")
+    )
+    assert (
+        (tmp_path / "d" / "strong" / "manifest.csv").read_text().startswith("patient_id,image,mask")
+    )
