@@ -168,7 +168,7 @@ def compare_cmd(
 @_friendly
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("demo_out"),
-    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per strategy.")] = 2,
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per strategy.")] = 1,
     epochs: Annotated[int | None, typer.Option(help="Override training.epochs.")] = None,
 ) -> None:
     """Synthetic data + compare of the four strategies with the quick preset."""

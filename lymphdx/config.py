@@ -96,7 +96,6 @@ class LossConfig(_Section):
     roi: float = 1.0
     pseudo_cls: float = 1.0
     pseudo_roi: float = 1.0
-    roi_pos_weight: float = 1.0
 
 
 class PropagationConfig(_Section):

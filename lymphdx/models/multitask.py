@@ -158,7 +158,8 @@ class MultiTaskNet(nn.Module):
 
     ``forward(x, roi=True)`` with ``x`` ``(B, 1, D, H, W)``, D/H/W divisible by the
     downsampling factor, returns ``{"cls": (B,), "roi": (B, 1, D, H, W)}``; with
-    ``roi=False`` the decoder is not run (so it receives no gradient).
+    ``roi=False`` the decoder is not run (so it receives no gradient); with a slice,
+    it runs on those batch items only (``roi`` then has their count as batch size).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -174,7 +175,7 @@ class MultiTaskNet(nn.Module):
         """The embedding ``o = f(v)``, ``(B, C_o, D/s, H/s, W/s)``."""
         return self.encoder(x)[0]
 
-    def forward(self, x: torch.Tensor, roi: bool = True) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, roi: bool | slice = True) -> dict[str, torch.Tensor]:
         factor = self.cfg.downsampling
         if any(s % factor for s in x.shape[2:]):
             raise ValueError(
@@ -183,8 +184,10 @@ class MultiTaskNet(nn.Module):
             )
         o, skips = self.encoder(x)
         out = {"cls": self.classifier(o)}
-        if roi:
+        if roi is True:
             out["roi"] = self.decoder(o, skips, tuple(x.shape[2:]))
+        elif isinstance(roi, slice):  # decode only the scans that have an ROI target
+            out["roi"] = self.decoder(o[roi], [s[roi] for s in skips], tuple(x.shape[2:]))
         return out
 
 

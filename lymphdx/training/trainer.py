@@ -366,11 +366,21 @@ class _Trainer:
             strong = self.strong_train.batch(strong_index, sflip)
             images = torch.cat([images, strong.images])
         pseudo_roi = self.strategy.pseudo_roi_weak and self.pseudo.weak_masks is not None
-        out = self.model(images, roi=self.strategy.roi_strong or pseudo_roi)
+        roi_strong = strong is not None and self.strategy.roi_strong
+        # decode only the scans with an ROI target (real masks: strong; pseudo masks: weak)
+        roi: bool | slice = False
+        if pseudo_roi and roi_strong:
+            roi = True
+        elif pseudo_roi:
+            roi = slice(0, nw)
+        elif roi_strong:
+            roi = slice(nw, None)
+        out = self.model(images, roi=roi)
         weights = self.config.training.loss
         terms: dict[str, torch.Tensor] = {"cls": classification_loss(out["cls"][:nw], weak.labels)}
-        if strong is not None and self.strategy.roi_strong:
-            terms["roi"] = self.roi_loss(out["roi"][nw:], strong.masks)
+        if roi_strong:
+            strong_roi = out["roi"][nw:] if roi is True else out["roi"]
+            terms["roi"] = self.roi_loss(strong_roi, strong.masks)
         if (
             strong is not None
             and self.strategy.pseudo_cls_strong
