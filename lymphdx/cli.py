@@ -151,16 +151,28 @@ def compare_cmd(
     strategies: Annotated[
         list[str] | None, typer.Option("--strategies", help="Strategies to run (repeat).")
     ] = None,
-    seeds: Annotated[int, typer.Option("--seeds", help="Number of seeds (0..K-1).")] = 3,
+    seeds: Annotated[
+        int | None, typer.Option("--seeds", help="Seeds 0..S-1 (default 3; 1 with --cv).")
+    ] = None,
     config: ConfigOpt = None,
     preset: PresetOpt = None,
     epochs: Annotated[int | None, typer.Option(help="Override training.epochs.")] = None,
+    cv: Annotated[
+        int,
+        typer.Option(
+            "--cv", help="K-fold cross-validation over all weak-set patients (0: fixed split)."
+        ),
+    ] = 0,
+    repeats: Annotated[int, typer.Option("--repeats", help="Repeats of the K-fold split.")] = 1,
 ) -> None:
     """Train and evaluate every strategy and seed; writes results.json, results.md, roc.png."""
     from lymphdx.evaluation.report import compare, format_table
 
     cfg = _config(config, preset, {"training": {"epochs": epochs}} if epochs else {})
-    results = compare(cfg, weak, strong, out, strategies, list(range(seeds)))
+    n_seeds = seeds if seeds is not None else (1 if cv else 3)
+    results = compare(
+        cfg, weak, strong, out, strategies, list(range(n_seeds)), cv=cv, repeats=repeats
+    )
     typer.echo(format_table(results))
 
 
@@ -199,6 +211,17 @@ def demo(
     typer.echo("")
     typer.echo(format_table(results))
     typer.echo(f"[demo] finished in {time.perf_counter() - start:.0f} s; see {out / 'compare'}")
+
+
+@app.command()
+@_friendly
+def report(
+    folder: Annotated[Path, typer.Argument(help="A run folder or a compare folder.")],
+) -> None:
+    """Write FOLDER/report.html (self-contained) and FOLDER/report_predictions.csv."""
+    from lymphdx.evaluation.html_report import write_report
+
+    typer.echo(str(write_report(folder)))
 
 
 def main() -> None:

@@ -66,13 +66,22 @@ def save_overlay(
         aspect=sy / sx,
         interpolation="nearest",
     )
+    # the probability map as a yellow haze (visible even where nothing passes ζ)
+    haze = np.zeros((*prob_zyx.shape[1:], 4), dtype=np.float32)
+    haze[..., 0], haze[..., 1] = 1.0, 0.85
+    haze[..., 3] = 0.6 * np.clip(prob_zyx[z], 0, 1)
+    ax.imshow(haze, aspect=sy / sx, interpolation="nearest")
     red = np.zeros((*mask_zyx.shape[1:], 4), dtype=np.float32)
     red[..., 0] = 1.0
     red[..., 3] = 0.45 * (mask_zyx[z] > 0)
     ax.imshow(red, aspect=sy / sx, interpolation="nearest")
     if mask_zyx[z].any():
         ax.contour(mask_zyx[z] > 0, levels=[0.5], colors="red", linewidths=1.0)
-    ax.set_title(f"{title}\naxial slice {z}", fontsize=9)
+    ax.set_title(
+        f"{title}\naxial slice {z}; ROI probability max {prob_zyx[z].max():.2f} (yellow), "
+        "mask in red",
+        fontsize=9,
+    )
     ax.axis("off")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")

@@ -160,3 +160,66 @@ def test_synth_command_writes_manifests(tmp_path: Path) -> None:
     assert (
         (tmp_path / "d" / "strong" / "manifest.csv").read_text().startswith("patient_id,image,mask")
     )
+
+
+def test_compare_cross_validation_pools_out_of_fold_predictions(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    from lymphdx.data.manifest import load_weak_manifest
+    from lymphdx.evaluation.report import cv_assignments
+
+    weak_csv, strong = tiny_data / "weak" / "manifest.csv", tiny_data / "strong" / "manifest.csv"
+    weak = load_weak_manifest(weak_csv)
+    folds = cv_assignments(weak, 3, 2, seed=0, val_fraction=0.1)
+    assert len(folds) == 6
+    for r in range(2):
+        tests = [{p for p, s in a.items() if s == "test"} for rr, _, a in folds if rr == r]
+        assert set().union(*tests) == {w.patient_id for w in weak}  # every patient tested once
+        assert sum(len(t) for t in tests) == len(weak)
+        for _, _, a in (x for x in folds if x[0] == r):
+            labels = {w.label for w in weak if a[w.patient_id] == "val"}
+            assert labels == {0, 1}  # model selection needs both classes
+    assert folds == cv_assignments(weak, 3, 2, seed=0, val_fraction=0.1)  # same folds for all
+
+    out = tmp_path / "cv"
+    result = runner.invoke(
+        app,
+        [
+            "compare",
+            "--weak",
+            str(weak_csv),
+            "--strong",
+            str(strong),
+            "--out",
+            str(out),
+            "--strategies",
+            "supervised",
+            "--strategies",
+            "multitask",
+            "--cv",
+            "3",
+            "--repeats",
+            "1",
+            "--config",
+            str(_config_file(tmp_path)),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["mode"] == "cv" and results["n_test"] == len(weak)
+    for name in ("supervised", "multitask"):
+        r = results["strategies"][name]
+        assert len(r["fold_auc"]) == 3 and len(r["test_auc"]) == 1
+    # the pooled AUC is the AUC of the pooled out-of-fold predictions
+    import csv as _csv
+
+    from lymphdx.evaluation.metrics import auc
+
+    with open(out / "test_predictions.csv") as f:
+        rows = [r for r in _csv.DictReader(f) if r["strategy"] == "supervised"]
+    assert len(rows) == len(weak)
+    y = [int(r["label"]) for r in rows]
+    p = [float(r["probability"]) for r in rows]
+    assert abs(results["strategies"]["supervised"]["test_auc"][0] - auc(y, p)) < 1e-12
+    assert "multitask vs supervised" in results["paired_tests"]
+    assert "cross-validation" in (out / "results.md").read_text()

@@ -298,7 +298,8 @@ def test_cache_dicom_folder(tmp_path: Path, counters) -> None:
     b = PreprocessCache(tmp_path / "cache", cfg).image(folder)
     np.testing.assert_array_equal(a, b)
     assert counters["read_volume"] == 1 and counters["hash"] == 1
-    (folder / "IM000000.dcm").rename(folder / "renamed.dcm")  # names are part of the hash
+    first = sorted(folder.glob("*.dcm"))[0]
+    first.rename(folder / "renamed.dcm")  # names are part of the hash
     cache.image(folder)
     assert counters["read_volume"] == 2
 

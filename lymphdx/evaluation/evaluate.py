@@ -19,6 +19,7 @@ from lymphdx.errors import LymphdxError
 from lymphdx.evaluation.metrics import auc, bootstrap_auc_ci, delong
 from lymphdx.fileutil import write_json, write_text
 from lymphdx.models.multitask import MultiTaskNet, build_model
+from lymphdx.training.strategies import get_strategy
 from lymphdx.training.trainer import load_checkpoint, load_run_data, predict_probabilities
 
 __all__ = ["load_run_config", "load_model", "evaluate_run", "read_predictions"]
@@ -52,7 +53,10 @@ def read_predictions(path: str | Path) -> dict[str, tuple[int, float]]:
 
 def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
     """Score the ``best`` model on the weak set's ``split``; writes ``metrics.json`` and
-    ``predictions_<split>.csv`` into the run folder and returns the metrics."""
+    ``predictions_<split>.csv`` into the run folder and returns the metrics. For the test
+    split of a strategy that trains the ROI decoder, also the detection evaluation
+    (``detection.json``: Dice and lesion-level FROC on the strong set's test split and, for
+    synthetic data, on the weak set's test split)."""
     run_dir = Path(run_dir)
     config, model, state = load_model(run_dir)
     data = load_run_data(config, run_dir, need_strong=False)
@@ -93,6 +97,16 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
     for pid, y, p in zip(volumes.patient_ids, labels, probs, strict=True):
         w.writerow([pid, int(y), f"{float(p):.6f}"])
     write_text(run_dir / f"predictions_{split}.csv", buf.getvalue())
+    if split == "test" and get_strategy(config.strategy).trains_decoder:
+        from lymphdx.evaluation.detection import evaluate_detection  # imports this module
+
+        detection = evaluate_detection(run_dir)
+        for name in ("strong_test", "weak_test"):
+            if name in detection:
+                metrics[f"{name}_dice"] = detection[name]["dice"]
+                metrics[f"{name}_froc_mean_sensitivity"] = detection[name]["froc"][
+                    "mean_sensitivity"
+                ]
     if split == "test":
         write_json(run_dir / "metrics.json", metrics)
     else:

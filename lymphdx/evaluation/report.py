@@ -13,15 +13,19 @@ Statistics over seeds on one fixed test split:
 from __future__ import annotations
 
 import csv
+import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lymphdx.config import STRATEGIES, Config, validate
+from lymphdx.data.manifest import WeakRecord, load_manifests, resolve_splits, write_splits_csv
 from lymphdx.errors import LymphdxError
 from lymphdx.evaluation.evaluate import evaluate_run, read_predictions
 from lymphdx.evaluation.metrics import _fast_auc_rows, _stratified_resamples, auc, delong_paired
+from lymphdx.evaluation.power import estimate_rho, power_statement
 from lymphdx.fileutil import atomic_path, write_json, write_text
 from lymphdx.training.trainer import train
 
@@ -57,7 +61,13 @@ def _seed_mean_ci(
 
 
 def _paired(
-    y: np.ndarray, a: np.ndarray, b: np.ndarray, n: int, ci: float, seed: int
+    y: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    n: int,
+    ci: float,
+    seed: int,
+    names: tuple[str, str] = ("A", "B"),
 ) -> dict[str, Any]:
     """``a``, ``b`` ``(S, N)`` scores of two strategies over the same seeds and patients."""
     idx = _stratified_resamples(y, n, seed)
@@ -71,12 +81,29 @@ def _paired(
     lo, hi = np.quantile(delta, [(1 - ci) / 2, 1 - (1 - ci) / 2])
     pooled = delong_paired(y, a.mean(axis=0), b.mean(axis=0))
     per_seed = [delong_paired(y, sa, sb).p for sa, sb in zip(a, b, strict=True)]
+    auc_a = float(np.mean([auc(y, sa) for sa in a]))
+    auc_b = float(np.mean([auc(y, sb) for sb in b]))
+    power = power_statement(
+        int(y.sum()),
+        int((1 - y).sum()),
+        auc_a,
+        auc_b,
+        estimate_rho(y, a, b),
+        p_value=pooled.p,
+        name_a=names[0],
+        name_b=names[1],
+        seed=seed,
+    )
     return {
         "delta_auc": float(np.mean([auc(y, sa) - auc(y, sb) for sa, sb in zip(a, b, strict=True)])),
         "delta_ci95": [float(lo), float(hi)],
         "p_delong": pooled.p,
         "p_delong_per_seed": per_seed,
         "delta_auc_seed_averaged_scores": pooled.delta,
+        "power": power["power"],
+        "n_for_80_power": power["n_for_80_power"],
+        "supports_claim": power["supports_claim"],
+        "power_text": power["text"],
     }
 
 
@@ -120,16 +147,30 @@ def summarise(
         if s not in ("ssmdmt", "supervised") and "ssmdmt" in strategies
     ]
     for a, b in pairs:
-        out["paired_tests"][f"{a} vs {b}"] = _paired(y, scores[a], scores[b], n_boot, ci, seed)
+        out["paired_tests"][f"{a} vs {b}"] = _paired(
+            y, scores[a], scores[b], n_boot, ci, seed, names=(a, b)
+        )
     return out
 
 
 def format_table(results: dict[str, Any]) -> str:
     """Markdown laid out like the paper's Table I, with intervals and paired tests."""
     seeds = results["seeds"]
+    if results.get("mode") == "cv":
+        head = (
+            f"Pooled out-of-fold AUC over all {results['n_test']} labelled weak-set patients "
+            f"({results['n_test_pos']} positive): stratified {results['cv']}-fold "
+            f"cross-validation × {results['repeats']} repeat(s), training seeds "
+            f"{results['training_seeds']}; mean ± sd over the {len(seeds)} pooled AUCs "
+            "(one per repeat × seed); per-fold AUCs in results.json."
+        )
+    else:
+        head = (
+            f"Classification AUC on the weak set's test split (n = {results['n_test']}, "
+            f"{results['n_test_pos']} positive), {len(seeds)} seed(s) {seeds}."
+        )
     lines = [
-        f"Classification AUC on the weak set's test split (n = {results['n_test']}, "
-        f"{results['n_test_pos']} positive), {len(seeds)} seed(s) {seeds}.",
+        head,
         "",
         "| Training method for the classifier | Data sets | AUC mean ± sd | 95% CI | "
         "ΔAUC vs supervised [95% CI] | p (DeLong) | paper |",
@@ -150,6 +191,27 @@ def format_table(results: dict[str, Any]) -> str:
             f"| [{r['test_auc_ci95'][0]:.3f}, {r['test_auc_ci95'][1]:.3f}] | {delta} | {p} "
             f"| {paper} |"
         )
+    detected = {s: r["detection"] for s, r in results["strategies"].items() if r.get("detection")}
+    if detected:
+        lines += [
+            "",
+            "Detection (the paper's future work): Dice of the ROI mask (> ζ) and lesion-level "
+            "FROC mean sensitivity at 1/8–8 false positives per volume, mean over seeds:",
+            "",
+            "| Strategy | strong test Dice | strong test FROC | weak test Dice | weak test FROC |",
+            "|---|---|---|---|---|",
+        ]
+        for s, d in detected.items():
+            cells = [
+                f"{d[k]:.3f}" if k in d else "—"
+                for k in (
+                    "strong_test_dice_mean",
+                    "strong_test_froc_mean_sensitivity_mean",
+                    "weak_test_dice_mean",
+                    "weak_test_froc_mean_sensitivity_mean",
+                )
+            ]
+            lines.append(f"| {LABELS.get(s, s)} | " + " | ".join(cells) + " |")
     others = {k: v for k, v in results["paired_tests"].items() if not k.endswith("vs supervised")}
     if others:
         lines += ["", "| Paired test | ΔAUC [95% CI] | p (DeLong) |", "|---|---|---|"]
@@ -165,6 +227,15 @@ def format_table(results: dict[str, Any]) -> str:
         f"{results['n_test']} test patients, AUC differences smaller than that are not "
         "distinguishable from chance; read ΔAUC by its interval and p, not by its sign.",
     ]
+    tests = results["paired_tests"]
+    if tests:
+        lines += [
+            "",
+            "Power (binormal simulation, ρ estimated from the two strategies' scores):",
+            "",
+        ]
+        for name, t in tests.items():
+            lines.append(f"- {name}: {t['power_text']}")
     return "\n".join(lines) + "\n"
 
 
@@ -192,6 +263,94 @@ def _roc_plot(path: Path, predictions: dict[str, dict[int, dict[str, tuple[int, 
     plt.close(fig)
 
 
+def cv_assignments(
+    weak: list[WeakRecord], k: int, repeats: int, seed: int, val_fraction: float
+) -> list[tuple[int, int, dict[str, str]]]:
+    """Repeated stratified patient-wise k-fold splits of the weak set.
+
+    Returns ``(repeat, fold, {patient_id: split})``: the fold is ``test``; of the rest a
+    stratified ``val_fraction`` (the paper's 10 of 100) is ``val`` for model selection.
+    Depends only on the patients, ``k``, ``repeats`` and ``seed``, so every strategy
+    sees the same folds.
+    """
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    records = sorted(weak, key=lambda r: r.patient_id)
+    ids = np.array([r.patient_id for r in records])
+    y = np.array([r.label for r in records])
+    if min(int(y.sum()), int((1 - y).sum())) < k:
+        raise LymphdxError(
+            f"{k}-fold cross-validation needs at least {k} patients of each class; the weak "
+            f"set has {int(y.sum())} positive and {int((1 - y).sum())} negative"
+        )
+    out = []
+    for r in range(repeats):
+        folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed + r)
+        for f, (rest, test) in enumerate(folds.split(ids, y)):
+            n_val = max(2, round(val_fraction * len(rest)))
+            train_idx, val_idx = train_test_split(
+                rest, test_size=n_val, stratify=y[rest], random_state=seed * 7919 + r * 101 + f
+            )
+            assignment = {str(ids[i]): "train" for i in train_idx}
+            assignment |= {str(ids[i]): "val" for i in val_idx}
+            assignment |= {str(ids[i]): "test" for i in test}
+            out.append((r, f, assignment))
+    return out
+
+
+def _compare_cv(
+    config: Config,
+    weak_csv: Path,
+    strong_csv: Path,
+    out: Path,
+    strategies: list[str],
+    seeds: list[int],
+    k: int,
+    repeats: int,
+    progress: bool,
+) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, tuple[int, float]]]]]:
+    """Cross-validated comparison; returns the results and the pooled predictions."""
+    weak, strong = load_manifests(weak_csv, strong_csv)
+    weak, strong = resolve_splits(
+        weak,
+        strong,
+        out,
+        config.data.split.weak,
+        config.data.split.strong,
+        config.data.split_seed,
+    )  # out/splits.csv: the fixed split; its strong part is used by every fold
+    train_w, val_w = config.data.split.weak[0], config.data.split.weak[1]
+    folds = cv_assignments(weak, k, repeats, config.data.split_seed, val_w / (train_w + val_w))
+    oof: dict[str, dict[str, dict[str, tuple[int, float]]]] = {}
+    fold_aucs: dict[str, list[float]] = {}
+    for r, f, assignment in folds:
+        fold_weak = [replace(w, split=assignment[w.patient_id]) for w in weak]
+        for strategy in strategies:
+            for seed in seeds:
+                run_dir = out / "cv" / f"repeat{r}" / f"fold{f}" / strategy / f"seed{seed}"
+                if not (run_dir / "splits.csv").exists():
+                    write_splits_csv(run_dir / "splits.csv", fold_weak, strong)
+                data = config.model_dump(mode="json")
+                data.update(strategy=strategy, seed=seed)
+                if progress:
+                    print(f"[compare] cv repeat {r} fold {f}: {strategy} seed {seed}", flush=True)
+                _run_one(validate(data), run_dir, weak_csv, strong_csv, progress)
+                rows = read_predictions(run_dir / "predictions_test.csv")
+                oof.setdefault(strategy, {}).setdefault(f"r{r}s{seed}", {}).update(rows)
+                y = np.array([v[0] for v in rows.values()])
+                p = np.array([v[1] for v in rows.values()])
+                fold_aucs.setdefault(strategy, []).append(auc(y, p))
+    results = summarise(oof, config.evaluation.bootstrap, config.evaluation.ci, config.seed)
+    results.update(mode="cv", cv=k, repeats=repeats, training_seeds=seeds)
+    for strategy, aucs in fold_aucs.items():
+        results["strategies"][strategy].update(
+            fold_auc=aucs,
+            fold_auc_mean=float(np.mean(aucs)),
+            fold_auc_sd=float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
+        )
+    return results, oof
+
+
 def compare(
     config: Config,
     weak_csv: str | Path,
@@ -200,16 +359,29 @@ def compare(
     strategies: list[str] | None = None,
     seeds: list[int] | None = None,
     progress: bool = True,
+    cv: int = 0,
+    repeats: int = 1,
 ) -> dict[str, Any]:
     """Train + evaluate every strategy × seed into ``out/runs/<strategy>/seed<k>``; writes
     ``out/results.json``, ``out/results.md`` and ``out/roc.png``. Resumable: finished runs
-    are kept, interrupted ones resumed."""
+    are kept, interrupted ones resumed.
+
+    With ``cv`` = K > 1: repeated stratified K-fold cross-validation over all labelled
+    weak-set patients instead of the fixed split (runs in ``out/cv/repeat<r>/fold<f>/``);
+    out-of-fold predictions are pooled, one pooled AUC per repeat × seed."""
     out = Path(out)
     strategies = strategies or list(STRATEGIES)
     seeds = seeds if seeds is not None else [0]
     for s in strategies:
         if s not in STRATEGIES:
             raise LymphdxError(f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}")
+    if cv:
+        if cv < 2:
+            raise LymphdxError("--cv needs at least 2 folds")
+        results, predictions = _compare_cv(
+            config, Path(weak_csv), Path(strong_csv), out, strategies, seeds, cv, repeats, progress
+        )
+        return _write_results(out, config, results, predictions)
     predictions: dict[str, dict[int, dict[str, tuple[int, float]]]] = {}
     for strategy in strategies:
         for seed in seeds:
@@ -223,6 +395,37 @@ def compare(
                 run_dir / "predictions_test.csv"
             )
     results = summarise(predictions, config.evaluation.bootstrap, config.evaluation.ci, config.seed)
+    results["mode"] = "split"
+    _add_detection(results, out, strategies, seeds)
+    return _write_results(out, config, results, predictions)
+
+
+def _add_detection(
+    results: dict[str, Any], out: Path, strategies: list[str], seeds: list[int]
+) -> None:
+    """Mean ± sd over seeds of each run's Dice and FROC mean sensitivity (detection.json)."""
+    for strategy in strategies:
+        rows = []
+        for seed in seeds:
+            path = out / "runs" / strategy / f"seed{seed}" / "detection.json"
+            if path.exists():
+                rows.append(json.loads(path.read_text()))
+        if not rows:
+            continue
+        summary: dict[str, Any] = {}
+        for split in ("strong_test", "weak_test"):
+            for key, get in (
+                ("dice", lambda d: d["dice"]),
+                ("froc_mean_sensitivity", lambda d: d["froc"]["mean_sensitivity"]),
+            ):
+                values = [get(r[split]) for r in rows if split in r and get(r[split]) is not None]
+                if values:
+                    summary[f"{split}_{key}"] = values
+                    summary[f"{split}_{key}_mean"] = float(np.mean(values))
+        results["strategies"][strategy]["detection"] = summary
+
+
+def _write_results(out: Path, config: Config, results: dict[str, Any], predictions: dict) -> dict:
     results["config_preset"] = config.preset
     write_json(out / "results.json", results)
     table = format_table(results)

@@ -1,0 +1,160 @@
+"""Power and interval-width calculations for small AUC comparisons (binormal simulation)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from lymphdx.evaluation.metrics import delong, delong_paired
+from lymphdx.evaluation.power import (
+    auc_ci_halfwidth,
+    binormal_scores,
+    delong_paired_rows,
+    delong_rows,
+    estimate_rho,
+    paired_power,
+    patients_for_power,
+    power_statement,
+    simulate_auc_ci_width,
+)
+
+
+def _within_class_corr(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of class-centred scores pooled over rows and classes."""
+
+    def centred(s: np.ndarray) -> np.ndarray:
+        parts = [s[:, y == c] - s[:, y == c].mean(axis=1, keepdims=True) for c in (0, 1)]
+        return np.concatenate([p.ravel() for p in parts])
+
+    return float(np.corrcoef(centred(a), centred(b))[0, 1])
+
+
+def test_binormal_scores_match_target_aucs_and_correlation() -> None:
+    y, a, b = binormal_scores(np.random.default_rng(1), 1500, 2000, 0.81, 0.86, 0.6, 8)
+    assert y.shape == (3500,) and a.shape == b.shape == (8, 3500)
+    assert int(y.sum()) == 1500
+    assert delong_rows(y, a)[0].mean() == pytest.approx(0.81, abs=0.01)
+    assert delong_rows(y, b)[0].mean() == pytest.approx(0.86, abs=0.01)
+    assert _within_class_corr(y, a, b) == pytest.approx(0.6, abs=0.02)
+    # unit variance within class, negatives centred on 0
+    assert a[:, y == 0].mean() == pytest.approx(0.0, abs=0.02)
+    assert a[:, y == 1].std() == pytest.approx(1.0, abs=0.02)
+
+
+def test_binormal_scores_extend_with_more_patients() -> None:
+    """Common random numbers: a larger sample from the same seed extends the smaller one."""
+    y1, a1, _ = binormal_scores(np.random.default_rng(5), 4, 6, 0.8, 0.8, 0.5, 3)
+    y2, a2, _ = binormal_scores(np.random.default_rng(5), 7, 9, 0.8, 0.8, 0.5, 3)
+    np.testing.assert_array_equal(a1[:, :4], a2[:, :4])
+    np.testing.assert_array_equal(a1[:, 4:], a2[:, 7:13])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_vectorised_delong_equals_delong_paired_row_by_row(tied: bool) -> None:
+    rng = np.random.default_rng(2)
+    y = rng.permutation(np.r_[np.ones(9, dtype=int), np.zeros(14, dtype=int)])
+    a = rng.normal(size=(6, 23)) + 1.2 * y
+    b = 0.5 * a + rng.normal(size=(6, 23)) + 0.4 * y
+    if tied:  # rating-scale scores with many ties
+        a, b = np.round(a), np.round(b)
+    delta, se, p = delong_paired_rows(y, a, b)
+    auc_rows, var_rows = delong_rows(y, a)
+    for r in range(6):
+        ref = delong_paired(y, a[r], b[r])
+        assert delta[r] == pytest.approx(ref.delta, abs=1e-12)
+        assert se[r] == pytest.approx(ref.se, abs=1e-12)
+        assert p[r] == pytest.approx(ref.p, abs=1e-12)
+        assert (auc_rows[r], var_rows[r]) == pytest.approx(delong(y, a[r]), abs=1e-12)
+
+
+def test_type_one_error_is_near_alpha() -> None:
+    """Equal true AUCs: the fraction of significant paired tests is ≈ alpha."""
+    rate = paired_power(50, 50, 0.8, 0.8, rho=0.6, alpha=0.05, n_sim=4000, seed=3)
+    assert abs(rate - 0.05) < 0.015  # MC s.e. 0.0034; DeLong is slightly conservative here
+
+
+def test_power_tends_to_one_and_grows_with_n() -> None:
+    assert paired_power(200, 200, 0.70, 0.90, rho=0.6, n_sim=400) > 0.99
+    powers = [paired_power(n, n, 0.75, 0.85, rho=0.6, n_sim=600) for n in (10, 20, 40, 80, 160)]
+    assert all(x <= y for x, y in zip(powers, powers[1:], strict=False))
+    assert powers[0] < 0.3 and powers[-1] > 0.95
+
+
+def test_paper_case_has_almost_no_power() -> None:
+    """Table I: 10 positive + 13 negative test patients, AUC 0.81 vs 0.86."""
+    power = paired_power(10, 13, 0.86, 0.81, rho=0.6, n_sim=2000)
+    assert power < 0.10  # ≈ 0.05: hardly above the false-positive rate
+
+
+def test_hanley_mcneil_example() -> None:
+    """Hanley & McNeil (1982): CT ratings of 51 abnormal and 58 normal, A = 0.8932, SE 0.0304."""
+    normal, abnormal = [33, 6, 6, 11, 2], [3, 2, 2, 11, 33]
+    x = np.repeat(np.arange(5), abnormal)
+    z = np.repeat(np.arange(5), normal)
+    psi = (x[:, None] > z[None, :]) + 0.5 * (x[:, None] == z[None, :])
+    assert psi.mean() == pytest.approx(0.8932, abs=1e-4)
+    q1, q2 = float(np.mean(psi.mean(axis=0) ** 2)), float(np.mean(psi.mean(axis=1) ** 2))
+    exact = auc_ci_halfwidth(51, 58, 0.8932, q1=q1, q2=q2)
+    assert exact == pytest.approx(1.96 * 0.0304, rel=0.02)  # Q1, Q2 from their data
+    approx = auc_ci_halfwidth(51, 58, 0.8932)
+    assert approx == pytest.approx(1.96 * 0.0304, rel=0.08)  # exponential Q1, Q2: 0.0325
+    assert auc_ci_halfwidth(51, 58, 0.8932, ci=0.90) < approx
+
+
+@pytest.mark.parametrize(("n_pos", "n_neg", "auc"), [(10, 13, 0.84), (40, 60, 0.75)])
+def test_simulated_delong_width_agrees_with_hanley_mcneil(
+    n_pos: int, n_neg: int, auc: float
+) -> None:
+    width = simulate_auc_ci_width(n_pos, n_neg, auc, n_sim=1000)
+    assert width == pytest.approx(2 * auc_ci_halfwidth(n_pos, n_neg, auc), rel=0.15)
+
+
+def test_estimate_rho() -> None:
+    y, a, b = binormal_scores(np.random.default_rng(4), 300, 400, 0.9, 0.8, 0.7, 1)
+    assert estimate_rho(y, a[0], b[0]) == pytest.approx(0.7, abs=0.05)
+    # class separation alone is not agreement: independent noise gives ≈ 0
+    y, a, b = binormal_scores(np.random.default_rng(4), 300, 400, 0.95, 0.95, 0.0, 1)
+    assert estimate_rho(y, a[0], b[0]) < 0.1
+    assert estimate_rho(y, a[0], -a[0] + 3 * y) == 0.0  # negative → clipped to 0
+    assert estimate_rho(y, a[0], a[0]) == 0.95  # clipped to 0.95
+    assert estimate_rho(y, np.ones(700), b[0]) == 0.6  # undefined → fallback
+    assert estimate_rho(y, np.stack([a[0], a[0] + 1]), b[0]) == pytest.approx(
+        estimate_rho(y, a[0], b[0])
+    )
+
+
+def test_patients_for_power() -> None:
+    n = patients_for_power(0.90, 0.80, rho=0.6, prevalence=0.45, seed=0)
+    assert 40 < n < 400
+    n_pos = round(0.45 * n)
+    assert paired_power(n_pos, n - n_pos, 0.90, 0.80, 0.6, n_sim=2000, seed=7) > 0.75
+    m = round(0.8 * n)
+    assert paired_power(round(0.45 * m), m - round(0.45 * m), 0.90, 0.80, 0.6, seed=7) < 0.8
+    with pytest.raises(ValueError, match="equal AUCs"):
+        patients_for_power(0.8, 0.8)
+
+
+def test_power_statement_paper_case() -> None:
+    out = power_statement(10, 13, 0.86, 0.81, 0.6, name_a="ssmdmt", name_b="supervised")
+    assert set(out) == {"ci95_width", "power", "n_for_80_power", "supports_claim", "text"}
+    assert 0.3 < out["ci95_width"] < 0.4
+    assert out["power"] < 0.10
+    assert 300 < out["n_for_80_power"] < 800
+    assert out["supports_claim"] is False
+    text = out["text"]
+    assert "23 test patients (10 positive)" in text
+    assert "cannot support a claim that ssmdmt beats supervised" in text
+    # a significant p-value does not rescue an underpowered table
+    assert power_statement(10, 13, 0.86, 0.81, 0.6, p_value=0.01)["supports_claim"] is False
+
+
+def test_power_statement_large_table() -> None:
+    kw = {"n_sim": 400, "name_a": "b", "name_b": "a"}
+    sig = power_statement(300, 300, 0.76, 0.86, 0.6, p_value=0.001, **kw)
+    assert sig["power"] > 0.99 and sig["supports_claim"] is True
+    assert "supports a claim that a beats b" in sig["text"]
+    assert power_statement(300, 300, 0.76, 0.86, 0.6, p_value=0.2, **kw)["supports_claim"] is False
+    assert power_statement(300, 300, 0.76, 0.86, 0.6, **kw)["supports_claim"] is False
+    assert not math.isnan(sig["ci95_width"])
