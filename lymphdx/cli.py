@@ -224,6 +224,29 @@ def report(
     typer.echo(str(write_report(folder)))
 
 
+@app.command("prepare-tcia")
+@_friendly
+def prepare_tcia_cmd(
+    root: Annotated[
+        Path,
+        typer.Option(
+            "--root", help="The unpacked TCIA CT Lymph Nodes download (DICOM, masks, annotations)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Strong-set manifest CSV to write.")],
+    region: Annotated[
+        str, typer.Option("--region", help="abd (the paper's abdominal cases), med or all.")
+    ] = "abd",
+) -> None:
+    """Write a strong-set manifest for the TCIA "CT Lymph Nodes" download."""
+    from lymphdx.data.tcia import prepare_tcia, report_path
+
+    report = prepare_tcia(root, out, region)
+    for line in report.lines():
+        typer.echo(line)
+    typer.echo(f"report: {report_path(out)}")
+
+
 def main() -> None:
     """Entry point of the ``lymphdx`` console script."""
     app()

@@ -223,3 +223,7 @@ def test_compare_cross_validation_pools_out_of_fold_predictions(
     assert abs(results["strategies"]["supervised"]["test_auc"][0] - auc(y, p)) < 1e-12
     assert "multitask vs supervised" in results["paired_tests"]
     assert "cross-validation" in (out / "results.md").read_text()
+    # detection is summarised over the folds of the strategy that trains the decoder
+    detection = results["strategies"]["multitask"]["detection"]
+    assert len(detection["strong_test_dice"]) == 3
+    assert "detection" not in results["strategies"]["supervised"]

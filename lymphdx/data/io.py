@@ -5,7 +5,9 @@ Axis order (the one convention of lymphdx): arrays are ``(z, y, x)``, as
 ITK order ``(x, y, z)`` (mm, LPS world frame) and the direction cosines as a row-major
 3×3 matrix whose *columns* are the world directions of the x, y and z index axes.
 Intensities come out in Hounsfield units: DICOM RescaleSlope/Intercept and NIfTI
-``scl_slope``/``scl_inter`` are applied by SimpleITK's readers.
+``scl_slope``/``scl_inter`` are applied by SimpleITK's readers. DICOM series folders
+go through :mod:`lymphdx.data.dicom` (slices sorted along their normal, gaps and gantry
+tilt resampled with a warning, several series or non-CT refused).
 """
 
 from __future__ import annotations
@@ -110,22 +112,14 @@ def dicom_series_ids(folder: str | Path) -> list[str]:
 
 
 def _read_dicom_folder(folder: Path, patient: str | None) -> sitk.Image:
-    ids = dicom_series_ids(folder)
-    if not ids:
-        raise InputError("folder holds no DICOM series", folder, patient)
-    if len(ids) > 1:
-        listing = ", ".join(ids)
-        raise InputError(
-            f"folder holds {len(ids)} DICOM series ({listing}); give a folder with exactly one",
-            folder,
-            patient,
-        )
-    # GDCM orders the slices by their position along the slice normal.
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0])
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    reader.SetOutputPixelType(sitk.sitkFloat32)  # keeps RescaleSlope/Intercept exact
-    return reader.Execute()
+    """Read the one DICOM series in ``folder`` (see :mod:`lymphdx.data.dicom`).
+
+    Slices are sorted along their normal; gaps and gantry tilt are resampled with a
+    warning; a folder with several series and non-CT series are refused.
+    """
+    from lymphdx.data.dicom import read_dicom_series
+
+    return read_dicom_series(folder, patient).image
 
 
 @dataclass(frozen=True)

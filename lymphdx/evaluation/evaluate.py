@@ -19,8 +19,9 @@ from lymphdx.errors import LymphdxError
 from lymphdx.evaluation.metrics import auc, bootstrap_auc_ci, delong
 from lymphdx.fileutil import write_json, write_text
 from lymphdx.models.multitask import MultiTaskNet, build_model
+from lymphdx.training.propagation import predict_probabilities
 from lymphdx.training.strategies import get_strategy
-from lymphdx.training.trainer import load_checkpoint, load_run_data, predict_probabilities
+from lymphdx.training.trainer import load_checkpoint, load_run_data
 
 __all__ = ["load_run_config", "load_model", "evaluate_run", "read_predictions"]
 

@@ -196,7 +196,7 @@ def format_table(results: dict[str, Any]) -> str:
         lines += [
             "",
             "Detection (the paper's future work): Dice of the ROI mask (> ζ) and lesion-level "
-            "FROC mean sensitivity at 1/8–8 false positives per volume, mean over seeds:",
+            "FROC mean sensitivity at 1/8–8 false positives per volume, mean over runs:",
             "",
             "| Strategy | strong test Dice | strong test FROC | weak test Dice | weak test FROC |",
             "|---|---|---|---|---|",
@@ -323,6 +323,7 @@ def _compare_cv(
     folds = cv_assignments(weak, k, repeats, config.data.split_seed, val_w / (train_w + val_w))
     oof: dict[str, dict[str, dict[str, tuple[int, float]]]] = {}
     fold_aucs: dict[str, list[float]] = {}
+    run_dirs: dict[str, list[Path]] = {}
     for r, f, assignment in folds:
         fold_weak = [replace(w, split=assignment[w.patient_id]) for w in weak]
         for strategy in strategies:
@@ -335,6 +336,7 @@ def _compare_cv(
                 if progress:
                     print(f"[compare] cv repeat {r} fold {f}: {strategy} seed {seed}", flush=True)
                 _run_one(validate(data), run_dir, weak_csv, strong_csv, progress)
+                run_dirs.setdefault(strategy, []).append(run_dir)
                 rows = read_predictions(run_dir / "predictions_test.csv")
                 oof.setdefault(strategy, {}).setdefault(f"r{r}s{seed}", {}).update(rows)
                 y = np.array([v[0] for v in rows.values()])
@@ -342,6 +344,7 @@ def _compare_cv(
                 fold_aucs.setdefault(strategy, []).append(auc(y, p))
     results = summarise(oof, config.evaluation.bootstrap, config.evaluation.ci, config.seed)
     results.update(mode="cv", cv=k, repeats=repeats, training_seeds=seeds)
+    _add_detection(results, run_dirs)
     for strategy, aucs in fold_aucs.items():
         results["strategies"][strategy].update(
             fold_auc=aucs,
@@ -396,20 +399,19 @@ def compare(
             )
     results = summarise(predictions, config.evaluation.bootstrap, config.evaluation.ci, config.seed)
     results["mode"] = "split"
-    _add_detection(results, out, strategies, seeds)
+    _add_detection(results, {s: [out / "runs" / s / f"seed{k}" for k in seeds] for s in strategies})
     return _write_results(out, config, results, predictions)
 
 
-def _add_detection(
-    results: dict[str, Any], out: Path, strategies: list[str], seeds: list[int]
-) -> None:
-    """Mean ± sd over seeds of each run's Dice and FROC mean sensitivity (detection.json)."""
-    for strategy in strategies:
-        rows = []
-        for seed in seeds:
-            path = out / "runs" / strategy / f"seed{seed}" / "detection.json"
-            if path.exists():
-                rows.append(json.loads(path.read_text()))
+def _add_detection(results: dict[str, Any], runs: dict[str, list[Path]]) -> None:
+    """Per strategy, each run's Dice and FROC mean sensitivity (``detection.json``) and
+    their mean over runs (seeds, or seeds × folds under cross-validation)."""
+    for strategy, run_dirs in runs.items():
+        rows = [
+            json.loads((d / "detection.json").read_text())
+            for d in run_dirs
+            if (d / "detection.json").exists()
+        ]
         if not rows:
             continue
         summary: dict[str, Any] = {}

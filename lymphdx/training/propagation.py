@@ -15,7 +15,13 @@ import torch
 from lymphdx.config import PropagationConfig
 from lymphdx.data.datasets import VolumeSet
 
-__all__ = ["PseudoLabels", "propagate_labels", "propagate_masks", "is_propagation_epoch"]
+__all__ = [
+    "predict_probabilities",
+    "PseudoLabels",
+    "propagate_labels",
+    "propagate_masks",
+    "is_propagation_epoch",
+]
 
 
 @dataclass
@@ -50,6 +56,21 @@ def is_propagation_epoch(epoch: int, cfg: PropagationConfig) -> bool:
 
 
 @torch.no_grad()
+def predict_probabilities(
+    model: torch.nn.Module, volumes: VolumeSet, batch_size: int = 4
+) -> np.ndarray:
+    """σ(f(v)) for every volume, ``(N,)``, with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(volumes), batch_size):
+        batch = volumes.batch(range(start, min(start + batch_size, len(volumes))))
+        out.append(torch.sigmoid(model(batch.images, roi=False)["cls"]).numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+@torch.no_grad()
 def propagate_labels(
     model: torch.nn.Module, volumes: VolumeSet, cfg: PropagationConfig, batch_size: int = 4
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -58,14 +79,7 @@ def propagate_labels(
     Returns ``(targets, weights)``, both ``(N,)``: hard (p > 0.5) or soft (p) targets, and
     weight 1 where the confidence |2p − 1| reaches ``cfg.confidence``, else 0.
     """
-    was_training = model.training
-    model.eval()
-    probs = []
-    for start in range(0, len(volumes), batch_size):
-        batch = volumes.batch(range(start, min(start + batch_size, len(volumes))))
-        probs.append(torch.sigmoid(model(batch.images, roi=False)["cls"]).numpy())
-    model.train(was_training)
-    p = np.concatenate(probs).astype(np.float32)
+    p = predict_probabilities(model, volumes, batch_size).astype(np.float32)
     targets = (p > 0.5).astype(np.float32) if cfg.pseudo_labels == "hard" else p
     weights = (np.abs(2 * p - 1) >= cfg.confidence).astype(np.float32)
     return targets, weights

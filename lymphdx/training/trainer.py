@@ -48,6 +48,7 @@ from lymphdx.training.losses import RoiLoss, classification_loss
 from lymphdx.training.propagation import (
     PseudoLabels,
     is_propagation_epoch,
+    predict_probabilities,
     propagate_labels,
     propagate_masks,
 )
@@ -233,21 +234,6 @@ def _read_history(path: Path) -> list[dict[str, Any]]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-@torch.no_grad()
-def predict_probabilities(
-    model: MultiTaskNet, volumes: VolumeSet, batch_size: int = 4
-) -> np.ndarray:
-    """σ(f(v)) for every volume, ``(N,)``, model in eval mode."""
-    was = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(volumes), batch_size):
-        batch = volumes.batch(range(start, min(start + batch_size, len(volumes))))
-        out.append(torch.sigmoid(model(batch.images, roi=False)["cls"]).numpy())
-    model.train(was)
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
 @torch.no_grad()
