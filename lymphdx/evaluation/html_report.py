@@ -716,7 +716,8 @@ def _table_one(inp: Inputs) -> str:
         )
         parts.append(
             "<p>Detection: Dice of the ROI mask (&gt; ζ) and lesion-level FROC mean "
-            "sensitivity at 1/8–8 false positives per volume, mean over seeds.</p>"
+            "sensitivity at 1/8–8 false positives per volume, mean over runs (seeds, or "
+            "folds × seeds under cross-validation).</p>"
         )
         parts.append(
             _table(
