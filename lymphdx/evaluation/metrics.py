@@ -65,15 +65,35 @@ def _fast_auc_rows(y_rows: np.ndarray, s_rows: np.ndarray) -> np.ndarray:
     return ((ranks * y_rows).sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
+def _score_rows(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels ``(N,)`` and scores as ``(S, N)``: one row per model run (seed, repeat)."""
+    rows = np.atleast_2d(np.asarray(scores, dtype=float))
+    y, _ = _check(y, rows[0])
+    for row in rows[1:]:
+        _check(y, row)
+    return y, rows
+
+
+def _mean_auc(y: np.ndarray, rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Mean over the rows of the AUC on each resample ``idx`` ``(B, N)``; ``(B,)``."""
+    return np.mean([_fast_auc_rows(y[idx], r[idx]) for r in rows], axis=0)
+
+
+def _interval(values: np.ndarray, ci: float) -> tuple[float, float]:
+    lo, hi = np.quantile(values, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+    return float(lo), float(hi)
+
+
 def bootstrap_auc_ci(
     y: np.ndarray, scores: np.ndarray, n: int = 2000, ci: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile CI of the AUC from a bootstrap stratified by class (keeps both classes)."""
-    y, s = _check(y, scores)
-    idx = _stratified_resamples(y, n, seed)
-    aucs = _fast_auc_rows(y[idx], s[idx])
-    lo, hi = np.quantile(aucs, [(1 - ci) / 2, 1 - (1 - ci) / 2])
-    return float(lo), float(hi)
+    """Percentile CI of the AUC from a bootstrap stratified by class (keeps both classes).
+
+    ``scores`` ``(N,)``, or ``(S, N)`` for S runs (seeds) on the same patients: then the CI
+    of their mean AUC, every resample scoring all runs on the same resampled patients.
+    """
+    y, rows = _score_rows(y, scores)
+    return _interval(_mean_auc(y, rows, _stratified_resamples(y, n, seed)), ci)
 
 
 def paired_bootstrap_delta_ci(
@@ -84,13 +104,12 @@ def paired_bootstrap_delta_ci(
     ci: float = 0.95,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """CI of AUC(a) − AUC(b) from one stratified bootstrap shared by both models."""
-    y, a = _check(y, scores_a)
-    _, b = _check(y, scores_b)
+    """CI of AUC(a) − AUC(b) from one stratified bootstrap shared by both models
+    (``(N,)`` scores, or ``(S, N)``: the difference of mean AUCs over S runs each)."""
+    y, a = _score_rows(y, scores_a)
+    _, b = _score_rows(y, scores_b)
     idx = _stratified_resamples(y, n, seed)
-    delta = _fast_auc_rows(y[idx], a[idx]) - _fast_auc_rows(y[idx], b[idx])
-    lo, hi = np.quantile(delta, [(1 - ci) / 2, 1 - (1 - ci) / 2])
-    return float(lo), float(hi)
+    return _interval(_mean_auc(y, a, idx) - _mean_auc(y, b, idx), ci)
 
 
 def _placements(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

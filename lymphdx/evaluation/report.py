@@ -24,7 +24,12 @@ from lymphdx.config import STRATEGIES, Config, validate
 from lymphdx.data.manifest import WeakRecord, load_manifests, resolve_splits, write_splits_csv
 from lymphdx.errors import LymphdxError
 from lymphdx.evaluation.evaluate import evaluate_run, read_predictions
-from lymphdx.evaluation.metrics import _fast_auc_rows, _stratified_resamples, auc, delong_paired
+from lymphdx.evaluation.metrics import (
+    auc,
+    bootstrap_auc_ci,
+    delong_paired,
+    paired_bootstrap_delta_ci,
+)
 from lymphdx.evaluation.power import estimate_rho, power_statement
 from lymphdx.fileutil import atomic_path, write_json, write_text
 from lymphdx.training.trainer import train
@@ -50,16 +55,6 @@ def _run_one(
     evaluate_run(run_dir, "test")
 
 
-def _seed_mean_ci(
-    y: np.ndarray, scores: np.ndarray, n: int, ci: float, seed: int
-) -> tuple[float, float]:
-    """CI of the seed-mean AUC; ``scores`` ``(S, N)`` for S seeds on N patients."""
-    idx = _stratified_resamples(y, n, seed)
-    means = np.mean([_fast_auc_rows(y[idx], s[idx]) for s in scores], axis=0)
-    lo, hi = np.quantile(means, [(1 - ci) / 2, 1 - (1 - ci) / 2])
-    return float(lo), float(hi)
-
-
 def _paired(
     y: np.ndarray,
     a: np.ndarray,
@@ -70,15 +65,7 @@ def _paired(
     names: tuple[str, str] = ("A", "B"),
 ) -> dict[str, Any]:
     """``a``, ``b`` ``(S, N)`` scores of two strategies over the same seeds and patients."""
-    idx = _stratified_resamples(y, n, seed)
-    delta = np.mean(
-        [
-            _fast_auc_rows(y[idx], sa[idx]) - _fast_auc_rows(y[idx], sb[idx])
-            for sa, sb in zip(a, b, strict=True)
-        ],
-        axis=0,
-    )
-    lo, hi = np.quantile(delta, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+    lo, hi = paired_bootstrap_delta_ci(y, a, b, n, ci, seed)
     pooled = delong_paired(y, a.mean(axis=0), b.mean(axis=0))
     per_seed = [delong_paired(y, sa, sb).p for sa, sb in zip(a, b, strict=True)]
     auc_a = float(np.mean([auc(y, sa) for sa in a]))
@@ -135,7 +122,7 @@ def summarise(
             "test_auc": aucs,
             "test_auc_mean": float(np.mean(aucs)),
             "test_auc_sd": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
-            "test_auc_ci95": list(_seed_mean_ci(y, scores[s], n_boot, ci, seed)),
+            "test_auc_ci95": list(bootstrap_auc_ci(y, scores[s], n_boot, ci, seed)),
             "paper_auc": PAPER_AUC.get(s),
         }
     pairs = [
