@@ -12,14 +12,28 @@ features of the same resolution (``decoder_skips``; the paper's g sees o only).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint as cp
 from monai.networks.layers.factories import Conv
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
 
 from lymphdx.config import ModelConfig
 from lymphdx.models.densenet3d import DenseBlock, Transition, norm_spec
+from lymphdx.models.domain_norm import convert_to_domain_bn
+
+
+def _stage(enabled: bool, fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+    """``fn(*args)``, recomputed in backward instead of storing its insides when enabled
+    (``checkpointing: block``)."""
+    if enabled and torch.is_grad_enabled():
+        return cp.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
 
 __all__ = ["DenseEncoder", "Classifier", "RoiDecoder", "MultiTaskNet", "build_model"]
 
@@ -36,6 +50,8 @@ class DenseEncoder(nn.Module):
         norm = norm_spec(cfg.norm)
         conv = Conv[Conv.CONV, 3]
         channels = cfg.init_features
+        self.stage_checkpointing = cfg.checkpointing == "block"
+        layer_ckpt = cfg.checkpointing != "off"
         k = 3 if cfg.stem_stride <= 2 else 5
         self.stem = nn.Sequential(
             conv(1, channels, kernel_size=k, stride=cfg.stem_stride, padding=k // 2, bias=False),
@@ -47,7 +63,7 @@ class DenseEncoder(nn.Module):
         self.level_channels: list[int] = []
         for i, n in enumerate(cfg.block_layers):
             block = DenseBlock(
-                n, channels, cfg.growth_rate, cfg.bn_size, cfg.dropout, norm, cfg.checkpointing
+                n, channels, cfg.growth_rate, cfg.bn_size, cfg.dropout, norm, layer_ckpt
             )
             self.blocks.append(block)
             channels = block.out_channels
@@ -62,13 +78,14 @@ class DenseEncoder(nn.Module):
         self.out_channels = channels
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = self.stem(x)
+        ckpt = self.stage_checkpointing
+        x = _stage(ckpt, self.stem, x)
         skips = []
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            x = _stage(ckpt, block, x)
             if i < len(self.transitions):
                 skips.append(x)
-                x = self.transitions[i](x)
+                x = _stage(ckpt, self.transitions[i], x)
         return self.final(x), skips
 
 
@@ -83,13 +100,17 @@ class Classifier(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc2 = nn.Linear(hidden, 1)
 
-    def forward(self, o: torch.Tensor) -> torch.Tensor:
+    def pooled(self, o: torch.Tensor) -> torch.Tensor:
+        """The global pooling of ``o`` that the FC layers see, ``(B, C_o)`` or ``(B, 2·C_o)``."""
         pooled = []
         if self.pool in ("avg", "avgmax"):
             pooled.append(o.mean(dim=(2, 3, 4)))
         if self.pool in ("max", "avgmax"):
             pooled.append(o.amax(dim=(2, 3, 4)))
-        h = F.relu(self.fc1(torch.cat(pooled, dim=1)))
+        return torch.cat(pooled, dim=1)
+
+    def forward(self, o: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc1(self.pooled(o)))
         return self.fc2(self.dropout(h)).squeeze(1)
 
 
@@ -107,6 +128,7 @@ class RoiDecoder(nn.Module):
         norm = norm_spec(cfg.norm)
         conv = Conv[Conv.CONV, 3]
         layers = list(cfg.decoder_layers or cfg.block_layers)
+        self.stage_checkpointing = cfg.checkpointing == "block"
         self.skips = cfg.decoder_skips
         self.stem_stride = cfg.stem_stride
         self.blocks = nn.ModuleList()
@@ -127,7 +149,13 @@ class RoiDecoder(nn.Module):
                 )
             )
             block = DenseBlock(
-                layers[n - 1 - i], width, cfg.growth_rate, cfg.bn_size, 0.0, norm, cfg.checkpointing
+                layers[n - 1 - i],
+                width,
+                cfg.growth_rate,
+                cfg.bn_size,
+                0.0,
+                norm,
+                cfg.checkpointing != "off",
             )
             self.blocks.append(block)
             channels = block.out_channels
@@ -140,13 +168,26 @@ class RoiDecoder(nn.Module):
     def forward(
         self, o: torch.Tensor, skips: list[torch.Tensor], out_size: tuple[int, int, int]
     ) -> torch.Tensor:
+        ckpt = self.stage_checkpointing
         x = o
         for i, (reduce, block) in enumerate(zip(self.reduce, self.blocks, strict=True)):
-            if i > 0:
-                x = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
-                if self.skips:
-                    x = torch.cat([x, skips[len(skips) - i]], dim=1)
-            x = block(reduce(x))
+            if i == 0:
+                x = _stage(ckpt, lambda t, r=reduce, b=block: b(r(t)), x)
+            elif self.skips:
+                x = _stage(ckpt, partial(self._level, reduce, block), x, skips[len(skips) - i])
+            else:
+                x = _stage(ckpt, partial(self._level, reduce, block), x)
+        return _stage(ckpt, partial(self._output, out_size=tuple(out_size)), x)
+
+    @staticmethod
+    def _level(
+        reduce: nn.Module, block: nn.Module, x: torch.Tensor, *skip: torch.Tensor
+    ) -> torch.Tensor:
+        """2× upsampling, optional skip concatenation, 1×1 reduction, dense block."""
+        x = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
+        return block(reduce(torch.cat([x, *skip], dim=1) if skip else x))
+
+    def _output(self, x: torch.Tensor, out_size: tuple[int, int, int]) -> torch.Tensor:
         logits = self.head(x)
         if tuple(logits.shape[2:]) != tuple(out_size):
             logits = F.interpolate(logits, size=out_size, mode="trilinear", align_corners=False)
@@ -192,11 +233,17 @@ class MultiTaskNet(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> MultiTaskNet:
-    """The multi-task network of a config, Kaiming-initialised as in DenseNet."""
+    """The multi-task network of a config, Kaiming-initialised as in DenseNet.
+
+    ``norm: domain_batch``: every batch norm becomes a ``DomainBatchNorm3d`` (weak = 0,
+    strong = 1); route batches with ``domain_norm.domains`` (unrouted: domain 0).
+    """
     model = MultiTaskNet(cfg)
     for m in model.modules():
         if isinstance(m, nn.Conv3d):
             nn.init.kaiming_normal_(m.weight)
         elif isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
+    if cfg.norm == "domain_batch":
+        convert_to_domain_bn(model, n_domains=2)
     return model
