@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +32,16 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except LymphdxError as err:
             typer.echo(f"lymphdx: error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as err:  # a folder that is not writable, a full disk, ...
+            # name the file being written, not its temporary stand-in (fileutil.atomic_path)
+            names = [
+                repr(re.sub(r"\.tmp-[0-9a-f]{8}-", "", str(n)))
+                for n in (err.filename, err.filename2)
+                if n is not None
+            ]
+            where = f": {' -> '.join(names)}" if names else ""
+            typer.echo(f"lymphdx: error: {err.strerror or err}{where}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("lymphdx: interrupted", err=True)
@@ -65,9 +76,11 @@ def synth(
     """Write the synthetic two-hospital data set (NIfTI + manifests)."""
     from lymphdx.data.synthetic import SynthSpec, write_synthetic
 
-    summary = write_synthetic(
-        out, SynthSpec(n_weak=n_weak, n_pos=n_pos, n_strong=n_strong, seed=seed)
-    )
+    try:
+        spec = SynthSpec(n_weak=n_weak, n_pos=n_pos, n_strong=n_strong, seed=seed)
+    except ValueError as err:
+        raise LymphdxError(f"invalid synth options: {err}") from None
+    summary = write_synthetic(out, spec)
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"weak manifest:   {out / 'weak' / 'manifest.csv'}")
     typer.echo(f"strong manifest: {out / 'strong' / 'manifest.csv'}")
@@ -82,7 +95,8 @@ def train_cmd(
         Path | None, typer.Option("--strong", help="Strong (ROI) manifest CSV.")
     ] = None,
     strategy: Annotated[
-        str | None, typer.Option(help="supervised, semi-supervised, multitask or ssmdmt.")
+        str | None,
+        typer.Option(help="supervised, semi-supervised, multitask, ssmdmt or ssmdmt-plus."),
     ] = None,
     config: ConfigOpt = None,
     preset: PresetOpt = None,
@@ -92,23 +106,21 @@ def train_cmd(
         bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
     ] = False,
 ) -> None:
-    """Train one strategy."""
-    import yaml
-
-    from lymphdx.config import validate
+    """Train one strategy (under torchrun: one process per rank, see the README)."""
+    from lymphdx.training.distributed import is_main_process
     from lymphdx.training.trainer import train
 
+    over: dict[str, Any] = {"strategy": strategy, "seed": seed}
+    if epochs is not None:
+        over["training"] = {"epochs": epochs}
     if resume and config is None and (out / "config.yaml").exists():
-        cfg = validate(yaml.safe_load((out / "config.yaml").read_text()), str(out / "config.yaml"))
-    else:
-        over: dict[str, Any] = {"strategy": strategy, "seed": seed}
-        if epochs is not None:
-            over["training"] = {"epochs": epochs}
-        cfg = _config(config, preset, over)
+        config = out / "config.yaml"  # the run's own config (+ --epochs to extend it)
+    cfg = _config(config, preset, over)
     if (weak is None or strong is None) and not (cfg.manifests.weak and cfg.manifests.strong):
         raise LymphdxError("give --weak and --strong manifests (or a config that names them)")
     result = train(cfg, out, weak, strong, resume=resume, progress=sys.stderr.isatty())
-    typer.echo(json.dumps(result, indent=2))
+    if is_main_process():
+        typer.echo(json.dumps(result, indent=2))
 
 
 @app.command()
@@ -149,7 +161,11 @@ def compare_cmd(
     strong: Annotated[Path, typer.Option("--strong", help="Strong (ROI) manifest CSV.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     strategies: Annotated[
-        list[str] | None, typer.Option("--strategies", help="Strategies to run (repeat).")
+        list[str] | None,
+        typer.Option(
+            "--strategies",
+            help="Strategies to run (repeat; default the paper's four, ssmdmt-plus on request).",
+        ),
     ] = None,
     seeds: Annotated[
         int | None, typer.Option("--seeds", help="Seeds 0..S-1 (default 3; 1 with --cv).")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from lymphdx.errors import LymphdxError
 
 
 @contextlib.contextmanager
@@ -30,6 +33,51 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; it replaces ``path`` if the block succeeds.
+
+    So a folder of outputs that belong together (a scan's prediction) is either complete
+    or absent; on error the temporary folder is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex[:8]}-{path.name}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = path.parent / f".old-{uuid.uuid4().hex[:8]}-{path.name}"
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_writable_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Create the folder ``path`` (with parents) if needed and check that files can be
+    written in it, by writing and removing a probe file (``os.access`` is wrong for root,
+    ACLs and read-only mounts).
+
+    Raises:
+        LymphdxError: naming the folder and the system's reason.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".tmp-probe-{uuid.uuid4().hex[:8]}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        reason = err.strerror or str(err)
+        if isinstance(err, (FileExistsError, NotADirectoryError)):
+            reason = "it or a folder above it is a file"
+        raise LymphdxError(f"cannot write to the {what} {str(path)!r}: {reason}") from None
+    return path
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
@@ -39,3 +87,45 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files and folders that writers killed mid-write left in
+    ``folder`` and its subfolders (``.tmp-*``, ``.old-*``); returns what was removed.
+
+    Call it only while holding the folder's ``run_lock``: a live writer's temporary file
+    looks the same.
+    """
+    removed = []
+    for p in sorted(Path(folder).rglob(".tmp-*")) + sorted(Path(folder).rglob(".old-*")):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``folder/.lock``, ``flock``) while the block
+    runs, so two processes never write one run; the kernel drops it when the holder dies
+    (even by SIGKILL), so a killed run never leaves a stale lock."""
+    import fcntl
+
+    path = Path(folder) / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise LymphdxError(
+                f"another lymphdx process (pid {holder}) is writing {folder}; wait for it to "
+                "finish or stop it, then --resume"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -20,10 +20,17 @@ import SimpleITK as sitk
 import torch
 
 from lymphdx.data import io
-from lymphdx.data.preprocess import load_normalizers, preprocess_image, to_original
-from lymphdx.errors import LymphdxError
+from lymphdx.data.preprocess import (
+    check_coverage,
+    load_normalizers,
+    preprocess_image,
+    to_original,
+)
+from lymphdx.errors import InputError, LymphdxError
 from lymphdx.evaluation.evaluate import load_model
-from lymphdx.fileutil import atomic_path, write_json
+from lymphdx.fileutil import atomic_dir, atomic_path, ensure_writable_dir, write_json
+from lymphdx.models.domain_norm import domains
+from lymphdx.training.propagation import STRONG, WEAK
 
 __all__ = ["predict", "output_name", "save_overlay"]
 
@@ -100,16 +107,20 @@ def predict(
     """Predict every scan in ``images`` with the run's ``which`` checkpoint.
 
     ``domain`` picks the z-score of the hospital the scans come from (``weak``: the
-    weakly-labelled set's hospital, the one the classifier is for).
+    weakly-labelled set's hospital, the one the classifier is for) and, for a model with
+    domain-specific batch norm (``model.norm: domain_batch``), that hospital's statistics.
     """
     config, model, _ = load_model(run_dir, which)
     normalizers = load_normalizers(Path(run_dir) / "normalization.json")
     if domain not in normalizers:
         raise LymphdxError(f"unknown domain {domain!r}; the run has {sorted(normalizers)}")
+    for image_path in map(Path, images):  # before any work: a typo fails at once
+        if not image_path.exists():
+            raise InputError("file does not exist", image_path)
     norm = normalizers[domain]
     zeta = config.propagation.roi_threshold
     threshold = config.evaluation.threshold
-    out_dir = Path(out_dir)
+    out_dir = ensure_writable_dir(out_dir)
     results, used = [], set()
     for image_path in map(Path, images):
         name = output_name(image_path)
@@ -119,39 +130,60 @@ def predict(
             name = f"{base}_{k}"
         used.add(name)
         volume = io.read_volume(image_path)
+        check_coverage(volume.geometry, volume.shape_xyz, config.data, image_path)
         original = io.to_sitk(volume.array, volume.geometry)
         array, grid = preprocess_image(original, config.data)
         x = torch.from_numpy(norm(array))[None, None]
-        out = model(x)
+        with domains(model, STRONG if domain == "strong" else WEAK):  # DSBN: the hospital's
+            out = model(x)
         probability = float(torch.sigmoid(out["cls"])[0])
         roi_canonical = torch.sigmoid(out["roi"])[0, 0].numpy().astype(np.float32)
         roi_prob = to_original(roi_canonical, grid, original)
         prob_zyx = sitk.GetArrayFromImage(roi_prob)
-        mask_zyx = (prob_zyx > zeta).astype(np.uint8)
-        folder = out_dir / name
-        io.write_volume(folder / "roi_prob.nii.gz", prob_zyx, volume.geometry)
-        io.write_volume(folder / "roi_mask.nii.gz", mask_zyx, volume.geometry)
         label = int(probability > threshold)
-        slice_z = save_overlay(
-            folder / "overlay.png",
-            volume.array,
-            prob_zyx,
-            mask_zyx,
-            volume.geometry.spacing,
-            f"{name}: P(metastatic) = {probability:.3f} -> {'positive' if label else 'negative'}",
-        )
         result = {
             "image": str(image_path),
             "probability": probability,
             "label": label,
             "threshold": threshold,
             "roi_threshold": zeta,
-            "roi_max_probability": float(prob_zyx.max()),
-            "roi_voxels": int(mask_zyx.sum()),
-            "overlay_slice": slice_z,
             "model": str(Path(run_dir).resolve()),
             "strategy": config.strategy,
         }
-        write_json(folder / "prediction.json", result)
-        results.append(result)
+        with atomic_dir(out_dir / name) as folder:  # a scan's outputs: all or none
+            results.append(_write_outputs(folder, name, volume, prob_zyx, zeta, result))
     return results
+
+
+def _write_outputs(
+    folder: Path,
+    name: str,
+    volume: io.Volume,
+    prob_zyx: np.ndarray,
+    zeta: float,
+    result: dict[str, Any],
+) -> dict[str, Any]:
+    """Write one scan's ROI maps, overlay and ``prediction.json`` into ``folder``.
+
+    ``result`` holds the probability and the thresholds; the ROI summary is added to it.
+    """
+    mask_zyx = (prob_zyx > zeta).astype(np.uint8)
+    io.write_volume(folder / "roi_prob.nii.gz", prob_zyx, volume.geometry)
+    io.write_volume(folder / "roi_mask.nii.gz", mask_zyx, volume.geometry)
+    verdict = "positive" if result["label"] else "negative"
+    slice_z = save_overlay(
+        folder / "overlay.png",
+        volume.array,
+        prob_zyx,
+        mask_zyx,
+        volume.geometry.spacing,
+        f"{name}: P(metastatic) = {result['probability']:.3f} -> {verdict}",
+    )
+    result = {
+        **result,
+        "roi_max_probability": float(prob_zyx.max()),
+        "roi_voxels": int(mask_zyx.sum()),
+        "overlay_slice": slice_z,
+    }
+    write_json(folder / "prediction.json", result)
+    return result

@@ -129,13 +129,13 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_resolve_writes_splits_csv(tmp_path):
-    weak, strong = weak_records(20, 8), strong_records(12)
+    weak, strong = weak_records(40, 15), strong_records(12)  # val gets both classes
     w, s = resolve_splits(weak, strong, tmp_path / "run", PAPER_WEAK, PAPER_STRONG, seed=1)
     assert [r.patient_id for r in w] == [r.patient_id for r in weak]  # order kept
     assert all(r.split in SPLITS for r in w + s)
     rows = read_rows(tmp_path / "run" / "splits.csv")
     assert list(rows[0]) == ["set", "patient_id", "split", "label"]
-    assert [r["set"] for r in rows] == ["weak"] * 20 + ["strong"] * 12
+    assert [r["set"] for r in rows] == ["weak"] * 40 + ["strong"] * 12
     by_id = {(r["set"], r["patient_id"]): r for r in rows}
     for rec in w:
         assert by_id[("weak", rec.patient_id)]["split"] == rec.split
@@ -166,20 +166,20 @@ def test_resolve_reuses_splits_csv_even_with_another_seed(tmp_path):
 
 def test_resolve_refuses_splits_csv_of_other_patients(tmp_path):
     run = tmp_path / "run"
-    resolve_splits(weak_records(20, 8), strong_records(10), run, PAPER_WEAK, PAPER_STRONG, 0)
-    other = weak_records(19, 8) + [WeakRecord("NEW01", Path("x"), 0)]
+    resolve_splits(weak_records(40, 15), strong_records(10), run, PAPER_WEAK, PAPER_STRONG, 0)
+    other = weak_records(39, 15) + [WeakRecord("NEW01", Path("x"), 0)]
     with pytest.raises(InputError) as err:
         resolve_splits(other, strong_records(10), run, PAPER_WEAK, PAPER_STRONG, 0)
     message = str(err.value)
     assert "splits.csv" in message and "other data" in message
-    assert "NEW01" in message and "W019" in message
+    assert "NEW01" in message and "W039" in message
     with pytest.raises(InputError, match="S009"):
-        resolve_splits(weak_records(20, 8), strong_records(9), run, PAPER_WEAK, PAPER_STRONG, 0)
+        resolve_splits(weak_records(40, 15), strong_records(9), run, PAPER_WEAK, PAPER_STRONG, 0)
 
 
 def test_resolve_refuses_changed_label_against_splits_csv(tmp_path):
     run = tmp_path / "run"
-    weak = weak_records(20, 8)
+    weak = weak_records(40, 15)
     resolve_splits(weak, [], run, PAPER_WEAK, PAPER_STRONG, 0)
     flipped = [
         WeakRecord(r.patient_id, r.image, 1 - r.label) if r.patient_id == "W003" else r

@@ -63,6 +63,12 @@ class VolumeSet:
         return len(self.records)
 
     @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(D, H, W)`` of every volume: the canonical grid (config ``shape`` is x, y, z)."""
+        x, y, z = self.cache.cfg.shape
+        return (z, y, x)
+
+    @property
     def patient_ids(self) -> list[str]:
         return [r.patient_id for r in self.records]
 

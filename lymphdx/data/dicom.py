@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import SimpleITK as sitk
 
-from lymphdx.data.io import Geometry, to_sitk
+from lymphdx.data.io import MAX_VOXELS, Geometry, to_sitk
 from lymphdx.errors import InputError
 
 __all__ = [
@@ -104,25 +104,42 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return out if len(out) == n and all(np.isfinite(out)) else None
 
 
-def _read_header(path: Path) -> SliceHeader | None:
-    """The header of an image file, or None for a non-DICOM or non-image file."""
+def _read_header(path: Path, patient: str | None = None) -> SliceHeader | None:
+    """The header of an image file, or None for a non-DICOM or non-image file.
+
+    Raises:
+        InputError: a DICOM image file whose header values cannot be decoded.
+    """
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError):
+    except Exception:  # noqa: BLE001 - pydicom raises many types for a non-DICOM file
         if path.suffix.lower() != ".dcm":
             return None
         try:  # some exports have no preamble/file meta; trust only a .dcm name for that
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS, force=True)
         except Exception:  # noqa: BLE001 - any parser failure means "not a readable DICOM"
             return None
-    if "Rows" not in ds or "Columns" not in ds or "SeriesInstanceUID" not in ds:
-        return None  # DICOMDIR, structured reports, presentation states, ...
+    try:
+        if "Rows" not in ds or "Columns" not in ds or "SeriesInstanceUID" not in ds:
+            return None  # DICOMDIR, structured reports, presentation states, ...
+        return _header_of(ds, path)
+    except Exception as err:  # noqa: BLE001 - values are decoded lazily, any may be damaged
+        text = str(err).strip()
+        first = text.splitlines()[0][:160] if text else type(err).__name__
+        raise InputError(
+            f"damaged DICOM header ({first}); export the series again", path, patient
+        ) from None
+
+
+def _header_of(ds: Any, path: Path) -> SliceHeader:
     meta = getattr(ds, "file_meta", None)
     syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
-    number = ds.get("SeriesNumber")
+    try:
+        number = int(ds.get("SeriesNumber"))
+    except (TypeError, ValueError):
+        number = None  # absent or unreadable: only used to order series
     try:
         frames = int(ds.get("NumberOfFrames") or 1)
     except (TypeError, ValueError):
@@ -135,7 +152,7 @@ def _read_header(path: Path) -> SliceHeader | None:
         series_uid=str(ds.SeriesInstanceUID),
         sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
         modality=str(ds.get("Modality", "") or "").upper(),
-        series_number=int(number) if number not in (None, "") else None,
+        series_number=number,
         description=str(ds.get("SeriesDescription", "") or ""),
         image_type=tuple(str(t).upper() for t in image_type),
         position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
@@ -218,10 +235,13 @@ class SeriesSummary:
         return text + ")"
 
 
-def scan_folder(folder: str | Path) -> tuple[list[SeriesSummary], int]:
+def scan_folder(folder: str | Path, patient: str | None = None) -> tuple[list[SeriesSummary], int]:
     """The image series in ``folder`` (not recursive) and the number of other files.
 
     Series are sorted by SeriesNumber then UID.
+
+    Raises:
+        InputError: an image file whose header is damaged (names it and ``patient``).
     """
     folder = Path(folder)
     groups: dict[str, list[SliceHeader]] = {}
@@ -229,7 +249,7 @@ def scan_folder(folder: str | Path) -> tuple[list[SeriesSummary], int]:
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if not entry.is_file():
             continue
-        header = _read_header(Path(entry.path))
+        header = _read_header(Path(entry.path), patient)
         if header is None:
             others += 1
             continue
@@ -644,6 +664,13 @@ def _read_with_pydicom(path: Path, syntax: str, patient: str | None) -> np.ndarr
     try:
         ds = pydicom.dcmread(path)
         plane = apply_rescale(ds.pixel_array, ds)
+    except MemoryError:  # a damaged length field asks for more bytes than there are
+        raise InputError(
+            "damaged DICOM file: an element claims more bytes than memory holds; export "
+            "the series again",
+            path,
+            patient,
+        ) from None
     except Exception as err:  # noqa: BLE001 - every decoder failure becomes one clear message
         text = str(err).strip()
         first = text.splitlines()[0][:160].rstrip(" :") if text else type(err).__name__
@@ -719,7 +746,7 @@ def read_dicom_series(
     if tilt not in ("resample", "refuse"):
         raise ValueError(f"tilt must be 'resample' or 'refuse', got {tilt!r}")
     folder = Path(folder)
-    series, others = scan_folder(folder)
+    series, others = scan_folder(folder, patient)
     chosen, choice = choose_series(series, folder, patient, series_uid, pick_largest)
     modality = chosen.modality
     if modality != "CT" and not allow_non_ct:
@@ -732,6 +759,15 @@ def read_dicom_series(
     stack, warnings = build_stack(chosen.slices, folder, patient, tilt)
     syntax = {s.path: s.transfer_syntax for s in chosen.slices}
     first = chosen.slices[0]
+    voxels = len(stack.files) * first.rows * first.columns
+    if voxels > MAX_VOXELS or min(first.rows, first.columns) < 1:
+        raise InputError(
+            f"the headers describe {len(stack.files)} slices of {first.rows} x "
+            f"{first.columns} pixels: {'no' if voxels == 0 else voxels} voxels, not a CT "
+            f"volume lymphdx reads (at most {MAX_VOXELS})",
+            folder,
+            patient,
+        )
     array = _read_pixels(stack.files, first.rows, first.columns, syntax, patient)
     array, geometry = stack.to_regular(array)
     image = to_sitk(np.ascontiguousarray(array, dtype=np.float32), geometry)

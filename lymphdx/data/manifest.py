@@ -17,7 +17,7 @@ import io
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple, TypeVar
@@ -35,6 +35,7 @@ __all__ = [
     "WeakRecord",
     "assign_splits",
     "check_disjoint",
+    "check_weak_splits",
     "load_manifests",
     "load_strong_manifest",
     "load_weak_manifest",
@@ -52,12 +53,16 @@ _MAX_LISTED = 10  # problems listed in one error message
 
 @dataclass(frozen=True)
 class WeakRecord:
-    """One patient of the weakly labelled (scan-level label) set."""
+    """One patient of the weakly labelled (scan-level label) set.
+
+    ``manifest`` is the CSV the row came from (for error messages; not compared).
+    """
 
     patient_id: str
     image: Path
     label: int
     split: str | None = None
+    manifest: Path | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class StrongRecord:
     image: Path
     mask: Path
     split: str | None = None
+    manifest: Path | None = field(default=None, compare=False, repr=False)
 
 
 Record = TypeVar("Record", WeakRecord, StrongRecord)
@@ -286,9 +292,9 @@ def _load(csv_path: str | Path, kind: str) -> list[WeakRecord] | list[StrongReco
         if not ok:
             continue
         if kind == "weak":
-            records.append(WeakRecord(pid, paths["image"], label, split))
+            records.append(WeakRecord(pid, paths["image"], label, split, csv_path))
         else:
-            records.append(StrongRecord(pid, paths["image"], paths["mask"], split))
+            records.append(StrongRecord(pid, paths["image"], paths["mask"], split, csv_path))
     if splits_given and splits_missing:
         for pid, line in splits_missing:
             problems.add(
@@ -601,6 +607,64 @@ def _split_set(
     return [replace(r, split=assigned[r.patient_id]) for r in records]
 
 
+def check_weak_splits(
+    weak: Sequence[WeakRecord],
+    source: str | Path | None = None,
+    origin: str = "column",
+    proportions: Sequence[float] | None = None,
+) -> None:
+    """Refuse a weak-set split without both classes in each of train, val and test.
+
+    AUC is undefined on a split with one class: val AUC selects the model and test AUC is
+    the result. ``origin`` says where the split came from (``column``: the manifest's
+    split column; ``seeded``: lymphdx's stratified split with ``proportions``; ``saved``:
+    the run folder's ``splits.csv``, which is ``source``), so the message can say what to
+    change.
+
+    Raises:
+        InputError: naming ``source`` and every split that lacks a class.
+    """
+    faults = []
+    for split in SPLITS:
+        labels = [r.label for r in weak if r.split == split]
+        if not labels:
+            faults.append(f"the {split} split holds no patients")
+        elif len(set(labels)) < 2:
+            n = len(labels)
+            faults.append(
+                f"the {split} split holds only label {labels[0]} ({n} patient{'s' * (n > 1)})"
+            )
+    if not faults:
+        return
+    n_pos = sum(r.label for r in weak)
+    problem = (
+        f"weak set: {'; '.join(faults)}. AUC is undefined without both classes (val AUC "
+        "selects the model, test AUC is the result). "
+    )
+    if origin == "column":
+        problem += (
+            "Fix: give every split of the manifest's split column positives and negatives "
+            "(at least one of each in val and test), or delete the split column so that "
+            "lymphdx makes a stratified split"
+        )
+    elif origin == "seeded":
+        shown = "/".join(f"{p:g}" for p in proportions) if proportions is not None else "?"
+        problem += (
+            f"The set has {len(weak)} patients, {n_pos} with label 1 and "
+            f"{len(weak) - n_pos} with label 0; the stratified split (proportions "
+            f"train/val/test {shown}, data.split.weak) gives each split both classes only "
+            "when each class has at least 3 patients and val and test at least 2 each. "
+            "Fix: add patients, give val and test larger proportions, or add a split "
+            "column to the manifest"
+        )
+    else:
+        problem += (
+            "The split comes from the run folder's splits.csv (written by hand or by an "
+            "older lymphdx): use a new run folder, or fix or delete that file"
+        )
+    raise InputError(problem, source)
+
+
 def resolve_splits(
     weak: Sequence[WeakRecord],
     strong: Sequence[StrongRecord],
@@ -615,17 +679,24 @@ def resolve_splits(
     patients, with the same labels and any manifest splits); the manifests' own ``split``
     column; a seeded split (weak set stratified by label, strong set not).
 
+    The weak set's train, val and test splits must each hold both classes
+    (:func:`check_weak_splits`); a new ``splits.csv`` is written only after that check.
+
     Raises:
-        InputError: a ``splits.csv`` made for other patients, or partial split columns.
+        InputError: a ``splits.csv`` made for other patients, partial split columns, or a
+            weak-set split without both classes.
     """
     splits_path = Path(run_dir) / SPLITS_FILE
     if splits_path.exists():
         saved = read_splits_csv(splits_path)
-        return (
-            _apply_saved(weak, "weak", saved, splits_path),
-            _apply_saved(strong, "strong", saved, splits_path),
-        )
+        weak_out = _apply_saved(weak, "weak", saved, splits_path)
+        strong_out = _apply_saved(strong, "strong", saved, splits_path)
+        check_weak_splits(weak_out, splits_path, "saved")
+        return weak_out, strong_out
     weak_out = _split_set(weak, weak_proportions, seed, stratify=True)
     strong_out = _split_set(strong, strong_proportions, seed, stratify=False)
+    given = bool(weak) and all(r.split is not None for r in weak)
+    source = next((r.manifest for r in weak if r.manifest is not None), None)
+    check_weak_splits(weak_out, source, "column" if given else "seeded", weak_proportions)
     write_splits_csv(splits_path, weak_out, strong_out)
     return weak_out, strong_out

@@ -50,6 +50,8 @@ __all__ = [
     "PREPROCESS_VERSION",
     "Grid",
     "canonical_grid",
+    "check_coverage",
+    "MAX_STRETCH",
     "resample_image",
     "resample_mask",
     "preprocess_image",
@@ -140,6 +142,60 @@ def canonical_grid(
         _IDENTITY,
     )
     return Grid(geometry, tuple(int(v) for v in cfg.shape))  # type: ignore[arg-type]
+
+
+#: With ``fit="resize"``, the canonical grid may be at most this many times finer than the
+#: scan along an axis; a scan with fewer voxels is stretched into interpolation, not anatomy.
+MAX_STRETCH = 16
+
+
+def check_coverage(
+    geometry: Geometry,
+    size_xyz: tuple[int, ...],
+    cfg: DataConfig,
+    path: str | Path | None = None,
+    patient: str | None = None,
+) -> None:
+    """Refuse a scan far too small for the canonical grid (a localizer, a crop, a bad header).
+
+    ``fit="crop"``: the scan must span at least one grid voxel (``cfg.spacing``) along each
+    world axis; a thinner scan would be a slab of at most one slice of the model's input,
+    the rest padding. ``fit="resize"``: the grid may be at most ``MAX_STRETCH`` times finer
+    than the scan along each axis.
+
+    Raises:
+        InputError: naming the file, the patient, the scan's extent and the grid's.
+    """
+    size = np.asarray(size_xyz, dtype=np.float64)
+    direction = np.abs(np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3))
+    extent = direction @ (np.asarray(geometry.spacing, dtype=np.float64) * size)  # world mm
+    mm = " x ".join(f"{v:.3g}" for v in extent)
+    if cfg.fit == "crop":
+        grid = np.asarray(cfg.spacing, dtype=np.float64)
+        short = [axis for axis, e, g in zip("xyz", extent, grid, strict=True) if e < g]
+        if short:
+            raise InputError(
+                f"the scan is far too small for the model: it spans {mm} mm (x, y, z), less "
+                f"than one voxel of the model's input grid ({' x '.join(map(str, cfg.spacing))}"
+                f" mm, data.spacing) along {', '.join(short)}; is it a localizer, a crop or "
+                "a file with a wrong voxel size?",
+                path,
+                patient,
+            )
+        return
+    voxels = direction @ size  # voxels along each world axis (exact when axis-aligned)
+    stretch = np.asarray(cfg.shape, dtype=np.float64) / np.maximum(voxels, 1e-9)
+    short = [axis for axis, s in zip("xyz", stretch, strict=True) if s > MAX_STRETCH]
+    if short:
+        have = " x ".join(f"{v:.3g}" for v in voxels)
+        raise InputError(
+            f"the scan is far too small for the model: it has {have} voxels (x, y, z), and "
+            f"resizing it onto the model's input ({' x '.join(map(str, cfg.shape))}, "
+            f"data.shape) would stretch it more than {MAX_STRETCH} times along "
+            f"{', '.join(short)}; is it a localizer or a crop?",
+            path,
+            patient,
+        )
 
 
 def _resample(
@@ -385,6 +441,7 @@ class PreprocessCache:
             if meta is not None:
                 return digest, meta, None
         volume = io.read_volume(path, patient)
+        check_coverage(volume.geometry, volume.shape_xyz, self.cfg, path, patient)
         grid = canonical_grid(volume.geometry, volume.shape_xyz, self.cfg)
         array = resample_image(io.to_sitk(volume.array, volume.geometry), grid, self.cfg)
         meta = {

@@ -51,7 +51,7 @@ import numpy as np
 from scipy import ndimage
 
 from lymphdx.data.io import Geometry, write_volume
-from lymphdx.fileutil import write_json, write_text
+from lymphdx.fileutil import ensure_writable_dir, write_json, write_text
 
 __all__ = [
     "HOSPITALS",
@@ -881,7 +881,7 @@ def write_synthetic(out: str | Path, spec: SynthSpec | None = None, progress: bo
     Images are int16 HU, masks uint16 node instance ids.
     """
     spec = spec or SynthSpec()
-    out = Path(out)
+    out = ensure_writable_dir(out)  # before minutes of work, not after
     t0 = time.perf_counter()
     labels = weak_labels(spec)
     jobs = [("weak", i) for i in range(spec.n_weak)] + [("strong", i) for i in range(spec.n_strong)]
