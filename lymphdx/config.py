@@ -8,21 +8,41 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from lymphdx.errors import ConfigError
 
-__all__ = ["Config", "load_config", "PRESETS", "STRATEGIES", "dump_config"]
+__all__ = ["Config", "load_config", "PRESETS", "STRATEGIES", "PAPER_STRATEGIES", "dump_config"]
 
 PRESETS = ("quick", "paper")
-STRATEGIES = ("supervised", "semi-supervised", "multitask", "ssmdmt")
+# the paper's four (Table I, in order), then the strategies that add issue 8's options
+PAPER_STRATEGIES = ("supervised", "semi-supervised", "multitask", "ssmdmt")
+STRATEGIES = (*PAPER_STRATEGIES, "ssmdmt-plus")
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: object, info: ValidationInfo) -> object:
+        # pydantic reads true/false as 1/0; in a config that is a typo, not a number.
+        if isinstance(v, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if set(get_args(annotation) or (annotation,)) <= {int, float, type(None)}:
+                raise ValueError("expected a number, not true/false")
+        return v
 
 
 class SplitConfig(_Section):
@@ -48,13 +68,19 @@ class DataConfig(_Section):
     split_seed: int = 0  # seeds the patient-wise split; shared by all runs of a comparison
     split: SplitConfig = Field(default_factory=SplitConfig)
 
-    @model_validator(mode="after")
-    def _check(self) -> DataConfig:
-        if min(self.spacing) <= 0 or min(self.shape) < 1:
-            raise ValueError("spacing and shape must be positive")
-        if self.hu_window[0] >= self.hu_window[1]:
-            raise ValueError("hu_window must be (low, high) with low < high")
-        return self
+    @field_validator("spacing", "shape")
+    @classmethod
+    def _positive(cls, v: tuple) -> tuple:
+        if min(v) <= 0:
+            raise ValueError("must be positive along x, y and z")
+        return v
+
+    @field_validator("hu_window")
+    @classmethod
+    def _window(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] >= v[1]:
+            raise ValueError("must be (low, high) with low < high")
+        return v
 
 
 class ModelConfig(_Section):
@@ -70,18 +96,44 @@ class ModelConfig(_Section):
     classifier_hidden: int = 32
     pool: Literal["avg", "max", "avgmax"] = "avgmax"
     decoder_skips: bool = False
-    norm: Literal["batch", "instance", "group"] = "batch"
-    checkpointing: bool = False
+    # batch | instance | group; domain_batch: domain-specific batch norm (DSBN, Chang et al.
+    # 2019): one set of batch statistics and affine parameters per hospital (weak = 0,
+    # strong = 1), every other weight shared (lymphdx.models.domain_norm)
+    norm: Literal["batch", "instance", "group", "domain_batch"] = "batch"
+    # activation checkpointing: "off"; "bottleneck" (Pleiss et al. 2017: each dense layer's
+    # concat → norm → act → 1×1 conv is recomputed in backward); "block" (also every
+    # encoder/decoder stage is recomputed from its input: least memory, ~1.5× time).
+    # true/false are read as "bottleneck"/"off".
+    checkpointing: Literal["off", "bottleneck", "block"] = "off"
 
-    @model_validator(mode="after")
-    def _check(self) -> ModelConfig:
-        if not self.block_layers or min(self.block_layers) < 1:
-            raise ValueError("block_layers needs at least one block of at least one layer")
-        if self.decoder_layers is not None and len(self.decoder_layers) != len(self.block_layers):
-            raise ValueError("decoder_layers must have as many blocks as block_layers")
-        if self.stem_stride not in (1, 2, 4):
-            raise ValueError("stem_stride must be 1, 2 or 4")
-        return self
+    @field_validator("checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_bool(cls, v: object) -> object:
+        if isinstance(v, bool):
+            return "bottleneck" if v else "off"
+        return v
+
+    @field_validator("block_layers")
+    @classmethod
+    def _blocks(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or min(v) < 1:
+            raise ValueError("needs at least one block of at least one layer")
+        return v
+
+    @field_validator("decoder_layers")
+    @classmethod
+    def _decoder_blocks(cls, v: tuple[int, ...] | None, info: ValidationInfo) -> Any:
+        blocks = info.data.get("block_layers")
+        if v is not None and blocks is not None and len(v) != len(blocks):
+            raise ValueError(f"must have as many blocks as block_layers ({len(blocks)})")
+        return v
+
+    @field_validator("stem_stride")
+    @classmethod
+    def _stride(cls, v: int) -> int:
+        if v not in (1, 2, 4):
+            raise ValueError("must be 1, 2 or 4")
+        return v
 
     @property
     def downsampling(self) -> int:
@@ -99,13 +151,39 @@ class LossConfig(_Section):
 
 
 class PropagationConfig(_Section):
-    """Label propagation between the two sets (paper §3.2)."""
+    """Label propagation between the two sets (paper §3.2), and issue 8's options (all
+    off by default: the paper's method)."""
 
     warmup_epochs: int = 4
     every: int = 2
     roi_threshold: float = Field(0.8, ge=0.0, le=1.0)  # ζ
     pseudo_labels: Literal["hard", "soft"] = "hard"
     confidence: float = Field(0.0, ge=0.0, le=1.0)  # keep strong scans with |2p-1| >= this
+    # pseudo class labels of the strong set: "model" (the paper: σ(f(v))) or "graph"
+    # (label propagation over a k-NN graph of the pooled embeddings of the weak training
+    # scans, with their true labels, and the strong training scans; Iscen et al. 2019;
+    # per-scan weight = certainty / its maximum × class weight, the loss then averaged
+    # over the batch)
+    method: Literal["model", "graph"] = "model"
+    graph_k: int = Field(10, ge=1)  # neighbours per node (capped at the node count − 1)
+    graph_gamma: float = Field(3.0, gt=0)  # affinity exponent: a_ij = max(0, cos)^γ
+    graph_alpha: float = Field(0.99, gt=0, lt=1)  # diffusion: solve (I − αW) Z = Y
+    # who labels the other set: "student" (the paper: the model being trained) or "ema"
+    # (the mean teacher, an EMA of the student's weights, training.ema_decay)
+    teacher: Literal["student", "ema"] = "student"
+    tta_flip: bool = False  # pseudo-labels averaged over the scan and its left-right flip
+    # curriculum: each round admits the most confident share of the strong set's pseudo
+    # class labels, curriculum_start + round · curriculum_step (round 0 = first
+    # propagation); the others get weight 0
+    curriculum: bool = False
+    curriculum_start: float = Field(0.2, ge=0.0, le=1.0)
+    curriculum_step: float = Field(0.2, ge=0.0, le=1.0)
+    # pseudo ROI masks: voxels with roi_ignore_low <= p <= ζ count nowhere in the loss
+    # (None: every voxel counts, the paper)
+    roi_ignore_low: float | None = Field(None, ge=0.0, le=1.0)
+    # pseudo ROI masks only of weak scans the classifier calls positive, σ(f(v)) >= this
+    # (None: all scans, the paper)
+    roi_cls_gate: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class TrainingConfig(_Section):
@@ -115,8 +193,29 @@ class TrainingConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     flip_augment: bool = True
-    num_threads: int | None = None
+    num_threads: int | None = None  # default: all cores, shared by the processes of a node
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
+    # speed options (lymphdx.training.performance; measured in BENCHMARKS.md)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 = CUDA AMP
+    channels_last: bool = False  # channels-last-3d memory format
+    compile: bool = False  # torch.compile the model
+    # before training, estimate a step's peak memory and refuse what will not fit
+    memory_check: bool = True
     loss: LossConfig = Field(default_factory=LossConfig)
+    # decay of the EMA teacher (propagation.teacher: ema, selection: ema), updated after
+    # every optimiser step
+    ema_decay: float = Field(0.99, ge=0.0, lt=1.0)
+    # which weights checkpoints/best.pt holds (evaluate and predict use them):
+    #   best_val  the paper: the student at its best validation AUC epoch
+    #   ema       the EMA teacher at its best validation AUC (validation scores the EMA)
+    #   swa       the uniform average of the last swa_epochs epochs' weights, batch-norm
+    #             statistics recomputed on the training set (no choice on validation)
+    #   last      a fixed-epoch budget: the final weights (no choice on validation)
+    selection: Literal["best_val", "ema", "swa", "last"] = "best_val"
+    swa_epochs: int = Field(5, ge=1)  # selection swa: epochs averaged (all, if fewer)
+    # keep checkpoints/epoch_XXX.pt of every epoch (the validated weights), e.g. to score
+    # a cross-validation fold at an epoch chosen on the pooled folds
+    keep_epochs: bool = False
 
 
 class EvaluationConfig(_Section):
@@ -136,7 +235,9 @@ class Config(_Section):
     """The whole resolved configuration of a run."""
 
     preset: str = "quick"
-    strategy: Literal["supervised", "semi-supervised", "multitask", "ssmdmt"] = "ssmdmt"
+    strategy: Literal["supervised", "semi-supervised", "multitask", "ssmdmt", "ssmdmt-plus"] = (
+        "ssmdmt"
+    )
     seed: int = 0
     manifests: ManifestConfig = Field(default_factory=ManifestConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -152,6 +253,31 @@ class Config(_Section):
             raise ValueError(
                 f"data.shape {list(self.data.shape)} must be divisible by the model's "
                 f"downsampling factor {factor} (stem_stride x 2^(blocks-1))"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _strategy_defaults(self) -> Config:
+        """Fill the keys the user left unset with the strategy's defaults
+        (``strategies.STRATEGY_DEFAULTS``), then check the propagation options together.
+
+        A filled key stays *unset* for pydantic, so ``model_dump(exclude_unset=True)``
+        (what ``compare`` re-validates for each strategy) drops it and another strategy
+        gets its own defaults; ``dump_config`` writes it, so ``config.yaml`` holds the
+        resolved value and reproduces the run alone.
+        """
+        from lymphdx.training.strategies import STRATEGY_DEFAULTS  # no torch import
+
+        for section_name, values in STRATEGY_DEFAULTS.get(self.strategy, {}).items():
+            section = getattr(self, section_name)
+            for key, value in values.items():
+                if key not in section.model_fields_set:
+                    section.__dict__[key] = value  # valid by test; not marked as set
+        p = self.propagation
+        if p.roi_ignore_low is not None and p.roi_ignore_low > p.roi_threshold:
+            raise ValueError(
+                f"propagation.roi_ignore_low ({p.roi_ignore_low}) must not exceed "
+                f"propagation.roi_threshold ζ ({p.roi_threshold}): the ignore band is [low, ζ]"
             )
         return self
 
@@ -172,7 +298,10 @@ def _read_yaml(path: Path | str, label: str) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"cannot read config {label}: {err.strerror}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config {label} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config {label} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {label} must be a mapping of keys to values")
     return data
@@ -192,11 +321,16 @@ def validate(data: dict[str, Any], label: str = "config") -> Config:
     except ValidationError as err:
         lines = []
         for e in err.errors():
-            key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            key = ".".join(str(p) for p in e["loc"])
             if e["type"] == "extra_forbidden":
                 lines.append(f"unknown key {key!r}")
+            elif e["type"] == "value_error":  # our validators: the message says it all
+                message = e["msg"].removeprefix("Value error, ")
+                got = e.get("input")
+                shown = "" if isinstance(got, dict) else f" (got {got!r})"
+                lines.append(f"key {key!r}: {message}{shown}" if key else message)
             else:
-                lines.append(f"key {key!r}: {e['msg']} (got {e.get('input')!r})")
+                lines.append(f"key {key or '(top level)'!r}: {e['msg']} (got {e.get('input')!r})")
         raise ConfigError(f"invalid {label}: " + "; ".join(lines)) from None
 
 

@@ -39,6 +39,8 @@ from lymphdx.errors import LymphdxError
 from lymphdx.evaluation.evaluate import load_model
 from lymphdx.evaluation.metrics import dice as _dice
 from lymphdx.fileutil import write_json
+from lymphdx.models.domain_norm import domains
+from lymphdx.training.propagation import STRONG, WEAK
 from lymphdx.training.trainer import load_run_data
 
 __all__ = [
@@ -235,14 +237,16 @@ def dice(pred: np.ndarray, target: np.ndarray) -> float:
 
 @torch.no_grad()
 def _roi_probabilities(
-    model: torch.nn.Module, volumes: VolumeSet, index: Sequence[int]
+    model: torch.nn.Module, volumes: VolumeSet, index: Sequence[int], domain: int
 ) -> list[np.ndarray]:
-    """σ(g(f(v))) ``(D, H, W)`` float32 for volumes ``index`` of a VolumeSet, eval mode."""
+    """σ(g(f(v))) ``(D, H, W)`` float32 for volumes ``index`` of a VolumeSet, eval mode;
+    ``domain`` routes a model with domain-specific batch norm (weak 0, strong 1)."""
     model.eval()
     out = []
-    for start in range(0, len(index), 4):
-        batch = volumes.batch(list(index[start : start + 4]))
-        out.extend(torch.sigmoid(model(batch.images)["roi"])[:, 0].numpy())
+    with domains(model, domain):
+        for start in range(0, len(index), 4):
+            batch = volumes.batch(list(index[start : start + 4]))
+            out.extend(torch.sigmoid(model(batch.images)["roi"])[:, 0].numpy())
     return out
 
 
@@ -304,7 +308,7 @@ def evaluate_detection(run_dir: str | Path, candidate_threshold: float = 0.1) ->
         raise LymphdxError("the strong set has no patients in split 'test'")
     idx = list(range(len(strong)))
     result["strong_test"] = _score_split(
-        _roi_probabilities(model, strong, idx),
+        _roi_probabilities(model, strong, idx, STRONG),
         [strong.mask(i) for i in idx],
         candidate_threshold,
         zeta,
@@ -321,7 +325,7 @@ def evaluate_detection(run_dir: str | Path, candidate_threshold: float = 0.1) ->
                 truths.append(data.cache.mask(path, rec.image, rec.patient_id))
         if idx:
             result["weak_test"] = _score_split(
-                _roi_probabilities(model, weak, idx), truths, candidate_threshold, zeta
+                _roi_probabilities(model, weak, idx, WEAK), truths, candidate_threshold, zeta
             )
     write_json(run_dir / "detection.json", result)
     return result

@@ -1,7 +1,8 @@
 """Evaluate a trained run on one split of the weak set: ``metrics.json`` + per-patient CSV.
 
-The test split is scored once per run with the model chosen on validation AUC (``best``);
-nothing here feeds back into any choice.
+The test split is scored once per run with the model in ``best`` (chosen as
+``training.selection`` says: by default the one of best validation AUC); nothing here
+feeds back into any choice.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from lymphdx.errors import LymphdxError
 from lymphdx.evaluation.metrics import auc, bootstrap_auc_ci, delong
 from lymphdx.fileutil import write_json, write_text
 from lymphdx.models.multitask import MultiTaskNet, build_model
-from lymphdx.training.propagation import predict_probabilities
+from lymphdx.training.propagation import WEAK, predict_probabilities
 from lymphdx.training.strategies import get_strategy
-from lymphdx.training.trainer import load_checkpoint, load_run_data
+from lymphdx.training.trainer import load_checkpoint, load_run_data, verify_checkpoint
 
 __all__ = ["load_run_config", "load_model", "evaluate_run", "read_predictions"]
 
@@ -38,6 +39,7 @@ def load_model(run_dir: str | Path, which: str = "best") -> tuple[Config, MultiT
     """Config, model (eval mode) and checkpoint state of a run."""
     config = load_run_config(run_dir)
     state = load_checkpoint(Path(run_dir) / "checkpoints" / f"{which}.pt")
+    verify_checkpoint(state, config, Path(run_dir), f"cannot use the {which} model of {run_dir}")
     model = build_model(config.model)
     model.load_state_dict(state["model"])
     model.eval()
@@ -64,7 +66,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
     volumes = data.volumes("weak", split)
     if len(volumes) == 0:
         raise LymphdxError(f"the weak set has no patients in split {split!r}")
-    probs = predict_probabilities(model, volumes)
+    probs = predict_probabilities(model, volumes, domain=WEAK)
     labels = volumes.labels
     threshold = config.evaluation.threshold
     pred = (probs > threshold).astype(int)
@@ -91,7 +93,11 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
         "seed": config.seed,
         "best_epoch": int(state["best"]["epoch"]),
         "best_val_auc": float(state["best"]["val_auc"]),
+        # which weights best.pt holds (training.selection; older runs: best_val)
+        "selection": str(state.get("selection", "best_val")),
     }
+    if "swa_first_epoch" in state["best"]:  # the epochs SWA averaged
+        metrics["swa_epochs"] = [int(state["best"]["swa_first_epoch"]), metrics["best_epoch"]]
     buf = _io.StringIO()
     w = csv.writer(buf)
     w.writerow(["patient_id", "label", "probability"])

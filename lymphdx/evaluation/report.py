@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from lymphdx.config import STRATEGIES, Config, validate
+from lymphdx.config import PAPER_STRATEGIES, STRATEGIES, Config, validate
 from lymphdx.data.manifest import WeakRecord, load_manifests, resolve_splits, write_splits_csv
 from lymphdx.errors import LymphdxError
 from lymphdx.evaluation.evaluate import evaluate_run, read_predictions
@@ -42,7 +42,15 @@ LABELS = {
     "semi-supervised": "Semi-Supervised",
     "multitask": "Supervised Multi-domain Multi-Task",
     "ssmdmt": "Semi-Supervised Multi-domain Multi-Task",
+    "ssmdmt-plus": "SSMDMT + issue 8 options",
 }
+
+
+def _for_strategy(config: Config) -> dict[str, Any]:
+    """``config`` as a mapping to re-validate with another strategy: the keys it sets, so
+    that keys it leaves to its strategy's defaults (``STRATEGY_DEFAULTS``) get the new
+    strategy's."""
+    return config.model_dump(mode="json", exclude_unset=True)
 
 
 def _run_one(
@@ -318,7 +326,7 @@ def _compare_cv(
                 run_dir = out / "cv" / f"repeat{r}" / f"fold{f}" / strategy / f"seed{seed}"
                 if not (run_dir / "splits.csv").exists():
                     write_splits_csv(run_dir / "splits.csv", fold_weak, strong)
-                data = config.model_dump(mode="json")
+                data = _for_strategy(config)
                 data.update(strategy=strategy, seed=seed)
                 if progress:
                     print(f"[compare] cv repeat {r} fold {f}: {strategy} seed {seed}", flush=True)
@@ -352,7 +360,8 @@ def compare(
     cv: int = 0,
     repeats: int = 1,
 ) -> dict[str, Any]:
-    """Train + evaluate every strategy × seed into ``out/runs/<strategy>/seed<k>``; writes
+    """Train + evaluate every strategy × seed into ``out/runs/<strategy>/seed<k>``
+    (default strategies: the paper's four; ``ssmdmt-plus`` on request); writes
     ``out/results.json``, ``out/results.md`` and ``out/roc.png``. Resumable: finished runs
     are kept, interrupted ones resumed.
 
@@ -360,7 +369,7 @@ def compare(
     weak-set patients instead of the fixed split (runs in ``out/cv/repeat<r>/fold<f>/``);
     out-of-fold predictions are pooled, one pooled AUC per repeat × seed."""
     out = Path(out)
-    strategies = strategies or list(STRATEGIES)
+    strategies = strategies or list(PAPER_STRATEGIES)
     seeds = seeds if seeds is not None else [0]
     for s in strategies:
         if s not in STRATEGIES:
@@ -375,7 +384,7 @@ def compare(
     predictions: dict[str, dict[int, dict[str, tuple[int, float]]]] = {}
     for strategy in strategies:
         for seed in seeds:
-            data = config.model_dump(mode="json")
+            data = _for_strategy(config)
             data.update(strategy=strategy, seed=seed)
             run_dir = out / "runs" / strategy / f"seed{seed}"
             if progress:

@@ -23,7 +23,10 @@ Transition = _Transition
 
 
 def norm_spec(name: str, channels_hint: int = 8) -> str | tuple:
-    """MONAI norm spec from a config name (``batch``, ``instance``, ``group``)."""
+    """MONAI norm spec from a config name (``batch``, ``instance``, ``group``;
+    ``domain_batch`` builds batch norms that ``build_model`` then makes domain-specific)."""
+    if name == "domain_batch":
+        return "batch"
     if name == "group":
         return ("group", {"num_groups": 4})
     if name == "instance":

@@ -1,8 +1,17 @@
 """Label propagation between the two sets (paper §3.2).
 
-The current model labels the other set's training volumes:
+The current model (or its EMA teacher) labels the other set's training volumes:
     strong set: ỹ = σ(f(v))            → pseudo class labels (hard or soft, with weights)
     weak set:   s̃_ζ = [g(f(v)) > ζ]    → pseudo ROI masks
+Issue 8's options (``PropagationConfig``; all off by default, the paper's method):
+    method graph      ỹ by label propagation over a k-NN graph of pooled embeddings of
+                      the weak (labelled) and strong (unlabelled) training scans
+    tta_flip          predictions averaged over the scan and its left-right flip
+    curriculum        only the most confident share of ỹ, growing each round
+    roi_ignore_low,   voxel weights of s̃_ζ: 0 in the unsure band [low, ζ], and 0 on every
+    roi_cls_gate      voxel of a scan the classifier calls negative
+A model with domain-specific batch norm sees each set in its own domain (``domain``:
+``WEAK`` = 0, ``STRONG`` = 1).
 """
 
 from __future__ import annotations
@@ -14,25 +23,41 @@ import torch
 
 from lymphdx.config import PropagationConfig
 from lymphdx.data.datasets import VolumeSet
+from lymphdx.models.domain_norm import domains
+from lymphdx.training.distributed import DistContext
+from lymphdx.training.graph_propagation import graph_label_propagation, pseudo_labels_for
+from lymphdx.training.pseudo_masks import curriculum_keep, pseudo_mask_targets
+from lymphdx.training.teacher import predict_with_tta
 
 __all__ = [
+    "WEAK",
+    "STRONG",
     "predict_probabilities",
+    "predict_embeddings",
     "PseudoLabels",
     "propagate_labels",
+    "propagate_labels_graph",
     "propagate_masks",
+    "propagate_mask_targets",
     "is_propagation_epoch",
+    "propagation_round",
 ]
+
+WEAK, STRONG = 0, 1  # domain ids of the two sets (domain-specific batch norm)
 
 
 @dataclass
 class PseudoLabels:
     """Propagated labels. ``strong_targets``/``strong_weights`` ``(N_strong,)`` float32;
-    ``weak_masks`` ``(N_weak, D, H, W)`` uint8; either may be None."""
+    ``weak_masks`` ``(N_weak, D, H, W)`` uint8 and, with an ignore band or a classifier
+    gate, ``weak_mask_weights`` of the same shape, uint8 0/1 (voxels of weight 0 count
+    nowhere in the pseudo ROI loss); any may be None."""
 
     strong_targets: np.ndarray | None = None
     strong_weights: np.ndarray | None = None
     weak_masks: np.ndarray | None = None
     epoch: int = -1
+    weak_mask_weights: np.ndarray | None = None
 
     def summary(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -42,11 +67,14 @@ class PseudoLabels:
                 float(self.strong_targets[kept].mean()) if kept.any() else 0.0
             )
             out["pseudo_kept_fraction"] = float(kept.mean())
+            out["pseudo_weight_mean"] = float(self.strong_weights.mean())
         if self.weak_masks is not None:
             out["pseudo_mask_voxel_fraction"] = float(self.weak_masks.mean())
             out["pseudo_mask_nonempty"] = float(
                 (self.weak_masks.reshape(len(self.weak_masks), -1).max(1) > 0).mean()
             )
+        if self.weak_mask_weights is not None:
+            out["pseudo_mask_weighted_fraction"] = float(self.weak_mask_weights.mean())
         return out
 
 
@@ -55,47 +83,211 @@ def is_propagation_epoch(epoch: int, cfg: PropagationConfig) -> bool:
     return epoch >= cfg.warmup_epochs and (epoch - cfg.warmup_epochs) % cfg.every == 0
 
 
+def propagation_round(epoch: int, cfg: PropagationConfig) -> int:
+    """The index of the propagation round at propagation epoch ``epoch``: how many rounds
+    ran before it (0 at the first)."""
+    return max(0, (epoch - cfg.warmup_epochs) // cfg.every)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def predict_probabilities(
-    model: torch.nn.Module, volumes: VolumeSet, batch_size: int = 4
+    model: torch.nn.Module,
+    volumes: VolumeSet,
+    batch_size: int = 4,
+    ctx: DistContext | None = None,
+    domain: int = WEAK,
+    tta: bool = False,
 ) -> np.ndarray:
-    """σ(f(v)) for every volume, ``(N,)``, with the model in eval mode."""
+    """σ(f(v)) for every volume, ``(N,)`` float32, with the model in eval mode.
+
+    With a distributed ``ctx`` each rank predicts its block of the volumes and every rank
+    gets all ``N`` results, in order. ``tta``: averaged with the left-right flip.
+    """
+    ctx = ctx or DistContext()
+    device = _device(model)
+    index = ctx.shard(range(len(volumes)))
+    out = [np.zeros(0, dtype=np.float32)]
+    with domains(model, domain):
+        for start in range(0, len(index), batch_size):
+            batch = volumes.batch(index[start : start + batch_size])
+            probs = predict_with_tta(model, batch.images.to(device), roi=False, flips=tta)
+            out.append(probs["cls"].cpu().numpy())
+    return ctx.all_gather_array(np.concatenate(out))
+
+
+@torch.no_grad()
+def predict_embeddings(
+    model: torch.nn.Module,
+    volumes: VolumeSet,
+    batch_size: int = 4,
+    ctx: DistContext | None = None,
+    domain: int = WEAK,
+    tta: bool = False,
+) -> np.ndarray:
+    """The classifier's pooled embedding of every volume, ``(N, C)`` float32 (what σ's
+    fully connected layers see); ``tta``: averaged with the left-right flip's."""
+    ctx = ctx or DistContext()
     was_training = model.training
     model.eval()
+    device = _device(model)
+    index = ctx.shard(range(len(volumes)))
+    views = [False, True] if tta else [False]
     out = []
-    for start in range(0, len(volumes), batch_size):
-        batch = volumes.batch(range(start, min(start + batch_size, len(volumes))))
-        out.append(torch.sigmoid(model(batch.images, roi=False)["cls"]).numpy())
-    model.train(was_training)
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+    try:
+        with domains(model, domain):
+            for start in range(0, len(index), batch_size):
+                images = volumes.batch(index[start : start + batch_size]).images.to(device)
+                pooled = sum(
+                    model.classifier.pooled(
+                        model.embed(torch.flip(images, dims=(-1,)) if f else images)
+                    ).float()
+                    for f in views
+                )
+                out.append((pooled / len(views)).cpu().numpy())
+    finally:
+        model.train(was_training)
+    width = model.classifier.fc1.in_features
+    return ctx.all_gather_array(
+        np.concatenate(out) if out else np.zeros((0, width), dtype=np.float32)
+    )
+
+
+def _curriculum(
+    weights: np.ndarray, confidence: np.ndarray, cfg: PropagationConfig, round_index: int
+) -> np.ndarray:
+    """``weights`` with those outside the curriculum's most confident share set to 0."""
+    if not cfg.curriculum:
+        return weights
+    keep = curriculum_keep(confidence, round_index, cfg.curriculum_start, cfg.curriculum_step)
+    return np.where(keep, weights, 0.0).astype(np.float32)
 
 
 @torch.no_grad()
 def propagate_labels(
-    model: torch.nn.Module, volumes: VolumeSet, cfg: PropagationConfig, batch_size: int = 4
+    model: torch.nn.Module,
+    volumes: VolumeSet,
+    cfg: PropagationConfig,
+    batch_size: int = 4,
+    ctx: DistContext | None = None,
+    domain: int = WEAK,
+    round_index: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pseudo class labels for ``volumes`` from σ(f(v)).
 
     Returns ``(targets, weights)``, both ``(N,)``: hard (p > 0.5) or soft (p) targets, and
-    weight 1 where the confidence |2p − 1| reaches ``cfg.confidence``, else 0.
+    weight 1 where the confidence |2p − 1| reaches ``cfg.confidence``, else 0; with
+    ``cfg.curriculum`` only the most confident share of round ``round_index`` keeps it.
     """
-    p = predict_probabilities(model, volumes, batch_size).astype(np.float32)
+    p = predict_probabilities(model, volumes, batch_size, ctx, domain, cfg.tta_flip)
+    p = p.astype(np.float32)
     targets = (p > 0.5).astype(np.float32) if cfg.pseudo_labels == "hard" else p
-    weights = (np.abs(2 * p - 1) >= cfg.confidence).astype(np.float32)
-    return targets, weights
+    confidence = np.abs(2 * p - 1)
+    weights = (confidence >= cfg.confidence).astype(np.float32)
+    return targets, _curriculum(weights, confidence, cfg, round_index)
+
+
+@torch.no_grad()
+def propagate_labels_graph(
+    model: torch.nn.Module,
+    labelled: VolumeSet,
+    unlabelled: VolumeSet,
+    cfg: PropagationConfig,
+    batch_size: int = 4,
+    ctx: DistContext | None = None,
+    round_index: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pseudo class labels for ``unlabelled`` (the strong set) by graph label propagation
+    (Iscen et al. 2019) from the true labels of ``labelled`` (the weak training set).
+
+    The nodes are the pooled embeddings (``predict_embeddings``) of both sets, each in its
+    own domain; ``k`` is ``cfg.graph_k`` capped at the node count − 1. Returns
+    ``(targets, weights)`` ``(N_unlabelled,)`` float32: ``probs[:, 1]`` (soft) or the
+    argmax (hard), and weight = ω / max ω (the certainty relative to the surest of all
+    nodes, as Iscen et al.'s code) × class weight ζ, times the ``cfg.confidence`` cut on
+    |2·probs[:, 1] − 1| and the curriculum (ranked by certainty). Every rank
+    solves the propagation from the gathered embeddings; rank 0's result is used.
+    """
+    ctx = ctx or DistContext()
+    weak = predict_embeddings(model, labelled, batch_size, ctx, WEAK, cfg.tta_flip)
+    strong = predict_embeddings(model, unlabelled, batch_size, ctx, STRONG, cfg.tta_flip)
+    labels = labelled.labels
+    assert labels is not None, "the labelled set must be a weak (labelled) set"
+    embeddings = np.concatenate([weak, strong]).astype(np.float64)
+    all_labels = np.concatenate([labels, np.full(len(strong), -1, dtype=np.int64)])
+    result = graph_label_propagation(
+        embeddings,
+        all_labels,
+        n_classes=2,
+        k=min(cfg.graph_k, len(embeddings) - 1),
+        gamma=cfg.graph_gamma,
+        alpha=cfg.graph_alpha,
+    )
+    index = np.arange(len(weak), len(embeddings))
+    targets, weights = pseudo_labels_for(result, index, soft=cfg.pseudo_labels == "soft")
+    # certainty relative to the surest node, as the authors' code (LP-DeepSSL) does: an
+    # early embedding spreads the labels almost uniformly (ω ~ 1e-4 everywhere), and the
+    # item-scaled loss would then ignore the pseudo-labels however they rank
+    top = float(result.certainty.max())
+    weights = weights / top if top > 0 else weights
+    p1 = result.probs[index, 1]
+    weights = np.where(np.abs(2 * p1 - 1) >= cfg.confidence, weights, 0.0).astype(np.float32)
+    weights = _curriculum(weights, result.certainty[index], cfg, round_index)
+    # rank 0's solution on every rank, in case another node's BLAS rounds differently
+    return ctx.broadcast_object((targets, weights))
+
+
+@torch.no_grad()
+def propagate_mask_targets(
+    model: torch.nn.Module,
+    volumes: VolumeSet,
+    cfg: PropagationConfig,
+    batch_size: int = 4,
+    ctx: DistContext | None = None,
+    domain: int = WEAK,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pseudo ROI masks ``(N, D, H, W)`` uint8, g(f(v)) > ζ (``cfg.roi_threshold``), and
+    their voxel weights (uint8 0/1, same shape) when ``cfg.roi_ignore_low`` or
+    ``cfg.roi_cls_gate`` is set, else None (every voxel counts).
+
+    With a distributed ``ctx`` each rank decodes its block and every rank gets all masks.
+    """
+    ctx = ctx or DistContext()
+    weighted = cfg.roi_ignore_low is not None or cfg.roi_cls_gate is not None
+    device = _device(model)
+    index = ctx.shard(range(len(volumes)))
+    masks = [np.zeros((0, *volumes.shape), dtype=np.uint8)]
+    weights = [np.zeros((0, *volumes.shape), dtype=np.uint8)]
+    with domains(model, domain):
+        for start in range(0, len(index), batch_size):
+            batch = volumes.batch(index[start : start + batch_size])
+            out = predict_with_tta(model, batch.images.to(device), roi=True, flips=cfg.tta_flip)
+            gate = cfg.roi_cls_gate
+            target, weight = pseudo_mask_targets(
+                out["roi"][:, 0],
+                cfg.roi_threshold,
+                cfg.roi_ignore_low,
+                out["cls"] if gate is not None else None,
+                gate,
+            )
+            masks.append(target.cpu().numpy())
+            if weighted:
+                weights.append(weight.to(torch.uint8).cpu().numpy())
+    all_masks = ctx.all_gather_array(np.concatenate(masks))
+    return all_masks, ctx.all_gather_array(np.concatenate(weights)) if weighted else None
 
 
 @torch.no_grad()
 def propagate_masks(
-    model: torch.nn.Module, volumes: VolumeSet, cfg: PropagationConfig, batch_size: int = 4
+    model: torch.nn.Module,
+    volumes: VolumeSet,
+    cfg: PropagationConfig,
+    batch_size: int = 4,
+    ctx: DistContext | None = None,
+    domain: int = WEAK,
 ) -> np.ndarray:
     """Pseudo ROI masks ``(N, D, H, W)`` uint8: g(f(v)) > ζ (``cfg.roi_threshold``)."""
-    was_training = model.training
-    model.eval()
-    masks = []
-    for start in range(0, len(volumes), batch_size):
-        batch = volumes.batch(range(start, min(start + batch_size, len(volumes))))
-        prob = torch.sigmoid(model(batch.images, roi=True)["roi"])[:, 0]
-        masks.append((prob > cfg.roi_threshold).to(torch.uint8).numpy())
-    model.train(was_training)
-    return np.concatenate(masks)
+    return propagate_mask_targets(model, volumes, cfg, batch_size, ctx, domain)[0]

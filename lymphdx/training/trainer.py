@@ -10,15 +10,30 @@ The loop, in named steps (paper §3.2):
         history row, TensorBoard scalars, checkpoints ``last`` and (if better) ``best``.
 Everything random depends only on (seed, epoch, step), so ``--resume`` from ``last``
 replays the same run.
+
+Issue 8's options (config; all off by default): an EMA teacher updated after every
+optimiser step that labels the other set (``propagation.teacher``) and may be the
+selected model; graph label propagation, a curriculum and weighted pseudo masks
+(``propagation``); domain-specific batch norm (``model.norm: domain_batch``: weak scans
+in domain 0, strong in 1); and the choice of the weights in ``best`` (``training.selection``:
+best validation AUC of the student or of the EMA, SWA of the last epochs, or the last
+epoch; see ``selection``).
+
+Under ``torchrun`` the same loop runs on every rank (see ``distributed``): each rank
+trains on its block of every global batch, propagation and validation are split across
+the ranks and gathered, and rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import io as _io
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +46,7 @@ from tqdm import tqdm
 
 import lymphdx
 from lymphdx.config import Config, dump_config, validate
-from lymphdx.data.datasets import VolumeSet, epoch_order
+from lymphdx.data.datasets import Batch, VolumeSet, epoch_order
 from lymphdx.data.manifest import StrongRecord, WeakRecord, load_manifests, resolve_splits
 from lymphdx.data.preprocess import (
     Normalizer,
@@ -42,20 +57,38 @@ from lymphdx.data.preprocess import (
 )
 from lymphdx.errors import LymphdxError
 from lymphdx.evaluation.metrics import auc as compute_auc
-from lymphdx.fileutil import atomic_path, write_text
+from lymphdx.fileutil import atomic_path, remove_stale_temporaries, run_lock, write_text
+from lymphdx.models.domain_norm import domains
 from lymphdx.models.multitask import MultiTaskNet, build_model
-from lymphdx.training.losses import RoiLoss, classification_loss
+from lymphdx.training import selection
+from lymphdx.training.distributed import (
+    DistContext,
+    batch_classification_loss,
+    batch_masked_roi_loss,
+    batch_roi_loss,
+    distributed,
+)
+from lymphdx.training.losses import RoiLoss
+from lymphdx.training.memory import check_memory
+from lymphdx.training.performance import autocast, grad_scaler, prepare_input
 from lymphdx.training.propagation import (
+    STRONG,
+    WEAK,
     PseudoLabels,
     is_propagation_epoch,
     predict_probabilities,
     propagate_labels,
-    propagate_masks,
+    propagate_labels_graph,
+    propagate_mask_targets,
+    propagation_round,
 )
 from lymphdx.training.strategies import Strategy, get_strategy
+from lymphdx.training.teacher import EmaTeacher, SwaAverager, update_bn
 
 __all__ = [
     "config_differences",
+    "run_fingerprint",
+    "verify_checkpoint",
     "RunData",
     "load_run_data",
     "train",
@@ -78,7 +111,10 @@ HISTORY_FIELDS = [
     "strong_val_dice",
     "propagated",
     "pseudo_pos_fraction",
+    "pseudo_kept_fraction",
+    "pseudo_weight_mean",
     "pseudo_mask_voxel_fraction",
+    "pseudo_mask_weighted_fraction",
     "lr",
     "seconds",
 ]
@@ -90,7 +126,8 @@ class TrainingError(LymphdxError):
 
 def config_differences(saved: Config, new: Config) -> list[str]:
     """Keys whose values differ between two configs, ignoring ``training.epochs`` (a run may
-    be extended) and ``data.cache_dir`` (where the cache lives changes no result)."""
+    be extended), ``data.cache_dir`` (where the cache lives changes no result) and
+    ``training.device`` (a run may go on on another machine)."""
 
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -99,7 +136,7 @@ def config_differences(saved: Config, new: Config) -> list[str]:
         return out
 
     a, b = flat(saved.model_dump(mode="json")), flat(new.model_dump(mode="json"))
-    ignore = {"training.epochs", "data.cache_dir"}
+    ignore = {"training.epochs", "data.cache_dir", "training.device"}
     return [
         f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
         for k in sorted(set(a) | set(b))
@@ -177,8 +214,16 @@ def _checkpoint_path(run_dir: Path, name: str) -> Path:
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Write ``state`` to a temporary name and rename it onto ``path``; a failed write
+    (full disk, lost mount) leaves the previous checkpoint intact and says so."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except OSError as err:
+        raise TrainingError(
+            f"cannot write checkpoint {path}: {err.strerror or err}; training stopped, the "
+            f"previous {path.name} (if any) is intact; free space and --resume"
+        ) from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -191,6 +236,69 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise LymphdxError(f"cannot load checkpoint {path}: {err}") from None
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_fingerprint(config: Config, run_dir: Path) -> dict[str, str]:
+    """SHA-256 of what a checkpoint was trained from: both manifests and ``splits.csv``."""
+    out: dict[str, str] = {}
+    for key, path in (
+        ("weak manifest", config.manifests.weak),
+        ("strong manifest", config.manifests.strong),
+        ("splits.csv", run_dir / "splits.csv"),
+    ):
+        if path is not None and Path(path).exists():
+            out[key] = _sha256(Path(path))
+    return out
+
+
+def verify_checkpoint(
+    state: dict[str, Any], config: Config, run_dir: Path, action: str, resume: bool = False
+) -> None:
+    """Refuse a checkpoint whose config, lymphdx version (major.minor), manifests or splits
+    differ from the run's, saying what differs. ``resume``: also the manifests' content
+    (evaluation and prediction may run where the training data is not)."""
+    problems: list[str] = []
+    saved_version = str(state.get("lymphdx_version", "unknown"))
+    if saved_version.split(".")[:2] != lymphdx.__version__.split(".")[:2]:
+        problems.append(
+            f"the checkpoint was written by lymphdx {saved_version}, this is {lymphdx.__version__}"
+        )
+    try:
+        saved = validate(yaml.safe_load(state.get("config_yaml", "")), "checkpoint config")
+    except LymphdxError as err:
+        problems.append(f"the checkpoint's recorded config is unreadable ({err})")
+    else:
+        differ = config_differences(saved, config)
+        if differ:
+            problems.append(
+                f"the checkpoint's config differs from the run's config.yaml "
+                f"(checkpoint -> run: {'; '.join(differ)})"
+            )
+    recorded = state.get("fingerprint")
+    if recorded is None:
+        problems.append("the checkpoint records no fingerprint of its manifests and splits")
+    else:
+        now = run_fingerprint(config, run_dir)
+        for key, digest in recorded.items():
+            if key not in now:
+                if key == "splits.csv" or resume:
+                    problems.append(f"the run's {key} is missing")
+            elif now[key] != digest:
+                if key == "splits.csv" or resume:
+                    problems.append(
+                        f"the {key} changed since the checkpoint was written "
+                        f"(sha256 {digest[:12]}… → {now[key][:12]}…)"
+                    )
+    if problems:
+        raise LymphdxError(f"{action}: {'; '.join(problems)}")
+
+
 def _pseudo_to_state(p: PseudoLabels) -> dict[str, Any]:
     def t(a: np.ndarray | None) -> torch.Tensor | None:
         return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
@@ -200,6 +308,7 @@ def _pseudo_to_state(p: PseudoLabels) -> dict[str, Any]:
         "strong_targets": t(p.strong_targets),
         "strong_weights": t(p.strong_weights),
         "weak_masks": t(p.weak_masks),
+        "weak_mask_weights": t(p.weak_mask_weights),
     }
 
 
@@ -208,7 +317,11 @@ def _pseudo_from_state(d: dict[str, Any]) -> PseudoLabels:
         return None if x is None else x.numpy()
 
     return PseudoLabels(
-        a(d["strong_targets"]), a(d["strong_weights"]), a(d["weak_masks"]), d["epoch"]
+        a(d["strong_targets"]),
+        a(d["strong_weights"]),
+        a(d["weak_masks"]),
+        d["epoch"],
+        a(d.get("weak_mask_weights")),
     )
 
 
@@ -237,29 +350,57 @@ def _read_history(path: Path) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def _strong_dice(model: MultiTaskNet, volumes: VolumeSet, threshold: float) -> float:
+def _strong_dice(
+    model: MultiTaskNet, volumes: VolumeSet, threshold: float, ctx: DistContext
+) -> float:
+    was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
+    index = ctx.shard(range(len(volumes)))  # each rank scores its block
     inter = total = 0.0
-    for start in range(0, len(volumes), 4):
-        batch = volumes.batch(range(start, min(start + 4, len(volumes))))
-        pred = torch.sigmoid(model(batch.images)["roi"]) > threshold
-        target = batch.masks > 0
-        inter += float((pred & target).sum())
-        total += float(pred.sum() + target.sum())
-    model.train()
-    return 1.0 if total == 0 else 2 * inter / total
+    with domains(model, STRONG):
+        for start in range(0, len(index), 4):
+            batch = volumes.batch(index[start : start + 4])
+            pred = torch.sigmoid(model(batch.images.to(device))["roi"]).cpu() > threshold
+            target = batch.masks > 0
+            inter += float((pred & target).sum())
+            total += float(pred.sum() + target.sum())
+    model.train(was_training)
+    inter, total = ctx.all_gather_array(np.array([[inter, total]])).sum(axis=0)
+    return 1.0 if total == 0 else float(2 * inter / total)
 
 
 class _Trainer:
     """State of one training run; ``run()`` is the loop of the module docstring."""
 
-    def __init__(self, config: Config, run_dir: Path, data: RunData) -> None:
+    def __init__(
+        self, config: Config, run_dir: Path, data: RunData, ctx: DistContext | None = None
+    ) -> None:
         self.config = config
         self.run_dir = run_dir
         self.data = data
+        self.ctx = ctx or DistContext()
         self.strategy: Strategy = get_strategy(config.strategy)
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model)
+        model = build_model(config.model)
+        if not self.strategy.trains_decoder:  # it never gets a gradient; DDP must know
+            model.decoder.requires_grad_(False)
+        model = model.to(self.ctx.device)
+        self.domain_bn = config.model.norm == "domain_batch"
+        if self.ctx.is_distributed and self.ctx.device.type == "cuda" and not self.domain_bn:
+            # batch statistics over the global batch; SyncBatchNorm runs on GPUs only, so
+            # on CPU each rank normalises its block by its own statistics. Not with DSBN:
+            # a rank without scans of a domain would skip that domain's collective.
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        tcfg = config.training
+        if tcfg.channels_last:
+            model = model.to(memory_format=torch.channels_last_3d)
+        self.model: MultiTaskNet = model  # the bare module: checkpoints, propagation, validation
+        # what train_step calls: DDP when distributed, compiled when configured
+        self.train_model = self.ctx.wrap(self.model, find_unused=self.domain_bn)
+        if tcfg.compile:
+            self.train_model = torch.compile(self.train_model, dynamic=False)
+        self.scaler = grad_scaler(tcfg, self.ctx.device)
         self.optimizer = torch.optim.Adam(
             self.model.parameters(),
             lr=config.training.lr,
@@ -280,44 +421,132 @@ class _Trainer:
         self.epoch = 0
         self.best: dict[str, float] = {"val_auc": -1.0, "val_loss": math.inf, "epoch": -1}
         self.history: list[dict[str, Any]] = []
+        self.val_predictions: list[dict[str, Any]] = []  # one row per epoch and patient
+        # the mean teacher: it labels the other set and/or is the selected model
+        self.ema = (
+            EmaTeacher(self.model, tcfg.ema_decay)
+            if config.propagation.teacher == "ema" or tcfg.selection == "ema"
+            else None
+        )
+        self.swa: SwaAverager | None = None  # built at the first epoch of its window
+        self.swa_first = -1  # the first epoch in the SWA average
+        self._check_blocks()
+        if self.domain_bn:
+            per_rank = min(tcfg.batch_size, tcfg.strong_batch_size) // self.ctx.world_size
+            if per_rank < 2:
+                log.warning(
+                    "model.norm domain_batch with %d scan(s) of a domain per process and step: "
+                    "a domain with fewer than 2 scans in a batch is normalised with its running "
+                    "statistics and does not update them",
+                    per_rank,
+                )
+
+    @property
+    def selected_model(self) -> MultiTaskNet:
+        """The model that validation scores and ``best`` holds (until SWA at the end)."""
+        if self.config.training.selection == "ema":
+            assert self.ema is not None
+            return self.ema.module  # type: ignore[return-value]
+        return self.model
+
+    @property
+    def teacher(self) -> MultiTaskNet:
+        """The model that makes the pseudo-labels (``propagation.teacher``)."""
+        if self.config.propagation.teacher == "ema":
+            assert self.ema is not None
+            return self.ema.module  # type: ignore[return-value]
+        return self.model
+
+    def _check_blocks(self) -> None:
+        """Every rank needs at least one scan of every global batch."""
+        world, tcfg = self.ctx.world_size, self.config.training
+        if world == 1:
+            return
+        need = [("training.batch_size", tcfg.batch_size, "weak", len(self.weak_train))]
+        if self.strong_train is not None:
+            need.append(
+                (
+                    "training.strong_batch_size",
+                    tcfg.strong_batch_size,
+                    "strong",
+                    len(self.strong_train),
+                )
+            )
+        for key, size, name, n in need:
+            if min(size, n) < world:
+                raise LymphdxError(
+                    f"{key} = {size} is the global batch, split across the {world} processes, "
+                    f"and the {name} set's training split holds {n} scans: both must be at "
+                    f"least {world}, so that every process gets a scan of every batch"
+                )
 
     # -- checkpoints -------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        """Everything ``--resume`` needs; ``model`` holds the student's weights."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
             "best": dict(self.best),
             "pseudo": _pseudo_to_state(self.pseudo),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "swa": None
+            if self.swa is None
+            else {**self.swa.state_dict(), "first_epoch": self.swa_first},
+            "selection": self.config.training.selection,
             "config_yaml": dump_config(self.config),
             "lymphdx_version": lymphdx.__version__,
+            "fingerprint": run_fingerprint(self.config, self.run_dir),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        saved = validate(yaml.safe_load(state.get("config_yaml", "")), "checkpoint config")
-        differ = config_differences(saved, self.config)
-        if differ:
-            raise LymphdxError(
-                f"cannot resume {self.run_dir}: its checkpoint was written with another "
-                f"config ({'; '.join(differ)})"
-            )
+        verify_checkpoint(
+            state, self.config, self.run_dir, f"cannot resume {self.run_dir}", resume=True
+        )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
         self.best = dict(state["best"])
         self.pseudo = _pseudo_from_state(state["pseudo"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        if state.get("swa") is not None:
+            self.swa = SwaAverager(self.model)
+            self.swa.load_state_dict(state["swa"])
+            self.swa_first = int(state["swa"]["first_epoch"])
         self.history = [
             r for r in _read_history(self.run_dir / "history.csv") if int(r["epoch"]) < self.epoch
+        ]
+        self.val_predictions = [
+            r
+            for r in selection.read_val_predictions(self.run_dir / selection.VAL_PREDICTIONS)
+            if int(r["epoch"]) < self.epoch
         ]
 
     # -- the named steps ---------------------------------------------------------------
     def propagation(self) -> None:
-        cfg = self.config.propagation
+        cfg, ctx = self.config.propagation, self.ctx
+        teacher, round_index = self.teacher, propagation_round(self.epoch, cfg)
         if self.strategy.pseudo_cls_strong:
-            targets, weights = propagate_labels(self.model, self.strong_train, cfg)
+            assert self.strong_train is not None
+            if cfg.method == "graph":
+                targets, weights = propagate_labels_graph(
+                    teacher,
+                    self.weak_train,
+                    self.strong_train,
+                    cfg,
+                    ctx=ctx,
+                    round_index=round_index,
+                )
+            else:
+                targets, weights = propagate_labels(
+                    teacher, self.strong_train, cfg, ctx=ctx, domain=STRONG, round_index=round_index
+                )
             self.pseudo.strong_targets, self.pseudo.strong_weights = targets, weights
         if self.strategy.pseudo_roi_weak:
-            self.pseudo.weak_masks = propagate_masks(self.model, self.weak_train, cfg)
+            self.pseudo.weak_masks, self.pseudo.weak_mask_weights = propagate_mask_targets(
+                teacher, self.weak_train, cfg, ctx=ctx, domain=WEAK
+            )
         self.pseudo.epoch = self.epoch
         log.info("epoch %d propagation: %s", self.epoch, self.pseudo.summary())
 
@@ -338,17 +567,114 @@ class _Trainer:
             stream += 1
         return out[:n_batches]
 
+    def _losses(
+        self,
+        step: int,
+        images: torch.Tensor,
+        weak: Batch,
+        wflip: list[bool] | None,
+        strong: Batch | None,
+        roi: bool | slice,
+        global_batches: tuple[list[int], list[int] | None],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The forward pass of this rank's block ``images`` (its weak scans ``weak``, then
+        its strong ones) and the loss terms of the global batch (``global_batches``: the
+        positions of all its weak and strong scans); returns ``(weighted total, terms)``."""
+        ctx, device = self.ctx, self.ctx.device
+        weak_batch, strong_batch = global_batches
+        nw = len(weak.index)
+        with autocast(self.config.training, device):
+            out = self.train_model(prepare_input(images.to(device), self.config.training), roi=roi)
+        weights = self.config.training.loss
+        n_weak = len(weak_batch)
+        terms: dict[str, torch.Tensor] = {
+            "cls": batch_classification_loss(
+                ctx, out["cls"][:nw], weak.labels.to(device), total_weight=n_weak
+            )
+        }
+        if strong is not None and self.strategy.roi_strong:
+            assert strong_batch is not None and strong.masks is not None
+            strong_roi = out["roi"][nw:] if roi is True else out["roi"]
+            terms["roi"] = batch_roi_loss(
+                ctx,
+                self.roi_loss,
+                strong_roi,
+                strong.masks.to(device),
+                total_items=len(strong_batch),
+            )
+        pseudo = self.pseudo
+        if (
+            strong is not None
+            and strong_batch is not None
+            and self.strategy.pseudo_cls_strong
+            and pseudo.strong_targets is not None
+            and pseudo.strong_weights is not None
+        ):
+            t = torch.from_numpy(pseudo.strong_targets[strong.index]).to(device)
+            w = torch.from_numpy(pseudo.strong_weights[strong.index]).to(device)
+            weight_sum = float(pseudo.strong_weights[strong_batch].sum())
+            # graph weights (certainty x class weight) scale each scan's loss, averaged
+            # over the batch (Iscen et al.); the paper's 0/1 weights select scans
+            graph = self.config.propagation.method == "graph"
+            if weight_sum > 0:
+                terms["pseudo_cls"] = batch_classification_loss(
+                    ctx,
+                    out["cls"][nw:],
+                    t,
+                    w,
+                    total_weight=float(len(strong_batch)) if graph else weight_sum,
+                    scale_items=graph,
+                )
+        if self.strategy.pseudo_roi_weak and pseudo.weak_masks is not None:
+
+            def flipped(a: np.ndarray) -> torch.Tensor:
+                if wflip is not None:
+                    a = np.stack([m[..., ::-1] if f else m for m, f in zip(a, wflip, strict=True)])
+                return torch.from_numpy(np.ascontiguousarray(a))[:, None].to(device)
+
+            target = flipped(pseudo.weak_masks[weak.index])
+            if pseudo.weak_mask_weights is None:
+                terms["pseudo_roi"] = batch_roi_loss(
+                    ctx, self.roi_loss, out["roi"][:nw], target, total_items=n_weak
+                )
+            else:
+                voxel_weights = flipped(pseudo.weak_mask_weights[weak.index])
+                terms["pseudo_roi"] = batch_masked_roi_loss(
+                    ctx, out["roi"][:nw], target, voxel_weights
+                )
+        for k, v in terms.items():
+            if not torch.isfinite(v):  # a global value: every rank stops here together
+                raise TrainingError(
+                    f"loss term {k!r} became {float(v.detach())} at epoch {self.epoch} step {step} "
+                    f"(weak patients {weak.patient_ids}"
+                    + (f", strong patients {strong.patient_ids}" if strong else "")
+                    + f"); stopped, the last good checkpoint is {self.run_dir / 'checkpoints'}"
+                )
+        total = sum(getattr(weights, k) * v for k, v in terms.items())
+        assert isinstance(total, torch.Tensor)
+        return total, terms
+
     def train_step(
-        self, step: int, weak_index: list[int], strong_index: list[int] | None
+        self, step: int, weak_batch: list[int], strong_batch: list[int] | None
     ) -> dict[str, float]:
+        """One optimiser step on a global batch (positions in the weak and strong training
+        sets); this rank trains on its block of each. Returns the global batch's losses."""
+        ctx = self.ctx
         flip_rng = np.random.default_rng([self.config.seed, self.epoch, step, 7])
         flips = self.config.training.flip_augment
-        wflip = (flip_rng.random(len(weak_index)) < 0.5).tolist() if flips else None
+        # flips are drawn for the global batch, so any number of ranks replays them
+        wflips = (flip_rng.random(len(weak_batch)) < 0.5).tolist() if flips else None
+        mine = ctx.shard(range(len(weak_batch)))
+        weak_index = [weak_batch[k] for k in mine]
+        wflip = None if wflips is None else [wflips[k] for k in mine]
         weak = self.weak_train.batch(weak_index, wflip)
         images, nw = weak.images, len(weak_index)
         strong = None
-        if strong_index is not None:
-            sflip = (flip_rng.random(len(strong_index)) < 0.5).tolist() if flips else None
+        if strong_batch is not None:
+            sflips = (flip_rng.random(len(strong_batch)) < 0.5).tolist() if flips else None
+            mine = ctx.shard(range(len(strong_batch)))
+            strong_index = [strong_batch[k] for k in mine]
+            sflip = None if sflips is None else [sflips[k] for k in mine]
             strong = self.strong_train.batch(strong_index, sflip)
             images = torch.cat([images, strong.images])
         pseudo_roi = self.strategy.pseudo_roi_weak and self.pseudo.weak_masks is not None
@@ -361,51 +687,37 @@ class _Trainer:
             roi = slice(0, nw)
         elif roi_strong:
             roi = slice(nw, None)
-        out = self.model(images, roi=roi)
-        weights = self.config.training.loss
-        terms: dict[str, torch.Tensor] = {"cls": classification_loss(out["cls"][:nw], weak.labels)}
-        if roi_strong:
-            strong_roi = out["roi"][nw:] if roi is True else out["roi"]
-            terms["roi"] = self.roi_loss(strong_roi, strong.masks)
-        if (
-            strong is not None
-            and self.strategy.pseudo_cls_strong
-            and self.pseudo.strong_targets is not None
-        ):
-            t = torch.from_numpy(self.pseudo.strong_targets[strong_index])
-            w = torch.from_numpy(self.pseudo.strong_weights[strong_index])
-            if float(w.sum()) > 0:
-                terms["pseudo_cls"] = classification_loss(out["cls"][nw:], t, w)
-        if pseudo_roi:
-            masks = self.pseudo.weak_masks[weak_index]
-            if wflip is not None:
-                masks = np.stack(
-                    [m[..., ::-1] if f else m for m, f in zip(masks, wflip, strict=True)]
-                )
-            target = torch.from_numpy(np.ascontiguousarray(masks))[:, None]
-            terms["pseudo_roi"] = self.roi_loss(out["roi"][:nw], target)
-        total = sum(getattr(weights, k) * v for k, v in terms.items())
-        for k, v in terms.items():
-            if not torch.isfinite(v):
-                raise TrainingError(
-                    f"loss term {k!r} became {float(v)} at epoch {self.epoch} step {step} "
-                    f"(weak patients {weak.patient_ids}"
-                    + (f", strong patients {strong.patient_ids}" if strong else "")
-                    + f"); stopped, the last good checkpoint is {self.run_dir / 'checkpoints'}"
-                )
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        with contextlib.ExitStack() as routing:
+            if self.domain_bn:  # weak scans in domain 0, strong in 1; the decoder sees roi
+                ids = torch.tensor([WEAK] * nw + [STRONG] * (len(images) - nw))
+                routing.enter_context(domains(self.model, ids))
+                if isinstance(roi, slice):
+                    routing.enter_context(domains(self.model.decoder, ids[roi]))
+            # the backward pass stays inside: checkpointing re-runs the routed forward
+            total, terms = self._losses(
+                step, images, weak, wflip, strong, roi, (weak_batch, strong_batch)
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:  # fp16 AMP
+                self.scaler.scale(total).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                total.backward()
+                self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model, self.ema.updates)
         losses = {f"loss_{k}": float(v.detach()) for k, v in terms.items()}
         return {"loss": float(total.detach()), **losses}
 
     def train_epoch(self) -> dict[str, float]:
-        self.model.train()
+        self.train_model.train()
         tcfg = self.config.training
         batches = epoch_order(
             len(self.weak_train), tcfg.batch_size, self.config.seed, self.epoch, 0
         )
-        if len(batches) > 1 and len(batches[-1]) < 2:  # a batch of 1 breaks batch norm
+        # a batch of 1 breaks batch norm, and every rank needs a scan of every batch
+        if len(batches) > 1 and len(batches[-1]) < max(2, self.ctx.world_size):
             batches[-2] += batches.pop()
         use_strong = self.strong_train is not None and (
             self.strategy.roi_strong or self.pseudo.strong_targets is not None
@@ -415,10 +727,15 @@ class _Trainer:
         for step, (wb, sb) in enumerate(zip(batches, strong_batches, strict=True)):
             for k, v in self.train_step(step, wb, sb).items():
                 sums[k] = sums.get(k, 0.0) + v
+        self.ctx.average_buffers(self.model)  # batch-norm running statistics
+        if self.ema is not None:
+            self.ctx.average_buffers(self.ema.module)
         return {k: v / len(batches) for k, v in sums.items()}
 
-    def validate(self) -> dict[str, float]:
-        probs = predict_probabilities(self.model, self.weak_val)
+    def score(self, model: MultiTaskNet) -> tuple[dict[str, float], np.ndarray]:
+        """``model``'s validation row (AUC, BCE, strong-set Dice) and its probabilities
+        ``(N_val,)`` for the weak set's validation split."""
+        probs = predict_probabilities(model, self.weak_val, ctx=self.ctx, domain=WEAK)
         labels = self.weak_val.labels
         p = np.clip(probs, 1e-7, 1 - 1e-7)
         row = {
@@ -427,42 +744,128 @@ class _Trainer:
         }
         if self.strong_val is not None and len(self.strong_val):
             row["strong_val_dice"] = _strong_dice(
-                self.model, self.strong_val, self.config.propagation.roi_threshold
+                model, self.strong_val, self.config.propagation.roi_threshold, self.ctx
             )
+        return row, probs
+
+    def validate(self) -> dict[str, float]:
+        """Score the model that selection chooses among (the EMA under ``ema``)."""
+        row, probs = self.score(self.selected_model)
+        labels = self.weak_val.labels
+        assert labels is not None
+        self.val_predictions += [
+            {"epoch": self.epoch, "patient_id": pid, "label": int(y), "probability": f"{p:.8f}"}
+            for pid, y, p in zip(self.weak_val.patient_ids, labels, probs, strict=True)
+        ]
         return row
 
+    def _average_epoch(self) -> None:
+        """Add this epoch's weights to the SWA average when the epoch is in its window."""
+        tcfg = self.config.training
+        first = selection.swa_first_epoch(tcfg.epochs, tcfg.swa_epochs)
+        if tcfg.selection != "swa" or self.epoch < first:
+            return
+        if self.swa is None or self.epoch == first:
+            self.swa = SwaAverager(self.model)
+            self.swa_first = self.epoch
+        elif self.swa_first != first:
+            log.warning(
+                "the SWA window moved (training.epochs changed): averaging epochs %d..%d",
+                self.swa_first,
+                self.epoch,
+            )
+        self.swa.add(self.model)
+
+    def _select(self, row: dict[str, Any]) -> MultiTaskNet | None:
+        """Update ``best`` after this epoch; returns the model ``best.pt`` then holds, or
+        None when it does not change (see ``selection``)."""
+        tcfg = self.config.training
+        final = self.epoch == tcfg.epochs - 1
+        if tcfg.selection in ("best_val", "ema"):
+            better = row["val_auc"] > self.best["val_auc"] or (
+                row["val_auc"] == self.best["val_auc"] and row["val_loss"] < self.best["val_loss"]
+            )
+            if not better:
+                return None
+            chosen = self.selected_model
+        elif not final:
+            return None
+        elif tcfg.selection == "last":
+            chosen = self.model
+        else:  # swa: the average, with batch-norm statistics of its own weights
+            assert self.swa is not None
+            chosen = self.swa.module  # type: ignore[assignment]
+            sets = [(self.weak_train, WEAK)]
+            if self.domain_bn and self.strong_train is not None:
+                sets.append((self.strong_train, STRONG))
+            update_bn(chosen, selection.bn_batches(sets, tcfg.batch_size))
+            scored, _ = self.score(chosen)
+            log.info("SWA of epochs %d..%d: validation %s", self.swa_first, self.epoch, scored)
+            row = {**row, **scored}
+        self.best = {"val_auc": row["val_auc"], "val_loss": row["val_loss"], "epoch": row["epoch"]}
+        if tcfg.selection == "swa":
+            self.best["swa_first_epoch"] = self.swa_first
+        return chosen
+
+    def _checkpoint_of(self, model: MultiTaskNet, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` with ``model``'s weights (what evaluate and predict load)."""
+        return {**state, "model": model.state_dict()} if model is not self.model else state
+
     def epoch_end(self, row: dict[str, Any], writer: Any) -> None:
+        if self.ctx.is_distributed:
+            self.ctx.check_identical(self.model, f"after epoch {self.epoch}")
+            if self.ema is not None:
+                self.ctx.check_identical(self.ema.module, f"(EMA teacher) after epoch {self.epoch}")
         self.history.append(row)
+        self._average_epoch()
+        chosen = self._select(row)  # collectives inside (SWA validation): every rank
+        validated = self.selected_model
+        self.epoch += 1
+        if not self.ctx.is_main:
+            return
         _write_history(self.run_dir / "history.csv", self.history)
+        selection.write_val_predictions(
+            self.run_dir / selection.VAL_PREDICTIONS, self.val_predictions
+        )
         for k, v in row.items():
             if isinstance(v, float) and k != "epoch":
                 writer.add_scalar(k, v, row["epoch"])
-        better = row["val_auc"] > self.best["val_auc"] or (
-            row["val_auc"] == self.best["val_auc"] and row["val_loss"] < self.best["val_loss"]
-        )
-        self.epoch += 1
-        if better:
-            self.best = {
-                "val_auc": row["val_auc"],
-                "val_loss": row["val_loss"],
-                "epoch": row["epoch"],
-            }
         state = self.state()
-        if better:
-            _save_checkpoint(_checkpoint_path(self.run_dir, "best"), state)
+        if chosen is not None:
+            _save_checkpoint(
+                _checkpoint_path(self.run_dir, "best"), self._checkpoint_of(chosen, state)
+            )
+        if self.config.training.keep_epochs:  # the validated weights of this epoch
+            kept = {
+                k: v for k, v in state.items() if k not in ("optimizer", "ema", "swa", "pseudo")
+            }
+            kept.update(
+                best={
+                    "val_auc": row["val_auc"],
+                    "val_loss": row["val_loss"],
+                    "epoch": row["epoch"],
+                },
+                selection="epoch",
+            )
+            name = f"epoch_{row['epoch']:03d}"
+            _save_checkpoint(
+                _checkpoint_path(self.run_dir, name), self._checkpoint_of(validated, kept)
+            )
         _save_checkpoint(_checkpoint_path(self.run_dir, "last"), state)
 
     def run(self, progress: bool = True) -> dict[str, Any]:
-        from torch.utils.tensorboard import SummaryWriter
+        writer = None
+        if self.ctx.is_main:
+            from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.epoch)
+            writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.epoch)
         epochs = self.config.training.epochs
         bar = tqdm(
             range(self.epoch, epochs),
             initial=self.epoch,
             total=epochs,
             desc=self.config.strategy,
-            disable=None if progress else True,
+            disable=None if progress and self.ctx.is_main else True,
             leave=False,
         )
         try:
@@ -489,8 +892,14 @@ class _Trainer:
                 )
                 bar.set_postfix(loss=f"{row['loss']:.3f}", val_auc=f"{row['val_auc']:.3f}")
                 self.epoch_end(row, writer)
+            if self.ctx.is_distributed:
+                checksum = self.ctx.check_identical(self.model, "at the end of training")
+                log.info(
+                    "weights identical on %d ranks (sha256 %s)", self.ctx.world_size, checksum[:16]
+                )
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
         return {"best": self.best, "epochs": self.epoch}
 
 
@@ -503,26 +912,9 @@ def _resolve_manifests(config: Config, weak_csv: Path | None, strong_csv: Path |
     return validate(data)
 
 
-def train(
-    config: Config,
-    run_dir: str | Path,
-    weak_csv: str | Path | None = None,
-    strong_csv: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train one run into ``run_dir``; returns ``{"best": {...}, "epochs": n}``.
-
-    ``run_dir`` gets ``config.yaml`` (fully resolved), ``splits.csv``,
-    ``normalization.json``, ``history.csv``, ``checkpoints/{last,best}.pt``,
-    ``tensorboard/`` and ``train.log``.
-    """
-    run_dir = Path(run_dir)
-    config = _resolve_manifests(
-        config, weak_csv and Path(weak_csv), strong_csv and Path(strong_csv)
-    )
+def _open_run_dir(config: Config, run_dir: Path, resume: bool) -> None:
+    """Check that ``run_dir`` may take this run (or resume it); write ``config.yaml``."""
     config_path = run_dir / "config.yaml"
-    last = _checkpoint_path(run_dir, "last")
     if resume:
         if not config_path.exists():
             raise LymphdxError(f"cannot resume: {run_dir} holds no run (no config.yaml)")
@@ -541,17 +933,138 @@ def train(
         write_text(config_path, dump_config(config))
     except OSError as err:
         raise LymphdxError(f"cannot write to the run folder {run_dir}: {err.strerror}") from None
-    handler = _setup_logging(run_dir)
-    try:
-        if config.training.num_threads:
-            torch.set_num_threads(config.training.num_threads)
-        strategy = get_strategy(config.strategy)
-        data = load_run_data(config, run_dir, need_strong=strategy.uses_strong)
-        trainer = _Trainer(config, run_dir, data)
-        if resume and last.exists():
-            trainer.restore(load_checkpoint(last))
-            log.info("resumed %s at epoch %d", run_dir, trainer.epoch)
-        return trainer.run(progress=progress)
-    finally:
-        log.removeHandler(handler)
-        handler.close()
+
+
+def _set_num_threads(config: Config, ctx: DistContext) -> None:
+    """``training.num_threads``, else (several processes on a node) a share of the cores."""
+    if config.training.num_threads:
+        torch.set_num_threads(config.training.num_threads)
+    elif ctx.local_world_size > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        torch.set_num_threads(max(1, (cores or os.cpu_count() or 1) // ctx.local_world_size))
+    log.info(
+        "rank %d of %d on %s, %d threads",
+        ctx.rank,
+        ctx.world_size,
+        ctx.device,
+        torch.get_num_threads(),
+    )
+
+
+def _warm_cache(config: Config, strategy: Strategy, ctx: DistContext) -> None:
+    """Preprocess the run's images, each rank its block, before rank 0 alone reads them
+    all for the splits and normalisation statistics."""
+    assert config.manifests.weak and config.manifests.strong
+
+    def warm() -> None:
+        weak, strong = load_manifests(config.manifests.weak, config.manifests.strong)
+        images = [(r.image, r.patient_id) for r in weak]
+        if strategy.uses_strong:
+            images += [(r.image, r.patient_id) for r in strong]
+        cache = PreprocessCache(cache_dir_of(config), config.data)
+        for image, patient in ctx.shard(images):
+            cache.image(image, patient)
+
+    ctx.on_every_rank(warm)
+
+
+def _shared_run_data(
+    config: Config, run_dir: Path, strategy: Strategy, ctx: DistContext
+) -> RunData:
+    """``load_run_data`` on rank 0 (it writes ``splits.csv`` and ``normalization.json``);
+    the other ranks get its records and normalisers, not the files, so the run folder
+    need not be on a file system they share."""
+    if ctx.is_distributed:
+        _warm_cache(config, strategy, ctx)
+    data = ctx.on_main(lambda: load_run_data(config, run_dir, need_strong=strategy.uses_strong))
+    if not ctx.is_distributed:
+        assert data is not None
+        return data
+    weak, strong, normalizers = ctx.broadcast_object(
+        (data.weak, data.strong, data.normalizers) if data is not None else None
+    )
+    if data is not None:
+        return data
+    return RunData(weak, strong, PreprocessCache(cache_dir_of(config), config.data), normalizers)
+
+
+def _remove_new_run(run_dir: Path, created: bool) -> None:
+    """Undo a new run that was refused before its first epoch: the files it wrote, and the
+    folder if it made it (so the same command can be retried once the data is fixed)."""
+    for name in ("config.yaml", "splits.csv", "normalization.json", "train.log", ".lock"):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    remove_stale_temporaries(run_dir)
+    if created:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only if nothing else is in it
+
+
+def train(
+    config: Config,
+    run_dir: str | Path,
+    weak_csv: str | Path | None = None,
+    strong_csv: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one run into ``run_dir``; returns ``{"best": {...}, "epochs": n}``.
+
+    ``run_dir`` gets ``config.yaml`` (fully resolved), ``splits.csv``,
+    ``normalization.json``, ``history.csv``, ``checkpoints/{last,best}.pt``,
+    ``tensorboard/`` and ``train.log``. Under ``torchrun`` (``WORLD_SIZE`` > 1) every
+    rank calls this; rank 0's config rules and rank 0 alone writes ``run_dir``.
+    """
+    run_dir = Path(run_dir)
+    config = _resolve_manifests(
+        config, weak_csv and Path(weak_csv), strong_csv and Path(strong_csv)
+    )
+    lock = contextlib.ExitStack()
+
+    def open_run_dir() -> None:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise LymphdxError(
+                f"cannot write to the run folder {run_dir}: {err.strerror}"
+            ) from None
+        lock.enter_context(run_lock(run_dir))  # one writer per run folder
+        _open_run_dir(config, run_dir, resume)
+        if resume:  # what a killed predecessor was writing when it died
+            for p in remove_stale_temporaries(run_dir):
+                log.info("removed %s, left by an interrupted write", p)
+
+    created = not run_dir.exists()
+    with distributed(config.training.device) as ctx, lock:
+        config = ctx.broadcast_object(config)
+        ctx.on_main(open_run_dir)
+        handler = _setup_logging(run_dir) if ctx.is_main else None
+        try:
+            _set_num_threads(config, ctx)
+            if config.training.memory_check:
+                est = check_memory(config, ctx.device)
+                if est is not None:
+                    log.info("estimated peak memory of a training step: %s", est)
+            strategy = get_strategy(config.strategy)
+            data = _shared_run_data(config, run_dir, strategy, ctx)
+            trainer = _Trainer(config, run_dir, data, ctx)
+            last = _checkpoint_path(run_dir, "last")
+            state = ctx.on_main(lambda: load_checkpoint(last) if resume and last.exists() else None)
+            state = ctx.broadcast_object(state)
+            if state is not None:
+                trainer.restore(state)
+                log.info("resumed %s at epoch %d", run_dir, trainer.epoch)
+        except BaseException:
+            if handler is not None:
+                log.removeHandler(handler)
+                handler.close()
+                handler = None
+            if ctx.is_main and not resume:  # refused before training: leave nothing behind
+                _remove_new_run(run_dir, created)
+            raise
+        try:
+            return trainer.run(progress=progress)
+        finally:
+            if handler is not None:
+                log.removeHandler(handler)
+                handler.close()
