@@ -166,6 +166,8 @@ def test_kills_inside_named_stages_resume_to_the_same_result(
     kills = [("checkpoint", 2), ("propagation", 1), ("step", 9), ("checkpoint", 3)]
     assert _run_to_end(run, cfg, tiny_data, kills) == len(kills)
     _assert_same_run(ref, run)
+    # the half-written checkpoints' temporary files were found and removed on resume
+    assert "left by an interrupted write" in (run / "train.log").read_text()
 
 
 def test_kills_at_random_moments_resume_to_the_same_result(

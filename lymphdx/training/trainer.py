@@ -1031,14 +1031,16 @@ def train(
         lock.enter_context(run_lock(run_dir))  # one writer per run folder
         _open_run_dir(config, run_dir, resume)
         if resume:  # what a killed predecessor was writing when it died
-            for p in remove_stale_temporaries(run_dir):
-                log.info("removed %s, left by an interrupted write", p)
+            stale.extend(remove_stale_temporaries(run_dir))
 
     created = not run_dir.exists()
+    stale: list[Path] = []
     with distributed(config.training.device) as ctx, lock:
         config = ctx.broadcast_object(config)
         ctx.on_main(open_run_dir)
         handler = _setup_logging(run_dir) if ctx.is_main else None
+        for path in stale:
+            log.info("removed %s, left by an interrupted write", path)
         try:
             _set_num_threads(config, ctx)
             if config.training.memory_check:
