@@ -179,15 +179,65 @@ def compare_cmd(
             "--cv", help="K-fold cross-validation over all weak-set patients (0: fixed split)."
         ),
     ] = 0,
-    repeats: Annotated[int, typer.Option("--repeats", help="Repeats of the K-fold split.")] = 1,
+    repeats: Annotated[
+        int | None,
+        typer.Option("--repeats", help="Repeats of the K-fold split (1; 2 with --ablation)."),
+    ] = None,
+    ablation: Annotated[
+        bool,
+        typer.Option(
+            "--ablation",
+            help="Issue 8's options one at a time on top of ssmdmt, by repeated CV on the "
+            "fixed split's train + val patients (test held out); --cv defaults to 3.",
+        ),
+    ] = False,
+    pooled_selection: Annotated[
+        bool,
+        typer.Option(
+            "--pooled-selection",
+            help="With --cv: also score each strategy at the epoch of best validation AUC "
+            "pooled over the folds (rows <strategy>@pooled-val).",
+        ),
+    ] = False,
+    arms: Annotated[
+        list[str] | None,
+        typer.Option("--arms", help="With --ablation: the arms to run (repeat; default all)."),
+    ] = None,
 ) -> None:
-    """Train and evaluate every strategy and seed; writes results.json, results.md, roc.png."""
+    """Train and evaluate every strategy and seed; writes results.json, results.md, roc.png
+    (with --ablation: ablation.json, ablation.md, recommended.yaml)."""
     from lymphdx.evaluation.report import compare, format_table
 
     cfg = _config(config, preset, {"training": {"epochs": epochs}} if epochs else {})
+    if ablation:
+        from lymphdx.evaluation.ablation import ablation as run_ablation
+        from lymphdx.evaluation.ablation import format_ablation
+
+        found = run_ablation(
+            cfg,
+            weak,
+            strong,
+            out,
+            arms,
+            list(range(seeds if seeds is not None else 1)),
+            k=cv or 3,
+            repeats=repeats or 2,
+        )
+        typer.echo(format_ablation(found))
+        return
+    if arms:
+        raise typer.BadParameter("--arms needs --ablation")
     n_seeds = seeds if seeds is not None else (1 if cv else 3)
     results = compare(
-        cfg, weak, strong, out, strategies, list(range(n_seeds)), cv=cv, repeats=repeats
+        cfg,
+        weak,
+        strong,
+        out,
+        strategies,
+        list(range(n_seeds)),
+        cv=cv,
+        repeats=repeats or 1,
+        pooled_selection=pooled_selection,
     )
     typer.echo(format_table(results))
 

@@ -282,11 +282,12 @@ class Config(_Section):
         return self
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override``'s keys, nested mappings merged key by key."""
     out = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -342,10 +343,10 @@ def load_config(
     """Preset (``quick`` by default, or the file's ``preset`` key) + YAML file + overrides."""
     user = _read_yaml(Path(path), str(path)) if path is not None else {}
     name = preset or user.get("preset") or "quick"
-    data = _merge(_preset(str(name)), user)
+    data = merge(_preset(str(name)), user)
     data["preset"] = name
     if overrides:
-        data = _merge(data, overrides)
+        data = merge(data, overrides)
     return validate(data, str(path) if path else f"preset {name!r}")
 
 

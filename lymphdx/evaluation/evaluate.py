@@ -24,7 +24,13 @@ from lymphdx.training.propagation import WEAK, predict_probabilities
 from lymphdx.training.strategies import get_strategy
 from lymphdx.training.trainer import load_checkpoint, load_run_data, verify_checkpoint
 
-__all__ = ["load_run_config", "load_model", "evaluate_run", "read_predictions"]
+__all__ = [
+    "load_run_config",
+    "load_model",
+    "evaluate_run",
+    "read_predictions",
+    "predict_checkpoint",
+]
 
 
 def load_run_config(run_dir: str | Path) -> Config:
@@ -54,12 +60,42 @@ def read_predictions(path: str | Path) -> dict[str, tuple[int, float]]:
         }
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
+def _write_predictions(path: Path, ids: list[str], labels: np.ndarray, probs: np.ndarray) -> None:
+    buf = _io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["patient_id", "label", "probability"])
+    for pid, y, p in zip(ids, labels, probs, strict=True):
+        w.writerow([pid, int(y), f"{float(p):.6f}"])
+    write_text(path, buf.getvalue())
+
+
+def predict_checkpoint(
+    run_dir: str | Path, which: str, split: str = "test"
+) -> dict[str, tuple[int, float]]:
+    """``patient_id -> (label, probability)`` of the weights in ``checkpoints/<which>.pt``
+    (e.g. ``epoch_007``) on the weak set's ``split``; kept in
+    ``predictions_<split>@<which>.csv`` so that a second call only reads it."""
+    run_dir = Path(run_dir)
+    path = run_dir / f"predictions_{split}@{which}.csv"
+    if path.exists():
+        return read_predictions(path)
+    config, model, _ = load_model(run_dir, which)
+    volumes = load_run_data(config, run_dir, need_strong=False).volumes("weak", split)
+    if len(volumes) == 0:
+        raise LymphdxError(f"the weak set of {run_dir} has no patients in split {split!r}")
+    probs = predict_probabilities(model, volumes, domain=WEAK)
+    _write_predictions(path, list(volumes.patient_ids), volumes.labels, probs)
+    return read_predictions(path)
+
+
+def evaluate_run(
+    run_dir: str | Path, split: str = "test", detection: bool = True
+) -> dict[str, Any]:
     """Score the ``best`` model on the weak set's ``split``; writes ``metrics.json`` and
     ``predictions_<split>.csv`` into the run folder and returns the metrics. For the test
     split of a strategy that trains the ROI decoder, also the detection evaluation
     (``detection.json``: Dice and lesion-level FROC on the strong set's test split and, for
-    synthetic data, on the weak set's test split)."""
+    synthetic data, on the weak set's test split; ``detection=False`` skips it)."""
     run_dir = Path(run_dir)
     config, model, state = load_model(run_dir)
     data = load_run_data(config, run_dir, need_strong=False)
@@ -98,13 +134,10 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
     }
     if "swa_first_epoch" in state["best"]:  # the epochs SWA averaged
         metrics["swa_epochs"] = [int(state["best"]["swa_first_epoch"]), metrics["best_epoch"]]
-    buf = _io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["patient_id", "label", "probability"])
-    for pid, y, p in zip(volumes.patient_ids, labels, probs, strict=True):
-        w.writerow([pid, int(y), f"{float(p):.6f}"])
-    write_text(run_dir / f"predictions_{split}.csv", buf.getvalue())
-    if split == "test" and get_strategy(config.strategy).trains_decoder:
+    _write_predictions(
+        run_dir / f"predictions_{split}.csv", list(volumes.patient_ids), labels, probs
+    )
+    if detection and split == "test" and get_strategy(config.strategy).trains_decoder:
         from lymphdx.evaluation.detection import evaluate_detection  # imports this module
 
         detection = evaluate_detection(run_dir)

@@ -46,7 +46,7 @@ from lymphdx.config import STRATEGIES
 from lymphdx.errors import LymphdxError
 from lymphdx.evaluation.evaluate import read_predictions
 from lymphdx.evaluation.metrics import _stratified_resamples, auc
-from lymphdx.evaluation.report import LABELS
+from lymphdx.evaluation.report import data_sets, label
 from lymphdx.fileutil import write_text
 
 __all__ = [
@@ -300,7 +300,7 @@ def _data_uri(png: bytes) -> str:
 
 
 def _label(strategy: str) -> str:
-    return LABELS.get(strategy, strategy)
+    return label(strategy)
 
 
 def _colors(strategies: Sequence[str]) -> dict[str, Any]:
@@ -681,7 +681,7 @@ def _table_one(inp: Inputs) -> str:
         rows.append(
             [
                 _label(s),
-                "weak" if s == "supervised" else "weak + strong",
+                data_sets(s),
                 f"{r['test_auc_mean']:.3f} ± {r['test_auc_sd']:.3f}",
                 per,
                 _ci(r.get("test_auc_ci95")),

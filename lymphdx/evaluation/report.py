@@ -21,9 +21,15 @@ from typing import Any
 import numpy as np
 
 from lymphdx.config import PAPER_STRATEGIES, STRATEGIES, Config, validate
-from lymphdx.data.manifest import WeakRecord, load_manifests, resolve_splits, write_splits_csv
+from lymphdx.data.manifest import (
+    StrongRecord,
+    WeakRecord,
+    load_manifests,
+    resolve_splits,
+    write_splits_csv,
+)
 from lymphdx.errors import LymphdxError
-from lymphdx.evaluation.evaluate import evaluate_run, read_predictions
+from lymphdx.evaluation.evaluate import evaluate_run, predict_checkpoint, read_predictions
 from lymphdx.evaluation.metrics import (
     auc,
     bootstrap_auc_ci,
@@ -32,6 +38,7 @@ from lymphdx.evaluation.metrics import (
 )
 from lymphdx.evaluation.power import estimate_rho, power_statement
 from lymphdx.fileutil import atomic_path, write_json, write_text
+from lymphdx.training.selection import VAL_PREDICTIONS, pooled_best_epoch, read_val_predictions
 from lymphdx.training.trainer import train
 
 __all__ = ["compare", "summarise", "format_table", "PAPER_AUC"]
@@ -46,6 +53,18 @@ LABELS = {
 }
 
 
+def label(strategy: str) -> str:
+    """The table's name of a strategy (``<s>@pooled-val``: selected on pooled folds)."""
+    base, _, selection = strategy.partition("@")
+    name = LABELS.get(base, base)
+    return f"{name} ({selection} selection)" if selection else name
+
+
+def data_sets(strategy: str) -> str:
+    """Which sets a strategy trains on."""
+    return "weak" if strategy.partition("@")[0] == "supervised" else "weak + strong"
+
+
 def _for_strategy(config: Config) -> dict[str, Any]:
     """``config`` as a mapping to re-validate with another strategy: the keys it sets, so
     that keys it leaves to its strategy's defaults (``STRATEGY_DEFAULTS``) get the new
@@ -53,14 +72,21 @@ def _for_strategy(config: Config) -> dict[str, Any]:
     return config.model_dump(mode="json", exclude_unset=True)
 
 
-def _run_one(
-    config: Config, run_dir: Path, weak_csv: Path, strong_csv: Path, progress: bool
+def run_one(
+    config: Config,
+    run_dir: Path,
+    weak_csv: Path,
+    strong_csv: Path,
+    progress: bool,
+    detection: bool = True,
 ) -> None:
+    """Train ``run_dir`` (resuming an interrupted run) and evaluate it on the test split;
+    nothing when it finished earlier (``metrics.json``): compare is resumable."""
     if (run_dir / "metrics.json").exists():
-        return  # finished earlier: compare is resumable
+        return
     resume = (run_dir / "config.yaml").exists()
     train(config, run_dir, weak_csv, strong_csv, resume=resume, progress=progress)
-    evaluate_run(run_dir, "test")
+    evaluate_run(run_dir, "test", detection=detection)
 
 
 def _paired(
@@ -107,8 +133,12 @@ def summarise(
     n_boot: int = 2000,
     ci: float = 0.95,
     seed: int = 0,
+    reference: str | None = None,
 ) -> dict[str, Any]:
-    """Results from ``strategy -> seed -> patient -> (label, probability)``."""
+    """Results from ``strategy -> seed -> patient -> (label, probability)``.
+
+    Paired tests: with ``reference``, every other entry against it; otherwise each
+    strategy against ``supervised`` and ``ssmdmt`` against the others."""
     strategies = list(predictions)
     seeds = sorted(next(iter(predictions.values())))
     patients = sorted(next(iter(predictions[strategies[0]].values())))
@@ -133,19 +163,37 @@ def summarise(
             "test_auc_ci95": list(bootstrap_auc_ci(y, scores[s], n_boot, ci, seed)),
             "paper_auc": PAPER_AUC.get(s),
         }
-    pairs = [
-        (s, "supervised") for s in strategies if s != "supervised" and "supervised" in strategies
-    ]
-    pairs += [
-        ("ssmdmt", s)
-        for s in strategies
-        if s not in ("ssmdmt", "supervised") and "ssmdmt" in strategies
-    ]
+    if reference is not None:
+        pairs = [(s, reference) for s in strategies if s != reference]
+    else:
+        pairs = [
+            (s, "supervised")
+            for s in strategies
+            if s != "supervised" and "supervised" in strategies
+        ]
+        pairs += [
+            ("ssmdmt", s)
+            for s in strategies
+            if s not in ("ssmdmt", "supervised") and "ssmdmt" in strategies
+        ]
     for a, b in pairs:
         out["paired_tests"][f"{a} vs {b}"] = _paired(
             y, scores[a], scores[b], n_boot, ci, seed, names=(a, b)
         )
     return out
+
+
+def paired_cells(test: dict[str, Any] | None) -> tuple[str, str]:
+    """Table cells "ΔAUC [CI]" and "p" of a paired test (dashes when there is none)."""
+    if not test:
+        return "—", "—"
+    lo, hi = test["delta_ci95"]
+    return f"{test['delta_auc']:+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{test['p_delong']:.3f}"
+
+
+def rows_auc(rows: dict[str, tuple[int, float]]) -> float:
+    """AUC of ``{patient: (label, probability)}``."""
+    return auc(np.array([v[0] for v in rows.values()]), np.array([v[1] for v in rows.values()]))
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -172,17 +220,11 @@ def format_table(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for s, r in results["strategies"].items():
-        data = "weak" if s == "supervised" else "weak + strong"
-        test = results["paired_tests"].get(f"{s} vs supervised")
-        delta = (
-            f"{test['delta_auc']:+.3f} [{test['delta_ci95'][0]:+.3f}, {test['delta_ci95'][1]:+.3f}]"
-            if test
-            else "—"
-        )
-        p = f"{test['p_delong']:.3f}" if test else "—"
+        data = data_sets(s)
+        delta, p = paired_cells(results["paired_tests"].get(f"{s} vs supervised"))
         paper = f"{r['paper_auc']:.2f}" if r.get("paper_auc") is not None else ""
         lines.append(
-            f"| {LABELS.get(s, s)} | {data} | {r['test_auc_mean']:.3f} ± {r['test_auc_sd']:.3f} "
+            f"| {label(s)} | {data} | {r['test_auc_mean']:.3f} ± {r['test_auc_sd']:.3f} "
             f"| [{r['test_auc_ci95'][0]:.3f}, {r['test_auc_ci95'][1]:.3f}] | {delta} | {p} "
             f"| {paper} |"
         )
@@ -206,7 +248,7 @@ def format_table(results: dict[str, Any]) -> str:
                     "weak_test_froc_mean_sensitivity_mean",
                 )
             ]
-            lines.append(f"| {LABELS.get(s, s)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label(s)} | " + " | ".join(cells) + " |")
     others = {k: v for k, v in results["paired_tests"].items() if not k.endswith("vs supervised")}
     if others:
         lines += ["", "| Paired test | ΔAUC [95% CI] | p (DeLong) |", "|---|---|---|"]
@@ -247,7 +289,7 @@ def _roc_plot(path: Path, predictions: dict[str, dict[int, dict[str, tuple[int, 
         y = np.array([next(iter(by_seed.values()))[p][0] for p in patients])
         score = np.mean([[by_seed[k][p][1] for p in patients] for k in by_seed], axis=0)
         fpr, tpr, _ = roc_curve(y, score)
-        ax.plot(fpr, tpr, label=f"{LABELS.get(s, s)} (AUC {auc(y, score):.2f})")
+        ax.plot(fpr, tpr, label=f"{label(s)} (AUC {auc(y, score):.2f})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set_xlabel("1 − specificity")
     ax.set_ylabel("sensitivity")
@@ -293,6 +335,31 @@ def cv_assignments(
     return out
 
 
+def fixed_split(
+    config: Config, weak_csv: Path, strong_csv: Path, out: Path
+) -> tuple[list[WeakRecord], list[StrongRecord]]:
+    """The manifests' records with the fixed split of ``out/splits.csv`` (written on the
+    first call): the strong set's is used by every fold."""
+    weak, strong = load_manifests(weak_csv, strong_csv)
+    return resolve_splits(
+        weak,
+        strong,
+        out,
+        config.data.split.weak,
+        config.data.split.strong,
+        config.data.split_seed,
+    )
+
+
+def cv_folds(
+    config: Config, weak: list[WeakRecord], k: int, repeats: int
+) -> list[tuple[int, int, dict[str, str]]]:
+    """``cv_assignments`` of ``weak`` with the config's split seed and validation share
+    (val / (train + val) of ``data.split.weak``)."""
+    train_w, val_w = config.data.split.weak[0], config.data.split.weak[1]
+    return cv_assignments(weak, k, repeats, config.data.split_seed, val_w / (train_w + val_w))
+
+
 def _compare_cv(
     config: Config,
     weak_csv: Path,
@@ -303,22 +370,19 @@ def _compare_cv(
     k: int,
     repeats: int,
     progress: bool,
+    pooled_selection: bool = False,
 ) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, tuple[int, float]]]]]:
-    """Cross-validated comparison; returns the results and the pooled predictions."""
-    weak, strong = load_manifests(weak_csv, strong_csv)
-    weak, strong = resolve_splits(
-        weak,
-        strong,
-        out,
-        config.data.split.weak,
-        config.data.split.strong,
-        config.data.split_seed,
-    )  # out/splits.csv: the fixed split; its strong part is used by every fold
-    train_w, val_w = config.data.split.weak[0], config.data.split.weak[1]
-    folds = cv_assignments(weak, k, repeats, config.data.split_seed, val_w / (train_w + val_w))
+    """Cross-validated comparison; returns the results and the pooled predictions.
+
+    ``pooled_selection``: train with ``training.keep_epochs`` and add, per strategy, a
+    row ``<strategy>@pooled-val`` scored at the epoch chosen on the pooled validation
+    folds (``pooled_val_predictions``)."""
+    weak, strong = fixed_split(config, weak_csv, strong_csv, out)
+    folds = cv_folds(config, weak, k, repeats)
     oof: dict[str, dict[str, dict[str, tuple[int, float]]]] = {}
     fold_aucs: dict[str, list[float]] = {}
     run_dirs: dict[str, list[Path]] = {}
+    by_fold: dict[str, dict[tuple[int, int, int], Path]] = {}
     for r, f, assignment in folds:
         fold_weak = [replace(w, split=assignment[w.patient_id]) for w in weak]
         for strategy in strategies:
@@ -328,17 +392,26 @@ def _compare_cv(
                     write_splits_csv(run_dir / "splits.csv", fold_weak, strong)
                 data = _for_strategy(config)
                 data.update(strategy=strategy, seed=seed)
+                if pooled_selection:
+                    data["training"] = {**data.get("training", {}), "keep_epochs": True}
                 if progress:
                     print(f"[compare] cv repeat {r} fold {f}: {strategy} seed {seed}", flush=True)
-                _run_one(validate(data), run_dir, weak_csv, strong_csv, progress)
+                run_one(validate(data), run_dir, weak_csv, strong_csv, progress)
                 run_dirs.setdefault(strategy, []).append(run_dir)
+                by_fold.setdefault(strategy, {})[(r, f, seed)] = run_dir
                 rows = read_predictions(run_dir / "predictions_test.csv")
                 oof.setdefault(strategy, {}).setdefault(f"r{r}s{seed}", {}).update(rows)
-                y = np.array([v[0] for v in rows.values()])
-                p = np.array([v[1] for v in rows.values()])
-                fold_aucs.setdefault(strategy, []).append(auc(y, p))
+                fold_aucs.setdefault(strategy, []).append(rows_auc(rows))
+    choices = {}
+    if pooled_selection:
+        for strategy in strategies:
+            oof[f"{strategy}@pooled-val"], choices[strategy] = pooled_val_predictions(
+                by_fold[strategy], folds
+            )
     results = summarise(oof, config.evaluation.bootstrap, config.evaluation.ci, config.seed)
     results.update(mode="cv", cv=k, repeats=repeats, training_seeds=seeds)
+    if choices:
+        results["pooled_val_choices"] = choices
     _add_detection(results, run_dirs)
     for strategy, aucs in fold_aucs.items():
         results["strategies"][strategy].update(
@@ -347,6 +420,29 @@ def _compare_cv(
             fold_auc_sd=float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
         )
     return results, oof
+
+
+def pooled_val_predictions(
+    runs: dict[tuple[int, int, int], Path], folds: list[tuple[int, int, dict[str, str]]]
+) -> tuple[dict[str, dict[str, tuple[int, float]]], dict[str, Any]]:
+    """Selection on pooled validation folds: ``runs`` maps ``(repeat, fold, seed)`` to a
+    run folder trained with ``training.keep_epochs``. For each repeat × seed, the epoch
+    of best validation AUC over all its folds' validation patients pooled
+    (``selection.pooled_best_epoch``), then each fold's weights of that epoch scored on
+    the fold's test patients. Returns the out-of-fold predictions ``{"r<r>s<s>":
+    {patient: (label, p)}}`` and the choices ``{"r<r>s<s>": {"epoch", "pooled_val_auc"}}``."""
+    keys = sorted({(r, s) for r, _, s in runs})
+    oof: dict[str, dict[str, tuple[int, float]]] = {}
+    chosen: dict[str, Any] = {}
+    for r, s in keys:
+        fold_runs = [runs[(r, f, s)] for rr, f, _ in folds if rr == r]
+        epoch, scores = pooled_best_epoch(
+            [read_val_predictions(d / VAL_PREDICTIONS) for d in fold_runs]
+        )
+        chosen[f"r{r}s{s}"] = {"epoch": epoch, "pooled_val_auc": scores[epoch]}
+        for d in fold_runs:
+            oof.setdefault(f"r{r}s{s}", {}).update(predict_checkpoint(d, f"epoch_{epoch:03d}"))
+    return oof, chosen
 
 
 def compare(
@@ -359,6 +455,7 @@ def compare(
     progress: bool = True,
     cv: int = 0,
     repeats: int = 1,
+    pooled_selection: bool = False,
 ) -> dict[str, Any]:
     """Train + evaluate every strategy × seed into ``out/runs/<strategy>/seed<k>``
     (default strategies: the paper's four; ``ssmdmt-plus`` on request); writes
@@ -367,18 +464,32 @@ def compare(
 
     With ``cv`` = K > 1: repeated stratified K-fold cross-validation over all labelled
     weak-set patients instead of the fixed split (runs in ``out/cv/repeat<r>/fold<f>/``);
-    out-of-fold predictions are pooled, one pooled AUC per repeat × seed."""
+    out-of-fold predictions are pooled, one pooled AUC per repeat × seed. With
+    ``pooled_selection`` too, each strategy also gets a row ``<strategy>@pooled-val``:
+    the epoch chosen on all folds' validation patients pooled (runs keep every epoch's
+    weights)."""
     out = Path(out)
     strategies = strategies or list(PAPER_STRATEGIES)
     seeds = seeds if seeds is not None else [0]
     for s in strategies:
         if s not in STRATEGIES:
             raise LymphdxError(f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}")
+    if pooled_selection and not cv:
+        raise LymphdxError("selection on pooled validation folds needs --cv")
     if cv:
         if cv < 2:
             raise LymphdxError("--cv needs at least 2 folds")
         results, predictions = _compare_cv(
-            config, Path(weak_csv), Path(strong_csv), out, strategies, seeds, cv, repeats, progress
+            config,
+            Path(weak_csv),
+            Path(strong_csv),
+            out,
+            strategies,
+            seeds,
+            cv,
+            repeats,
+            progress,
+            pooled_selection,
         )
         return _write_results(out, config, results, predictions)
     predictions: dict[str, dict[int, dict[str, tuple[int, float]]]] = {}
@@ -389,7 +500,7 @@ def compare(
             run_dir = out / "runs" / strategy / f"seed{seed}"
             if progress:
                 print(f"[compare] {strategy} seed {seed} -> {run_dir}", flush=True)
-            _run_one(validate(data), run_dir, Path(weak_csv), Path(strong_csv), progress)
+            run_one(validate(data), run_dir, Path(weak_csv), Path(strong_csv), progress)
             predictions.setdefault(strategy, {})[seed] = read_predictions(
                 run_dir / "predictions_test.csv"
             )

@@ -16,6 +16,7 @@ A model with domain-specific batch norm sees each set in its own domain (``domai
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +94,18 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _my_batches(
+    model: torch.nn.Module, volumes: VolumeSet, batch_size: int, ctx: DistContext, domain: int
+) -> Iterator[torch.Tensor]:
+    """This rank's block of ``volumes`` (``ctx.shard``) in batches ``(B, 1, D, H, W)`` on
+    the model's device, with ``domain``'s normalisation selected while they are used."""
+    device = _device(model)
+    index = ctx.shard(range(len(volumes)))
+    with domains(model, domain):
+        for start in range(0, len(index), batch_size):
+            yield volumes.batch(index[start : start + batch_size]).images.to(device)
+
+
 @torch.no_grad()
 def predict_probabilities(
     model: torch.nn.Module,
@@ -108,14 +121,9 @@ def predict_probabilities(
     gets all ``N`` results, in order. ``tta``: averaged with the left-right flip.
     """
     ctx = ctx or DistContext()
-    device = _device(model)
-    index = ctx.shard(range(len(volumes)))
     out = [np.zeros(0, dtype=np.float32)]
-    with domains(model, domain):
-        for start in range(0, len(index), batch_size):
-            batch = volumes.batch(index[start : start + batch_size])
-            probs = predict_with_tta(model, batch.images.to(device), roi=False, flips=tta)
-            out.append(probs["cls"].cpu().numpy())
+    for images in _my_batches(model, volumes, batch_size, ctx, domain):
+        out.append(predict_with_tta(model, images, roi=False, flips=tta)["cls"].cpu().numpy())
     return ctx.all_gather_array(np.concatenate(out))
 
 
@@ -133,21 +141,17 @@ def predict_embeddings(
     ctx = ctx or DistContext()
     was_training = model.training
     model.eval()
-    device = _device(model)
-    index = ctx.shard(range(len(volumes)))
     views = [False, True] if tta else [False]
     out = []
     try:
-        with domains(model, domain):
-            for start in range(0, len(index), batch_size):
-                images = volumes.batch(index[start : start + batch_size]).images.to(device)
-                pooled = sum(
-                    model.classifier.pooled(
-                        model.embed(torch.flip(images, dims=(-1,)) if f else images)
-                    ).float()
-                    for f in views
-                )
-                out.append((pooled / len(views)).cpu().numpy())
+        for images in _my_batches(model, volumes, batch_size, ctx, domain):
+            pooled = sum(
+                model.classifier.pooled(
+                    model.embed(torch.flip(images, dims=(-1,)) if f else images)
+                ).float()
+                for f in views
+            )
+            out.append((pooled / len(views)).cpu().numpy())
     finally:
         model.train(was_training)
     width = model.classifier.fc1.in_features
@@ -257,25 +261,21 @@ def propagate_mask_targets(
     """
     ctx = ctx or DistContext()
     weighted = cfg.roi_ignore_low is not None or cfg.roi_cls_gate is not None
-    device = _device(model)
-    index = ctx.shard(range(len(volumes)))
     masks = [np.zeros((0, *volumes.shape), dtype=np.uint8)]
     weights = [np.zeros((0, *volumes.shape), dtype=np.uint8)]
-    with domains(model, domain):
-        for start in range(0, len(index), batch_size):
-            batch = volumes.batch(index[start : start + batch_size])
-            out = predict_with_tta(model, batch.images.to(device), roi=True, flips=cfg.tta_flip)
-            gate = cfg.roi_cls_gate
-            target, weight = pseudo_mask_targets(
-                out["roi"][:, 0],
-                cfg.roi_threshold,
-                cfg.roi_ignore_low,
-                out["cls"] if gate is not None else None,
-                gate,
-            )
-            masks.append(target.cpu().numpy())
-            if weighted:
-                weights.append(weight.to(torch.uint8).cpu().numpy())
+    gate = cfg.roi_cls_gate
+    for images in _my_batches(model, volumes, batch_size, ctx, domain):
+        out = predict_with_tta(model, images, roi=True, flips=cfg.tta_flip)
+        target, weight = pseudo_mask_targets(
+            out["roi"][:, 0],
+            cfg.roi_threshold,
+            cfg.roi_ignore_low,
+            out["cls"] if gate is not None else None,
+            gate,
+        )
+        masks.append(target.cpu().numpy())
+        if weighted:
+            weights.append(weight.to(torch.uint8).cpu().numpy())
     all_masks = ctx.all_gather_array(np.concatenate(masks))
     return all_masks, ctx.all_gather_array(np.concatenate(weights)) if weighted else None
 

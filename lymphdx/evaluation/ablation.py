@@ -1,0 +1,287 @@
+"""``compare --ablation``: issue 8's options, each switched on alone on top of the paper's
+``ssmdmt``, scored by repeated stratified cross-validation on the development data only.
+
+* Development data: the weak set's ``train`` + ``val`` patients of the fixed split
+  (``out/splits.csv``, the split every other command uses). Its ``test`` patients are
+  left out of ``out/development_weak.csv``, the manifest every ablation run trains and is
+  scored on, so nothing here ever loads them: the combination chosen here can then be
+  tested on them once (``compare --strategies ssmdmt --strategies ssmdmt-plus``).
+* Arms: ``ssmdmt`` (the reference, trained with ``training.keep_epochs``), one trained
+  arm per option (``ARMS``), and two selection rules applied to the reference's own runs
+  (``POST_HOC``): the last epoch (a fixed-epoch budget) and the epoch of best validation
+  AUC pooled over the folds of a repeat.
+* Statistics, as ``compare --cv``: out-of-fold predictions pooled over the folds of a
+  repeat, one pooled AUC per repeat × seed, a patient bootstrap CI, and per arm ΔAUC vs
+  ``ssmdmt`` with its paired bootstrap CI and DeLong's paired test.
+* ``recommend``: the pre-declared rule that turns the table into ``ssmdmt-plus``'s
+  options (``out/recommended.yaml``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from lymphdx.config import Config, merge, validate
+from lymphdx.data.manifest import (
+    WeakRecord,
+    write_splits_csv,
+)
+from lymphdx.errors import LymphdxError
+from lymphdx.evaluation.evaluate import predict_checkpoint, read_predictions
+from lymphdx.evaluation.report import (
+    cv_folds,
+    fixed_split,
+    paired_cells,
+    pooled_val_predictions,
+    rows_auc,
+    run_one,
+    summarise,
+)
+from lymphdx.fileutil import write_json, write_text
+
+__all__ = ["ARMS", "POST_HOC", "REFERENCE", "ablation", "recommend", "format_ablation"]
+
+REFERENCE = "ssmdmt"
+
+# arm -> (what it changes, config overrides on top of ssmdmt)
+ARMS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
+    REFERENCE: ("the paper's method (reference)", {"training": {"keep_epochs": True}}),
+    "graph-lp": (
+        "pseudo class labels by graph label propagation on embeddings (Iscen et al. 2019)",
+        {"propagation": {"method": "graph"}},
+    ),
+    "ema-teacher": (
+        "the EMA mean teacher labels the other set and is the model selected and scored",
+        {"propagation": {"teacher": "ema"}, "training": {"selection": "ema"}},
+    ),
+    "tta-flip": (
+        "pseudo-labels averaged over the scan and its left-right flip",
+        {"propagation": {"tta_flip": True}},
+    ),
+    "soft-labels": (
+        "soft pseudo class labels (p, not p > 0.5)",
+        {"propagation": {"pseudo_labels": "soft"}},
+    ),
+    "curriculum": (
+        "the most confident 20 % of pseudo class labels first, +20 % each round",
+        {"propagation": {"curriculum": True}},
+    ),
+    "roi-ignore": (
+        "pseudo ROI masks: voxels with 0.2 ≤ p ≤ ζ count nowhere",
+        {"propagation": {"roi_ignore_low": 0.2}},
+    ),
+    "roi-gate": (
+        "pseudo ROI masks only of scans the classifier calls positive (p ≥ 0.5)",
+        {"propagation": {"roi_cls_gate": 0.5}},
+    ),
+    "dsbn": ("domain-specific batch-norm statistics", {"model": {"norm": "domain_batch"}}),
+    "swa": (
+        "selection: SWA of the last 5 epochs, batch-norm statistics recomputed",
+        {"training": {"selection": "swa"}},
+    ),
+}
+POST_HOC: dict[str, str] = {
+    "last": "selection: the final epoch's weights, a fixed-epoch budget (ssmdmt's runs)",
+    "pooled-val": (
+        "selection: the epoch of best validation AUC pooled over a repeat's folds (ssmdmt's runs)"
+    ),
+}
+# arms that set training.selection: at most one of them can be combined
+SELECTION_ARMS = ("ema-teacher", "swa", "last")
+
+
+def arm_config(config: Config, arm: str, seed: int) -> Config:
+    """``config`` as ``ssmdmt`` with ``arm``'s overrides and ``seed``."""
+    data = config.model_dump(mode="json", exclude_unset=True)
+    data.update(strategy=REFERENCE, seed=seed)
+    return validate(merge(data, ARMS[arm][1]), f"ablation arm {arm!r}")
+
+
+def write_development_manifest(weak: list[WeakRecord], path: Path) -> Path:
+    """A weak manifest (``patient_id,image,label``, absolute image paths) of ``weak``."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["patient_id", "image", "label"])
+    for r in sorted(weak, key=lambda r: r.patient_id):
+        w.writerow([r.patient_id, str(Path(r.image).resolve()), int(r.label)])
+    write_text(path, buf.getvalue())
+    return path
+
+
+def ablation(
+    config: Config,
+    weak_csv: str | Path,
+    strong_csv: str | Path,
+    out: str | Path,
+    arms: list[str] | None = None,
+    seeds: list[int] | None = None,
+    k: int = 3,
+    repeats: int = 2,
+    progress: bool = True,
+    summarise_results: bool = True,
+) -> dict[str, Any]:
+    """Train and score every arm × fold × seed into ``out/cv/repeat<r>/fold<f>/<arm>/
+    seed<s>`` (resumable; several processes may share ``out`` with different ``arms``)
+    and write ``out/ablation.json``, ``out/ablation.md`` and ``out/recommended.yaml``.
+    The reference ``ssmdmt`` is always included (trained after the listed arms unless
+    listed)."""
+    out = Path(out)
+    seeds = seeds if seeds is not None else [0]
+    arms = list(arms or [*ARMS, *POST_HOC])
+    unknown = [a for a in arms if a not in ARMS and a not in POST_HOC]
+    if unknown:
+        raise LymphdxError(
+            f"unknown ablation arm(s) {', '.join(unknown)}; choose from "
+            f"{', '.join([*ARMS, *POST_HOC])}"
+        )
+    if k < 2:
+        raise LymphdxError("the ablation's cross-validation needs at least 2 folds (--cv)")
+    if REFERENCE not in arms:  # trained last: another process may be training it now
+        arms.append(REFERENCE)
+    weak, strong = fixed_split(config, Path(weak_csv), Path(strong_csv), out)
+    development = [w for w in weak if w.split != "test"]  # the test split is held out
+    dev_csv = write_development_manifest(development, out / "development_weak.csv")
+    folds = cv_folds(config, development, k, repeats)
+    oof: dict[str, dict[str, dict[str, tuple[int, float]]]] = {}
+    fold_aucs: dict[str, list[float]] = {}
+    reference_runs: dict[tuple[int, int, int], Path] = {}
+    trained = [a for a in arms if a in ARMS]
+    for arm in trained:  # arm by arm: an interrupted ablation has whole arms to show
+        for r, f, assignment in folds:
+            for seed in seeds:
+                run_dir = out / "cv" / f"repeat{r}" / f"fold{f}" / arm / f"seed{seed}"
+                if not (run_dir / "splits.csv").exists():
+                    fold_weak = [replace(w, split=assignment[w.patient_id]) for w in development]
+                    write_splits_csv(run_dir / "splits.csv", fold_weak, strong)
+                if progress and not (run_dir / "metrics.json").exists():
+                    print(f"[ablation] {arm}: repeat {r} fold {f} seed {seed}", flush=True)
+                cfg = arm_config(config, arm, seed)
+                run_one(cfg, run_dir, dev_csv, Path(strong_csv), progress, detection=False)
+                rows = read_predictions(run_dir / "predictions_test.csv")
+                oof.setdefault(arm, {}).setdefault(f"r{r}s{seed}", {}).update(rows)
+                fold_aucs.setdefault(arm, []).append(rows_auc(rows))
+                if arm == REFERENCE:
+                    reference_runs[(r, f, seed)] = run_dir
+    choices: dict[str, Any] = {}
+    if "last" in arms:
+        epochs = arm_config(config, REFERENCE, 0).training.epochs
+        for (r, _f, seed), run_dir in sorted(reference_runs.items()):
+            rows = predict_checkpoint(run_dir, f"epoch_{epochs - 1:03d}")
+            oof.setdefault("last", {}).setdefault(f"r{r}s{seed}", {}).update(rows)
+            fold_aucs.setdefault("last", []).append(rows_auc(rows))
+    if "pooled-val" in arms:
+        oof["pooled-val"], choices = pooled_val_predictions(reference_runs, folds)
+    if not summarise_results:
+        return {}
+    oof = {REFERENCE: oof[REFERENCE], **oof}  # the reference row first
+    results = summarise(
+        oof, config.evaluation.bootstrap, config.evaluation.ci, config.seed, reference=REFERENCE
+    )
+    results.update(
+        mode="ablation",
+        cv=k,
+        repeats=repeats,
+        training_seeds=seeds,
+        n_held_out_test=sum(w.split == "test" for w in weak),
+        pooled_val_choices=choices,
+        arms={a: ARMS[a][0] if a in ARMS else POST_HOC[a] for a in arms},
+        overrides={a: ARMS[a][1] for a in arms if a in ARMS},
+    )
+    for arm, aucs in fold_aucs.items():
+        results["strategies"][arm].update(
+            fold_auc=aucs,
+            fold_auc_mean=float(np.mean(aucs)),
+            fold_auc_sd=float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
+        )
+    results["recommended"] = recommend(results)
+    write_json(out / "ablation.json", results)
+    write_text(
+        out / "ablation.md", "# Ablation of issue 8's options\n\n" + format_ablation(results)
+    )
+    write_text(out / "recommended.yaml", yaml.safe_dump(results["recommended"], sort_keys=False))
+    return results
+
+
+def recommend(results: dict[str, Any]) -> dict[str, Any]:
+    """The pre-declared rule that turns an ablation into ``ssmdmt-plus``'s options.
+
+    An option is adopted when its ΔAUC vs ``ssmdmt`` is positive both in the mean over
+    repeats × seeds and in the pooled predictions' DeLong comparison (``delta_auc`` and
+    ``delta_auc_seed_averaged_scores`` > 0); of the selection rules (``SELECTION_ARMS``)
+    only the one with the largest ΔAUC (``ema-teacher`` then keeps its teacher only if
+    it also qualifies). ``pooled-val`` is a cross-validation procedure, not a run option,
+    and is reported only. Returns ``{"adopted": [...], "significant": [...],
+    "config": {section: {key: value}}}``; ``significant`` lists the adopted options whose
+    DeLong p < 0.05.
+    """
+    tests = results["paired_tests"]
+    gains = {}
+    for name, t in tests.items():
+        arm = name.split(" vs ")[0]
+        if arm == "pooled-val":
+            continue
+        if t["delta_auc"] > 0 and t["delta_auc_seed_averaged_scores"] > 0:
+            gains[arm] = t["delta_auc"]
+    selection = [a for a in gains if a in SELECTION_ARMS]
+    best_selection = max(selection, key=lambda a: gains[a]) if selection else None
+    adopted = [a for a in gains if a not in SELECTION_ARMS or a == best_selection]
+    cfg: dict[str, dict[str, Any]] = {}
+    for arm in adopted:
+        overrides = {"training": {"selection": "last"}} if arm == "last" else ARMS[arm][1]
+        cfg = merge(cfg, overrides)
+    if "ema-teacher" in gains and best_selection != "ema-teacher":
+        cfg = merge(cfg, {"propagation": {"teacher": "ema"}})
+        adopted.append("ema-teacher (teacher only)")
+    significant = [
+        a for a in adopted if a in gains and tests[f"{a} vs {REFERENCE}"]["p_delong"] < 0.05
+    ]
+    return {"adopted": adopted, "significant": significant, "config": cfg}
+
+
+def format_ablation(results: dict[str, Any]) -> str:
+    """Markdown: one row per arm with its pooled out-of-fold AUC and ΔAUC vs ssmdmt."""
+    lines = [
+        f"Repeated stratified {results['cv']}-fold cross-validation × {results['repeats']} "
+        f"repeat(s), training seed(s) {results['training_seeds']}, on the {results['n_test']} "
+        f"development patients ({results['n_test_pos']} positive: the fixed split's train + "
+        f"val; its {results['n_held_out_test']} test patients were never loaded). AUC of the "
+        "out-of-fold predictions pooled over a repeat's folds, mean ± sd over repeats × "
+        "seeds; 95% CI: stratified patient bootstrap; ΔAUC vs ssmdmt with its paired "
+        "bootstrap CI and DeLong's paired test on the repeat-averaged scores.",
+        "",
+        "| arm | what it changes | pooled OOF AUC | 95% CI | per-fold AUC | "
+        "ΔAUC vs ssmdmt [95% CI] | p (DeLong) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm, r in results["strategies"].items():
+        delta, p = paired_cells(results["paired_tests"].get(f"{arm} vs {REFERENCE}"))
+        fold = f"{r['fold_auc_mean']:.3f} ± {r['fold_auc_sd']:.3f}" if "fold_auc" in r else "—"
+        lines.append(
+            f"| {arm} | {results['arms'].get(arm, '')} | {r['test_auc_mean']:.3f} ± "
+            f"{r['test_auc_sd']:.3f} | [{r['test_auc_ci95'][0]:.3f}, "
+            f"{r['test_auc_ci95'][1]:.3f}] | {fold} | {delta} | {p} |"
+        )
+    if results.get("pooled_val_choices"):
+        picks = ", ".join(
+            f"{key}: epoch {v['epoch']} (pooled val AUC {v['pooled_val_auc']:.3f})"
+            for key, v in results["pooled_val_choices"].items()
+        )
+        lines += ["", f"pooled-val chose {picks}."]
+    rec = results["recommended"]
+    lines += [
+        "",
+        "Recommended for ssmdmt-plus (rule: ΔAUC > 0 in the mean and on the pooled scores; "
+        "one selection rule at most): "
+        + (", ".join(rec["adopted"]) if rec["adopted"] else "none")
+        + "; significant at p < 0.05: "
+        + (", ".join(rec["significant"]) if rec["significant"] else "none")
+        + ".",
+    ]
+    return "\n".join(lines) + "\n"
