@@ -42,6 +42,7 @@ def run_case(case: str, shape_zyx: list[int], device: str, amp: str, repeats: in
     from lymphdx.models.multitask import build_model
     from lymphdx.training.losses import RoiLoss
     from lymphdx.training.memory import estimate_step_memory
+    from lymphdx.training.performance import optimizer_step
 
     cfg = load_config(preset="paper")
     mode = case.split("-", 1)[1] if case.startswith("train") else "off"
@@ -82,13 +83,7 @@ def run_case(case: str, shape_zyx: list[int], device: str, amp: str, repeats: in
         if train:
             opt.zero_grad(set_to_none=True)
             del out
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            optimizer_step(loss, opt, scaler)
             del loss
         if device == "cuda":
             torch.cuda.synchronize()

@@ -26,7 +26,13 @@ import torch
 from lymphdx.config import load_config
 from lymphdx.models.multitask import build_model
 from lymphdx.training.losses import RoiLoss
-from lymphdx.training.performance import autocast, grad_scaler, prepare_input, prepare_model
+from lymphdx.training.performance import (
+    autocast,
+    grad_scaler,
+    optimizer_step,
+    prepare_input,
+    prepare_model,
+)
 
 
 def make_step(variant: str, device: str, batch: int) -> tuple:
@@ -56,13 +62,7 @@ def make_step(variant: str, device: str, batch: int) -> tuple:
                 out["cls"].float(), labels
             ) + loss_fn(out["roi"].float(), masks)
         opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        optimizer_step(loss, opt, scaler)
         if device == "cuda":
             torch.cuda.synchronize()
         return float(loss)

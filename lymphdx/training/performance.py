@@ -17,7 +17,7 @@ import torch
 from lymphdx.config import TrainingConfig
 from lymphdx.errors import ConfigError
 
-__all__ = ["autocast", "grad_scaler", "prepare_model", "prepare_input"]
+__all__ = ["autocast", "grad_scaler", "optimizer_step", "prepare_model", "prepare_input"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -40,6 +40,20 @@ def grad_scaler(cfg: TrainingConfig, device: torch.device | str) -> torch.amp.Gr
     if cfg.precision == "fp16":
         return torch.amp.GradScaler(torch.device(device).type)
     return None
+
+
+def optimizer_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> None:
+    """Backward of ``loss`` and one step of ``optimizer``, through ``scaler`` (fp16 AMP)
+    when there is one; the gradients must have been zeroed."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
 
 
 def prepare_model(model: torch.nn.Module, cfg: TrainingConfig) -> Any:

@@ -70,7 +70,7 @@ from lymphdx.training.distributed import (
 )
 from lymphdx.training.losses import RoiLoss
 from lymphdx.training.memory import check_memory
-from lymphdx.training.performance import autocast, grad_scaler, prepare_input
+from lymphdx.training.performance import autocast, grad_scaler, optimizer_step, prepare_input
 from lymphdx.training.propagation import (
     STRONG,
     WEAK,
@@ -698,13 +698,7 @@ class _Trainer:
                 step, images, weak, wflip, strong, roi, (weak_batch, strong_batch)
             )
             self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:  # fp16 AMP
-                self.scaler.scale(total).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                total.backward()
-                self.optimizer.step()
+            optimizer_step(total, self.optimizer, self.scaler)  # scaler: fp16 AMP
         if self.ema is not None:
             self.ema.update(self.model, self.ema.updates)
         losses = {f"loss_{k}": float(v.detach()) for k, v in terms.items()}
