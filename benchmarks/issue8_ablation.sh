@@ -57,7 +57,7 @@ if [ "$what" = all ] || [ "$what" = confirm ]; then
     OMP_NUM_THREADS=1 $lx compare "${common[@]}" "${cmp[@]}" --strategies ssmdmt \
         --strategies ssmdmt-plus >"$out/confirm_summary.log" 2>&1
     confirm_s=$(($(date +%s) - start))
-    diff <(grep '^weak,' "$out/ablation/splits.csv") <(grep '^weak,' "$out/confirm/splits.csv") \
+    diff <(grep '^weak,' "$out/ablation/splits.csv") <(grep '^weak,' "$out/confirm/runs/ssmdmt/seed0/splits.csv") \
         >/dev/null || { echo "the two folders use different fixed splits" >&2; exit 1; }
 fi
 .venv/bin/python - "$out" "$ablation_s" "$confirm_s" <<'PY'

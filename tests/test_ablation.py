@@ -14,8 +14,15 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from lymphdx.cli import app
+from lymphdx.config import validate
 from lymphdx.errors import LymphdxError
-from lymphdx.evaluation.ablation import ARMS, REFERENCE, ablation, recommend
+from lymphdx.evaluation.ablation import (
+    ARMS,
+    REFERENCE,
+    ablation,
+    recommend,
+    recommended_yaml,
+)
 from lymphdx.evaluation.evaluate import load_model, load_run_config, read_predictions
 from lymphdx.training.propagation import WEAK, predict_probabilities
 from lymphdx.training.selection import pooled_best_epoch
@@ -67,6 +74,20 @@ def _result(deltas: dict[str, tuple[float, float, float]]) -> dict:
             for arm, (d, pooled, p) in deltas.items()
         }
     }
+
+
+def test_recommended_yaml_is_a_config_of_the_adopted_options() -> None:
+    rec = recommend(_result({"graph-lp": (0.05, 0.04, 0.01), "swa": (0.03, 0.03, 0.3)}))
+    text = recommended_yaml(rec)
+    assert "# adopted (ΔAUC vs ssmdmt > 0): graph-lp, swa" in text
+    assert "significant at p < 0.05: graph-lp" in text
+    config = validate(yaml.safe_load(text))
+    assert config.strategy == "ssmdmt"
+    assert config.propagation.method == "graph"
+    assert config.training.selection == "swa"
+    assert config.propagation.teacher == "student"  # not adopted: the default stays
+    empty = yaml.safe_load(recommended_yaml(recommend(_result({"dsbn": (-0.1, -0.1, 0.5)}))))
+    assert empty == {"strategy": "ssmdmt"}
 
 
 def test_recommend_rule() -> None:
@@ -163,7 +184,9 @@ def test_ablation_arms_are_ssmdmt_plus_one_option(ablated: tuple[Path, dict]) ->
     text = (out / "ablation.md").read_text()
     for arm in ("roi-gate", "last", "pooled-val"):
         assert f"| {arm} |" in text
-    assert yaml.safe_load((out / "recommended.yaml").read_text()) == results["recommended"]
+    recommended = yaml.safe_load((out / "recommended.yaml").read_text())
+    assert recommended == {"strategy": "ssmdmt", **results["recommended"]["config"]}
+    validate(recommended)  # a config lymphdx train --config accepts
 
 
 def test_last_arm_scores_the_final_weights(ablated: tuple[Path, dict]) -> None:

@@ -13,8 +13,9 @@
 * Statistics, as ``compare --cv``: out-of-fold predictions pooled over the folds of a
   repeat, one pooled AUC per repeat × seed, a patient bootstrap CI, and per arm ΔAUC vs
   ``ssmdmt`` with its paired bootstrap CI and DeLong's paired test.
-* ``recommend``: the pre-declared rule that turns the table into ``ssmdmt-plus``'s
-  options (``out/recommended.yaml``).
+* ``recommend``: the pre-declared rule that turns the table into a combination of
+  options; ``out/recommended.yaml`` is a config of ``ssmdmt`` with them
+  (``lymphdx train --config out/recommended.yaml``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,15 @@ from lymphdx.evaluation.report import (
 )
 from lymphdx.fileutil import write_json, write_text
 
-__all__ = ["ARMS", "POST_HOC", "REFERENCE", "ablation", "recommend", "format_ablation"]
+__all__ = [
+    "ARMS",
+    "POST_HOC",
+    "REFERENCE",
+    "ablation",
+    "recommend",
+    "recommended_yaml",
+    "format_ablation",
+]
 
 REFERENCE = "ssmdmt"
 
@@ -205,7 +214,7 @@ def ablation(
     write_text(
         out / "ablation.md", "# Ablation of issue 8's options\n\n" + format_ablation(results)
     )
-    write_text(out / "recommended.yaml", yaml.safe_dump(results["recommended"], sort_keys=False))
+    write_text(out / "recommended.yaml", recommended_yaml(results["recommended"]))
     return results
 
 
@@ -243,6 +252,20 @@ def recommend(results: dict[str, Any]) -> dict[str, Any]:
         a for a in adopted if a in gains and tests[f"{a} vs {REFERENCE}"]["p_delong"] < 0.05
     ]
     return {"adopted": adopted, "significant": significant, "config": cfg}
+
+
+def recommended_yaml(recommended: dict[str, Any]) -> str:
+    """A config file of ``ssmdmt`` with the adopted options (``lymphdx train --config``),
+    headed by comments that say what was adopted and why."""
+    adopted = ", ".join(recommended["adopted"]) or "none"
+    significant = ", ".join(recommended["significant"]) or "none"
+    head = (
+        "# written by lymphdx compare --ablation: ssmdmt with the options its rule adopted\n"
+        f"# adopted (ΔAUC vs ssmdmt > 0): {adopted}\n"
+        f"# of those, significant at p < 0.05: {significant}\n"
+    )
+    body = {"strategy": REFERENCE, **recommended["config"]}
+    return head + yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
 
 
 def format_ablation(results: dict[str, Any]) -> str:
