@@ -11,6 +11,20 @@ from pathlib import Path
 
 import numpy as np
 
+# Every option of issue 8 on at once (the ablation tries them one by one): the tests of
+# their wiring train ssmdmt with these, whatever ssmdmt-plus adopts.
+ALL_OPTIONS: dict[str, dict[str, object]] = {
+    "propagation": {
+        "teacher": "ema",
+        "method": "graph",
+        "pseudo_labels": "soft",
+        "curriculum": True,
+        "roi_ignore_low": 0.2,
+        "roi_cls_gate": 0.5,
+    },
+    "training": {"selection": "ema"},
+}
+
 # A proper rotation (det +1) with no axis aligned to the world frame: exercises direction.
 OBLIQUE_DIRECTION: tuple[float, ...] = tuple(
     float(v)

@@ -32,6 +32,7 @@ from lymphdx.training.losses import RoiLoss, classification_loss
 from lymphdx.training.pseudo_masks import masked_roi_loss
 from lymphdx.training.trainer import load_checkpoint, train
 from tests.conftest import tiny_config
+from tests.helpers import ALL_OPTIONS
 
 TORCHRUN_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
@@ -267,17 +268,19 @@ def test_torchrun_two_processes_replay_one_process(tiny_data: Path, tmp_path: Pa
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-3)
 
 
-def test_torchrun_ssmdmt_plus_with_domain_batch_norm(tiny_data: Path, tmp_path: Path) -> None:
-    """ssmdmt-plus (EMA teacher and selection, graph propagation, curriculum, weighted
-    pseudo masks) with domain-specific batch norm under two processes: every new
+def test_torchrun_all_options_with_domain_batch_norm(tiny_data: Path, tmp_path: Path) -> None:
+    """ssmdmt with every option of issue 8 (EMA teacher and selection, graph propagation,
+    curriculum, weighted pseudo masks) and domain-specific batch norm under two
+    processes: every new
     collective runs on every rank (no hang), and the student and the EMA teacher stay
     identical on both ranks (checked after every epoch)."""
     weak, strong = tiny_data / "weak" / "manifest.csv", tiny_data / "strong" / "manifest.csv"
     config = tiny_config(
         tmp_path,
-        strategy="ssmdmt-plus",
+        strategy="ssmdmt",
+        propagation=dict(ALL_OPTIONS["propagation"]),
         model={"norm": "domain_batch"},
-        training={"epochs": 2, "num_threads": 1},
+        training={**ALL_OPTIONS["training"], "epochs": 2, "num_threads": 1},
     )
     config_path = tmp_path / "config.yaml"
     config_path.write_text(dump_config(config))

@@ -33,6 +33,7 @@ from lymphdx.training.pseudo_masks import curriculum_keep
 from lymphdx.training.strategies import STRATEGIES, STRATEGY_DEFAULTS
 from lymphdx.training.trainer import load_checkpoint, load_run_data, train
 from tests.conftest import tiny_config
+from tests.helpers import ALL_OPTIONS
 
 OFF = {
     "propagation": {
@@ -105,9 +106,14 @@ def test_strategy_lists_agree() -> None:
         validate({"strategy": name, **sections})
 
 
-def test_ssmdmt_plus_fills_only_the_keys_left_unset() -> None:
+def test_strategy_defaults_fill_only_the_keys_left_unset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the mechanism, with every option as ssmdmt-plus's defaults (what the ablation
+    # adopts for it may be fewer, or none)
+    monkeypatch.setitem(STRATEGY_DEFAULTS, "ssmdmt-plus", ALL_OPTIONS)
     plus = load_config(overrides={"strategy": "ssmdmt-plus", "propagation": {"curriculum": False}})
-    for section, values in STRATEGY_DEFAULTS["ssmdmt-plus"].items():
+    for section, values in ALL_OPTIONS.items():
         for key, value in values.items():
             expected = False if key == "curriculum" else value  # the user's value wins
             assert getattr(getattr(plus, section), key) == expected, key
@@ -137,7 +143,7 @@ def test_ssmdmt_plus_fills_only_the_keys_left_unset() -> None:
         ({"training": {"swa_epochs": 0}}, "swa_epochs"),
         ({"model": {"norm": "domain"}}, "norm"),
         ({"propagation": {"roi_ignore_lo": 0.2}}, "roi_ignore_lo"),
-        ({"strategy": "ssmdmt-plus", "propagation": {"roi_threshold": 0.1}}, "roi_ignore_low"),
+        ({"propagation": {"roi_threshold": 0.1, "roi_ignore_low": 0.2}}, "roi_ignore_low"),
     ],
 )
 def test_bad_option_values_name_the_key(overrides: dict, key: str) -> None:
@@ -208,18 +214,24 @@ def test_curriculum_admits_a_growing_most_confident_share(run_data: Any) -> None
     assert [propagation.propagation_round(e, schedule) for e in (3, 5, 7)] == [0, 1, 2]
 
 
-# -- ssmdmt-plus end to end --------------------------------------------------------------
+# -- every option at once, end to end -----------------------------------------------------
 
 PLUS_EPOCHS = 3
 
 
 def _plus_config(cache: Path, epochs: int) -> Config:
-    return _config(cache, strategy="ssmdmt-plus", training={"epochs": epochs, "keep_epochs": True})
+    return _config(
+        cache,
+        strategy="ssmdmt",
+        propagation=dict(ALL_OPTIONS["propagation"]),
+        training={**ALL_OPTIONS["training"], "epochs": epochs, "keep_epochs": True},
+    )
 
 
 @pytest.fixture(scope="module")
 def plus_run(tiny_data: Path, cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """An ssmdmt-plus run of 3 epochs (propagation at 1 and 2) with its calls recorded."""
+    """An ssmdmt run with every option on (``ALL_OPTIONS``), 3 epochs (propagation at 1
+    and 2), with its calls recorded."""
     run = tmp_path_factory.mktemp("plus") / "run"
     seen: dict[str, list] = {"trainer": [], "graph": [], "masks": [], "lp": [], "masked": []}
     real_propagation = trainer_module._Trainer.propagation
@@ -260,11 +272,11 @@ def plus_run(tiny_data: Path, cache: Path, tmp_path_factory: pytest.TempPathFact
     return run, seen
 
 
-def test_ssmdmt_plus_records_its_resolved_options(plus_run: Any) -> None:
+def test_all_options_run_records_its_resolved_options(plus_run: Any) -> None:
     run, _ = plus_run
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["strategy"] == "ssmdmt-plus"
-    for section, values in STRATEGY_DEFAULTS["ssmdmt-plus"].items():
+    assert saved["strategy"] == "ssmdmt"
+    for section, values in ALL_OPTIONS.items():
         for key, value in values.items():
             assert saved[section][key] == value, key
     history = _history(run)
@@ -290,7 +302,7 @@ def test_graph_propagation_weights_are_relative_certainty_times_class_weight(plu
     _, seen = plus_run
     assert [g["round"] for g in seen["graph"]] == [0, 1]
     for (result, index, soft), graph in zip(seen["lp"], seen["graph"], strict=True):
-        assert soft  # ssmdmt-plus: soft pseudo-labels
+        assert soft  # ALL_OPTIONS: soft pseudo-labels
         targets, weights = graph["out"]
         np.testing.assert_allclose(targets, result.probs[index, 1], rtol=1e-6)
         certainty = result.certainty[index] / result.certainty.max()  # as Iscen et al.'s code
@@ -327,7 +339,7 @@ def test_selection_ema_puts_the_ema_weights_in_best(plus_run: Any) -> None:
     assert sorted({int(r["epoch"]) for r in rows}) == list(range(PLUS_EPOCHS))
 
 
-def test_resumed_ssmdmt_plus_equals_the_uninterrupted_run(
+def test_resumed_all_options_run_equals_the_uninterrupted_run(
     plus_run: Any, tiny_data: Path, cache: Path, tmp_path: Path
 ) -> None:
     reference, _ = plus_run
