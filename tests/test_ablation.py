@@ -217,10 +217,13 @@ def test_pooled_val_arm_uses_the_epoch_of_best_pooled_validation_auc(
     chosen = results["pooled_val_choices"]["r0s0"]
     assert chosen["pooled_val_auc"] == pytest.approx(max(by_epoch.values()))
     assert by_epoch[chosen["epoch"]] == pytest.approx(max(by_epoch.values()))
-    pooled = {}
+    pooled, fold_auc = {}, []
     for fold in (0, 1):
         run = out / "cv/repeat0" / f"fold{fold}" / "ssmdmt/seed0"
-        pooled |= read_predictions(run / f"predictions_test@epoch_{chosen['epoch']:03d}.csv")
+        rows = read_predictions(run / f"predictions_test@epoch_{chosen['epoch']:03d}.csv")
+        pooled |= rows
+        fold_auc.append(roc_auc_score([v[0] for v in rows.values()], [v[1] for v in rows.values()]))
+    assert results["strategies"]["pooled-val"]["fold_auc"] == pytest.approx(fold_auc)
     auc = results["strategies"]["pooled-val"]["test_auc"][0]
     ids = sorted(pooled)
     assert auc == pytest.approx(

@@ -40,6 +40,7 @@ from lymphdx.evaluation.report import (
     cv_folds,
     fixed_split,
     paired_cells,
+    pooled_fold_aucs,
     pooled_val_predictions,
     rows_auc,
     run_one,
@@ -187,6 +188,7 @@ def ablation(
             fold_aucs.setdefault("last", []).append(rows_auc(rows))
     if "pooled-val" in arms:
         oof["pooled-val"], choices = pooled_val_predictions(reference_runs, folds)
+        fold_aucs["pooled-val"] = pooled_fold_aucs(choices)
     if not summarise_results:
         return {}
     oof = {REFERENCE: oof[REFERENCE], **oof}  # the reference row first

@@ -408,6 +408,7 @@ def _compare_cv(
             oof[f"{strategy}@pooled-val"], choices[strategy] = pooled_val_predictions(
                 by_fold[strategy], folds
             )
+            fold_aucs[f"{strategy}@pooled-val"] = pooled_fold_aucs(choices[strategy])
     results = summarise(oof, config.evaluation.bootstrap, config.evaluation.ci, config.seed)
     results.update(mode="cv", cv=k, repeats=repeats, training_seeds=seeds)
     if choices:
@@ -430,7 +431,8 @@ def pooled_val_predictions(
     of best validation AUC over all its folds' validation patients pooled
     (``selection.pooled_best_epoch``), then each fold's weights of that epoch scored on
     the fold's test patients. Returns the out-of-fold predictions ``{"r<r>s<s>":
-    {patient: (label, p)}}`` and the choices ``{"r<r>s<s>": {"epoch", "pooled_val_auc"}}``."""
+    {patient: (label, p)}}`` and the choices ``{"r<r>s<s>": {"epoch", "pooled_val_auc",
+    "fold_auc"}}`` (``fold_auc``: each fold's test AUC at that epoch)."""
     keys = sorted({(r, s) for r, _, s in runs})
     oof: dict[str, dict[str, tuple[int, float]]] = {}
     chosen: dict[str, Any] = {}
@@ -439,10 +441,22 @@ def pooled_val_predictions(
         epoch, scores = pooled_best_epoch(
             [read_val_predictions(d / VAL_PREDICTIONS) for d in fold_runs]
         )
-        chosen[f"r{r}s{s}"] = {"epoch": epoch, "pooled_val_auc": scores[epoch]}
+        fold_auc = []
         for d in fold_runs:
-            oof.setdefault(f"r{r}s{s}", {}).update(predict_checkpoint(d, f"epoch_{epoch:03d}"))
+            rows = predict_checkpoint(d, f"epoch_{epoch:03d}")
+            oof.setdefault(f"r{r}s{s}", {}).update(rows)
+            fold_auc.append(rows_auc(rows))
+        chosen[f"r{r}s{s}"] = {
+            "epoch": epoch,
+            "pooled_val_auc": scores[epoch],
+            "fold_auc": fold_auc,
+        }
     return oof, chosen
+
+
+def pooled_fold_aucs(choices: dict[str, Any]) -> list[float]:
+    """Every fold AUC of ``pooled_val_predictions``'s choices, repeat by repeat."""
+    return [a for key in sorted(choices) for a in choices[key]["fold_auc"]]
 
 
 def compare(
