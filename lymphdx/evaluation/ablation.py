@@ -135,7 +135,6 @@ def ablation(
     k: int = 3,
     repeats: int = 2,
     progress: bool = True,
-    summarise_results: bool = True,
 ) -> dict[str, Any]:
     """Train and score every arm × fold × seed into ``out/cv/repeat<r>/fold<f>/<arm>/
     seed<s>`` (resumable; several processes may share ``out`` with different ``arms``)
@@ -189,8 +188,6 @@ def ablation(
     if "pooled-val" in arms:
         oof["pooled-val"], choices = pooled_val_predictions(reference_runs, folds)
         fold_aucs["pooled-val"] = pooled_fold_aucs(choices)
-    if not summarise_results:
-        return {}
     oof = {REFERENCE: oof[REFERENCE], **oof}  # the reference row first
     results = summarise(
         oof, config.evaluation.bootstrap, config.evaluation.ci, config.seed, reference=REFERENCE
