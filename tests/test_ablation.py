@@ -306,3 +306,10 @@ def test_compare_cv_pooled_selection(tiny_data: Path, tmp_path: Path) -> None:
     table = (out / "results.md").read_text()
     assert "| Supervised Baseline (pooled-val selection) | weak |" in table
     assert "pooled-val selection" in write_report(out).read_text()
+    # an old folder trained without every epoch's weights: a clear error, not a traceback
+    for kept in (out / "cv/repeat0/fold0/supervised/seed0/checkpoints").glob("epoch_*.pt"):
+        kept.unlink()
+    for cached in (out / "cv/repeat0/fold0/supervised/seed0").glob("predictions_test@*.csv"):
+        cached.unlink()
+    with pytest.raises(LymphdxError, match="training.keep_epochs"):
+        compare(config, weak, strong, out, ["supervised"], [0], False, 2, 1, True)

@@ -443,7 +443,15 @@ def pooled_val_predictions(
         )
         fold_auc = []
         for d in fold_runs:
-            rows = predict_checkpoint(d, f"epoch_{epoch:03d}")
+            which = f"epoch_{epoch:03d}"
+            cached = d / f"predictions_test@{which}.csv"  # predict_checkpoint's cache
+            if not (d / "checkpoints" / f"{which}.pt").exists() and not cached.exists():
+                raise LymphdxError(
+                    f"{d} has no checkpoints/{which}.pt: selection on pooled "
+                    "validation folds needs every epoch's weights (training.keep_epochs), and "
+                    "this run was trained without them; use a new output folder"
+                )
+            rows = predict_checkpoint(d, which)
             oof.setdefault(f"r{r}s{s}", {}).update(rows)
             fold_auc.append(rows_auc(rows))
         chosen[f"r{r}s{s}"] = {
