@@ -184,9 +184,16 @@ def test_ablation_arms_are_ssmdmt_plus_one_option(ablated: tuple[Path, dict]) ->
     text = (out / "ablation.md").read_text()
     for arm in ("roi-gate", "last", "pooled-val"):
         assert f"| {arm} |" in text
-    recommended = yaml.safe_load((out / "recommended.yaml").read_text())
-    assert recommended == {"strategy": "ssmdmt", **results["recommended"]["config"]}
-    validate(recommended)  # a config lymphdx train --config accepts
+    # a config lymphdx train --config accepts: the ablation's settings, as ssmdmt with
+    # the adopted options
+    recommended = validate(yaml.safe_load((out / "recommended.yaml").read_text()))
+    assert recommended.strategy == "ssmdmt"
+    assert recommended.data.shape == reference.data.shape == (32, 32, 16)
+    adopted = results["recommended"]["config"]
+    for section, values in adopted.items():
+        for key, value in values.items():
+            assert getattr(getattr(recommended, section), key) == value
+    assert recommended.propagation.warmup_epochs == reference.propagation.warmup_epochs == 1
 
 
 def test_last_arm_scores_the_final_weights(ablated: tuple[Path, dict]) -> None:

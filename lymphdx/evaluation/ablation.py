@@ -213,7 +213,8 @@ def ablation(
     write_text(
         out / "ablation.md", "# Ablation of issue 8's options\n\n" + format_ablation(results)
     )
-    write_text(out / "recommended.yaml", recommended_yaml(results["recommended"]))
+    base = config.model_dump(mode="json", exclude_unset=True)
+    write_text(out / "recommended.yaml", recommended_yaml(results["recommended"], base))
     return results
 
 
@@ -253,9 +254,10 @@ def recommend(results: dict[str, Any]) -> dict[str, Any]:
     return {"adopted": adopted, "significant": significant, "config": cfg}
 
 
-def recommended_yaml(recommended: dict[str, Any]) -> str:
-    """A config file of ``ssmdmt`` with the adopted options (``lymphdx train --config``),
-    headed by comments that say what was adopted and why."""
+def recommended_yaml(recommended: dict[str, Any], base: dict[str, Any] | None = None) -> str:
+    """A config file (``lymphdx train --config``): ``base`` (the settings the ablation ran
+    with) as ``ssmdmt`` with the adopted options, headed by comments that say what was
+    adopted and why."""
     adopted = ", ".join(recommended["adopted"]) or "none"
     significant = ", ".join(recommended["significant"]) or "none"
     head = (
@@ -263,7 +265,7 @@ def recommended_yaml(recommended: dict[str, Any]) -> str:
         f"# adopted (ΔAUC vs ssmdmt > 0): {adopted}\n"
         f"# of those, significant at p < 0.05: {significant}\n"
     )
-    body = {"strategy": REFERENCE, **recommended["config"]}
+    body = merge({**(base or {}), "strategy": REFERENCE}, recommended["config"])
     return head + yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
 
 
