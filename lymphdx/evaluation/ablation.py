@@ -38,7 +38,6 @@ from lymphdx.errors import LymphdxError
 from lymphdx.evaluation.evaluate import predict_checkpoint, read_predictions
 from lymphdx.evaluation.report import (
     cv_folds,
-    fixed_split,
     paired_cells,
     pooled_fold_aucs,
     pooled_val_predictions,
@@ -47,6 +46,7 @@ from lymphdx.evaluation.report import (
     summarise,
 )
 from lymphdx.fileutil import write_json, write_text
+from lymphdx.training.trainer import split_manifests
 
 __all__ = [
     "ARMS",
@@ -154,7 +154,8 @@ def ablation(
         raise LymphdxError("the ablation's cross-validation needs at least 2 folds (--cv)")
     if REFERENCE not in arms:  # trained last: another process may be training it now
         arms.append(REFERENCE)
-    weak, strong = fixed_split(config, Path(weak_csv), Path(strong_csv), out)
+    # out/splits.csv: the fixed split (the strong set's is used by every fold)
+    weak, strong = split_manifests(config, weak_csv, strong_csv, out)
     development = [w for w in weak if w.split != "test"]  # the test split is held out
     dev_csv = write_development_manifest(development, out / "development_weak.csv")
     folds = cv_folds(config, development, k, repeats)

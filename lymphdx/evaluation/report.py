@@ -21,13 +21,7 @@ from typing import Any
 import numpy as np
 
 from lymphdx.config import PAPER_STRATEGIES, STRATEGIES, Config, validate
-from lymphdx.data.manifest import (
-    StrongRecord,
-    WeakRecord,
-    load_manifests,
-    resolve_splits,
-    write_splits_csv,
-)
+from lymphdx.data.manifest import WeakRecord, write_splits_csv
 from lymphdx.errors import LymphdxError
 from lymphdx.evaluation.evaluate import evaluate_run, predict_checkpoint, read_predictions
 from lymphdx.evaluation.metrics import (
@@ -39,7 +33,7 @@ from lymphdx.evaluation.metrics import (
 from lymphdx.evaluation.power import estimate_rho, power_statement
 from lymphdx.fileutil import atomic_path, write_json, write_text
 from lymphdx.training.selection import VAL_PREDICTIONS, pooled_best_epoch, read_val_predictions
-from lymphdx.training.trainer import train
+from lymphdx.training.trainer import split_manifests, train
 
 __all__ = ["compare", "summarise", "format_table", "PAPER_AUC"]
 
@@ -335,22 +329,6 @@ def cv_assignments(
     return out
 
 
-def fixed_split(
-    config: Config, weak_csv: Path, strong_csv: Path, out: Path
-) -> tuple[list[WeakRecord], list[StrongRecord]]:
-    """The manifests' records with the fixed split of ``out/splits.csv`` (written on the
-    first call): the strong set's is used by every fold."""
-    weak, strong = load_manifests(weak_csv, strong_csv)
-    return resolve_splits(
-        weak,
-        strong,
-        out,
-        config.data.split.weak,
-        config.data.split.strong,
-        config.data.split_seed,
-    )
-
-
 def cv_folds(
     config: Config, weak: list[WeakRecord], k: int, repeats: int
 ) -> list[tuple[int, int, dict[str, str]]]:
@@ -377,7 +355,7 @@ def _compare_cv(
     ``pooled_selection``: train with ``training.keep_epochs`` and add, per strategy, a
     row ``<strategy>@pooled-val`` scored at the epoch chosen on the pooled validation
     folds (``pooled_val_predictions``)."""
-    weak, strong = fixed_split(config, weak_csv, strong_csv, out)
+    weak, strong = split_manifests(config, weak_csv, strong_csv, out)
     folds = cv_folds(config, weak, k, repeats)
     oof: dict[str, dict[str, dict[str, tuple[int, float]]]] = {}
     fold_aucs: dict[str, list[float]] = {}

@@ -171,12 +171,13 @@ class RunData:
         return self._sets[key]
 
 
-def load_run_data(config: Config, run_dir: Path, need_strong: bool = True) -> RunData:
-    """Manifests, splits (``splits.csv``), cache and normalisers (``normalization.json``)."""
-    if not config.manifests.weak or not config.manifests.strong:
-        raise LymphdxError("the config names no manifests (manifests.weak / manifests.strong)")
-    weak, strong = load_manifests(config.manifests.weak, config.manifests.strong)
-    weak, strong = resolve_splits(
+def split_manifests(
+    config: Config, weak_csv: str | Path, strong_csv: str | Path, run_dir: Path
+) -> tuple[list[WeakRecord], list[StrongRecord]]:
+    """Both manifests' records with their splits: ``run_dir/splits.csv`` if it exists,
+    else the manifests' or a seeded split (``config.data``), then written there."""
+    weak, strong = load_manifests(weak_csv, strong_csv)
+    return resolve_splits(
         weak,
         strong,
         run_dir,
@@ -184,6 +185,13 @@ def load_run_data(config: Config, run_dir: Path, need_strong: bool = True) -> Ru
         config.data.split.strong,
         config.data.split_seed,
     )
+
+
+def load_run_data(config: Config, run_dir: Path, need_strong: bool = True) -> RunData:
+    """Manifests, splits (``splits.csv``), cache and normalisers (``normalization.json``)."""
+    if not config.manifests.weak or not config.manifests.strong:
+        raise LymphdxError("the config names no manifests (manifests.weak / manifests.strong)")
+    weak, strong = split_manifests(config, config.manifests.weak, config.manifests.strong, run_dir)
     for split in ("train", "val"):
         labels = {r.label for r in weak if r.split == split}
         if labels != {0, 1}:
