@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import copy
 import csv
+import faulthandler
+import gc
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -94,12 +97,52 @@ def test_roi_loss_from_sums_is_roi_loss() -> None:
     torch.testing.assert_close(g_got, g_expected, rtol=1e-5, atol=1e-8)
 
 
+def test_an_error_raised_on_every_rank_leaves_no_reference_cycle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``on_main``/``on_every_rank`` re-raise an error they caught. Kept in a local, it made
+    the cycle error → traceback → frame → error, which kept the caller's frame and its
+    locals (in training: the DDP module, holding the gloo process group) alive after the
+    caller returned, until a GC pass, possibly at interpreter shutdown, where destroying
+    gloo objects can abort the process. Checked with the cyclic GC off: the caller's
+    locals must go when it returns."""
+    # two ranks seen from rank 0, the collectives replaced by what they return there
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda box, src: None)
+    monkeypatch.setattr(
+        torch.distributed,
+        "all_gather_object",
+        lambda out, obj: out.__setitem__(slice(None), [obj] * len(out)),
+    )
+    ctx = DistContext(rank=0, world_size=2)
+
+    class Held:  # stands for the DDP module in the caller's frame
+        pass
+
+    def fail() -> None:
+        raise LymphdxError("bad scan")
+
+    def caller(method: str) -> weakref.ref[Held]:
+        held = Held()
+        with pytest.raises(LymphdxError, match="bad scan"):
+            getattr(ctx, method)(fail)
+        return weakref.ref(held)
+
+    gc.collect()
+    gc.disable()
+    try:
+        for method in ("on_main", "on_every_rank"):
+            assert caller(method)() is None, f"{method} left the caller's frame in a cycle"
+    finally:
+        gc.enable()
+
+
 # -- two processes (torch.multiprocessing + gloo + a file store) ---------------------------
 def _worker(rank: int, world: int, store: str, out: str) -> None:
     os.environ.update(
         WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world)
     )
     torch.set_num_threads(1)
+    faulthandler.enable()  # a crash in C++ (e.g. at exit) prints where each thread was
     with distributed("cpu", init_method=f"file://{store}") as ctx:
         assert ctx.is_distributed and ctx.rank == rank
         # gather blocks of unequal length, one of them empty, back in order
@@ -158,6 +201,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
             assert p.grad is not None, name
             # measured: at most 4e-8 apart (float rounding), for gradients up to 0.25
             torch.testing.assert_close(p.grad, p1.grad, rtol=1e-5, atol=1e-7, msg=name)
+        del ddp  # it holds the process group: release it before the group is destroyed
 
         # the voxel-weighted pseudo-mask loss and the item-scaled pseudo-label loss of the
         # global batch from the blocks (the same draws on both ranks)

@@ -22,6 +22,7 @@ How a run is split across ranks (see ``trainer``):
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import inspect
 import os
@@ -163,7 +164,13 @@ class DistContext:
                 error = err
         message = self.broadcast_object(None if error is None else str(error))
         if error is not None:
-            raise error
+            # Clear the local as the error leaves: else the cycle error → traceback → this
+            # frame → error keeps every frame it passes through, with its locals (a DDP
+            # module and its process group), alive until a GC pass, maybe at shutdown.
+            try:
+                raise error
+            finally:
+                error = None
         if message is not None:
             raise LymphdxError(f"rank 0 stopped: {message}")
         return result
@@ -180,7 +187,10 @@ class DistContext:
             error = err
         messages = self.all_gather_object(None if error is None else str(error))
         if error is not None:
-            raise error
+            try:
+                raise error
+            finally:  # no reference cycle (see on_main)
+                error = None
         failed = [(r, m) for r, m in enumerate(messages) if m is not None]
         if failed:
             raise LymphdxError(f"rank {failed[0][0]} stopped: {failed[0][1]}")
@@ -328,6 +338,10 @@ def distributed(device: str = "auto", init_method: str | None = None) -> Iterato
         yield ctx
     finally:
         if owned:
+            # Free what the body dropped but a reference cycle still holds (a DDP module
+            # holds the group) now, not in a GC pass during interpreter shutdown: gloo
+            # objects destroyed then can abort the process (SIGABRT) after a good run.
+            gc.collect()
             dist.destroy_process_group()
 
 

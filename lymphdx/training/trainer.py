@@ -1069,6 +1069,8 @@ def train(
         try:
             return trainer.run(progress=progress)
         finally:
+            # the DDP wrapper holds the process group: let it go before the group does
+            del trainer
             if handler is not None:
                 log.removeHandler(handler)
                 handler.close()
