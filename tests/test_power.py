@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
 
+from lymphdx.errors import LymphdxError
+from lymphdx.evaluation import power
 from lymphdx.evaluation.metrics import delong, delong_paired
 from lymphdx.evaluation.power import (
+    analytic_patients_for_power,
     auc_ci_halfwidth,
     binormal_scores,
     delong_paired_rows,
@@ -134,6 +138,71 @@ def test_patients_for_power() -> None:
     assert paired_power(round(0.45 * m), m - round(0.45 * m), 0.90, 0.80, 0.6, seed=7) < 0.8
     with pytest.raises(ValueError, match="equal AUCs"):
         patients_for_power(0.8, 0.8)
+
+
+@pytest.mark.parametrize(
+    "auc_a, auc_b, rho, prevalence",
+    [
+        (0.90, 0.80, 0.6, 0.45),
+        (0.70, 0.60, 0.3, 0.5),
+        (0.95, 0.90, 0.8, 0.3),
+        (0.86, 0.81, 0.6, 0.43),
+    ],
+)
+def test_analytic_patient_count_is_close_to_the_simulated_one(
+    auc_a: float, auc_b: float, rho: float, prevalence: float
+) -> None:
+    """The normal approximation against the simulation (an independent computation), in
+    the AUC range where ``patients_for_power`` uses it (measured ratios 0.91–1.23)."""
+    simulated = patients_for_power(auc_a, auc_b, rho, prevalence, seed=0)
+    ratio = analytic_patients_for_power(auc_a, auc_b, rho, prevalence) / simulated
+    assert 0.8 < ratio < 1.3
+
+
+def _counting_power(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the total patient count of every simulation ``patients_for_power`` runs."""
+    calls: list[int] = []
+    real = power.paired_power
+
+    def counted(n_pos: int, n_neg: int, *args: Any, **kwargs: Any) -> float:
+        calls.append(n_pos + n_neg)
+        return real(n_pos, n_neg, *args, **kwargs)
+
+    monkeypatch.setattr(power, "paired_power", counted)
+    return calls
+
+
+def test_far_out_patient_counts_are_settled_without_simulation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ΔAUC 0.007 near 0.5 (an ablation arm): the approximation says ~130,000 patients, far
+    beyond ``max_n``, so nothing is simulated. Above AUC 0.95 it is not trusted."""
+    calls = _counting_power(monkeypatch)
+    assert analytic_patients_for_power(0.531, 0.524, 0.0, 0.46) > 4 * 20_000
+    with pytest.raises(LymphdxError, match="more than 20000 patients"):
+        patients_for_power(0.531, 0.524, 0.0, 0.46)
+    assert calls == []
+    with pytest.raises(LymphdxError, match="more than 200 patients"):
+        patients_for_power(0.999, 0.998, 0.0, 0.46, max_n=200)
+    assert calls and max(calls) == 200
+
+
+def test_the_shortcut_to_max_n_gives_the_full_search_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the approximation (179) exceeds ``max_n`` (170), the search tries ``max_n`` at
+    once instead of doubling 16, 32, 64, 128 first; the bisection that follows (the same
+    seeded simulations) ends where the full search ends."""
+    calls = _counting_power(monkeypatch)
+    short = patients_for_power(0.95, 0.90, 0.8, 0.3, max_n=170)
+    short_calls = list(calls)
+    calls.clear()
+    monkeypatch.setattr(power, "analytic_patients_for_power", lambda *a, **k: 0)
+    full = patients_for_power(0.95, 0.90, 0.8, 0.3, max_n=170)
+    assert short == full
+    assert 128 < short <= 170
+    assert short_calls[0] == 170 and calls[:4] == [16, 32, 64, 128]
+    assert len(short_calls) == len(calls) - 4
 
 
 def test_power_statement_paper_case() -> None:

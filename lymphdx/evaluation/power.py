@@ -34,6 +34,7 @@ __all__ = [
     "paired_power",
     "estimate_rho",
     "patients_for_power",
+    "analytic_patients_for_power",
     "power_statement",
 ]
 
@@ -178,13 +179,20 @@ def auc_ci_halfwidth(
     abnormal, 58 normal; published SE 0.0304) the approximation gives SE 0.0325 (+7%).
     Not clipped to [0, 1]: it measures uncertainty; clip an interval reported for a table.
     """
-    a = _check_auc(auc)
+    var = _hanley_mcneil_var(n_pos, n_neg, _check_auc(auc), q1, q2)
+    return float(stats.norm.ppf(0.5 + ci / 2.0) * math.sqrt(var))
+
+
+def _hanley_mcneil_var(
+    n_pos: int, n_neg: int, a: float, q1: float | None = None, q2: float | None = None
+) -> float:
+    """Hanley & McNeil's variance of one AUC ``a`` (see :func:`auc_ci_halfwidth`)."""
     if int(n_pos) < 1 or int(n_neg) < 1:
         raise ValueError(f"need positives and negatives, got {n_pos} and {n_neg}")
     q1 = a / (2.0 - a) if q1 is None else float(q1)
     q2 = 2.0 * a * a / (1.0 + a) if q2 is None else float(q2)
     var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
-    return float(stats.norm.ppf(0.5 + ci / 2.0) * math.sqrt(max(var, 0.0)))
+    return max(var, 0.0)
 
 
 def _chunks(n_sim: int) -> Iterator[int]:
@@ -264,6 +272,50 @@ def _split(n: int, prevalence: float) -> tuple[int, int]:
     return n_pos, n - n_pos
 
 
+def analytic_patients_for_power(
+    auc_a: float,
+    auc_b: float,
+    rho: float = 0.6,
+    prevalence: float = 0.45,
+    power: float = 0.8,
+    alpha: float = 0.05,
+) -> int:
+    """Normal-approximation counterpart of :func:`patients_for_power` (no simulation).
+
+    Smallest n with |ΔAUC| / SE(ΔAUC) ≥ z(1−α/2) + z(power), where SE² = Va + Vb −
+    2·rho·√(Va·Vb), Va and Vb the Hanley–McNeil variances of the two AUCs and ``rho``
+    standing in for the correlation of the two AUC estimates. For AUCs up to 0.95 it lies
+    within 25% of the simulated count (tested; measured 0.82–1.23×); above, the Hanley–McNeil
+    variance is too large and it overestimates (1.6–2.7× at AUC 0.99–0.999).
+    ``patients_for_power`` uses it only there, to skip simulations whose outcome it settles
+    by a wide margin.
+    """
+    if _check_auc(auc_a, "auc_a") == _check_auc(auc_b, "auc_b"):
+        raise ValueError("equal AUCs: no number of patients gives power to detect ΔAUC = 0")
+    z = stats.norm.ppf(1.0 - alpha / 2.0) + stats.norm.ppf(power)
+    delta = abs(auc_a - auc_b)
+
+    def reaches(n: int) -> bool:
+        n_pos, n_neg = _split(n, prevalence)
+        va, vb = (_hanley_mcneil_var(n_pos, n_neg, a) for a in (auc_a, auc_b))
+        return delta >= z * math.sqrt(max(va + vb - 2.0 * rho * math.sqrt(va * vb), 0.0))
+
+    lo, hi = 4, 8
+    while not reaches(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
+    return hi
+
+
+# ``patients_for_power`` trusts the normal approximation for AUCs up to _ANALYTIC_MAX_AUC
+# and, there, simulates only where it is within _ANALYTIC_MARGIN × max_n: beyond that,
+# "more than max_n patients" is certain (and simulating it costs tens of seconds).
+_ANALYTIC_MAX_AUC = 0.95
+_ANALYTIC_MARGIN = 4.0
+
+
 def patients_for_power(
     auc_a: float,
     auc_b: float,
@@ -282,6 +334,10 @@ def patients_for_power(
     steps share common random numbers and the power curve is nearly monotone). Positives
     are round(prevalence·n). Raises ``ValueError`` for equal AUCs and ``LymphdxError`` when
     more than ``max_n`` patients would be needed. Monte-Carlo error: about ±10% of n.
+
+    For AUCs up to 0.95 the normal approximation (:func:`analytic_patients_for_power`)
+    settles the far cases: above ``4·max_n`` it raises without simulating, and above
+    ``max_n`` the doubling goes straight to ``max_n``.
     """
     if _check_auc(auc_a, "auc_a") == _check_auc(auc_b, "auc_b"):
         raise ValueError("equal AUCs: no number of patients gives power to detect ΔAUC = 0")
@@ -291,16 +347,30 @@ def patients_for_power(
     def reaches(n: int) -> bool:
         return paired_power(*_split(n, prevalence), auc_a, auc_b, rho, alpha, n_sim, seed) >= power
 
+    too_many = LymphdxError(
+        f"more than {max_n} patients needed for {power:.0%} power to detect "
+        f"AUC {auc_a:.3f} vs {auc_b:.3f}"
+    )
+    guess = 0
+    if max(auc_a, auc_b) <= _ANALYTIC_MAX_AUC:
+        guess = analytic_patients_for_power(auc_a, auc_b, rho, prevalence, power, alpha)
+    if guess > _ANALYTIC_MARGIN * max_n:
+        raise too_many
     lo, hi = 4, 16
-    while not reaches(hi):
-        lo, hi = hi, 2 * hi
-        if hi > max_n:
-            if not reaches(max_n):
-                raise LymphdxError(
-                    f"more than {max_n} patients needed for {power:.0%} power to detect "
-                    f"AUC {auc_a:.3f} vs {auc_b:.3f}"
-                )
-            hi = max_n
+    if guess > max_n >= hi:  # straight to where the doubling would end: max_n
+        while 2 * hi <= max_n:
+            lo, hi = hi, 2 * hi
+        if not reaches(max_n):
+            raise too_many
+        lo, hi = hi, max_n  # lo: the doubling's last step, taken to fail (guess > max_n)
+    else:
+        while not reaches(hi):
+            lo, hi = hi, 2 * hi
+            if hi > max_n:
+                if not reaches(max_n):
+                    raise too_many
+                hi = max_n
+                break
     while hi - lo > max(1, int(0.02 * hi)):
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
