@@ -272,6 +272,14 @@ def _split(n: int, prevalence: float) -> tuple[int, int]:
     return n_pos, n - n_pos
 
 
+def _check_search(auc_a: float, auc_b: float, prevalence: float) -> None:
+    """The inputs of a patient-count search: two different AUCs, a prevalence in (0, 1)."""
+    if _check_auc(auc_a, "auc_a") == _check_auc(auc_b, "auc_b"):
+        raise ValueError("equal AUCs: no number of patients gives power to detect ΔAUC = 0")
+    if not 0.0 < prevalence < 1.0:
+        raise ValueError(f"prevalence must lie strictly between 0 and 1, got {prevalence}")
+
+
 def analytic_patients_for_power(
     auc_a: float,
     auc_b: float,
@@ -290,8 +298,7 @@ def analytic_patients_for_power(
     ``patients_for_power`` uses it only there, to skip simulations whose outcome it settles
     by a wide margin.
     """
-    if _check_auc(auc_a, "auc_a") == _check_auc(auc_b, "auc_b"):
-        raise ValueError("equal AUCs: no number of patients gives power to detect ΔAUC = 0")
+    _check_search(auc_a, auc_b, prevalence)
     z = stats.norm.ppf(1.0 - alpha / 2.0) + stats.norm.ppf(power)
     delta = abs(auc_a - auc_b)
 
@@ -339,10 +346,7 @@ def patients_for_power(
     settles the far cases: above ``4·max_n`` it raises without simulating, and above
     ``max_n`` the doubling goes straight to ``max_n``.
     """
-    if _check_auc(auc_a, "auc_a") == _check_auc(auc_b, "auc_b"):
-        raise ValueError("equal AUCs: no number of patients gives power to detect ΔAUC = 0")
-    if not 0.0 < prevalence < 1.0:
-        raise ValueError(f"prevalence must lie strictly between 0 and 1, got {prevalence}")
+    _check_search(auc_a, auc_b, prevalence)
 
     def reaches(n: int) -> bool:
         return paired_power(*_split(n, prevalence), auc_a, auc_b, rho, alpha, n_sim, seed) >= power
