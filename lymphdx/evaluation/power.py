@@ -361,20 +361,13 @@ def patients_for_power(
     if guess > _ANALYTIC_MARGIN * max_n:
         raise too_many
     lo, hi = 4, 16
-    if guess > max_n >= hi:  # straight to where the doubling would end: max_n
-        while 2 * hi <= max_n:
-            lo, hi = hi, 2 * hi
+    # doubling; when the approximation says more than max_n, its steps are taken to fail
+    while hi < max_n and (guess > max_n or not reaches(hi)):
+        lo, hi = hi, 2 * hi
+    if hi >= max_n:
+        hi = max_n
         if not reaches(max_n):
             raise too_many
-        lo, hi = hi, max_n  # lo: the doubling's last step, taken to fail (guess > max_n)
-    else:
-        while not reaches(hi):
-            lo, hi = hi, 2 * hi
-            if hi > max_n:
-                if not reaches(max_n):
-                    raise too_many
-                hi = max_n
-                break
     while hi - lo > max(1, int(0.02 * hi)):
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
