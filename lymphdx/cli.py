@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import sys
 import time
@@ -203,6 +204,14 @@ def compare_cmd(
         list[str] | None,
         typer.Option("--arms", help="With --ablation: the arms to run (repeat; default all)."),
     ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            min=1,
+            help="Runs trained at once, each in its own process with its share of the cores.",
+        ),
+    ] = 1,
 ) -> None:
     """Train and evaluate every strategy and seed; writes results.json, results.md, roc.png
     (with --ablation: ablation.json, ablation.md, recommended.yaml)."""
@@ -238,6 +247,7 @@ def compare_cmd(
         cv=cv,
         repeats=repeats or 1,
         pooled_selection=pooled_selection,
+        jobs=jobs,
     )
     typer.echo(format_table(results))
 
@@ -248,6 +258,10 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("demo_out"),
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds per strategy.")] = 1,
     epochs: Annotated[int | None, typer.Option(help="Override training.epochs.")] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option("--jobs", min=1, help="Runs trained at once (default: 2 on 2+ cores)."),
+    ] = None,
 ) -> None:
     """Synthetic data + compare of the four strategies with the quick preset."""
     from lymphdx.config import load_config
@@ -273,6 +287,7 @@ def demo(
         out / "compare",
         None,
         list(range(seeds)),
+        jobs=jobs or min(2, os.cpu_count() or 1),
     )
     typer.echo("")
     typer.echo(format_table(results))

@@ -92,9 +92,14 @@ class ModelConfig(_Section):
     decoder_layers: tuple[int, ...] | None = None  # default: same as block_layers
     bn_size: int = 2
     stem_stride: int = 2
-    dropout: float = 0.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # after each dense layer's 3x3 conv
+    # dropout before each of the classifier's FC layers (None: model.dropout)
+    classifier_dropout: float | None = Field(None, ge=0.0, lt=1.0)
     classifier_hidden: int = 32
-    pool: Literal["avg", "max", "avgmax"] = "avgmax"
+    # avg | max | avgmax: the paper's global pooling of the embedding; attention:
+    # attention-MIL pooling whose attention is the ROI decoder's map (Ilse et al. 2018;
+    # lymphdx.models.multitask.Classifier), so the decoder also learns from scan labels
+    pool: Literal["avg", "max", "avgmax", "attention"] = "avgmax"
     decoder_skips: bool = False
     # batch | instance | group; domain_batch: domain-specific batch norm (DSBN, Chang et al.
     # 2019): one set of batch statistics and affine parameters per hospital (weak = 0,
@@ -184,10 +189,48 @@ class PropagationConfig(_Section):
     # pseudo ROI masks only of weak scans the classifier calls positive, σ(f(v)) >= this
     # (None: all scans, the paper)
     roi_cls_gate: float | None = Field(None, ge=0.0, le=1.0)
+    # strategies with an ROI loss: propagation starts at the first due epoch (from
+    # warmup_epochs on) whose strong-validation Dice reached this, then runs every
+    # `every` epochs (None: at warmup_epochs, the paper)
+    dice_gate: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class AugmentationConfig(_Section):
+    """Random augmentation of training scans with MONAI transforms (``lymphdx.data.augment``).
+
+    One spatial draw per scan is applied to its image, mask and pseudo-mask alike. Every
+    draw is seeded by (run seed, epoch, step, scan), so ``--resume`` replays it.
+    """
+
+    enabled: bool = False
+    flip_axes: tuple[int, ...] = (0,)  # x = 0 (left-right), y = 1, z = 2; each p = 0.5
+    rotate_deg: float = Field(10.0, ge=0)  # uniform in ±rotate_deg about each axis
+    scale: float = Field(0.1, ge=0, lt=1)  # isotropic zoom factor in 1 ± scale
+    spatial_prob: float = Field(0.5, ge=0, le=1)  # share of scans rotated and scaled
+    intensity_scale: float = Field(0.1, ge=0)  # z-scored image × (1 + U(±s))
+    intensity_shift: float = Field(0.1, ge=0)  # ... + U(±t)
+    noise_std: float = Field(0.05, ge=0)  # Gaussian noise, sd drawn in [0, noise_std]
+    blur_sigma: tuple[float, float] = (0.5, 1.0)  # voxels; Gaussian blur sigma range
+    intensity_prob: float = Field(0.15, ge=0, le=1)  # each of noise and blur
 
 
 class TrainingConfig(_Section):
     epochs: int = Field(12, ge=1)
+    # optimiser steps per epoch; None: one pass over the weak training split (the paper).
+    # Set, the weak and the strong set are each drawn from their own endless seeded
+    # stream of shuffled passes, so the ROI task's steps do not depend on the weak set's size
+    steps_per_epoch: int | None = Field(None, ge=1)
+    # epochs at the start that train the ROI decoder alone on the strong set (strategies
+    # with an ROI loss; the others start at once)
+    roi_warmup_epochs: int = Field(0, ge=0)
+    # the strong set's ROI loss on patches of this size (voxels, x y z; each divisible by
+    # the model's downsampling; cut to data.shape) instead of whole scans; None: whole
+    # scans (the paper)
+    roi_patch: tuple[int, int, int] | None = None
+    # share of those patches centred on a random node voxel (nnU-Net: 1/3), the rest anywhere
+    roi_foreground: float = Field(0.33, ge=0, le=1)
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
+    optimizer: Literal["adam", "adamw"] = "adam"
     batch_size: int = Field(4, ge=1)
     strong_batch_size: int = Field(4, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -199,6 +242,9 @@ class TrainingConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 = CUDA AMP
     channels_last: bool = False  # channels-last-3d memory format
     compile: bool = False  # torch.compile the model
+    # scans per step of the strong set's pseudo class labels (when they are whole scans
+    # beside ROI patches); None: strong_batch_size
+    pseudo_cls_batch_size: int | None = Field(None, ge=1)
     # before training, estimate a step's peak memory and refuse what will not fit
     memory_check: bool = True
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -211,7 +257,8 @@ class TrainingConfig(_Section):
     #   swa       the uniform average of the last swa_epochs epochs' weights, batch-norm
     #             statistics recomputed on the training set (no choice on validation)
     #   last      a fixed-epoch budget: the final weights (no choice on validation)
-    selection: Literal["best_val", "ema", "swa", "last"] = "best_val"
+    #   ema_last  a fixed budget with the EMA teacher's final weights
+    selection: Literal["best_val", "ema", "swa", "last", "ema_last"] = "best_val"
     swa_epochs: int = Field(5, ge=1)  # selection swa: epochs averaged (all, if fewer)
     # keep checkpoints/epoch_XXX.pt of every epoch (the validated weights), e.g. to score
     # a cross-validation fold at an epoch chosen on the pooled folds
@@ -253,6 +300,17 @@ class Config(_Section):
             raise ValueError(
                 f"data.shape {list(self.data.shape)} must be divisible by the model's "
                 f"downsampling factor {factor} (stem_stride x 2^(blocks-1))"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_patch(self) -> Config:
+        patch = self.training.roi_patch
+        factor = self.model.downsampling
+        if patch is not None and any(p % factor or p <= 0 for p in patch):
+            raise ValueError(
+                f"training.roi_patch {list(patch)} must be divisible by the model's "
+                f"downsampling factor {factor} (a patch larger than data.shape is cut to it)"
             )
         return self
 

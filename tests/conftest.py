@@ -31,9 +31,23 @@ def tiny_config(tmp_path: Path, **overrides: object) -> Config:
             "growth_rate": 4,
             "block_layers": [1, 1, 1, 1],
             "classifier_hidden": 8,
+            "pool": "avgmax",
         },
-        "training": {"epochs": 2, "batch_size": 4, "strong_batch_size": 2},
-        "propagation": {"warmup_epochs": 1, "every": 1},
+        # the paper's schedule (one pass over the weak set per epoch, no ROI warm-up, no
+        # Dice gate, flips only): tests of the quick preset's step schedule, patches,
+        # augmentation and attention set those keys themselves
+        "training": {
+            "epochs": 2,
+            "batch_size": 4,
+            "strong_batch_size": 2,
+            "steps_per_epoch": None,
+            "roi_warmup_epochs": 0,
+            "roi_patch": None,
+            "pseudo_cls_batch_size": None,
+            "selection": "best_val",
+            "augmentation": {"enabled": False},
+        },
+        "propagation": {"warmup_epochs": 1, "every": 1, "dice_gate": None},
         "evaluation": {"bootstrap": 200},
     }
     for key, value in overrides.items():

@@ -51,7 +51,7 @@ def test_config_refuses_shape_not_divisible_by_downsampling() -> None:
 
 
 def test_without_roi_the_decoder_gets_no_gradient() -> None:
-    model = build_model(load_config().model)
+    model = build_model(load_config(overrides={"model": {"pool": "avgmax"}}).model)
     out = model(torch.randn(2, 1, 32, 48, 48), roi=False)
     assert "roi" not in out
     out["cls"].sum().backward()
@@ -59,8 +59,16 @@ def test_without_roi_the_decoder_gets_no_gradient() -> None:
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
 
 
+def test_attention_pooling_teaches_the_decoder_from_the_scan_label() -> None:
+    model = build_model(load_config(overrides={"model": {"pool": "attention"}}).model)
+    out = model(torch.randn(2, 1, 32, 48, 48), roi=False)
+    assert "roi" not in out
+    out["cls"].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
+
+
 def test_checkpointing_matches_outputs_and_gradients() -> None:
-    cfg = load_config()
+    cfg = load_config(overrides={"model": {"classifier_dropout": 0.0}})  # deterministic
     torch.manual_seed(0)
     plain = build_model(cfg.model)
     ckpt = build_model(cfg.model.model_copy(update={"checkpointing": True}))

@@ -108,7 +108,14 @@ def test_compare_report_page(compared: Path, compare_report: Path) -> None:
     assert f"{test['delta_auc']:+.3f} [{lo:+.3f}, {hi:+.3f}]" in page
     assert f"{test['p_delong']:.3f}" in page
     assert html.escape(test["power_text"]) in page
-    for section in ("ROC curves", "Calibration", "FROC", "Overlays", "Training curves"):
+    for section in (
+        "ROC curves",
+        "Calibration",
+        "FROC",
+        "Overlays",
+        "Training curves",
+        "Learning curves",
+    ):
         assert f">{section}" in page
     for item in ("Data sources", "Model selection", "Preprocessing", "Software", "Seeds"):
         assert f"<td>{item}</td>" in page
@@ -129,8 +136,9 @@ def test_compare_report_page(compared: Path, compare_report: Path) -> None:
     assert page.count('class="overlay"') == len(shown_cases) and "no overlay" not in page
     for pid in shown_cases:
         assert f"patient {pid}, label" in page
-    # ROC, calibration, FROC (multitask has detection.json), overlays, 2 training figures
-    assert len(images) == 5 + len(shown_cases)
+    # ROC, calibration, FROC (multitask has detection.json), overlays, 2 training figures,
+    # learning curves
+    assert len(images) == 6 + len(shown_cases)
     assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", page)
     assert "<link" not in page and "<script src" not in page and "url(" not in page
 
@@ -159,7 +167,8 @@ def test_run_report_and_missing_checkpoint(compared: Path, tmp_path: Path) -> No
     assert f"{metrics['auc']:.3f}" in page and "Test metrics" in page
     n_cases = len(_overlay_patients(run))
     assert 'class="froc"' in page and page.count('class="overlay"') == n_cases
-    assert len(_images(page)) == 4 + n_cases  # ROC, calibration, FROC, overlays, training
+    # ROC, calibration, FROC, overlays, training, learning curves
+    assert len(_images(page)) == 5 + n_cases
     with open(run / "report_predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == metrics["n"] and list(rows[0]) == ["patient_id", "label", "multitask"]
@@ -171,7 +180,7 @@ def test_run_report_and_missing_checkpoint(compared: Path, tmp_path: Path) -> No
         shutil.copy(run / name, bare / name)
     page = write_report(bare).read_text()
     assert page.count("no overlay: the checkpoint") == n_cases and "is missing" in page
-    assert len(_images(page)) == 3  # ROC, calibration, training
+    assert len(_images(page)) == 4  # ROC, calibration, training, learning curves
 
 
 def test_not_a_run_or_compare_folder(tmp_path: Path) -> None:

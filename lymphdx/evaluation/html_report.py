@@ -16,7 +16,9 @@ patient: label and the seed-averaged probability of every strategy). The page ho
 6. overlays (``lymphdx.inference.predict``) of the best-AUC strategy's first run on its
    highest-probability test patient and its most wrong one (largest |label − p|);
 7. training curves (``history.csv``) per strategy, seeds overlaid;
-8. the items a CLAIM / TRIPOD+AI reviewer asks for (data, splits, seeds, sample sizes,
+8. learning curves (``lymphdx.evaluation.curves``): weak-validation AUC and strong-validation
+   Dice of every run against training steps, one colour per strategy;
+9. the items a CLAIM / TRIPOD+AI reviewer asks for (data, splits, seeds, sample sizes,
    model selection, preprocessing, model, training, software, dates).
 
 Nothing here trains or chooses anything; the test split is only read.
@@ -44,6 +46,7 @@ import yaml
 
 from lymphdx.config import STRATEGIES
 from lymphdx.errors import LymphdxError
+from lymphdx.evaluation.curves import learning_curves_figure, read_curves
 from lymphdx.evaluation.evaluate import read_predictions
 from lymphdx.evaluation.metrics import _stratified_resamples, auc
 from lymphdx.evaluation.report import data_sets, label
@@ -1221,7 +1224,10 @@ def write_report(path: str | Path) -> Path:
         )
     )
 
-    # 8. checklist
+    # 8. learning curves
+    sections.append(("learning", "Learning curves", _learning_curves_section(by_strategy)))
+
+    # 9. checklist
     sections.append(("checklist", "Reporting checklist", _checklist(inp, n_boot, ci)))
 
     title = (
@@ -1240,6 +1246,29 @@ def write_report(path: str | Path) -> Path:
     out = folder / REPORT_FILE
     write_text(out, page)
     return out
+
+
+def _learning_curves_section(by_strategy: dict[str, list[Run]]) -> str:
+    """The body of the "Learning curves" section: the figure of
+    :func:`lymphdx.evaluation.curves.learning_curves_figure` over the runs' ``history.csv``
+    and how to read it."""
+    curves = read_curves({s: [r.path for r in runs] for s, runs in by_strategy.items()})
+    if not curves:
+        return "<p>No history.csv found.</p>"
+    uri = _png(learning_curves_figure(curves))
+    n = sum(len(v) for v in curves.values())
+    return (
+        f'<div class="figs"><figure>{_img(uri, "learning curves", "learning")}'
+        '<figcaption style="max-width:1000px">'
+        "How to read it: a run has learned when its validation AUC (left, weak set) and "
+        "Dice (right, strong set) rise and then level off as the training steps grow; a "
+        "curve still rising at the end wants more steps. "
+        f"Thin lines: the {n} run(s) (seeds, folds); thick: the mean over a strategy's runs "
+        "at the steps they share (a single run is drawn thick); dashed vertical line: end of "
+        "the ROI warm-up; dotted line with ▼: first propagation of pseudo labels. "
+        "Strategies without an ROI loss log no Dice and are left out on the right."
+        "</figcaption></figure></div>"
+    )
 
 
 def _brier(rows: dict[str, tuple[int, float]], patients: list[str]) -> float:

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from lymphdx.config import PAPER_STRATEGIES, STRATEGIES, Config, validate
-from lymphdx.data.manifest import WeakRecord, write_splits_csv
+from lymphdx.data.manifest import WeakRecord, load_manifests, write_splits_csv
+from lymphdx.data.preprocess import PreprocessCache
 from lymphdx.errors import LymphdxError
 from lymphdx.evaluation.evaluate import evaluate_run, predict_checkpoint, read_predictions
 from lymphdx.evaluation.metrics import (
@@ -33,7 +37,7 @@ from lymphdx.evaluation.metrics import (
 from lymphdx.evaluation.power import estimate_rho, power_statement
 from lymphdx.fileutil import atomic_path, write_json, write_text
 from lymphdx.training.selection import VAL_PREDICTIONS, pooled_best_epoch, read_val_predictions
-from lymphdx.training.trainer import split_manifests, train
+from lymphdx.training.trainer import cache_dir_of, split_manifests, train
 
 __all__ = ["compare", "summarise", "format_table", "PAPER_AUC"]
 
@@ -81,6 +85,62 @@ def run_one(
     resume = (run_dir / "config.yaml").exists()
     train(config, run_dir, weak_csv, strong_csv, resume=resume, progress=progress)
     evaluate_run(run_dir, "test", detection=detection)
+
+
+def _worker_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _warm_cache(config: Config, weak_csv: Path, strong_csv: Path) -> None:
+    """Preprocess every scan and mask once, before parallel runs read the cache."""
+    weak, strong = load_manifests(weak_csv, strong_csv)
+    cache = PreprocessCache(cache_dir_of(config), config.data)
+    for w in weak:
+        cache.image(w.image, w.patient_id)
+    for s in strong:
+        cache.image(s.image, s.patient_id)
+        cache.mask(s.mask, s.image, s.patient_id)
+
+
+def run_all(
+    runs: list[tuple[Config, Path, str]],
+    weak_csv: Path,
+    strong_csv: Path,
+    progress: bool,
+    jobs: int = 1,
+) -> None:
+    """``run_one`` for every ``(config, run folder, description)``; with ``jobs`` > 1 as
+    that many processes at once, each with its share of the cores (runs are independent;
+    the preprocessing cache is filled first, so they only read it)."""
+    todo = [r for r in runs if not (r[1] / "metrics.json").exists()]
+    if jobs <= 1 or len(todo) <= 1:
+        for config, run_dir, what in todo:
+            if progress:
+                print(f"[compare] {what} -> {run_dir}", flush=True)
+            run_one(config, run_dir, weak_csv, strong_csv, progress)
+        return
+    _warm_cache(todo[0][0], weak_csv, strong_csv)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = max(1, (cores or 1) // jobs)
+    with ProcessPoolExecutor(
+        jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_threads,
+        initargs=(threads,),
+    ) as pool:
+        futures = {
+            pool.submit(run_one, config, run_dir, weak_csv, strong_csv, False): (what, run_dir)
+            for config, run_dir, what in todo
+        }
+        if progress:
+            print(f"[compare] {len(todo)} runs, {jobs} at a time, {threads} thread(s) each")
+        for future in as_completed(futures):
+            future.result()
+            if progress:
+                what, run_dir = futures[future]
+                print(f"[compare] done: {what} -> {run_dir}", flush=True)
 
 
 def _paired(
@@ -349,6 +409,7 @@ def _compare_cv(
     repeats: int,
     progress: bool,
     pooled_selection: bool = False,
+    jobs: int = 1,
 ) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, tuple[int, float]]]]]:
     """Cross-validated comparison; returns the results and the pooled predictions.
 
@@ -361,6 +422,7 @@ def _compare_cv(
     fold_aucs: dict[str, list[float]] = {}
     run_dirs: dict[str, list[Path]] = {}
     by_fold: dict[str, dict[tuple[int, int, int], Path]] = {}
+    runs: list[tuple[Config, Path, str]] = []
     for r, f, assignment in folds:
         fold_weak = [replace(w, split=assignment[w.patient_id]) for w in weak]
         for strategy in strategies:
@@ -372,9 +434,13 @@ def _compare_cv(
                 data.update(strategy=strategy, seed=seed)
                 if pooled_selection:
                     data["training"] = {**data.get("training", {}), "keep_epochs": True}
-                if progress:
-                    print(f"[compare] cv repeat {r} fold {f}: {strategy} seed {seed}", flush=True)
-                run_one(validate(data), run_dir, weak_csv, strong_csv, progress)
+                what = f"cv repeat {r} fold {f}: {strategy} seed {seed}"
+                runs.append((validate(data), run_dir, what))
+    run_all(runs, weak_csv, strong_csv, progress, jobs)
+    for r, f, _ in folds:
+        for strategy in strategies:
+            for seed in seeds:
+                run_dir = out / "cv" / f"repeat{r}" / f"fold{f}" / strategy / f"seed{seed}"
                 run_dirs.setdefault(strategy, []).append(run_dir)
                 by_fold.setdefault(strategy, {})[(r, f, seed)] = run_dir
                 rows = read_predictions(run_dir / "predictions_test.csv")
@@ -456,6 +522,7 @@ def compare(
     cv: int = 0,
     repeats: int = 1,
     pooled_selection: bool = False,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Train + evaluate every strategy × seed into ``out/runs/<strategy>/seed<k>``
     (default strategies: the paper's four; ``ssmdmt-plus`` on request); writes
@@ -467,7 +534,7 @@ def compare(
     out-of-fold predictions are pooled, one pooled AUC per repeat × seed. With
     ``pooled_selection`` too, each strategy also gets a row ``<strategy>@pooled-val``:
     the epoch chosen on all folds' validation patients pooled (runs keep every epoch's
-    weights)."""
+    weights). ``jobs``: runs trained at once, each in its own process (``run_all``)."""
     out = Path(out)
     strategies = strategies or list(PAPER_STRATEGIES)
     seeds = seeds if seeds is not None else [0]
@@ -490,17 +557,22 @@ def compare(
             repeats,
             progress,
             pooled_selection,
+            jobs,
         )
         return _write_results(out, config, results, predictions)
     predictions: dict[str, dict[int, dict[str, tuple[int, float]]]] = {}
+    runs: list[tuple[Config, Path, str]] = []
     for strategy in strategies:
         for seed in seeds:
             data = _for_strategy(config)
             data.update(strategy=strategy, seed=seed)
+            runs.append(
+                (validate(data), out / "runs" / strategy / f"seed{seed}", f"{strategy} seed {seed}")
+            )
+    run_all(runs, Path(weak_csv), Path(strong_csv), progress, jobs)
+    for strategy in strategies:
+        for seed in seeds:
             run_dir = out / "runs" / strategy / f"seed{seed}"
-            if progress:
-                print(f"[compare] {strategy} seed {seed} -> {run_dir}", flush=True)
-            run_one(validate(data), run_dir, Path(weak_csv), Path(strong_csv), progress)
             predictions.setdefault(strategy, {})[seed] = read_predictions(
                 run_dir / "predictions_test.csv"
             )

@@ -12,6 +12,7 @@ features of the same resolution (``decoder_skips``; the paper's g sees o only).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -34,6 +35,8 @@ def _stage(enabled: bool, fn: Callable[..., torch.Tensor], *args: torch.Tensor) 
         return cp.checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
+
+ROI_PRIOR = 0.01  # initial ROI probability of every voxel
 
 __all__ = ["DenseEncoder", "Classifier", "RoiDecoder", "MultiTaskNet", "build_model"]
 
@@ -90,18 +93,53 @@ class DenseEncoder(nn.Module):
 
 
 class Classifier(nn.Module):
-    """σ: global pooling of ``o`` and two fully connected layers → one logit ``(B,)``."""
+    """σ: pooling of ``o`` and two fully connected layers → one logit ``(B,)``.
 
-    def __init__(self, in_channels: int, hidden: int, pool: str, dropout: float = 0.0) -> None:
+    ``pool``: ``avg``, ``max`` or ``avgmax`` are the paper's global pooling. ``attention``
+    is attention-MIL pooling (Ilse et al. 2018) whose attention is the ROI decoder's map:
+    the decoder's logits, max-pooled onto the embedding's grid ``(B, 1, d, h, w)``, are
+    softmaxed over the grid and weight ``o``'s cells; the FC layers see that weighted mean
+    ``(B, C_o)`` and the scan's largest ROI logit (its strongest node evidence). The
+    decoder then gets gradient from the scan label too, so ``supervised`` learns its
+    attention from scan labels alone and the ROI strategies also from the other set's masks.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden: int,
+        pool: str,
+        dropout: float = 0.0,
+        downsampling: int = 1,
+    ) -> None:
         super().__init__()
         self.pool = pool
-        width = in_channels * (2 if pool == "avgmax" else 1)
+        self.downsampling = downsampling
+        width = {"avgmax": 2 * in_channels, "attention": in_channels + 1}.get(pool, in_channels)
         self.fc1 = nn.Linear(width, hidden)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc2 = nn.Linear(hidden, 1)
 
-    def pooled(self, o: torch.Tensor) -> torch.Tensor:
-        """The global pooling of ``o`` that the FC layers see, ``(B, C_o)`` or ``(B, 2·C_o)``."""
+    @property
+    def attention(self) -> bool:
+        """Whether pooling reads the ROI decoder's logits."""
+        return self.pool == "attention"
+
+    def attention_logits(self, roi_logits: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """ROI logits ``(B, 1, D, H, W)`` max-pooled onto the embedding's ``grid``
+        ``(d, h, w)`` → ``(B, 1, d, h, w)``."""
+        return F.adaptive_max_pool3d(roi_logits.float(), tuple(grid))
+
+    def pooled(self, o: torch.Tensor, roi_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The pooling of ``o`` that the FC layers see: ``(B, C_o)``, ``(B, 2·C_o)``
+        (avgmax) or ``(B, C_o + 1)`` (attention, which needs ``roi_logits``)."""
+        if self.attention:
+            if roi_logits is None:
+                raise ValueError("attention pooling needs the ROI decoder's logits")
+            a = self.attention_logits(roi_logits, tuple(o.shape[2:])).flatten(2)  # (B, 1, n)
+            weights = torch.softmax(a, dim=-1).to(o.dtype)
+            attended = (o.flatten(2) * weights).sum(dim=-1)  # (B, C_o)
+            return torch.cat([attended, a.amax(dim=-1).to(o.dtype)], dim=1)
         pooled = []
         if self.pool in ("avg", "avgmax"):
             pooled.append(o.mean(dim=(2, 3, 4)))
@@ -109,8 +147,8 @@ class Classifier(nn.Module):
             pooled.append(o.amax(dim=(2, 3, 4)))
         return torch.cat(pooled, dim=1)
 
-    def forward(self, o: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.fc1(self.pooled(o)))
+    def forward(self, o: torch.Tensor, roi_logits: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.relu(self.fc1(self.dropout(self.pooled(o, roi_logits))))
         return self.fc2(self.dropout(h)).squeeze(1)
 
 
@@ -199,8 +237,8 @@ class MultiTaskNet(nn.Module):
 
     ``forward(x, roi=True)`` with ``x`` ``(B, 1, D, H, W)``, D/H/W divisible by the
     downsampling factor, returns ``{"cls": (B,), "roi": (B, 1, D, H, W)}``; with
-    ``roi=False`` the decoder is not run (so it receives no gradient); with a slice,
-    it runs on those batch items only (``roi`` then has their count as batch size).
+    ``roi=False`` no ROI map is returned and, unless the classifier's attention reads it,
+    the decoder is not run; with a slice, only those batch items' maps are returned.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -208,7 +246,11 @@ class MultiTaskNet(nn.Module):
         self.cfg = cfg
         self.encoder = DenseEncoder(cfg)
         self.classifier = Classifier(
-            self.encoder.out_channels, cfg.classifier_hidden, cfg.pool, cfg.dropout
+            self.encoder.out_channels,
+            cfg.classifier_hidden,
+            cfg.pool,
+            cfg.dropout if cfg.classifier_dropout is None else cfg.classifier_dropout,
+            cfg.downsampling,
         )
         self.decoder = RoiDecoder(cfg, self.encoder)
 
@@ -224,12 +266,30 @@ class MultiTaskNet(nn.Module):
                 f"downsampling factor {factor}"
             )
         o, skips = self.encoder(x)
+        size = tuple(x.shape[2:])
+        if self.classifier.attention:  # the classifier reads the whole batch's ROI map
+            roi_logits = self.decoder(o, skips, size)
+            out = {"cls": self.classifier(o, roi_logits)}
+            if roi is True:
+                out["roi"] = roi_logits
+            elif isinstance(roi, slice):
+                out["roi"] = roi_logits[roi]
+            return out
         out = {"cls": self.classifier(o)}
         if roi is True:
-            out["roi"] = self.decoder(o, skips, tuple(x.shape[2:]))
+            out["roi"] = self.decoder(o, skips, size)
         elif isinstance(roi, slice):  # decode only the scans that have an ROI target
-            out["roi"] = self.decoder(o[roi], [s[roi] for s in skips], tuple(x.shape[2:]))
+            out["roi"] = self.decoder(o[roi], [s[roi] for s in skips], size)
         return out
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """What σ's fully connected layers see for images ``x`` ``(B, 1, D, H, W)``
+        (``Classifier.pooled``)."""
+        o, skips = self.encoder(x)
+        roi_logits = (
+            self.decoder(o, skips, tuple(x.shape[2:])) if self.classifier.attention else None
+        )
+        return self.classifier.pooled(o, roi_logits)
 
 
 def build_model(cfg: ModelConfig) -> MultiTaskNet:
@@ -244,6 +304,10 @@ def build_model(cfg: ModelConfig) -> MultiTaskNet:
             nn.init.kaiming_normal_(m.weight)
         elif isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
+    # the ROI logits start at the prior of a rare foreground (Lin et al. 2017's focal-loss
+    # init): from 0.5 everywhere the decoder first spends hundreds of steps learning
+    # "background" and then sits there under Dice + CE (BENCHMARKS.md, learning curves)
+    nn.init.constant_(model.decoder.head[-1].bias, -math.log((1 - ROI_PRIOR) / ROI_PRIOR))
     if cfg.norm == "domain_batch":
         convert_to_domain_bn(model, n_domains=2)
     return model

@@ -79,15 +79,18 @@ class PseudoLabels:
         return out
 
 
-def is_propagation_epoch(epoch: int, cfg: PropagationConfig) -> bool:
-    """Propagation runs at the start of epoch ``warmup``, then every ``every`` epochs."""
-    return epoch >= cfg.warmup_epochs and (epoch - cfg.warmup_epochs) % cfg.every == 0
+def is_propagation_epoch(epoch: int, cfg: PropagationConfig, start: int | None = None) -> bool:
+    """Propagation runs at the start of epoch ``start`` (default ``warmup_epochs``; later
+    when a Dice gate held it back), then every ``every`` epochs."""
+    start = cfg.warmup_epochs if start is None else start
+    return epoch >= start and (epoch - start) % cfg.every == 0
 
 
-def propagation_round(epoch: int, cfg: PropagationConfig) -> int:
+def propagation_round(epoch: int, cfg: PropagationConfig, start: int | None = None) -> int:
     """The index of the propagation round at propagation epoch ``epoch``: how many rounds
-    ran before it (0 at the first)."""
-    return max(0, (epoch - cfg.warmup_epochs) // cfg.every)
+    ran before it (0 at the first, at ``start``, default ``warmup_epochs``)."""
+    start = cfg.warmup_epochs if start is None else start
+    return max(0, (epoch - start) // cfg.every)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -146,9 +149,7 @@ def predict_embeddings(
     try:
         for images in _my_batches(model, volumes, batch_size, ctx, domain):
             pooled = sum(
-                model.classifier.pooled(
-                    model.embed(torch.flip(images, dims=(-1,)) if f else images)
-                ).float()
+                model.pooled(torch.flip(images, dims=(-1,)) if f else images).float()
                 for f in views
             )
             out.append((pooled / len(views)).cpu().numpy())

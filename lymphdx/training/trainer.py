@@ -46,7 +46,8 @@ from tqdm import tqdm
 
 import lymphdx
 from lymphdx.config import Config, dump_config, validate
-from lymphdx.data.datasets import Batch, VolumeSet, epoch_order
+from lymphdx.data.augment import Augmenter
+from lymphdx.data.datasets import VolumeSet, epoch_order
 from lymphdx.data.manifest import StrongRecord, WeakRecord, load_manifests, resolve_splits
 from lymphdx.data.preprocess import (
     Normalizer,
@@ -55,6 +56,7 @@ from lymphdx.data.preprocess import (
     load_normalizers,
     save_normalizers,
 )
+from lymphdx.data.sampling import crop, patch_corner, stream_batches
 from lymphdx.errors import LymphdxError
 from lymphdx.evaluation.metrics import auc as compute_auc
 from lymphdx.fileutil import atomic_path, remove_stale_temporaries, run_lock, write_text
@@ -117,6 +119,10 @@ HISTORY_FIELDS = [
     "pseudo_mask_weighted_fraction",
     "lr",
     "seconds",
+    "step",
+    "phase",
+    "pseudo_mask_nonempty",
+    "propagation_note",
 ]
 
 
@@ -378,6 +384,27 @@ def _strong_dice(
     return 1.0 if total == 0 else float(2 * inter / total)
 
 
+class StepModule(torch.nn.Module):
+    """One training step's forward passes as one module call, so that DDP sees a single
+    forward: whole scans ``images`` ``(B, 1, D, H, W)`` (``MultiTaskNet.forward`` with
+    ``roi``) and, when given, ROI patches ``(P, 1, d, h, w)`` decoded under ``roi_patch``."""
+
+    def __init__(self, model: MultiTaskNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        images: torch.Tensor | None,
+        roi: bool | slice,
+        patches: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        out = {} if images is None else dict(self.model(images, roi=roi))
+        if patches is not None:
+            out["roi_patch"] = self.model(patches, roi=True)["roi"]
+        return out
+
+
 class _Trainer:
     """State of one training run; ``run()`` is the loop of the module docstring."""
 
@@ -391,7 +418,9 @@ class _Trainer:
         self.strategy: Strategy = get_strategy(config.strategy)
         torch.manual_seed(config.seed)
         model = build_model(config.model)
-        if not self.strategy.trains_decoder:  # it never gets a gradient; DDP must know
+        # the decoder learns from masks, or from scan labels through the attention pooling
+        self.decoder_trained = self.strategy.trains_decoder or model.classifier.attention
+        if not self.decoder_trained:  # it never gets a gradient; DDP must know
             model.decoder.requires_grad_(False)
         model = model.to(self.ctx.device)
         self.domain_bn = config.model.norm == "domain_batch"
@@ -404,16 +433,21 @@ class _Trainer:
         if tcfg.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
         self.model: MultiTaskNet = model  # the bare module: checkpoints, propagation, validation
+        # ROI warm-up epochs give the classifier no gradient
+        self.roi_warmup = config.training.roi_warmup_epochs if self.strategy.roi_strong else 0
         # what train_step calls: DDP when distributed, compiled when configured
-        self.train_model = self.ctx.wrap(self.model, find_unused=self.domain_bn)
+        self.train_model = self.ctx.wrap(
+            StepModule(self.model), find_unused=self.domain_bn or self.roi_warmup > 0
+        )
         if tcfg.compile:
             self.train_model = torch.compile(self.train_model, dynamic=False)
         self.scaler = grad_scaler(tcfg, self.ctx.device)
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(),
-            lr=config.training.lr,
-            weight_decay=config.training.weight_decay,
+        optimizer = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = optimizer(
+            self.model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay
         )
+        self.augmenter = Augmenter(tcfg.augmentation) if tcfg.augmentation.enabled else None
+        self._foreground: dict[int, np.ndarray] = {}  # strong training scan -> node voxels
         self.roi_loss = RoiLoss()
         self.weak_train = data.volumes("weak", "train")
         self.weak_val = data.volumes("weak", "val")
@@ -422,10 +456,21 @@ class _Trainer:
             if self.strategy.uses_strong
             else None
         )
+        self.patch = (  # (d, h, w), cut to the volumes' grid
+            None
+            if tcfg.roi_patch is None
+            else tuple(
+                min(p, s)
+                for p, s in zip(reversed(tcfg.roi_patch), self.weak_train.shape, strict=True)
+            )
+        )
         self.strong_val = (
             data.volumes("strong", "val", masks=True) if self.strategy.roi_strong else None
         )
         self.pseudo = PseudoLabels()
+        self.propagation_start: int | None = None  # the epoch of the first propagation
+        self.propagation_note = ""  # why propagation did (not) run this epoch
+        self.steps_done = 0  # optimiser steps so far
         self.epoch = 0
         self.best: dict[str, float] = {"val_auc": -1.0, "val_loss": math.inf, "epoch": -1}
         self.history: list[dict[str, Any]] = []
@@ -433,7 +478,7 @@ class _Trainer:
         # the mean teacher: it labels the other set and/or is the selected model
         self.ema = (
             EmaTeacher(self.model, tcfg.ema_decay)
-            if config.propagation.teacher == "ema" or tcfg.selection == "ema"
+            if config.propagation.teacher == "ema" or tcfg.selection in ("ema", "ema_last")
             else None
         )
         self.swa: SwaAverager | None = None  # built at the first epoch of its window
@@ -452,7 +497,7 @@ class _Trainer:
     @property
     def selected_model(self) -> MultiTaskNet:
         """The model that validation scores and ``best`` holds (until SWA at the end)."""
-        if self.config.training.selection == "ema":
+        if self.config.training.selection in ("ema", "ema_last"):
             assert self.ema is not None
             return self.ema.module  # type: ignore[return-value]
         return self.model
@@ -480,6 +525,15 @@ class _Trainer:
                     len(self.strong_train),
                 )
             )
+            if tcfg.pseudo_cls_batch_size is not None and self.strategy.pseudo_cls_strong:
+                need.append(
+                    (
+                        "training.pseudo_cls_batch_size",
+                        tcfg.pseudo_cls_batch_size,
+                        "strong",
+                        len(self.strong_train),
+                    )
+                )
         for key, size, name, n in need:
             if min(size, n) < world:
                 raise LymphdxError(
@@ -502,6 +556,8 @@ class _Trainer:
             if self.swa is None
             else {**self.swa.state_dict(), "first_epoch": self.swa_first},
             "selection": self.config.training.selection,
+            "propagation_start": self.propagation_start,
+            "steps_done": self.steps_done,
             "config_yaml": dump_config(self.config),
             "lymphdx_version": lymphdx.__version__,
             "fingerprint": run_fingerprint(self.config, self.run_dir),
@@ -516,6 +572,9 @@ class _Trainer:
         self.epoch = int(state["epoch"])
         self.best = dict(state["best"])
         self.pseudo = _pseudo_from_state(state["pseudo"])
+        start = state.get("propagation_start")
+        self.propagation_start = None if start is None else int(start)
+        self.steps_done = int(state.get("steps_done", 0))
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         if state.get("swa") is not None:
@@ -532,9 +591,39 @@ class _Trainer:
         ]
 
     # -- the named steps ---------------------------------------------------------------
+    def propagation_due(self) -> bool:
+        """Whether this epoch starts with a propagation; sets ``propagation_note`` to why
+        (not). The first waits for ``propagation.warmup_epochs`` (and the ROI warm-up),
+        and, with ``propagation.dice_gate``, for the decoder: the last epoch's
+        strong-validation Dice must have reached the gate."""
+        cfg = self.config.propagation
+        self.propagation_note = ""
+        if not self.strategy.propagates:
+            return False
+        if self.propagation_start is not None:
+            return is_propagation_epoch(self.epoch, cfg, self.propagation_start)
+        first = max(cfg.warmup_epochs, self.roi_warmup)
+        if self.epoch < first:
+            self.propagation_note = f"warm-up until epoch {first}"
+            return False
+        gate = cfg.dice_gate if self.strategy.roi_strong else None
+        if gate is None:
+            self.propagation_note = f"started at epoch {first} (propagation.warmup_epochs)"
+        else:
+            dice = self.history[-1].get("strong_val_dice") if self.history else None
+            if dice is None or float(dice) < gate:
+                shown = "none" if dice is None else f"{float(dice):.3f}"
+                self.propagation_note = f"waiting: strong-val Dice {shown} < gate {gate:g}"
+                return False
+            self.propagation_note = f"started: strong-val Dice {float(dice):.3f} >= gate {gate:g}"
+        self.propagation_start = self.epoch
+        log.info("epoch %d: propagation %s", self.epoch, self.propagation_note)
+        return True
+
     def propagation(self) -> None:
         cfg, ctx = self.config.propagation, self.ctx
-        teacher, round_index = self.teacher, propagation_round(self.epoch, cfg)
+        teacher = self.teacher
+        round_index = propagation_round(self.epoch, cfg, self.propagation_start)
         if self.strategy.pseudo_cls_strong:
             assert self.strong_train is not None
             if cfg.method == "graph":
@@ -555,72 +644,150 @@ class _Trainer:
             self.pseudo.weak_masks, self.pseudo.weak_mask_weights = propagate_mask_targets(
                 teacher, self.weak_train, cfg, ctx=ctx, domain=WEAK
             )
+            if not self.pseudo.weak_masks.any():
+                note = (
+                    f"every pseudo ROI mask is empty (no voxel above ζ = {cfg.roi_threshold:g}): "
+                    "the pseudo ROI loss teaches 'no node' everywhere"
+                )
+                log.warning("epoch %d propagation: %s", self.epoch, note)
+                self.propagation_note = "; ".join(filter(None, [self.propagation_note, note]))
         self.pseudo.epoch = self.epoch
         log.info("epoch %d propagation: %s", self.epoch, self.pseudo.summary())
 
-    def _strong_batches(self, n_batches: int) -> list[list[int]]:
-        size, seed, n = (
-            self.config.training.strong_batch_size,
-            self.config.seed,
-            len(self.strong_train),
-        )
-        out: list[list[int]] = []
-        stream = 1
-        while len(out) < n_batches:
-            out += [
-                b
-                for b in epoch_order(n, size, seed, self.epoch, stream)
-                if len(b) == size or n < size
-            ]
-            stream += 1
-        return out[:n_batches]
+    def _augmented(
+        self, key: tuple[int, ...], volumes: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """One scan's volumes (``image`` and any on its grid), augmented with the draw of
+        ``key``: MONAI transforms (``training.augmentation``), else a left-right flip with
+        probability 1/2 (``training.flip_augment``), else as they are."""
+        if self.augmenter is not None:
+            return self.augmenter(key, volumes)
+        if self.config.training.flip_augment and np.random.default_rng(list(key)).random() < 0.5:
+            return {k: v[..., ::-1] for k, v in volumes.items()}
+        return volumes
+
+    def _foreground_voxels(self, i: int) -> np.ndarray:
+        """``(K, 3)`` node voxels of strong training scan ``i`` (computed once)."""
+        if i not in self._foreground:
+            assert self.strong_train is not None
+            self._foreground[i] = np.argwhere(self.strong_train.mask(i) > 0)
+        return self._foreground[i]
+
+    def _load(
+        self, volumes: VolumeSet, batch: list[int], step: int, stream: int, kind: str
+    ) -> dict[str, Any]:
+        """This rank's block of the global ``batch`` (positions in ``volumes``), augmented:
+        ``images`` ``(b, 1, D, H, W)`` and, by ``kind``, ``labels`` (weak), ``pseudo_mask``
+        and ``pseudo_weight`` (weak, once propagated), ``mask`` (strong whole scans with
+        real masks) or ROI ``patches`` and their ``mask`` (``patch``). Each scan's draw
+        depends on (seed, epoch, step, stream, its place in the global batch) only."""
+        mine = self.ctx.shard(range(len(batch)))
+        pseudo = self.pseudo
+        items = []
+        for k in mine:
+            i = batch[k]
+            key = (self.config.seed, self.epoch, step, stream, k)
+            vols = {"image": volumes.image(i)}
+            if kind == "weak" and self.strategy.pseudo_roi_weak and pseudo.weak_masks is not None:
+                vols["pseudo_mask"] = pseudo.weak_masks[i]
+                if pseudo.weak_mask_weights is not None:
+                    vols["pseudo_weight"] = pseudo.weak_mask_weights[i]
+            if kind in ("patch", "strong") and volumes.load_masks:
+                vols["mask"] = volumes.mask(i)
+            if kind == "patch":
+                assert self.patch is not None
+                rng = np.random.default_rng([*key, 1])
+                corner = patch_corner(
+                    vols["mask"],
+                    self.patch,
+                    self.config.training.roi_foreground,
+                    rng,
+                    self._foreground_voxels(i),
+                )
+                vols = {n: crop(v, corner, self.patch) for n, v in vols.items()}
+            items.append(self._augmented(key, vols))
+        out: dict[str, Any] = {
+            n: torch.from_numpy(np.stack([it[n] for it in items])[:, None].copy()) for n in items[0]
+        }
+        index = [batch[k] for k in mine]
+        out["index"] = index
+        out["patient_ids"] = [volumes.records[i].patient_id for i in index]
+        labels = volumes.labels
+        if kind == "weak" and labels is not None:
+            out["labels"] = torch.from_numpy(labels[index])
+        return out
 
     def _losses(
         self,
         step: int,
-        images: torch.Tensor,
-        weak: Batch,
-        wflip: list[bool] | None,
-        strong: Batch | None,
-        roi: bool | slice,
-        global_batches: tuple[list[int], list[int] | None],
+        weak: dict[str, Any] | None,
+        strong: dict[str, Any] | None,
+        patches: dict[str, Any] | None,
+        sizes: tuple[int, int, int],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The forward pass of this rank's block ``images`` (its weak scans ``weak``, then
-        its strong ones) and the loss terms of the global batch (``global_batches``: the
-        positions of all its weak and strong scans); returns ``(weighted total, terms)``."""
-        ctx, device = self.ctx, self.ctx.device
-        weak_batch, strong_batch = global_batches
-        nw = len(weak.index)
-        with autocast(self.config.training, device):
-            out = self.train_model(prepare_input(images.to(device), self.config.training), roi=roi)
-        weights = self.config.training.loss
-        n_weak = len(weak_batch)
-        terms: dict[str, torch.Tensor] = {
-            "cls": batch_classification_loss(
-                ctx, out["cls"][:nw], weak.labels.to(device), total_weight=n_weak
+        """The forward pass of this rank's blocks (weak and strong whole scans, strong ROI
+        patches) and the loss terms of the global batch (``sizes``: its weak, strong and
+        patch counts); returns ``(weighted total, terms)``."""
+        ctx, device, tcfg = self.ctx, self.ctx.device, self.config.training
+        n_weak, n_strong, n_patch = sizes
+        nw = 0 if weak is None else len(weak["index"])
+        parts = [b["image"] for b in (weak, strong) if b is not None]
+        pseudo_roi = weak is not None and "pseudo_mask" in weak
+        strong_masks = strong is not None and "mask" in strong
+        # decode only the scans with an ROI target (pseudo masks: weak; real masks: strong)
+        roi: bool | slice = False
+        if pseudo_roi and strong_masks:
+            roi = True
+        elif pseudo_roi:
+            roi = slice(0, nw)
+        elif strong_masks:
+            roi = slice(nw, None)
+        images = torch.cat(parts).to(device) if parts else None
+        with contextlib.ExitStack() as routing:
+            if self.domain_bn:  # weak scans in domain 0, strong in 1; the decoder sees roi
+                n = 0 if images is None else len(images)
+                ids = torch.tensor([WEAK] * nw + [STRONG] * (n - nw))
+                routing.enter_context(domains(self.model, ids))
+                if isinstance(roi, slice):
+                    routing.enter_context(domains(self.model.decoder, ids[roi]))
+            with autocast(tcfg, device):
+                out = self.train_model(
+                    None if images is None else prepare_input(images, tcfg),
+                    roi,
+                    None if patches is None else prepare_input(patches["image"].to(device), tcfg),
+                )
+        terms: dict[str, torch.Tensor] = {}
+        if weak is not None:
+            terms["cls"] = batch_classification_loss(
+                ctx, out["cls"][:nw], weak["labels"].to(device), total_weight=n_weak
             )
-        }
-        if strong is not None and self.strategy.roi_strong:
-            assert strong_batch is not None and strong.masks is not None
-            strong_roi = out["roi"][nw:] if roi is True else out["roi"]
+        if patches is not None:
             terms["roi"] = batch_roi_loss(
                 ctx,
                 self.roi_loss,
-                strong_roi,
-                strong.masks.to(device),
-                total_items=len(strong_batch),
+                out["roi_patch"],
+                patches["mask"].to(device),
+                total_items=n_patch,
+            )
+        elif strong_masks:
+            assert strong is not None
+            strong_roi = (
+                out["roi"][nw:] if roi is True or self.model.classifier.attention else out["roi"]
+            )
+            terms["roi"] = batch_roi_loss(
+                ctx, self.roi_loss, strong_roi, strong["mask"].to(device), total_items=n_strong
             )
         pseudo = self.pseudo
         if (
             strong is not None
-            and strong_batch is not None
             and self.strategy.pseudo_cls_strong
             and pseudo.strong_targets is not None
             and pseudo.strong_weights is not None
         ):
-            t = torch.from_numpy(pseudo.strong_targets[strong.index]).to(device)
-            w = torch.from_numpy(pseudo.strong_weights[strong.index]).to(device)
-            weight_sum = float(pseudo.strong_weights[strong_batch].sum())
+            index = strong["index"]
+            t = torch.from_numpy(pseudo.strong_targets[index]).to(device)
+            w = torch.from_numpy(pseudo.strong_weights[index]).to(device)
+            weight_sum = float(pseudo.strong_weights[strong["global"]].sum())
             # graph weights (certainty x class weight) scale each scan's loss, averaged
             # over the batch (Iscen et al.); the paper's 0/1 weights select scans
             graph = self.config.propagation.method == "graph"
@@ -630,109 +797,128 @@ class _Trainer:
                     out["cls"][nw:],
                     t,
                     w,
-                    total_weight=float(len(strong_batch)) if graph else weight_sum,
+                    total_weight=float(n_strong) if graph else weight_sum,
                     scale_items=graph,
                 )
-        if self.strategy.pseudo_roi_weak and pseudo.weak_masks is not None:
-
-            def flipped(a: np.ndarray) -> torch.Tensor:
-                if wflip is not None:
-                    a = np.stack([m[..., ::-1] if f else m for m, f in zip(a, wflip, strict=True)])
-                return torch.from_numpy(np.ascontiguousarray(a))[:, None].to(device)
-
-            target = flipped(pseudo.weak_masks[weak.index])
-            if pseudo.weak_mask_weights is None:
+        if pseudo_roi:
+            assert weak is not None
+            target = weak["pseudo_mask"].to(device)
+            weak_roi = out["roi"][:nw]
+            if "pseudo_weight" not in weak:
                 terms["pseudo_roi"] = batch_roi_loss(
-                    ctx, self.roi_loss, out["roi"][:nw], target, total_items=n_weak
+                    ctx, self.roi_loss, weak_roi, target, total_items=n_weak
                 )
             else:
-                voxel_weights = flipped(pseudo.weak_mask_weights[weak.index])
                 terms["pseudo_roi"] = batch_masked_roi_loss(
-                    ctx, out["roi"][:nw], target, voxel_weights
+                    ctx, weak_roi, target, weak["pseudo_weight"].to(device)
                 )
         for k, v in terms.items():
             if not torch.isfinite(v):  # a global value: every rank stops here together
+                who = [
+                    f"{name} patients {b['patient_ids']}"
+                    for name, b in (("weak", weak), ("strong", strong), ("ROI patch", patches))
+                    if b
+                ]
                 raise TrainingError(
                     f"loss term {k!r} became {float(v.detach())} at epoch {self.epoch} step {step} "
-                    f"(weak patients {weak.patient_ids}"
-                    + (f", strong patients {strong.patient_ids}" if strong else "")
-                    + f"); stopped, the last good checkpoint is {self.run_dir / 'checkpoints'}"
+                    f"({', '.join(who)}); stopped, the last good checkpoint is "
+                    f"{self.run_dir / 'checkpoints'}"
                 )
+        weights = tcfg.loss
         total = sum(getattr(weights, k) * v for k, v in terms.items())
         assert isinstance(total, torch.Tensor)
         return total, terms
 
     def train_step(
-        self, step: int, weak_batch: list[int], strong_batch: list[int] | None
+        self,
+        step: int,
+        weak_batch: list[int] | None,
+        strong_batch: list[int] | None,
+        patch_batch: list[int] | None = None,
     ) -> dict[str, float]:
-        """One optimiser step on a global batch (positions in the weak and strong training
-        sets); this rank trains on its block of each. Returns the global batch's losses."""
-        ctx = self.ctx
-        flip_rng = np.random.default_rng([self.config.seed, self.epoch, step, 7])
-        flips = self.config.training.flip_augment
-        # flips are drawn for the global batch, so any number of ranks replays them
-        wflips = (flip_rng.random(len(weak_batch)) < 0.5).tolist() if flips else None
-        mine = ctx.shard(range(len(weak_batch)))
-        weak_index = [weak_batch[k] for k in mine]
-        wflip = None if wflips is None else [wflips[k] for k in mine]
-        weak = self.weak_train.batch(weak_index, wflip)
-        images, nw = weak.images, len(weak_index)
-        strong = None
+        """One optimiser step on a global batch: positions in the weak training set (None
+        in the ROI warm-up), in the strong one as whole scans (ROI masks without patches,
+        pseudo class labels) and as ROI patches. This rank trains on its block of each.
+        Returns the global batch's losses."""
+        weak = (
+            None if weak_batch is None else self._load(self.weak_train, weak_batch, step, 0, "weak")
+        )
+        strong = patches = None
         if strong_batch is not None:
-            sflips = (flip_rng.random(len(strong_batch)) < 0.5).tolist() if flips else None
-            mine = ctx.shard(range(len(strong_batch)))
-            strong_index = [strong_batch[k] for k in mine]
-            sflip = None if sflips is None else [sflips[k] for k in mine]
-            strong = self.strong_train.batch(strong_index, sflip)
-            images = torch.cat([images, strong.images])
-        pseudo_roi = self.strategy.pseudo_roi_weak and self.pseudo.weak_masks is not None
-        roi_strong = strong is not None and self.strategy.roi_strong
-        # decode only the scans with an ROI target (real masks: strong; pseudo masks: weak)
-        roi: bool | slice = False
-        if pseudo_roi and roi_strong:
-            roi = True
-        elif pseudo_roi:
-            roi = slice(0, nw)
-        elif roi_strong:
-            roi = slice(nw, None)
-        with contextlib.ExitStack() as routing:
-            if self.domain_bn:  # weak scans in domain 0, strong in 1; the decoder sees roi
-                ids = torch.tensor([WEAK] * nw + [STRONG] * (len(images) - nw))
-                routing.enter_context(domains(self.model, ids))
-                if isinstance(roi, slice):
-                    routing.enter_context(domains(self.model.decoder, ids[roi]))
-            # the backward pass stays inside: checkpointing re-runs the routed forward
-            total, terms = self._losses(
-                step, images, weak, wflip, strong, roi, (weak_batch, strong_batch)
-            )
-            self.optimizer.zero_grad(set_to_none=True)
-            optimizer_step(total, self.optimizer, self.scaler)  # scaler: fp16 AMP
+            assert self.strong_train is not None
+            strong = self._load(self.strong_train, strong_batch, step, 1, "strong")
+            strong["global"] = strong_batch
+            if self.patch is not None:
+                strong.pop("mask", None)  # the ROI loss is on the patches
+        if patch_batch is not None:
+            assert self.strong_train is not None
+            patches = self._load(self.strong_train, patch_batch, step, 2, "patch")
+        sizes = (
+            len(weak_batch or []),
+            len(strong_batch or []),
+            len(patch_batch or []),
+        )
+        # the backward pass stays inside the routing: checkpointing re-runs the forward
+        total, terms = self._losses(step, weak, strong, patches, sizes)
+        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(total, self.optimizer, self.scaler)  # scaler: fp16 AMP
+        self.steps_done += 1
         if self.ema is not None:
             self.ema.update(self.model, self.ema.updates)
         losses = {f"loss_{k}": float(v.detach()) for k, v in terms.items()}
         return {"loss": float(total.detach()), **losses}
 
+    def epoch_batches(self) -> list[tuple[list[int] | None, list[int] | None, list[int] | None]]:
+        """This epoch's global batches ``(weak, strong whole scans, strong patches)``.
+
+        ``training.steps_per_epoch`` steps, each set drawn from its own seeded stream
+        (``sampling.stream_batches``); unset, one pass over the weak training split (the
+        paper; a last batch of 1 is merged, it would break batch norm). The ROI warm-up
+        draws no weak scans."""
+        tcfg, seed, epoch = self.config.training, self.config.seed, self.epoch
+        warmup = self.epoch < self.roi_warmup
+        if tcfg.steps_per_epoch is not None:
+            steps = tcfg.steps_per_epoch
+            weak = stream_batches(len(self.weak_train), tcfg.batch_size, steps, seed, epoch, 0)
+        else:
+            weak = epoch_order(len(self.weak_train), tcfg.batch_size, seed, epoch, 0)
+            # a batch of 1 breaks batch norm, and every rank needs a scan of every batch
+            if len(weak) > 1 and len(weak[-1]) < max(2, self.ctx.world_size):
+                weak[-2] += weak.pop()
+            steps = len(weak)
+        none: list[list[int] | None] = [None] * steps
+        strong, patches = list(none), list(none)
+        if self.strong_train is not None:
+            n = len(self.strong_train)
+            pseudo_cls = self.strategy.pseudo_cls_strong and self.pseudo.strong_targets is not None
+            roi_whole = self.strategy.roi_strong and self.patch is None
+            if pseudo_cls or roi_whole:
+                size = tcfg.strong_batch_size
+                if self.patch is not None and tcfg.pseudo_cls_batch_size is not None:
+                    size = tcfg.pseudo_cls_batch_size
+                strong = list(stream_batches(n, size, steps, seed, epoch, 1))
+            if self.strategy.roi_strong and self.patch is not None:
+                patches = list(stream_batches(n, tcfg.strong_batch_size, steps, seed, epoch, 2))
+        if warmup:  # the decoder alone, on the strong set's masks
+            return [
+                (None, s if self.patch is None else None, p)
+                for s, p in zip(strong, patches, strict=True)
+            ]
+        return list(zip(weak, strong, patches, strict=True))
+
     def train_epoch(self) -> dict[str, float]:
         self.train_model.train()
-        tcfg = self.config.training
-        batches = epoch_order(
-            len(self.weak_train), tcfg.batch_size, self.config.seed, self.epoch, 0
-        )
-        # a batch of 1 breaks batch norm, and every rank needs a scan of every batch
-        if len(batches) > 1 and len(batches[-1]) < max(2, self.ctx.world_size):
-            batches[-2] += batches.pop()
-        use_strong = self.strong_train is not None and (
-            self.strategy.roi_strong or self.pseudo.strong_targets is not None
-        )
-        strong_batches = self._strong_batches(len(batches)) if use_strong else [None] * len(batches)
+        batches = self.epoch_batches()
         sums: dict[str, float] = {}
-        for step, (wb, sb) in enumerate(zip(batches, strong_batches, strict=True)):
-            for k, v in self.train_step(step, wb, sb).items():
+        for step, (wb, sb, pb) in enumerate(batches):
+            for k, v in self.train_step(step, wb, sb, pb).items():
                 sums[k] = sums.get(k, 0.0) + v
         self.ctx.average_buffers(self.model)  # batch-norm running statistics
         if self.ema is not None:
             self.ctx.average_buffers(self.ema.module)
-        return {k: v / len(batches) for k, v in sums.items()}
+        row = {k: v / len(batches) for k, v in sums.items()}
+        row["phase"] = "roi-warmup" if self.epoch < self.roi_warmup else "joint"
+        return row
 
     def score(self, model: MultiTaskNet) -> tuple[dict[str, float], np.ndarray]:
         """``model``'s validation row (AUC, BCE, strong-set Dice) and its probabilities
@@ -784,6 +970,8 @@ class _Trainer:
         tcfg = self.config.training
         final = self.epoch == tcfg.epochs - 1
         if tcfg.selection in ("best_val", "ema"):
+            if self.epoch < self.roi_warmup:  # the classifier has not trained yet
+                return None
             better = row["val_auc"] > self.best["val_auc"] or (
                 row["val_auc"] == self.best["val_auc"] and row["val_loss"] < self.best["val_loss"]
             )
@@ -792,8 +980,8 @@ class _Trainer:
             chosen = self.selected_model
         elif not final:
             return None
-        elif tcfg.selection == "last":
-            chosen = self.model
+        elif tcfg.selection in ("last", "ema_last"):
+            chosen = self.selected_model
         else:  # swa: the average, with batch-norm statistics of its own weights
             assert self.swa is not None
             chosen = self.swa.module  # type: ignore[assignment]
@@ -874,9 +1062,7 @@ class _Trainer:
             for _ in bar:
                 start = time.perf_counter()
                 torch.manual_seed(self.config.seed * 100_003 + self.epoch)  # dropout etc.
-                propagated = self.strategy.propagates and is_propagation_epoch(
-                    self.epoch, self.config.propagation
-                )
+                propagated = self.propagation_due()
                 if propagated:
                     self.propagation()
                 row: dict[str, Any] = {"epoch": self.epoch, **self.train_epoch(), **self.validate()}
@@ -884,9 +1070,12 @@ class _Trainer:
                     propagated=int(propagated),
                     lr=self.optimizer.param_groups[0]["lr"],
                     seconds=round(time.perf_counter() - start, 3),
+                    step=self.steps_done,
                 )
                 if propagated:
                     row.update(self.pseudo.summary())
+                if self.propagation_note:
+                    row["propagation_note"] = self.propagation_note
                 log.info(
                     "epoch %d %s",
                     self.epoch,
