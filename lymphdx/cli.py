@@ -73,12 +73,36 @@ def synth(
     n_pos: Annotated[int, typer.Option(help="Positive weak-set scans.")] = 57,
     n_strong: Annotated[int, typer.Option(help="Strong-set scans.")] = 85,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    shift: Annotated[
+        float,
+        typer.Option(
+            "--shift",
+            help="How far hospital B's acquisition (calibration, contrast phase, noise, "
+            "texture, PSF, voxel spacing) lies from A's: 0 = like A's, 1 = default, "
+            "2 = twice the default difference. >= 0.",
+        ),
+    ] = 1.0,
+    node_scale: Annotated[
+        float,
+        typer.Option(
+            "--node-scale",
+            help="Multiplies every node's diameter range (both hospitals, benign and "
+            "metastatic): 0.6 = nodes 0.6x as large relative to the voxel. In (0, 2].",
+        ),
+    ] = 1.0,
 ) -> None:
     """Write the synthetic two-hospital data set (NIfTI + manifests)."""
     from lymphdx.data.synthetic import SynthSpec, write_synthetic
 
     try:
-        spec = SynthSpec(n_weak=n_weak, n_pos=n_pos, n_strong=n_strong, seed=seed)
+        spec = SynthSpec(
+            n_weak=n_weak,
+            n_pos=n_pos,
+            n_strong=n_strong,
+            seed=seed,
+            shift=shift,
+            node_scale=node_scale,
+        )
     except ValueError as err:
         raise LymphdxError(f"invalid synth options: {err}") from None
     summary = write_synthetic(out, spec)

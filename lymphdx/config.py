@@ -312,6 +312,12 @@ class Config(_Section):
                 f"training.roi_patch {list(patch)} must be divisible by the model's "
                 f"downsampling factor {factor} (a patch larger than data.shape is cut to it)"
             )
+        if patch is not None and self.model.norm == "domain_batch":
+            raise ValueError(
+                "model.norm domain_batch routes each forward pass's scans by hospital and "
+                "does not support training.roi_patch (a second forward pass of strong "
+                "patches); set training.roi_patch: null"
+            )
         return self
 
     @model_validator(mode="after")

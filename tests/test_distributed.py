@@ -336,3 +336,42 @@ def test_torchrun_all_options_with_domain_batch_norm(tiny_data: Path, tmp_path: 
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     assert best["selection"] == "ema"
     build_model(config.model).load_state_dict(best["model"])
+
+
+def test_torchrun_quick_recipe_with_patches_warmup_and_attention(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """ssmdmt with the quick preset's recipe (steps per epoch, ROI warm-up, node patches in
+    a second forward pass, MONAI augmentation, attention pooling, Dice gate, EMA
+    selection) under two processes: DDP sees one forward per step (``StepModule``), the
+    warm-up's unused classifier does not hang it, and the weights stay identical on both
+    ranks after every epoch."""
+    weak, strong = tiny_data / "weak" / "manifest.csv", tiny_data / "strong" / "manifest.csv"
+    config = tiny_config(
+        tmp_path,
+        strategy="ssmdmt",
+        model={"pool": "attention"},
+        training={
+            "epochs": 3,
+            "num_threads": 1,
+            "steps_per_epoch": 2,
+            "roi_warmup_epochs": 1,
+            "roi_patch": [16, 16, 16],
+            "pseudo_cls_batch_size": 2,
+            "selection": "ema_last",
+            "augmentation": {"enabled": True},
+        },
+        propagation={"warmup_epochs": 1, "every": 1, "dice_gate": 0.0},
+    )
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(dump_config(config))
+    run = tmp_path / "two"
+    common = ["--weak", str(weak), "--strong", str(strong), "--config", str(config_path)]
+    _torchrun(*common, "--out", str(run), cwd=tmp_path)
+    log = (run / "train.log").read_text()
+    assert "weights identical on 2 ranks" in log
+    assert "propagation started" in log
+    with open(run / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["phase"] for r in rows] == ["roi-warmup", "joint", "joint"]
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]

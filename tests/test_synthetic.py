@@ -4,25 +4,34 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
+from typer.testing import CliRunner
 
+from lymphdx.cli import app
 from lymphdx.data.synthetic import (
     BENIGN_DIAMETER,
     HOSPITALS,
     METASTATIC_DIAMETER,
+    MIN_SPACING_MM,
     NODE_COLUMNS,
     NODE_XY_RANGE_MM,
     NODE_Z_RANGE_MM,
+    SHIFT_FIELDS,
+    SHIFT_FLOORS,
+    SHIFT_HU_FIELDS,
+    SHIFT_HU_RANGE,
     Scan,
     SynthSpec,
     Tissue,
     make_scan,
     patient_rng,
+    shifted_hospital,
     weak_labels,
     write_synthetic,
 )
@@ -130,7 +139,15 @@ def test_layout_and_manifests(data: tuple[Path, dict]) -> None:
     leftovers = [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
     assert not leftovers
     meta = json.loads((out / "synth.json").read_text())
-    assert meta["spec"] == {"n_weak": 6, "n_pos": 3, "n_strong": 4, "seed": 11}
+    assert meta["spec"] == {
+        "n_weak": 6,
+        "n_pos": 3,
+        "n_strong": 4,
+        "seed": 11,
+        "shift": 1.0,
+        "node_scale": 1.0,
+    }
+    assert meta["summary"]["shift"] == 1.0 and meta["summary"]["node_scale"] == 1.0
     assert meta["summary"]["n_weak_positive"] == 3
     assert summary["n_weak"] == 6 and summary["n_strong"] == 4
     assert summary["seconds"] > 0
@@ -163,6 +180,15 @@ def test_spec_validation() -> None:
         SynthSpec(n_weak=3, n_pos=4)
     with pytest.raises(ValueError, match="hospital"):
         make_scan(np.random.default_rng(0), "C", False)
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="shift must be a finite number >= 0"):
+            SynthSpec(shift=bad)
+    for bad in (0.0, -1.0, 2.5, float("nan")):
+        with pytest.raises(ValueError, match=r"node_scale must be in \(0, 2\]"):
+            SynthSpec(node_scale=bad)
+    SynthSpec(shift=0.0, node_scale=2.0)  # the bounds themselves are valid
+    with pytest.raises(ValueError, match="node_scale"):
+        make_scan(np.random.default_rng(0), "A", False, node_scale=0.0)
 
 
 def test_make_scan_label_control(scans: dict[str, list[Scan]]) -> None:
@@ -325,3 +351,151 @@ def test_body_anatomy_plausible(scans: dict[str, list[Scan]]) -> None:
     body = t > 0
     assert not body[:, 0, :].any() and not body[:, -1, :].any()
     assert not body[:, :, 0].any() and not body[:, :, -1].any()
+
+
+# ------------------------------------------------------------------ harder data: shift, node_scale
+
+
+def _fov(h) -> np.ndarray:
+    return np.asarray(h.size) * np.asarray(h.spacing)
+
+
+def test_default_knobs_leave_the_data_unchanged(data: tuple[Path, dict], tmp_path: Path) -> None:
+    explicit = SynthSpec(shift=1.0, node_scale=1.0)
+    assert explicit == SynthSpec()
+    assert shifted_hospital(1.0) == HOSPITALS["B"]  # the general formula, exact at 1
+    assert explicit.hospital("A") == HOSPITALS["A"] and explicit.hospital("B") == HOSPITALS["B"]
+    for h in ("A", "B"):
+        old = make_scan(patient_rng(3, "weak", 1), h, True)
+        new = make_scan(patient_rng(3, "weak", 1), explicit.hospital(h), True, explicit.node_scale)
+        assert old.hu.tobytes() == new.hu.tobytes()
+        assert old.instances.tobytes() == new.instances.tobytes()
+        assert old.geometry == new.geometry and old.nodes == new.nodes
+    # the written files of an explicit (1, 1) spec equal the default spec's
+    out, _ = data
+    write_synthetic(tmp_path, SynthSpec(n_weak=1, n_pos=1, n_strong=1, seed=SPEC.seed, shift=1.0))
+    for rel in ("strong/images/S0001.nii.gz", "strong/masks/S0001.nii.gz"):
+        a = np.asanyarray(nib.load(out / rel).dataobj)
+        b = np.asanyarray(nib.load(tmp_path / rel).dataobj)
+        assert a.tobytes() == b.tobytes()
+
+
+def test_shift_zero_gives_b_the_acquisition_of_a() -> None:
+    a, b = HOSPITALS["A"], HOSPITALS["B"]
+    h = SynthSpec(shift=0.0).hospital("B")
+    assert SynthSpec(shift=0.0).hospital("A") == a  # A never moves
+    for f in SHIFT_FIELDS:
+        assert getattr(h, f) == getattr(a, f), f
+    for f in SHIFT_HU_FIELDS:
+        assert getattr(h, f) == (getattr(a, f)[0], getattr(b, f)[1]), f  # sd stays B's
+    assert h.spacing == a.spacing
+    assert h.size == (84, 84, 45)  # B's field of view (336 x 336 x 224 mm) on A's voxels
+    assert np.all(np.abs(_fov(h) - _fov(b)) <= np.asarray(h.spacing) / 2)
+    assert (h.name, h.n_nodes, h.p_metastatic) == ("B", b.n_nodes, b.p_metastatic)
+    scan = make_scan(patient_rng(0, "strong", 0), h, True)
+    assert scan.geometry.spacing == a.spacing and scan.hu.shape == (45, 84, 84)
+    assert scan.hospital == "B"
+
+
+def test_shift_two_doubles_the_difference() -> None:
+    h = shifted_hospital(2.0)
+    # by hand: A + 2 (B - A)
+    assert h.gain == pytest.approx(1.10)
+    assert h.offset == pytest.approx(30.0)
+    assert h.noise_sd == pytest.approx(38.0)
+    assert h.texture_gain == pytest.approx(1.6)
+    assert h.texture_sigma == pytest.approx(0.5)
+    assert h.psf_sigma == pytest.approx(0.4)
+    assert h.noise_sigma == SHIFT_FLOORS["noise_sigma"]  # 1 + 2 (0.5 - 1) = 0, clamped
+    expected_hu = {
+        "aorta_hu": (350.0, 25.0),
+        "vein_hu": (35.0, 12.0),
+        "liver_hu": (30.0, 8.0),
+        "spleen_hu": (110.0, 15.0),
+        "kidney_hu": (215.0, 20.0),
+        "bowel_wall_hu": (35.0, 6.0),
+    }
+    for f, (mean, sd) in expected_hu.items():
+        assert getattr(h, f) == (pytest.approx(mean), sd), f
+    assert h.spacing == pytest.approx((3.0, 3.0, 3.0))
+    assert h.size == (112, 112, 75)  # 336 / 3, 224 / 3 rounded
+    # a scan shows it: the arterial aorta is brighter still (gain * 350 + 30 ≈ 415 HU)
+    s = make_scan(patient_rng(0, "strong", 1), h, False)
+    aorta = float(np.median(s.hu[ndimage.binary_erosion(s.tissue == Tissue.ARTERY)]))
+    assert aorta == pytest.approx(1.1 * 350 + 30, abs=90)
+    assert s.hu.shape == (75, 112, 112)
+
+
+def test_large_shift_is_clamped_to_valid_values() -> None:
+    h = shifted_hospital(10.0)
+    assert h.gain > 0 and h.noise_sd > 0
+    for f, floor in SHIFT_FLOORS.items():
+        assert getattr(h, f) >= floor, f
+    assert h.noise_sigma > 0 and h.texture_sigma > 0 and h.psf_sigma > 0
+    for f in SHIFT_HU_FIELDS:
+        assert SHIFT_HU_RANGE[0] <= getattr(h, f)[0] <= SHIFT_HU_RANGE[1], f
+    assert h.spacing == (MIN_SPACING_MM,) * 3
+    assert np.all(np.abs(_fov(h) - _fov(HOSPITALS["B"])) <= MIN_SPACING_MM / 2)
+
+
+def test_node_scale_shrinks_nodes() -> None:
+    def scans(scale: float) -> list[Scan]:
+        return [
+            make_scan(patient_rng(5, "scale", i), h, bool(i % 2), scale)
+            for h in ("A", "B")
+            for i in range(4)
+        ]
+
+    big, small = scans(1.0), scans(0.6)
+    d_big = np.array([n.diameter_mm for s in big for n in s.nodes])
+    d_small = np.array([n.diameter_mm for s in small for n in s.nodes])
+    assert d_small.mean() / d_big.mean() == pytest.approx(0.6, abs=0.08)
+    # nodes that did not fit may have been shrunk, never grown
+    for s in small:
+        for n in s.nodes:
+            hi = (METASTATIC_DIAMETER if n.metastatic else BENIGN_DIAMETER)[1]
+            assert n.diameter_mm <= 0.6 * hi + 1e-6
+    # masks shrink with the nodes (volume ~ 0.6^3 ≈ 0.22, less at the voxel scale)
+    vox_big = sum(np.count_nonzero(s.instances) for s in big) / len(d_big)
+    vox_small = sum(np.count_nonzero(s.instances) for s in small) / len(d_small)
+    assert vox_small < 0.45 * vox_big
+    # every node still covers its centre voxel; the labels do not change
+    for s in small:
+        assert set(np.unique(s.instances)) == set(range(len(s.nodes) + 1))
+    assert [s.metastatic for s in small] == [s.metastatic for s in big]
+
+
+def test_synth_cli_knobs_recorded(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "d"
+    args = ["synth", "--out", str(out), "--n-weak", "1", "--n-pos", "1", "--n-strong", "1"]
+    result = runner.invoke(app, [*args, "--shift", "2.0", "--node-scale", "0.6"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "synth.json").read_text())
+    assert meta["summary"]["shift"] == 2.0 and meta["summary"]["node_scale"] == 0.6
+    assert meta["spec"]["shift"] == 2.0 and meta["spec"]["node_scale"] == 0.6
+    assert meta["hospitals"]["strong"]["spacing"] == pytest.approx([3.0, 3.0, 3.0])
+    assert meta["hospitals"]["weak"] == json.loads(json.dumps(asdict(HOSPITALS["A"])))
+    img = nib.load(out / "strong/images/S0001.nii.gz")
+    assert img.shape == (112, 112, 75)
+    assert img.header.get_zooms() == pytest.approx((3.0, 3.0, 3.0))
+    nodes = _rows(out / "strong/nodes.csv") + _rows(out / "weak_truth/nodes.csv")
+    assert max(float(n["diameter_mm"]) for n in nodes) <= 0.6 * METASTATIC_DIAMETER[1]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "name"),
+    [
+        ("--shift", "-1", "shift"),
+        ("--shift", "nan", "shift"),
+        ("--node-scale", "0", "node_scale"),
+        ("--node-scale", "2.5", "node_scale"),
+    ],
+)
+def test_synth_cli_rejects_bad_knobs(tmp_path: Path, option: str, value: str, name: str) -> None:
+    out = tmp_path / "d"
+    result = CliRunner().invoke(app, ["synth", "--out", str(out), f"{option}={value}"])
+    assert result.exit_code == 2
+    assert f"{name} must be" in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()  # rejected before any work

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from monai.data import get_track_meta, set_track_meta
 from monai.transforms import (
     Compose,
     RandAffined,
@@ -91,7 +92,12 @@ class Augmenter:
             k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))[None]
             for k, v in volumes.items()
         }
-        out = self.transform(data)
+        tracking = get_track_meta()
+        set_track_meta(False)  # plain tensors: no metadata to carry, a third faster
+        try:
+            out = self.transform(data)
+        finally:
+            set_track_meta(tracking)
         result = {}
         for k, v in volumes.items():
             a = out[k]

@@ -21,6 +21,12 @@ contrast phase (A portal-venous, B arterial), noise level and texture, voxel spa
 field of view (``HOSPITALS``). Hospital A gives the weak set (scan labels only), B the
 strong set (instance masks of all nodes).
 
+Harder variants (``SynthSpec.shift``, ``SynthSpec.node_scale``; ``lymphdx synth --shift
+--node-scale``): ``shift`` moves B's acquisition along the line from A's (0: B scanned like A,
+1: the default B, 2: twice the default difference; ``shifted_hospital``), ``node_scale``
+multiplies every node's diameter range in both hospitals (0.6: nodes 0.6x as large relative
+to the voxel). The defaults (1, 1) give exactly the arrays described here.
+
 Why a whole-volume intensity histogram cannot solve the weak task (see
 ``benchmarks/shortcut_vs_oracle.py``): everything except the nodes is drawn independently
 of the label (body size, organ sizes and positions, bowel gas, contrast timing vary per
@@ -42,9 +48,10 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +70,7 @@ __all__ = [
     "Tissue",
     "make_scan",
     "patient_rng",
+    "shifted_hospital",
     "weak_labels",
     "write_synthetic",
 ]
@@ -179,6 +187,31 @@ NODE_XY_RANGE_MM = 100.0  # node centres within ± this of the volume centre (x,
 NODE_Z_RANGE_MM = 75.0  # ... and within ± this (z): whole nodes stay in the 192 mm crop
 HU_MIN, HU_MAX = -1024, 3071  # stored range (int16, as most scanners write)
 
+# SynthSpec.shift: B' = A + shift * (B - A) for these acquisition parameters ...
+SHIFT_FIELDS = (
+    "gain",
+    "offset",
+    "noise_sd",
+    "noise_sigma",
+    "texture_gain",
+    "texture_sigma",
+    "psf_sigma",
+)
+# ... for the means of these contrast-phase HU (mean, sd) pairs (the sd stays B's) ...
+SHIFT_HU_FIELDS = ("aorta_hu", "vein_hu", "liver_hu", "spleen_hu", "kidney_hu", "bowel_wall_hu")
+# ... and for the voxel spacing (B's field of view in mm is kept), clamped to valid values:
+SHIFT_FLOORS = {
+    "gain": 0.05,
+    "noise_sd": 1.0,  # HU
+    "noise_sigma": 0.25,  # voxels (0.25 is already practically white noise)
+    "texture_gain": 0.0,
+    "texture_sigma": 0.25,
+    "psf_sigma": 0.25,
+}
+SHIFT_HU_RANGE = (20.0, 1000.0)  # enhanced soft tissue / blood: above water, below bone
+MIN_SPACING_MM = 0.5
+MAX_NODE_SCALE = 2.0  # SynthSpec.node_scale in (0, MAX_NODE_SCALE]
+
 NODE_COLUMNS = (
     "patient_id",
     "node_id",
@@ -197,18 +230,36 @@ NODE_COLUMNS = (
 
 @dataclass
 class SynthSpec:
-    """What ``write_synthetic`` generates: set sizes and the seed."""
+    """What ``write_synthetic`` generates: set sizes, the seed and how hard the data are.
+
+    ``shift`` (>= 0): how far hospital B's acquisition lies from A's (``shifted_hospital``;
+    0: like A's, 1: the default B, 2: twice the default difference). ``node_scale`` (in
+    ``(0, 2]``): multiplies every node's equivalent-diameter range in both hospitals.
+    """
 
     n_weak: int = 123
     n_pos: int = 57
     n_strong: int = 85
     seed: int = 0
+    shift: float = 1.0
+    node_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.n_weak < 0 or self.n_strong < 0:
             raise ValueError("n_weak and n_strong must be >= 0")
         if not 0 <= self.n_pos <= self.n_weak:
             raise ValueError(f"n_pos must be in [0, n_weak={self.n_weak}], got {self.n_pos}")
+        if not (math.isfinite(self.shift) and self.shift >= 0):
+            raise ValueError(f"shift must be a finite number >= 0, got {self.shift}")
+        if not 0 < self.node_scale <= MAX_NODE_SCALE:
+            raise ValueError(
+                f"node_scale must be in (0, {MAX_NODE_SCALE:g}], got {self.node_scale}"
+            )
+
+    def hospital(self, name: str) -> Hospital:
+        """Hospital ``name`` as this spec generates it: A as is, B moved by ``shift``."""
+        hp = _hospital(name)
+        return shifted_hospital(self.shift) if hp.name == "B" else hp
 
 
 @dataclass
@@ -589,21 +640,25 @@ def _semi_axes(diameter: float, roundness: float, middle: float) -> np.ndarray:
     return np.array([long, long * middle, long * roundness])
 
 
-def _draw_node(rng: np.random.Generator, metastatic: bool) -> _NodeDraw:
+def _draw_node(rng: np.random.Generator, metastatic: bool, scale: float = 1.0) -> _NodeDraw:
+    """Draw one node; ``scale`` multiplies the diameter range (and the size thresholds of
+    necrosis and fatty hilum, so that these depend on the relative size as at scale 1)."""
     if metastatic:
-        d = METASTATIC_DIAMETER[0] + np.diff(METASTATIC_DIAMETER)[0] * rng.beta(1.6, 1.8)
+        lo, hi = (scale * v for v in METASTATIC_DIAMETER)
+        d = lo + (hi - lo) * rng.beta(1.6, 1.8)
         rho = METASTATIC_ROUNDNESS[0] + np.diff(METASTATIC_ROUNDNESS)[0] * rng.beta(2.5, 1.5)
         mid = rho + rng.uniform(0, 1) * (1 - rho)
         hetero = bool(rng.random() < 0.5)
-        necrotic = bool(rng.random() < 0.15 + 0.5 * (d - METASTATIC_DIAMETER[0]) / 20.0)
+        necrotic = bool(rng.random() < 0.15 + 0.5 * (d - lo) / (20.0 * scale))
         hilum = False
         hu = rng.uniform(30, 55)
     else:
-        d = BENIGN_DIAMETER[0] + np.diff(BENIGN_DIAMETER)[0] * rng.beta(1.3, 2.2)
+        lo, hi = (scale * v for v in BENIGN_DIAMETER)
+        d = lo + (hi - lo) * rng.beta(1.3, 2.2)
         rho = BENIGN_ROUNDNESS[0] + np.diff(BENIGN_ROUNDNESS)[0] * rng.beta(2.0, 3.0)
         mid = rho + rng.uniform(0, 0.5) * (1 - rho)
         hetero = necrotic = False
-        hilum = bool(d >= 12 and rng.random() < 0.35)
+        hilum = bool(d >= 12 * scale and rng.random() < 0.35)
         hu = rng.uniform(30, 50)
     return _NodeDraw(
         metastatic=metastatic,
@@ -707,6 +762,38 @@ def _hospital(name: str) -> Hospital:
     return HOSPITALS[key]
 
 
+def _lerp(a: float, b: float, t: float) -> float:
+    """``a + t * (b - a)``, written so that t = 0 gives exactly ``a`` and t = 1 exactly ``b``."""
+    return (1.0 - t) * a + t * b
+
+
+def shifted_hospital(shift: float) -> Hospital:
+    """Hospital B with its acquisition moved to ``A + shift * (B - A)``.
+
+    Applies to ``SHIFT_FIELDS``, the means of ``SHIFT_HU_FIELDS`` (their between-patient sd
+    stays B's) and the voxel spacing; values are clamped to ``SHIFT_FLOORS``,
+    ``SHIFT_HU_RANGE`` and ``MIN_SPACING_MM``. ``size`` is chosen so that B's field of view
+    in mm stays (to the nearest voxel) as it is. The population (``n_nodes``,
+    ``p_metastatic``) stays B's. ``shift=1`` returns exactly ``HOSPITALS["B"]``.
+    """
+    a, b = HOSPITALS["A"], HOSPITALS["B"]
+    changes: dict = {}
+    for f in SHIFT_FIELDS:
+        v = _lerp(getattr(a, f), getattr(b, f), shift)
+        changes[f] = max(v, SHIFT_FLOORS[f]) if f in SHIFT_FLOORS else v
+    for f in SHIFT_HU_FIELDS:
+        (ma, _), (mb, sd) = getattr(a, f), getattr(b, f)
+        changes[f] = (float(np.clip(_lerp(ma, mb, shift), *SHIFT_HU_RANGE)), sd)
+    spacing = tuple(
+        max(_lerp(sa, sb, shift), MIN_SPACING_MM)
+        for sa, sb in zip(a.spacing, b.spacing, strict=True)
+    )
+    size = tuple(
+        max(1, round(n * sb / s)) for n, sb, s in zip(b.size, b.spacing, spacing, strict=True)
+    )
+    return replace(b, spacing=spacing, size=size, **changes)
+
+
 def _tissue_lut(rng: np.random.Generator, hp: Hospital) -> tuple[np.ndarray, np.ndarray]:
     """Per-patient HU and texture amplitude of each ``Tissue`` label (before calibration)."""
     t = Tissue
@@ -742,17 +829,26 @@ def _tissue_lut(rng: np.random.Generator, hp: Hospital) -> tuple[np.ndarray, np.
     return hu, amp
 
 
-def make_scan(rng: np.random.Generator, hospital: str, metastatic: bool | None) -> Scan:
-    """Generate one scan of ``hospital`` (``"A"``/``"weak"`` or ``"B"``/``"strong"``).
+def make_scan(
+    rng: np.random.Generator,
+    hospital: str | Hospital,
+    metastatic: bool | None,
+    node_scale: float = 1.0,
+) -> Scan:
+    """Generate one scan of ``hospital`` (``"A"``/``"weak"``, ``"B"``/``"strong"`` or a
+    ``Hospital``, e.g. ``SynthSpec.hospital("B")``).
 
     ``metastatic``: True gives 1-3 metastatic nodes among the scan's nodes, False none,
     None draws it with the hospital's ``p_metastatic``. Every scan has benign nodes.
+    ``node_scale`` multiplies the nodes' diameter ranges (``SynthSpec.node_scale``).
 
     Returns:
         A ``Scan`` with ``hu`` ``(z, y, x)`` float32 (int16-valued), ``instances``
         ``(z, y, x)`` uint16 and ``tissue`` ``(z, y, x)`` uint8 on ``geometry``'s grid.
     """
-    hp = _hospital(hospital)
+    hp = hospital if isinstance(hospital, Hospital) else _hospital(hospital)
+    if not node_scale > 0:
+        raise ValueError(f"node_scale must be > 0, got {node_scale}")
     if metastatic is None:
         metastatic = bool(rng.random() < hp.p_metastatic)
     shift = rng.uniform(-8, 8, size=3)
@@ -770,7 +866,7 @@ def make_scan(rng: np.random.Generator, hospital: str, metastatic: bool | None) 
     instances = np.zeros(grid.shape, np.uint16)
     placed: list[tuple[_NodeDraw, tuple[float, float, float]]] = []
     for is_met in kinds:
-        nd = _draw_node(rng, is_met)
+        nd = _draw_node(rng, is_met, node_scale)
         center = None
         for _ in range(6):  # shrink a node that does not fit anywhere (rare)
             center = _place_node(rng, grid, labels, instances, vessels, nd, len(placed) + 1, vc)
@@ -876,11 +972,12 @@ def write_synthetic(out: str | Path, spec: SynthSpec | None = None, progress: bo
         out/strong/manifest.csv      patient_id,image,mask      images/S0001.nii.gz, masks/...
         out/strong/nodes.csv         one row per node (NODE_COLUMNS)
         out/weak_truth/masks/W0001.nii.gz, out/weak_truth/nodes.csv  (never used to train)
-        out/synth.json               spec + summary
+        out/synth.json               spec (incl. shift, node_scale) + summary + hospitals
 
     Images are int16 HU, masks uint16 node instance ids.
     """
     spec = spec or SynthSpec()
+    hospitals = {h: spec.hospital(h) for h in ("A", "B")}
     out = ensure_writable_dir(out)  # before minutes of work, not after
     t0 = time.perf_counter()
     labels = weak_labels(spec)
@@ -895,7 +992,7 @@ def write_synthetic(out: str | Path, spec: SynthSpec | None = None, progress: bo
         rng = patient_rng(spec.seed, set_name, i)
         if set_name == "weak":
             pid = _pid("W", i, spec.n_weak)
-            scan = make_scan(rng, "A", bool(labels[i]))
+            scan = make_scan(rng, hospitals["A"], bool(labels[i]), spec.node_scale)
             write_volume(
                 out / "weak/images" / f"{pid}.nii.gz", scan.hu.astype(np.int16), scan.geometry
             )
@@ -904,7 +1001,7 @@ def write_synthetic(out: str | Path, spec: SynthSpec | None = None, progress: bo
             weak_nodes += _node_rows(pid, scan.nodes)
         else:
             pid = _pid("S", i, spec.n_strong)
-            scan = make_scan(rng, "B", None)
+            scan = make_scan(rng, hospitals["B"], None, spec.node_scale)
             write_volume(
                 out / "strong/images" / f"{pid}.nii.gz", scan.hu.astype(np.int16), scan.geometry
             )
@@ -932,6 +1029,8 @@ def write_synthetic(out: str | Path, spec: SynthSpec | None = None, progress: bo
         "n_metastatic_nodes_weak": int(sum(r[6] for r in weak_nodes)),
         "n_metastatic_nodes_strong": int(sum(r[6] for r in strong_nodes)),
         "node_voxel_fraction": {k: stats(v) for k, v in fractions.items()},
+        "shift": spec.shift,
+        "node_scale": spec.node_scale,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     write_json(
@@ -939,7 +1038,7 @@ def write_synthetic(out: str | Path, spec: SynthSpec | None = None, progress: bo
         {
             "spec": asdict(spec),
             "summary": summary,
-            "hospitals": {"weak": asdict(HOSPITALS["A"]), "strong": asdict(HOSPITALS["B"])},
+            "hospitals": {"weak": asdict(hospitals["A"]), "strong": asdict(hospitals["B"])},
         },
     )
     return summary

@@ -91,7 +91,10 @@ ARMS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         "pseudo ROI masks only of scans the classifier calls positive (p ≥ 0.5)",
         {"propagation": {"roi_cls_gate": 0.5}},
     ),
-    "dsbn": ("domain-specific batch-norm statistics", {"model": {"norm": "domain_batch"}}),
+    "dsbn": (
+        "domain-specific batch-norm statistics (ROI loss on whole scans: no patches)",
+        {"model": {"norm": "domain_batch"}, "training": {"roi_patch": None}},
+    ),
     "swa": (
         "selection: SWA of the last 5 epochs, batch-norm statistics recomputed",
         {"training": {"selection": "swa"}},

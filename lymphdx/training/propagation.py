@@ -149,8 +149,7 @@ def predict_embeddings(
     try:
         for images in _my_batches(model, volumes, batch_size, ctx, domain):
             pooled = sum(
-                model.pooled(torch.flip(images, dims=(-1,)) if f else images).float()
-                for f in views
+                model.pooled(torch.flip(images, dims=(-1,)) if f else images).float() for f in views
             )
             out.append((pooled / len(views)).cpu().numpy())
     finally:

@@ -748,7 +748,8 @@ class _Trainer:
                 n = 0 if images is None else len(images)
                 ids = torch.tensor([WEAK] * nw + [STRONG] * (n - nw))
                 routing.enter_context(domains(self.model, ids))
-                if isinstance(roi, slice):
+                # the decoder sees the sliced batch, unless the attention reads all of it
+                if isinstance(roi, slice) and not self.model.classifier.attention:
                     routing.enter_context(domains(self.model.decoder, ids[roi]))
             with autocast(tcfg, device):
                 out = self.train_model(
@@ -771,9 +772,7 @@ class _Trainer:
             )
         elif strong_masks:
             assert strong is not None
-            strong_roi = (
-                out["roi"][nw:] if roi is True or self.model.classifier.attention else out["roi"]
-            )
+            strong_roi = out["roi"][nw:] if roi is True else out["roi"]
             terms["roi"] = batch_roi_loss(
                 ctx, self.roi_loss, strong_roi, strong["mask"].to(device), total_items=n_strong
             )

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Issue 13's measurements of whether the models learn (BENCHMARKS.md section 7).
+# Usage: benchmarks/issue13_learning.sh OUT PHASE   with PHASE one of
+#   data   synthetic seeds 0, 1, 2 (default knobs) and the harder variants of seed 0
+#   dev    the quick preset's choices by 5-fold CV on seed 0's train + val patients only
+#          (the fixed split's test patients held out): attention vs the paper's avgmax
+#          pooling (supervised, multitask), and the fixed budget vs pooled-val selection
+#   cv0    all four strategies, --cv 5 --repeats 2, default data (seed 0)
+#   seeds  supervised and the best ROI strategy, --cv 5 --repeats 1, synth seeds 1 and 2
+#   shift  supervised and the best ROI strategy on the fixed split of harder data
+# Every phase uses two single-thread processes (--jobs 2) and is resumable; each prints
+# its wall time and its results as JSON (benchmarks/summarise_compare.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: issue13_learning.sh OUT PHASE}
+phase=${2:?usage: issue13_learning.sh OUT PHASE}
+best=${BEST:-ssmdmt}  # the best ROI strategy of cv0 (set BEST=multitask if it was that)
+lx=.venv/bin/lymphdx
+mkdir -p "$out"
+export LYMPHDX_CACHE="$out/cache"
+cmp() {  # cmp NAME DATA ARGS...: compare into $out/NAME, timed
+    local name=$1 data=$2; shift 2
+    local start; start=$(date +%s)
+    $lx compare --weak "$data/weak/manifest.csv" --strong "$data/strong/manifest.csv" \
+        --out "$out/$name" --jobs 2 "$@" >"$out/$name.log" 2>&1
+    .venv/bin/python benchmarks/summarise_compare.py "$out/$name" --seconds $(( $(date +%s) - start ))
+}
+case $phase in
+data)
+    for s in 0 1 2; do [ -f "$out/d$s/weak/manifest.csv" ] || $lx synth --out "$out/d$s" --seed "$s" >/dev/null; done
+    [ -f "$out/d0_shift2/weak/manifest.csv" ] || $lx synth --out "$out/d0_shift2" --seed 0 --shift 2 >/dev/null
+    [ -f "$out/d0_small/weak/manifest.csv" ] || $lx synth --out "$out/d0_small" --seed 0 --node-scale 0.7 >/dev/null
+    ;;
+dev)
+    .venv/bin/python - "$out" <<'PY'
+import sys
+from pathlib import Path
+from lymphdx.config import load_config
+from lymphdx.evaluation.ablation import write_development_manifest
+from lymphdx.training.trainer import split_manifests
+out = Path(sys.argv[1])
+weak, _ = split_manifests(load_config(), out / "d0/weak/manifest.csv", out / "d0/strong/manifest.csv", out / "dev_split")
+write_development_manifest([w for w in weak if w.split != "test"], out / "d0/dev_weak.csv")
+PY
+    mkdir -p "$out/dev_data/weak" "$out/dev_data/strong"
+    cp "$out/d0/dev_weak.csv" "$out/dev_data/weak/manifest.csv"
+    .venv/bin/python - "$out" <<'PY'
+import csv, sys
+from pathlib import Path
+out = Path(sys.argv[1]); src = out / "d0/strong/manifest.csv"
+rows = list(csv.DictReader(open(src)))
+with open(out / "dev_data/strong/manifest.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    for r in rows:
+        w.writerow({**r, "image": str((src.parent / r["image"]).resolve()),
+                    "mask": str((src.parent / r["mask"]).resolve())})
+PY
+    # 14 epochs with every epoch's weights kept: the OOF AUC at epochs 10, 12, 14 of the
+    # same runs (constant lr, nothing depends on the total) tells whether a longer budget helps
+    printf 'training:\n  epochs: 14\n' >"$out/dev_attention.yaml"
+    printf 'model:\n  pool: avgmax\ntraining:\n  epochs: 14\n' >"$out/dev_avgmax.yaml"
+    for pool in attention avgmax; do
+        cmp "dev_$pool" "$out/dev_data" --cv 5 --repeats 1 --strategies multitask \
+            --strategies supervised --pooled-selection --config "$out/dev_$pool.yaml"
+        .venv/bin/python benchmarks/oof_by_epoch.py "$out/dev_$pool" --epochs 6 8 10 12 14
+    done
+    ;;
+cv0)
+    cmp cv0 "$out/d0" --cv 5 --repeats 2
+    ;;
+seeds)
+    for s in 1 2; do cmp "cv_seed$s" "$out/d$s" --cv 5 --repeats 1 --strategies supervised --strategies "$best"; done
+    ;;
+shift)
+    for d in d0_shift2 d0_small; do cmp "split_$d" "$out/$d" --seeds 1 --strategies supervised --strategies "$best"; done
+    ;;
+*) echo "unknown phase $phase" >&2; exit 2 ;;
+esac
