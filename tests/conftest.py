@@ -32,6 +32,7 @@ def tiny_config(tmp_path: Path, **overrides: object) -> Config:
             "block_layers": [1, 1, 1, 1],
             "classifier_hidden": 8,
             "pool": "avgmax",
+            "classifier_dropout": None,
         },
         # the paper's schedule (one pass over the weak set per epoch, no ROI warm-up, no
         # Dice gate, flips only): tests of the quick preset's step schedule, patches,

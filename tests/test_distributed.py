@@ -356,7 +356,8 @@ def test_torchrun_quick_recipe_with_patches_warmup_and_attention(
             "num_threads": 1,
             "steps_per_epoch": 2,
             "roi_warmup_epochs": 1,
-            "roi_patch": [16, 16, 16],
+            "roi_patch": [32, 32, 16],  # the tiny grid: embeddings of 2 x 2 x 1 voxels
+            "strong_batch_size": 4,
             "pseudo_cls_batch_size": 2,
             "selection": "ema_last",
             "augmentation": {"enabled": True},

@@ -28,7 +28,7 @@ def test_peak_tracker_follows_storages_by_hand() -> None:
 
 @pytest.mark.parametrize("mode", ["bottleneck", "block"])
 def test_checkpointing_modes_match_outputs_and_gradients(mode: str) -> None:
-    cfg = load_config(overrides={"model": {"decoder_skips": True}})
+    cfg = load_config(overrides={"model": {"decoder_skips": True, "classifier_dropout": 0.0}})
     torch.manual_seed(0)
     plain = build_model(cfg.model)
     ckpt = build_model(cfg.model.model_copy(update={"checkpointing": mode}))

@@ -227,3 +227,14 @@ def test_power_statement_large_table() -> None:
     assert power_statement(300, 300, 0.76, 0.86, 0.6, p_value=0.2, **kw)["supports_claim"] is False
     assert power_statement(300, 300, 0.76, 0.86, 0.6, **kw)["supports_claim"] is False
     assert not math.isnan(sig["ci95_width"])
+
+
+def test_power_statement_of_a_perfect_auc() -> None:
+    """A test split that a model separates perfectly (AUC 1.0) is a result, not an error:
+    it is simulated as the nearest AUC that this many patients can tell apart."""
+    from lymphdx.evaluation.power import power_statement
+
+    out = power_statement(11, 12, 1.0, 0.6, 0.5, p_value=0.01, n_sim=200)
+    assert 0.0 < out["power"] <= 1.0 and out["ci95_width"] > 0
+    same = power_statement(11, 12, 1.0 - 0.5 / (11 * 12), 0.6, 0.5, p_value=0.01, n_sim=200)
+    assert out["power"] == same["power"]

@@ -27,6 +27,8 @@ TINY = {
         "growth_rate": 4,
         "block_layers": [1, 1, 1, 1],
         "classifier_hidden": 8,
+        "pool": "avgmax",  # the decoder sees only the sub-batch routed to it
+        "classifier_dropout": None,
     },
 }
 

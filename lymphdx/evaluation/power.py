@@ -404,6 +404,8 @@ def power_statement(
     prevalence; None when the AUCs are equal or more than 20,000 would be needed),
     ``supports_claim`` and ``text`` (plain English).
 
+    An AUC of exactly 0 or 1 is moved in by half a patient pair (0.5 / (n_pos·n_neg)).
+
     Rule: ``supports_claim`` is True only if the observed paired test is significant
     (``p_value < alpha``) AND the design has at least 80% power for the observed ΔAUC.
     Significance alone is not enough at low power: a significant result from an
@@ -414,6 +416,10 @@ def power_statement(
     n_pos, n_neg = _check_counts(n_pos, n_neg)
     n = n_pos + n_neg
     delta = float(auc_a) - float(auc_b)
+    # an observed AUC of exactly 0 or 1 (a perfect separation of a small test set) is no
+    # binormal model's true AUC: simulate the nearest one this many patients can tell apart
+    edge = 0.5 / (n_pos * n_neg)
+    auc_a, auc_b = (min(max(float(a), edge), 1.0 - edge) for a in (auc_a, auc_b))
     mean_auc = (float(auc_a) + float(auc_b)) / 2.0
     width = 2.0 * auc_ci_halfwidth(n_pos, n_neg, mean_auc)
     pw = paired_power(n_pos, n_neg, auc_a, auc_b, rho, alpha, n_sim, seed)
