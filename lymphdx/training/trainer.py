@@ -611,6 +611,7 @@ class _Trainer:
             self.propagation_note = f"started at epoch {first} (propagation.warmup_epochs)"
         else:
             dice = self.history[-1].get("strong_val_dice") if self.history else None
+            dice = None if dice in (None, "") else dice  # a resumed history holds strings
             if dice is None or float(dice) < gate:
                 shown = "none" if dice is None else f"{float(dice):.3f}"
                 self.propagation_note = f"waiting: strong-val Dice {shown} < gate {gate:g}"
@@ -677,9 +678,9 @@ class _Trainer:
         self, volumes: VolumeSet, batch: list[int], step: int, stream: int, kind: str
     ) -> dict[str, Any]:
         """This rank's block of the global ``batch`` (positions in ``volumes``), augmented:
-        ``images`` ``(b, 1, D, H, W)`` and, by ``kind``, ``labels`` (weak), ``pseudo_mask``
+        ``image`` ``(b, 1, D, H, W)`` and, by ``kind``, ``labels`` (weak), ``pseudo_mask``
         and ``pseudo_weight`` (weak, once propagated), ``mask`` (strong whole scans with
-        real masks) or ROI ``patches`` and their ``mask`` (``patch``). Each scan's draw
+        real masks) or ROI patches as ``image`` with their ``mask`` (``patch``). Each scan's draw
         depends on (seed, epoch, step, stream, its place in the global batch) only."""
         mine = self.ctx.shard(range(len(batch)))
         pseudo = self.pseudo
@@ -692,7 +693,7 @@ class _Trainer:
                 vols["pseudo_mask"] = pseudo.weak_masks[i]
                 if pseudo.weak_mask_weights is not None:
                     vols["pseudo_weight"] = pseudo.weak_mask_weights[i]
-            if kind in ("patch", "strong") and volumes.load_masks:
+            if volumes.load_masks and (kind == "patch" or (kind == "strong" and not self.patch)):
                 vols["mask"] = volumes.mask(i)
             if kind == "patch":
                 assert self.patch is not None
@@ -847,8 +848,6 @@ class _Trainer:
             assert self.strong_train is not None
             strong = self._load(self.strong_train, strong_batch, step, 1, "strong")
             strong["global"] = strong_batch
-            if self.patch is not None:
-                strong.pop("mask", None)  # the ROI loss is on the patches
         if patch_batch is not None:
             assert self.strong_train is not None
             patches = self._load(self.strong_train, patch_batch, step, 2, "patch")
