@@ -100,6 +100,13 @@ class ModelConfig(_Section):
     # attention-MIL pooling whose attention is the ROI decoder's map (Ilse et al. 2018;
     # lymphdx.models.multitask.Classifier), so the decoder also learns from scan labels
     pool: Literal["avg", "max", "avgmax", "attention"] = "avgmax"
+    # attention pooling: false (default): the attention logits are the ROI logits, and the
+    # scan label's gradient reaches the decoder through them (it makes the ROI map a
+    # malignancy map too: classification learns fastest, strong Dice falls a little).
+    # true: the ROI logits without that gradient plus a zero-initialised 1x1-conv head on
+    # the decoder's last features that the label teaches (Dice kept, classification
+    # learns far slower in the quick budget; BENCHMARKS.md section 7)
+    attention_head: bool = False
     decoder_skips: bool = False
     # batch | instance | group; domain_batch: domain-specific batch norm (DSBN, Chang et al.
     # 2019): one set of batch statistics and affine parameters per hospital (weak = 0,

@@ -417,7 +417,7 @@ def test_attention_gives_the_decoder_gradient_from_the_scan_label() -> None:
     assert full["roi"].shape == (2, 1, 16, 32, 32) and part["roi"].shape == (1, 1, 16, 32, 32)
     torch.testing.assert_close(part["roi"], full["roi"][1:])
     torch.testing.assert_close(part["cls"], full["cls"])  # the batch's cls is always whole
-    torch.testing.assert_close(model.pooled(x), pooled)
+    torch.testing.assert_close(model.pooled(x), pooled, rtol=1e-4, atol=1e-4)
     assert pooled.shape == (2, model.encoder.out_channels + 1)
 
 

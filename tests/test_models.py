@@ -83,3 +83,22 @@ def test_checkpointing_matches_outputs_and_gradients() -> None:
     torch.testing.assert_close(outs["cls"], plain(x)["cls"], rtol=1e-4, atol=1e-5)
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_head_keeps_the_label_gradient_off_the_roi_map() -> None:
+    """``model.attention_head``: the attention starts as the ROI map (a zero head), and the
+    scan label teaches the head, never the ROI map's own output convolution."""
+    cfg = load_config(
+        overrides={"model": {"pool": "attention", "attention_head": True, "classifier_dropout": 0}}
+    ).model
+    model = build_model(cfg).eval()
+    x = torch.randn(2, 1, 32, 48, 48)
+    o, skips = model.encoder(x)
+    roi, attention = model.decoder(o, skips, (32, 48, 48), attention=True)
+    assert attention.shape[2:] == (16, 24, 24)
+    pooled_roi = torch.nn.functional.interpolate(attention, size=(32, 48, 48), mode="trilinear")
+    torch.testing.assert_close(pooled_roi, roi, rtol=1e-4, atol=1e-4)  # zero head: same map
+    model.train()
+    model(x, roi=False)["cls"].sum().backward()
+    assert model.decoder.head[-1].weight.grad is None
+    assert model.decoder.attention_head.weight.grad.abs().sum() > 0

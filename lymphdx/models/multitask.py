@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,11 +98,12 @@ class Classifier(nn.Module):
 
     ``pool``: ``avg``, ``max`` or ``avgmax`` are the paper's global pooling. ``attention``
     is attention-MIL pooling (Ilse et al. 2018) whose attention is the ROI decoder's map:
-    the decoder's logits, max-pooled onto the embedding's grid ``(B, 1, d, h, w)``, are
-    softmaxed over the grid and weight ``o``'s cells; the FC layers see that weighted mean
-    ``(B, C_o)`` and the scan's largest ROI logit (its strongest node evidence). The
-    decoder then gets gradient from the scan label too, so ``supervised`` learns its
-    attention from scan labels alone and the ROI strategies also from the other set's masks.
+    attention logits (``RoiDecoder``: the ROI logits, or with ``model.attention_head``
+    the detached ROI logits plus a head that the scan label teaches), max-pooled onto the
+    embedding's grid ``(B, 1, d, h, w)``, are softmaxed over the grid and weight ``o``'s
+    cells; the FC layers see that weighted mean ``(B, C_o)`` and the scan's largest
+    attention logit (its strongest node evidence). ``supervised`` learns the attention
+    from scan labels alone; in the ROI strategies the other set's masks also teach it.
     """
 
     def __init__(
@@ -202,10 +204,20 @@ class RoiDecoder(nn.Module):
             get_act_layer(("relu", {"inplace": True})),
             conv(channels, 1, kernel_size=1, bias=True),
         )
+        # the classifier's attention: ROI logits (detached) + this head, zero at the start
+        self.attention_head = (
+            conv(channels, 1, kernel_size=1, bias=True)
+            if cfg.pool == "attention" and cfg.attention_head
+            else None
+        )
 
     def forward(
-        self, o: torch.Tensor, skips: list[torch.Tensor], out_size: tuple[int, int, int]
-    ) -> torch.Tensor:
+        self,
+        o: torch.Tensor,
+        skips: list[torch.Tensor],
+        out_size: tuple[int, int, int],
+        attention: bool = False,
+    ) -> Any:
         ckpt = self.stage_checkpointing
         x = o
         for i, (reduce, block) in enumerate(zip(self.reduce, self.blocks, strict=True)):
@@ -215,7 +227,7 @@ class RoiDecoder(nn.Module):
                 x = _stage(ckpt, partial(self._level, reduce, block), x, skips[len(skips) - i])
             else:
                 x = _stage(ckpt, partial(self._level, reduce, block), x)
-        return _stage(ckpt, partial(self._output, out_size=tuple(out_size)), x)
+        return _stage(ckpt, partial(self._output, out_size=tuple(out_size), attention=attention), x)
 
     @staticmethod
     def _level(
@@ -225,11 +237,22 @@ class RoiDecoder(nn.Module):
         x = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
         return block(reduce(torch.cat([x, *skip], dim=1) if skip else x))
 
-    def _output(self, x: torch.Tensor, out_size: tuple[int, int, int]) -> torch.Tensor:
-        logits = self.head(x)
+    def _output(
+        self, x: torch.Tensor, out_size: tuple[int, int, int], attention: bool = False
+    ) -> Any:
+        """ROI logits ``(B, 1, *out_size)``; with ``attention`` the pair (ROI logits,
+        attention logits on the last level's grid ``(B, 1, d', h', w')``): the ROI logits
+        there, plus ``attention_head`` (its own gradient only) when the model has one."""
+        features = self.head[:-1](x)
+        coarse = self.head[-1](features)
+        logits = coarse
         if tuple(logits.shape[2:]) != tuple(out_size):
             logits = F.interpolate(logits, size=out_size, mode="trilinear", align_corners=False)
-        return logits
+        if not attention:
+            return logits
+        if self.attention_head is None:
+            return logits, coarse
+        return logits, coarse.detach() + self.attention_head(features)
 
 
 class MultiTaskNet(nn.Module):
@@ -268,8 +291,8 @@ class MultiTaskNet(nn.Module):
         o, skips = self.encoder(x)
         size = tuple(x.shape[2:])
         if self.classifier.attention:  # the classifier reads the whole batch's ROI map
-            roi_logits = self.decoder(o, skips, size)
-            out = {"cls": self.classifier(o, roi_logits)}
+            roi_logits, attention = self.decoder(o, skips, size, attention=True)
+            out = {"cls": self.classifier(o, attention)}
             if roi is True:
                 out["roi"] = roi_logits
             elif isinstance(roi, slice):
@@ -286,10 +309,12 @@ class MultiTaskNet(nn.Module):
         """What σ's fully connected layers see for images ``x`` ``(B, 1, D, H, W)``
         (``Classifier.pooled``)."""
         o, skips = self.encoder(x)
-        roi_logits = (
-            self.decoder(o, skips, tuple(x.shape[2:])) if self.classifier.attention else None
+        attention = (
+            self.decoder(o, skips, tuple(x.shape[2:]), attention=True)[1]
+            if self.classifier.attention
+            else None
         )
-        return self.classifier.pooled(o, roi_logits)
+        return self.classifier.pooled(o, attention)
 
 
 def build_model(cfg: ModelConfig) -> MultiTaskNet:
@@ -308,6 +333,9 @@ def build_model(cfg: ModelConfig) -> MultiTaskNet:
     # init): from 0.5 everywhere the decoder first spends hundreds of steps learning
     # "background" and then sits there under Dice + CE (BENCHMARKS.md, learning curves)
     nn.init.constant_(model.decoder.head[-1].bias, -math.log((1 - ROI_PRIOR) / ROI_PRIOR))
+    if model.decoder.attention_head is not None:  # the attention starts as the ROI map
+        nn.init.zeros_(model.decoder.attention_head.weight)
+        nn.init.zeros_(model.decoder.attention_head.bias)
     if cfg.norm == "domain_batch":
         convert_to_domain_bn(model, n_domains=2)
     return model

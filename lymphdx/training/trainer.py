@@ -422,6 +422,8 @@ class _Trainer:
         self.decoder_trained = self.strategy.trains_decoder or model.classifier.attention
         if not self.decoder_trained:  # it never gets a gradient; DDP must know
             model.decoder.requires_grad_(False)
+        elif not self.strategy.trains_decoder and model.decoder.attention_head is not None:
+            model.decoder.head[-1].requires_grad_(False)  # the ROI map's conv: masks only
         model = model.to(self.ctx.device)
         self.domain_bn = config.model.norm == "domain_batch"
         if self.ctx.is_distributed and self.ctx.device.type == "cuda" and not self.domain_bn:
