@@ -14,7 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: issue13_learning.sh OUT PHASE}
 phase=${2:?usage: issue13_learning.sh OUT PHASE}
-best=${BEST:-ssmdmt}  # the best ROI strategy of cv0 (set BEST=multitask if it was that)
+# the best ROI strategy: BEST, else the higher pooled OOF AUC of multitask and ssmdmt in cv0
+best=${BEST:-$(python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['strategies']; print(max(('multitask','ssmdmt'), key=lambda s: r[s]['test_auc_mean']))" "$out/cv0/results.json" 2>/dev/null || echo ssmdmt)}
 lx=.venv/bin/lymphdx
 mkdir -p "$out"
 export LYMPHDX_CACHE="$out/cache"
@@ -67,7 +68,7 @@ PY
     done
     ;;
 cv0)
-    cmp cv0 "$out/d0" --cv 5 --repeats 2
+    cmp cv0 "$out/d0" --cv 5 --repeats "${REPEATS:-2}"
     ;;
 seeds)
     for s in 1 2; do cmp "cv_seed$s" "$out/d$s" --cv 5 --repeats 1 --strategies supervised --strategies "$best"; done
