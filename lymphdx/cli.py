@@ -3,25 +3,79 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
+from lymphdx import __version__
 from lymphdx.errors import LymphdxError
+from lymphdx.fileutil import check_folder, dumps_json, folder_problem
+
+# numpy seeds are unsigned 32-bit words: seeds are in [0, SEED_LIMIT)
+SEED_LIMIT = 2**32
+# the choices of --split, --domain, --strategy and --preset, listed by --help
+# (tests/test_bad_input_cli.py checks them against lymphdx's own lists)
+Split = Literal["train", "val", "test"]
+Domain = Literal["weak", "strong"]
+Strategy = Literal["supervised", "semi-supervised", "multitask", "ssmdmt", "ssmdmt-plus"]
+Preset = Literal["quick", "paper"]
+Region = Literal["abd", "med", "all"]
+
+
+def _flags_without_type(params: list[Any]) -> list[Any]:
+    """On/off flags (``--resume``, ``--help``) take no value: show no ``<bool>`` type for
+    them in ``--help`` (typer's rich help shows one for every flag)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
 
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Semi-supervised multi-domain multi-task CT classification of metastatic lymph nodes.",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"lymphdx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    pass
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -42,7 +96,13 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
                 if n is not None
             ]
             where = f": {' -> '.join(names)}" if names else ""
-            typer.echo(f"lymphdx: error: {err.strerror or err}{where}", err=True)
+            message = f"{err.strerror or err}{where}"
+            if isinstance(err, (FileExistsError, NotADirectoryError)) and names:
+                # a folder to be made whose name, or a name above it, is a file
+                problem = folder_problem(re.sub(r"\.tmp-[0-9a-f]{8}-", "", str(err.filename)))
+                if problem is not None:
+                    message = f"cannot make the folder {names[0]}: {problem}"
+            typer.echo(f"lymphdx: error: {message}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("lymphdx: interrupted", err=True)
@@ -59,20 +119,67 @@ def _config(config: Path | None, preset: str | None, overrides: dict[str, Any]):
     )
 
 
+def _check_seed(value: int | None, option: str = "--seed") -> None:
+    """Seeds seed numpy generators, which take unsigned 32-bit words."""
+    if value is not None and not 0 <= value < SEED_LIMIT:
+        raise LymphdxError(
+            f"{option} must be in [0, 2**32 - 1] = [0, {SEED_LIMIT - 1}], got {value}"
+        )
+
+
+def _check_at_least(value: int | None, option: str, least: int = 1) -> None:
+    if value is not None and value < least:
+        raise LymphdxError(f"{option} must be at least {least}, got {value}")
+
+
+def _check_out_folder(out: Path, option: str = "--out") -> None:
+    """A folder that cannot be made (it, or a folder above it, is a file): refused before
+    anything is written."""
+    problem = folder_problem(out)
+    if problem is not None:
+        raise LymphdxError(f"cannot write to {option} {str(out)!r}: {problem}")
+
+
+def _check_cache(cache_dir: str | None) -> None:
+    """The preprocessing cache folder (``data.cache_dir``, else ``$LYMPHDX_CACHE``, else
+    ``~/.cache/lymphdx``, as ``trainer.cache_dir_of``) must be a folder or makeable, named
+    by where it was set."""
+    if cache_dir:
+        check_folder(cache_dir, "preprocessing cache folder (config key data.cache_dir)")
+    elif os.environ.get("LYMPHDX_CACHE"):
+        check_folder(
+            os.environ["LYMPHDX_CACHE"],
+            "preprocessing cache folder (environment variable LYMPHDX_CACHE)",
+        )
+    else:
+        check_folder(
+            Path.home() / ".cache" / "lymphdx",
+            "preprocessing cache folder (the default; set LYMPHDX_CACHE to move it)",
+        )
+
+
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="YAML config (overrides the preset).")
 ]
-PresetOpt = Annotated[str | None, typer.Option("--preset", help="quick (default) or paper.")]
+PresetOpt = Annotated[Preset | None, typer.Option("--preset", help="Default: quick.")]
+EpochsOpt = Annotated[int | None, typer.Option(help="Override training.epochs (>= 1).")]
 
 
-@app.command()
+@app.command(cls=_Command)
 @_friendly
 def synth(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     n_weak: Annotated[int, typer.Option(help="Weak-set scans.")] = 123,
-    n_pos: Annotated[int, typer.Option(help="Positive weak-set scans.")] = 57,
+    n_pos: Annotated[
+        int | None,
+        typer.Option(
+            help="Positive weak-set scans, in [0, --n-weak]. Default: the paper's prevalence, "
+            "round(n_weak x 57/123).",
+            show_default=False,
+        ),
+    ] = None,
     n_strong: Annotated[int, typer.Option(help="Strong-set scans.")] = 85,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed, in [0, 2**32 - 1].")] = 0,
     shift: Annotated[
         float,
         typer.Option(
@@ -94,6 +201,13 @@ def synth(
     """Write the synthetic two-hospital data set (NIfTI + manifests)."""
     from lymphdx.data.synthetic import SynthSpec, write_synthetic
 
+    # every check before the output folder exists (SynthSpec repeats them for the library)
+    _check_at_least(n_weak, "--n-weak", 0)
+    _check_at_least(n_strong, "--n-strong", 0)
+    if n_pos is not None and not 0 <= n_pos <= n_weak:
+        raise LymphdxError(f"--n-pos must be in [0, --n-weak = {n_weak}], got {n_pos}")
+    _check_seed(seed)
+    _check_out_folder(out)
     try:
         spec = SynthSpec(
             n_weak=n_weak,
@@ -106,12 +220,12 @@ def synth(
     except ValueError as err:
         raise LymphdxError(f"invalid synth options: {err}") from None
     summary = write_synthetic(out, spec)
-    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(dumps_json(summary))
     typer.echo(f"weak manifest:   {out / 'weak' / 'manifest.csv'}")
     typer.echo(f"strong manifest: {out / 'strong' / 'manifest.csv'}")
 
 
-@app.command("train")
+@app.command("train", cls=_Command)
 @_friendly
 def train_cmd(
     out: Annotated[Path, typer.Option("--out", help="Run folder.")],
@@ -120,13 +234,20 @@ def train_cmd(
         Path | None, typer.Option("--strong", help="Strong (ROI) manifest CSV.")
     ] = None,
     strategy: Annotated[
-        str | None,
-        typer.Option(help="supervised, semi-supervised, multitask, ssmdmt or ssmdmt-plus."),
+        Strategy | None,
+        typer.Option(
+            metavar="<name>",
+            help="supervised, semi-supervised, multitask, ssmdmt or ssmdmt-plus "
+            "(default: the config's).",
+            show_default=False,
+        ),
     ] = None,
     config: ConfigOpt = None,
     preset: PresetOpt = None,
-    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Override training.epochs.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Override seed, in [0, 2**32 - 1].", show_default=False)
+    ] = None,
+    epochs: EpochsOpt = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
     ] = False,
@@ -135,32 +256,45 @@ def train_cmd(
     from lymphdx.training.distributed import is_main_process
     from lymphdx.training.trainer import train
 
+    # the command line's own values first, so that a refusal names the option, not the
+    # config file, and comes before the run folder exists
+    _check_seed(seed)
+    _check_at_least(epochs, "--epochs")
+    _check_out_folder(out)
+    if resume and not (out / "config.yaml").exists():
+        what = "does not exist" if not out.exists() else "holds no run (no config.yaml)"
+        raise LymphdxError(
+            f"cannot --resume: the run folder {str(out)!r} {what}; give the --out of an "
+            "earlier run, or train without --resume"
+        )
     over: dict[str, Any] = {"strategy": strategy, "seed": seed}
     if epochs is not None:
         over["training"] = {"epochs": epochs}
-    if resume and config is None and (out / "config.yaml").exists():
+    if resume and config is None:
         config = out / "config.yaml"  # the run's own config (+ --epochs to extend it)
     cfg = _config(config, preset, over)
     if (weak is None or strong is None) and not (cfg.manifests.weak and cfg.manifests.strong):
         raise LymphdxError("give --weak and --strong manifests (or a config that names them)")
+    _check_cache(cfg.data.cache_dir)
     result = train(cfg, out, weak, strong, resume=resume, progress=sys.stderr.isatty())
     if is_main_process():
-        typer.echo(json.dumps(result, indent=2))
+        typer.echo(dumps_json(result))
 
 
-@app.command()
+@app.command(cls=_Command)
 @_friendly
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
-    split: Annotated[str, typer.Option(help="Weak-set split to score.")] = "test",
+    split: Annotated[Split, typer.Option(help="Weak-set split to score.")] = "test",
 ) -> None:
     """Score the run's best model on a split; writes RUN/metrics.json."""
-    from lymphdx.evaluation.evaluate import evaluate_run
+    from lymphdx.evaluation.evaluate import evaluate_run, load_run_config
 
-    typer.echo(json.dumps(evaluate_run(run, split), indent=2))
+    _check_cache(load_run_config(run).data.cache_dir)
+    typer.echo(dumps_json(evaluate_run(run, split)))
 
 
-@app.command()
+@app.command(cls=_Command)
 @_friendly
 def predict(
     images: Annotated[
@@ -169,7 +303,11 @@ def predict(
     model: Annotated[Path, typer.Option("--model", help="Run folder of a trained model.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     domain: Annotated[
-        str, typer.Option(help="Which training hospital's normalisation to use.")
+        Domain,
+        typer.Option(
+            help="The training hospital whose normalisation to use: weak (the weak set's, "
+            "for scans like it) or strong."
+        ),
     ] = "weak",
 ) -> None:
     """Predict metastasis probability and ROI maps; writes OUT/<name>/..."""
@@ -179,7 +317,7 @@ def predict(
         typer.echo(f"{r['image']}: probability {r['probability']:.3f} label {r['label']}")
 
 
-@app.command("compare")
+@app.command("compare", cls=_Command)
 @_friendly
 def compare_cmd(
     weak: Annotated[Path, typer.Option("--weak", help="Weak (label) manifest CSV.")],
@@ -197,7 +335,7 @@ def compare_cmd(
     ] = None,
     config: ConfigOpt = None,
     preset: PresetOpt = None,
-    epochs: Annotated[int | None, typer.Option(help="Override training.epochs.")] = None,
+    epochs: EpochsOpt = None,
     cv: Annotated[
         int,
         typer.Option(
@@ -241,7 +379,14 @@ def compare_cmd(
     (with --ablation: ablation.json, ablation.md, recommended.yaml)."""
     from lymphdx.evaluation.report import compare, format_table
 
+    _check_at_least(epochs, "--epochs")
+    _check_at_least(seeds, "--seeds")
+    _check_at_least(repeats, "--repeats")
+    if cv < 0 or cv == 1:
+        raise LymphdxError(f"--cv must be 0 (the fixed split) or at least 2 folds, got {cv}")
+    _check_out_folder(out)
     cfg = _config(config, preset, {"training": {"epochs": epochs}} if epochs else {})
+    _check_cache(cfg.data.cache_dir)
     if ablation:
         from lymphdx.evaluation.ablation import ablation as run_ablation
         from lymphdx.evaluation.ablation import format_ablation
@@ -276,12 +421,12 @@ def compare_cmd(
     typer.echo(format_table(results))
 
 
-@app.command()
+@app.command(cls=_Command)
 @_friendly
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("demo_out"),
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds per strategy.")] = 1,
-    epochs: Annotated[int | None, typer.Option(help="Override training.epochs.")] = None,
+    epochs: EpochsOpt = None,
     jobs: Annotated[
         int | None,
         typer.Option("--jobs", min=1, help="Runs trained at once (default: 2 on 2+ cores)."),
@@ -292,6 +437,9 @@ def demo(
     from lymphdx.data.synthetic import SynthSpec, write_synthetic
     from lymphdx.evaluation.report import compare, format_table
 
+    _check_at_least(seeds, "--seeds")
+    _check_at_least(epochs, "--epochs")
+    _check_out_folder(out)
     start = time.perf_counter()
     data = out / "data"
     if (
@@ -318,7 +466,7 @@ def demo(
     typer.echo(f"[demo] finished in {time.perf_counter() - start:.0f} s; see {out / 'compare'}")
 
 
-@app.command()
+@app.command(cls=_Command)
 @_friendly
 def report(
     folder: Annotated[Path, typer.Argument(help="A run folder or a compare folder.")],
@@ -329,7 +477,7 @@ def report(
     typer.echo(str(write_report(folder)))
 
 
-@app.command("prepare-tcia")
+@app.command("prepare-tcia", cls=_Command)
 @_friendly
 def prepare_tcia_cmd(
     root: Annotated[
@@ -340,7 +488,8 @@ def prepare_tcia_cmd(
     ],
     out: Annotated[Path, typer.Option("--out", help="Strong-set manifest CSV to write.")],
     region: Annotated[
-        str, typer.Option("--region", help="abd (the paper's abdominal cases), med or all.")
+        Region,
+        typer.Option("--region", help="abd (the paper's abdominal cases), med or all."),
     ] = "abd",
 ) -> None:
     """Write a strong-set manifest for the TCIA "CT Lymph Nodes" download."""

@@ -31,6 +31,16 @@ PAPER_STRATEGIES = ("supervised", "semi-supervised", "multitask", "ssmdmt")
 STRATEGIES = (*PAPER_STRATEGIES, "ssmdmt-plus")
 
 
+# numpy seeds are unsigned 32-bit words; every seed of a config is in [0, SEED_MAX]
+SEED_MAX = 2**32 - 1
+
+
+def _check_seed(v: int) -> int:
+    if not 0 <= v <= SEED_MAX:
+        raise ValueError("must be in [0, 2**32 - 1] (numpy seeds are unsigned 32-bit numbers)")
+    return v
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -58,12 +68,20 @@ class DataConfig(_Section):
     ``spacing`` and ``shape`` are in ITK order (x, y, z). ``fit``: ``crop`` keeps
     ``spacing`` and centre-crops/pads the field of view; ``resize`` stretches the whole
     field of view onto ``shape`` (spacing then follows from each scan).
+
+    Intensities: every scan must be in Hounsfield units before the fixed ``hu_window``
+    clips it; ``hu_offset`` (None: checked and corrected per scan, see
+    ``lymphdx.data.preprocess.intensity_calibration``) is added first.
     """
 
     spacing: tuple[float, float, float] = (5.0, 5.0, 6.0)
     shape: tuple[int, int, int] = (48, 48, 32)
     fit: Literal["crop", "resize"] = "crop"
     hu_window: tuple[float, float] = (-250.0, 350.0)
+    # added to every scan's intensities before anything else (e.g. -1024 for files that
+    # store raw CT numbers, HU + 1024); None: each scan's calibration is checked and a
+    # clean +1024 offset corrected, an unclear one refused (lymphdx.data.preprocess)
+    hu_offset: float | None = None
     cache_dir: str | None = None  # default: $LYMPHDX_CACHE or ~/.cache/lymphdx
     split_seed: int = 0  # seeds the patient-wise split; shared by all runs of a comparison
     split: SplitConfig = Field(default_factory=SplitConfig)
@@ -74,6 +92,18 @@ class DataConfig(_Section):
         if min(v) <= 0:
             raise ValueError("must be positive along x, y and z")
         return v
+
+    @field_validator("hu_offset")
+    @classmethod
+    def _offset(cls, v: float | None) -> float | None:
+        if v is not None and not abs(v) <= 10_000:  # also refuses nan and inf
+            raise ValueError("must be a finite number of HU between -10000 and 10000")
+        return v
+
+    @field_validator("split_seed")
+    @classmethod
+    def _split_seed(cls, v: int) -> int:
+        return _check_seed(v)
 
     @field_validator("hu_window")
     @classmethod
@@ -299,6 +329,11 @@ class Config(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     propagation: PropagationConfig = Field(default_factory=PropagationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        return _check_seed(v)
 
     @model_validator(mode="after")
     def _check_shape(self) -> Config:

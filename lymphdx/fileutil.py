@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -78,6 +79,53 @@ def ensure_writable_dir(path: str | Path, what: str = "output folder") -> Path:
     return path
 
 
+def folder_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be (or become) a folder, without creating anything: ``None``
+    when it is a folder or could be made one; else a short reason naming the file that is
+    in the way (``path`` itself, or a folder above it that is a file)."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        try:
+            if p.is_dir():
+                return None
+            if p.is_symlink() and not p.exists():
+                reason = "is a symbolic link that leads nowhere (a missing target or a loop)"
+            elif p.exists():
+                reason = "is a file, not a folder"
+            else:
+                continue
+        except OSError as err:  # a name too long, a folder that cannot be searched, ...
+            return err.strerror or str(err)
+        return f"it {reason}" if p == path else f"{str(p)!r} above it {reason}"
+    return None
+
+
+def check_folder(path: str | Path, what: str) -> Path:
+    """Raise a ``LymphdxError`` naming ``what`` and ``path`` if ``path`` cannot be a folder
+    (``folder_problem``); creates nothing."""
+    problem = folder_problem(path)
+    if problem is not None:
+        raise LymphdxError(f"cannot use {str(path)!r} as the {what}: {problem}")
+    return Path(path)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf: "undefined", e.g. a standard error
+    from one patient per class) replaced by ``None``, so that it is valid JSON (``null``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any) -> str:
+    """``obj`` as indented, strictly valid JSON (non-finite floats written as ``null``)."""
+    return json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False)
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
@@ -85,8 +133,9 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Write ``obj`` as indented JSON to ``path`` atomically; NaN and ±inf become
+    ``null`` (``dumps_json``), which every JSON reader accepts."""
+    write_text(path, dumps_json(obj) + "\n")
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:

@@ -7,11 +7,27 @@ Per scan, into ``OUT/<name>/``:
     overlay.png       axial slice with the highest ROI probability, mask in red (Fig. 2)
 The outputs carry the input's spacing, origin and direction, so they overlay the scan in
 3D Slicer or ITK-SNAP.
+
+Each scan's folder is written beside it under a temporary name and renamed over the old
+one, so it is complete or absent. ``OUT`` holds one run's outputs: the folders of an
+earlier ``predict`` into it (recognised by their files) that this run does not write are
+removed at its end, also when it stops on a bad scan.
+
+``prediction.json`` also records what may make the probability mean little:
+``coverage`` (the share of the model's input the scan fills) with ``coverage_warning``
+(a scan far smaller than the model's field of view, e.g. a few slices; else null), and
+``hu_offset`` with ``calibration_warning`` (raw CT numbers corrected by -1024, or
+intensities that are neither HU nor raw CT numbers; else null). Both warnings are also
+logged.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +35,15 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from lymphdx.config import DataConfig
 from lymphdx.data import io
 from lymphdx.data.preprocess import (
+    Normalizer,
     check_coverage,
+    coverage,
+    coverage_warning,
+    hu_offset,
+    intensity_calibration,
     load_normalizers,
     preprocess_image,
     to_original,
@@ -35,6 +57,10 @@ from lymphdx.training.propagation import STRONG, WEAK
 __all__ = ["predict", "output_name", "save_overlay"]
 
 _SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+#: What a scan's output folder holds (how an earlier run's folders are recognised).
+OUTPUT_FILES = frozenset({"prediction.json", "roi_prob.nii.gz", "roi_mask.nii.gz", "overlay.png"})
+
+log = logging.getLogger("lymphdx")
 
 
 def output_name(path: Path) -> str:
@@ -117,42 +143,135 @@ def predict(
     for image_path in map(Path, images):  # before any work: a typo fails at once
         if not image_path.exists():
             raise InputError("file does not exist", image_path)
-    norm = normalizers[domain]
-    zeta = config.propagation.roi_threshold
-    threshold = config.evaluation.threshold
     out_dir = ensure_writable_dir(out_dir)
-    results, used = [], set()
+    previous = _previous_outputs(out_dir)
+    written: set[str] = set()
+    results: list[dict[str, Any]] = []
+    common = {
+        "model": str(Path(run_dir).resolve()),
+        "strategy": config.strategy,
+        "threshold": config.evaluation.threshold,
+        "roi_threshold": config.propagation.roi_threshold,
+    }
+    try:
+        for image_path, name in zip(map(Path, images), _output_names(images), strict=True):
+            with domains(model, STRONG if domain == "strong" else WEAK):  # DSBN: the hospital's
+                result = _predict_one(
+                    config.data, model, normalizers[domain], image_path, out_dir / name, common
+                )
+            results.append(result)
+            written.add(name)
+    finally:  # also when a scan is refused: OUT holds this run's complete outputs only
+        _remove_previous(out_dir, previous - written)
+    return results
+
+
+def _output_names(images: list[str | Path]) -> list[str]:
+    """Each scan's output folder name (``output_name``; ``_2``, ``_3`` … on a clash)."""
+    names: list[str] = []
     for image_path in map(Path, images):
-        name = output_name(image_path)
-        base, k = name, 1
-        while name in used:
+        name = base = output_name(image_path)
+        k = 1
+        while name in names:
             k += 1
             name = f"{base}_{k}"
-        used.add(name)
-        volume = io.read_volume(image_path)
-        check_coverage(volume.geometry, volume.shape_xyz, config.data, image_path)
-        original = io.to_sitk(volume.array, volume.geometry)
-        array, grid = preprocess_image(original, config.data)
-        x = torch.from_numpy(norm(array))[None, None]
-        with domains(model, STRONG if domain == "strong" else WEAK):  # DSBN: the hospital's
-            out = model(x)
-        probability = float(torch.sigmoid(out["cls"])[0])
-        roi_canonical = torch.sigmoid(out["roi"])[0, 0].numpy().astype(np.float32)
-        roi_prob = to_original(roi_canonical, grid, original)
-        prob_zyx = sitk.GetArrayFromImage(roi_prob)
-        label = int(probability > threshold)
-        result = {
-            "image": str(image_path),
-            "probability": probability,
-            "label": label,
-            "threshold": threshold,
-            "roi_threshold": zeta,
-            "model": str(Path(run_dir).resolve()),
-            "strategy": config.strategy,
-        }
-        with atomic_dir(out_dir / name) as folder:  # a scan's outputs: all or none
-            results.append(_write_outputs(folder, name, volume, prob_zyx, zeta, result))
-    return results
+        names.append(name)
+    return names
+
+
+def _previous_outputs(out_dir: Path) -> set[str]:
+    """The scan folders in ``out_dir`` that an earlier ``predict`` wrote: those holding a
+    ``prediction.json`` and nothing but ``OUTPUT_FILES`` (anything else is left alone)."""
+    found = set()
+    for folder in out_dir.iterdir():
+        try:
+            if folder.name.startswith(".") or folder.is_symlink() or not folder.is_dir():
+                continue
+            names = {p.name for p in folder.iterdir()}
+        except OSError:  # a folder that cannot be listed is not ours to remove
+            continue
+        if "prediction.json" in names and names <= OUTPUT_FILES:
+            found.add(folder.name)
+    return found
+
+
+def _remove_previous(out_dir: Path, names: set[str]) -> None:
+    """Remove an earlier run's scan folders that this run did not write (each renamed
+    away first, so none is left half-deleted under its name)."""
+    for name in sorted(names):
+        old = out_dir / f".old-{uuid.uuid4().hex[:8]}-{name}"
+        try:
+            os.replace(out_dir / name, old)
+        except OSError:
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+    if names:
+        log.warning(
+            "removed the outputs of an earlier predict in %s for scans not predicted now: %s",
+            out_dir,
+            ", ".join(sorted(names)),
+        )
+
+
+def _calibration_note(volume: io.Volume, cfg: DataConfig) -> tuple[float, str | None]:
+    """The offset that maps the scan to HU and a warning when it is not 0 or not known
+    (``intensity_calibration``; none when ``data.hu_offset`` says what scans hold)."""
+    calibration = intensity_calibration(volume.array)
+    offset = hu_offset(calibration, cfg)
+    if cfg.hu_offset is not None or calibration.verdict == "hu":
+        return offset, None
+    if calibration.verdict == "raw":
+        return offset, (
+            "the scan holds raw CT numbers, not Hounsfield units (air near 0, fat/soft "
+            "tissue near 1000: HU + 1024); corrected by -1024"
+        )
+    return offset, (
+        "the calibration cannot be told: the intensities are neither Hounsfield units nor "
+        f"raw CT numbers ({calibration.describe()}); the scan was used as it is, so the "
+        "probability may mean nothing"
+    )
+
+
+def _predict_one(
+    cfg: DataConfig,
+    model: torch.nn.Module,
+    norm: Normalizer,
+    image_path: Path,
+    folder: Path,
+    common: dict[str, Any],
+) -> dict[str, Any]:
+    """Predict one scan and write its outputs to ``folder`` (complete, or not at all)."""
+    volume = io.read_volume(image_path)
+    check_coverage(volume.geometry, volume.shape_xyz, cfg, image_path)
+    offset, calibration_note = _calibration_note(volume, cfg)
+    if offset != 0.0:
+        volume = io.Volume(volume.array + np.float32(offset), volume.geometry)
+    covered, _ = coverage(volume.geometry, volume.shape_xyz, cfg)
+    coverage_note = coverage_warning(volume.geometry, volume.shape_xyz, cfg)
+    for note in (calibration_note, coverage_note):
+        if note is not None:
+            log.warning("%s: %s", image_path, note)
+    original = io.to_sitk(volume.array, volume.geometry)
+    array, grid = preprocess_image(original, cfg)
+    out = model(torch.from_numpy(norm(array))[None, None])
+    probability = float(torch.sigmoid(out["cls"])[0])
+    roi_canonical = torch.sigmoid(out["roi"])[0, 0].numpy().astype(np.float32)
+    prob_zyx = sitk.GetArrayFromImage(to_original(roi_canonical, grid, original))
+    result = {
+        "image": str(image_path),
+        "probability": probability,
+        "label": int(probability > common["threshold"]),
+        "threshold": common["threshold"],
+        "roi_threshold": common["roi_threshold"],
+        "model": common["model"],
+        "strategy": common["strategy"],
+        "coverage": round(covered, 6),
+        "coverage_warning": coverage_note,
+        "hu_offset": offset,
+        "calibration_warning": calibration_note,
+    }
+    with atomic_dir(folder) as tmp:  # written beside, then renamed over the old folder
+        return _write_outputs(tmp, folder.name, volume, prob_zyx, common["roi_threshold"], result)
 
 
 def _write_outputs(

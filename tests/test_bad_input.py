@@ -70,7 +70,8 @@ PAPER_WEAK, PAPER_STRONG = (90, 10, 23), (62, 7, 16)
 def scan(path: Path, array: np.ndarray | None = None, geometry: Geometry = GEOMETRY) -> Path:
     """A small CT-like volume (or ``array``) written to ``path``."""
     if array is None:
-        array = np.random.default_rng(0).normal(0, 100, SHAPE).astype(np.int16)
+        seed = int.from_bytes(path.name.encode(), "little") % 2**32  # every file its own content
+        array = np.random.default_rng(seed).normal(0, 100, SHAPE).astype(np.int16)
     return write_volume(path, array, geometry)
 
 
@@ -709,7 +710,7 @@ def test_cli_synth_output_folder_not_writable(tmp_path):
 
 def test_cli_synth_bad_counts(tmp_path):
     code, output = cli("synth", "--out", tmp_path / "d", "--n-weak", "2", "--n-pos", "5")
-    assert_cli_error(code, output, None, None, "n_pos")
+    assert_cli_error(code, output, None, None, "--n-pos")
     assert not (tmp_path / "d").exists()
 
 

@@ -16,11 +16,11 @@ import csv
 import io
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -35,6 +35,7 @@ __all__ = [
     "WeakRecord",
     "assign_splits",
     "check_disjoint",
+    "check_duplicate_scans",
     "check_weak_splits",
     "load_manifests",
     "load_strong_manifest",
@@ -356,6 +357,60 @@ def check_disjoint(
     )
 
 
+def check_duplicate_scans(
+    weak: Sequence[WeakRecord],
+    strong: Sequence[StrongRecord],
+    content_hash: Callable[[Path, str], str],
+) -> None:
+    """Refuse two patients whose scans have identical content (the same scan under two
+    ids), within or across the sets.
+
+    ``load_manifests`` catches a path listed twice; a copy of the file is only caught by
+    its content: ``content_hash(image, patient_id)`` (``PreprocessCache.content_hash``,
+    memoised, so a later run does not read the files again). A duplicate is refused
+    whatever the labels: with opposite labels one of them is wrong, and with the same
+    label the copy counts twice and may land in train and test alike.
+
+    Raises:
+        InputError: naming both patients, their files and labels, and the manifest.
+    """
+    first: dict[str, tuple[str, WeakRecord | StrongRecord]] = {}
+    pairs: list[tuple[tuple[str, WeakRecord | StrongRecord], tuple[str, Any]]] = []
+    for set_name, records in (("weak", weak), ("strong", strong)):
+        for r in records:
+            digest = content_hash(r.image, r.patient_id)
+            if digest in first:
+                pairs.append((first[digest], (set_name, r)))
+            else:
+                first[digest] = (set_name, r)
+    if not pairs:
+        return
+
+    def who(set_name: str, r: WeakRecord | StrongRecord) -> str:
+        label = f", label {r.label}" if isinstance(r, WeakRecord) else ""
+        return f"{r.patient_id!r} ({set_name} set{label}, image {str(r.image)!r})"
+
+    (set_a, a), (set_b, b) = pairs[0]
+    if isinstance(a, WeakRecord) and isinstance(b, WeakRecord) and a.label != b.label:
+        verdict = "with opposite labels, so one of them is wrong"
+    else:
+        verdict = "so it would count twice and could land in train and test alike"
+    more = ""
+    if len(pairs) > 1:
+        rest = pairs[1 : 1 + _MAX_LISTED]
+        shown = ", ".join(f"{x.patient_id!r} = {y.patient_id!r}" for (_, x), (_, y) in rest)
+        if len(pairs) - 1 > len(rest):
+            shown += f" and {len(pairs) - 1 - len(rest)} more"
+        more = f"; {len(pairs) - 1} more pair(s): {shown}"
+    raise InputError(
+        f"patients {a.patient_id!r} and {b.patient_id!r} have scans of identical content: "
+        f"{who(set_a, a)} and {who(set_b, b)} are the same scan under two ids, {verdict}"
+        f"{more}. Remove the duplicate row, or give the patient its own scan",
+        a.manifest,
+        a.patient_id,
+    )
+
+
 def load_manifests(
     weak_csv: str | Path, strong_csv: str | Path
 ) -> tuple[list[WeakRecord], list[StrongRecord]]:
@@ -653,9 +708,12 @@ def check_weak_splits(
             f"The set has {len(weak)} patients, {n_pos} with label 1 and "
             f"{len(weak) - n_pos} with label 0; the stratified split (proportions "
             f"train/val/test {shown}, data.split.weak) gives each split both classes only "
-            "when each class has at least 3 patients and val and test at least 2 each. "
-            "Fix: add patients, give val and test larger proportions, or add a split "
-            "column to the manifest"
+            "when each class has at least 3 patients and val and test at least 2 each; "
+            "the default 90/10/23 gives val 2 patients only from 21 weak patients on, and "
+            "about 40 or more are needed for a validation split that can choose a model. "
+            "Fix: add patients, set data.split.weak to larger val and test shares (e.g. "
+            "[60, 20, 20], which splits from about 9 patients), or add a split column "
+            "(train/val/test) to the manifest"
         )
     else:
         problem += (

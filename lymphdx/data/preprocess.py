@@ -14,6 +14,28 @@ Images: linear interpolation, outside → ``hu_window[0]``, clipped to ``hu_wind
 ``(z, y, x)``. Masks: nearest neighbour onto the grid computed from the IMAGE's geometry,
 binarised, uint8 ``(z, y, x)``.
 
+Intensity calibration: the fixed ``hu_window`` is only right for Hounsfield units. Some
+converters and archives write raw CT numbers (air at 0, soft tissue near 1060: HU + 1024,
+the rescale intercept dropped), which the window would clip to a flat 350 inside the
+body. So each scan's raw intensities are summarised when it is preprocessed
+(``intensity_calibration``: the air/background mode and the body's fat/soft-tissue mode)
+and, with ``data.hu_offset`` unset, a scan that is clearly HU + 1024 is shifted by -1024
+before resampling (the entry records it); ``check_calibration`` then reports per set
+(weak, strong) which patients were corrected (a warning) and refuses the set when a scan's
+calibration cannot be told. ``data.hu_offset`` set to a number is added to every scan
+instead, with no check (it is part of ``settings_key``; unset, the key and every array of
+a scan in HU are what they were before the check existed).
+
+Percentile windows (nnU-Net's CT scheme: clip to the 0.5-99.5 percentiles of the labelled
+foreground, then z-score) are deliberately not offered. The window would be fitted to
+each set's own distribution, so it would absorb a calibration error instead of exposing
+it, and a single scan at ``predict`` time has no set to fit it on; the weak set has no
+foreground masks to take percentiles of; and the per-domain z-score after the fixed HU
+window already removes the linear calibration differences between hospitals (gain,
+offset) that a per-domain window would address. Fixed HU plus a checked calibration keeps
+intensities physical (fat, soft tissue and vessels land at the same values for every
+hospital), which is also what the paper does.
+
 Cache layout (``PreprocessCache``)::
 
     cache_dir/
@@ -31,8 +53,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,15 +66,23 @@ import SimpleITK as sitk
 from lymphdx.config import DataConfig
 from lymphdx.data import io
 from lymphdx.data.io import Geometry
-from lymphdx.errors import InputError
-from lymphdx.fileutil import atomic_path, write_json
+from lymphdx.errors import InputError, LymphdxError
+from lymphdx.fileutil import atomic_path, folder_problem, write_json
 
 __all__ = [
     "PREPROCESS_VERSION",
     "Grid",
     "canonical_grid",
     "check_coverage",
+    "coverage",
+    "coverage_warning",
+    "COVERAGE_WARNING",
     "MAX_STRETCH",
+    "Calibration",
+    "intensity_calibration",
+    "check_calibration",
+    "hu_offset",
+    "RAW_CT_OFFSET",
     "resample_image",
     "resample_mask",
     "preprocess_image",
@@ -72,6 +103,9 @@ PREPROCESS_VERSION = 1
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 _MMAP_BYTES = 64 * 2**20  # cached arrays larger than this are memory-mapped read-only
 _CHUNK = 1 << 20
+_MAX_LISTED = 10  # patients listed in one message
+
+log = logging.getLogger("lymphdx")
 
 
 # --------------------------------------------------------------------------- grid
@@ -198,6 +232,269 @@ def check_coverage(
         )
 
 
+#: ``coverage_warning`` warns when a scan fills less than this share of the model's input.
+COVERAGE_WARNING = 0.5
+
+
+def coverage(
+    geometry: Geometry, size_xyz: tuple[int, ...], cfg: DataConfig
+) -> tuple[float, tuple[float, float, float]]:
+    """How much of the model's input a scan fills: ``(overall, (x, y, z))``, each in [0, 1].
+
+    ``fit="crop"``: the scan's world extent over the input's field of view
+    (``spacing × shape``) along each axis; ``fit="resize"``: the scan's voxels over the
+    input's (what is not covered is interpolation). Overall: the product of the axes.
+    """
+    size = np.asarray(size_xyz, dtype=np.float64)
+    direction = np.abs(np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3))
+    shape = np.asarray(cfg.shape, dtype=np.float64)
+    if cfg.fit == "crop":
+        extent = direction @ (np.asarray(geometry.spacing, dtype=np.float64) * size)
+        share = extent / (np.asarray(cfg.spacing, dtype=np.float64) * shape)
+    else:
+        share = (direction @ size) / shape
+    axes = tuple(float(min(1.0, max(0.0, v))) for v in share)
+    return float(np.prod(axes)), axes  # type: ignore[return-value]
+
+
+def coverage_warning(geometry: Geometry, size_xyz: tuple[int, ...], cfg: DataConfig) -> str | None:
+    """A one-line warning when the scan fills far less than the model's input
+    (``COVERAGE_WARNING``), else None: the rest of the input is padding, and a probability
+    computed mostly from padding looks like any other."""
+    overall, axes = coverage(geometry, size_xyz, cfg)
+    if overall >= COVERAGE_WARNING:
+        return None
+    per_axis = ", ".join(f"{a * 100:.0f} %" for a in axes)
+    if cfg.fit == "crop":
+        fov = " x ".join(f"{s * n:g}" for s, n in zip(cfg.spacing, cfg.shape, strict=True))
+        what = f"its field of view of {fov} mm (data.spacing x data.shape)"
+    else:
+        what = f"its {' x '.join(map(str, cfg.shape))} voxels (data.shape)"
+    return (
+        f"the scan fills only {overall * 100:.1f} % of the model's input ({per_axis} of "
+        f"{what} along x, y, z); the rest is padding, so the probability means little: "
+        "give the whole scan, not a crop or a few slices"
+    )
+
+
+#: Raw CT numbers are HU + this (the rescale intercept that some converters drop).
+RAW_CT_OFFSET = 1024.0
+_HIST_RANGE = (-1200.0, 1400.0)  # raw values summarised (padding and dense bone left out)
+_HIST_BIN = 10.0
+_AIR_HU = (-1200.0, -700.0)  # air / background (or lung) mode, in HU
+_BODY_HU = (-200.0, 150.0)  # the body's mode: fat (about -100) or soft tissue (0 to 100)
+_MIN_SEPARATION = 600.0  # air and body modes at least this far apart to count as two
+_MIN_CLASS = 0.02  # share of the voxels each of the two clusters needs
+_RAW_NEGATIVE = 0.01  # raw CT numbers: at most this share of the voxels in [-1150, -200)
+_MIN_SPREAD = 20.0  # CT values spread over far more (air, fat, soft tissue, noise)
+_SAMPLE = 4_000_000  # voxels summarised at most (an even stride through the scan)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A scan's intensity calibration as told by its raw values.
+
+    ``air_mode``: the mode of the air/background cluster (None when the scan has no such
+    cluster, e.g. a crop inside the body); ``body_mode``: the mode of the rest (fat or
+    soft tissue); both in the file's own units. ``verdict``: ``hu`` (air near -1000 HU,
+    body within -200..150 HU), ``raw`` (the same + 1024, and nothing below -200) or
+    ``unknown``; so is a scan whose values spread over less than 20 between their 5th
+    and 95th percentiles (normalised or rescaled values, a constant).
+    """
+
+    verdict: str
+    air_mode: float | None
+    body_mode: float | None
+    spread: float | None = None  # 5th to 95th percentile of the summarised values
+
+    @property
+    def offset(self) -> float | None:
+        """What maps the scan to HU: 0, -1024, or None when it cannot be told."""
+        return {"hu": 0.0, "raw": -RAW_CT_OFFSET}.get(self.verdict)
+
+    def describe(self) -> str:
+        def shown(v: float | None) -> str:
+            return "none" if v is None else f"{v:g}"
+
+        text = (
+            f"air/background mode {shown(self.air_mode)}, fat/soft-tissue mode "
+            f"{shown(self.body_mode)}"
+        )
+        if self.spread is not None and self.spread < _MIN_SPREAD:
+            text += f", values spread over only {self.spread:.3g}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict,
+            "air_mode": self.air_mode,
+            "body_mode": self.body_mode,
+            "spread": self.spread,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
+        def number(v: Any) -> float | None:
+            return None if v is None else float(v)
+
+        return cls(
+            str(data["verdict"]),
+            number(data["air_mode"]),
+            number(data["body_mode"]),
+            number(data.get("spread")),
+        )
+
+
+def _otsu(hist: np.ndarray) -> int:
+    """Index that splits ``hist`` into two classes of maximal between-class variance."""
+    h = hist.astype(np.float64)
+    index = np.arange(h.size, dtype=np.float64)
+    w0 = np.cumsum(h)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(h * index)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (m0[-1] * w0 - m0 * w0[-1]) ** 2 / (w0 * w1)
+    between[~np.isfinite(between)] = -1.0
+    return int(np.argmax(between[:-1])) + 1
+
+
+def intensity_calibration(array: np.ndarray) -> Calibration:
+    """Tell a scan in HU from one in raw CT numbers (HU + 1024) by its histogram.
+
+    Values in [-1200, 1400) (padding such as -2000 or -3024 and dense bone left out) are
+    binned by 10 and split in two by Otsu's threshold; when the two clusters are each at
+    least 2 % of the voxels and their modes at least 600 apart, the lower is the
+    air/background mode and the upper the body's mode, else the scan has no air cluster
+    and its overall mode is the body's. HU: body mode within -200..150 (fat to soft
+    tissue) and air mode (if any) within -1200..-700; raw: both + 1024, and under 1 % of
+    the voxels in [-1150, -200) (raw CT numbers are not negative). Anything else, and
+    values that spread over less than 20 (5th to 95th percentile), is ``unknown``. A scan
+    without air whose mode is near 0 reads as HU (soft tissue): a raw scan would be all
+    air.
+    """
+    values = np.asarray(array).reshape(-1)
+    values = values[:: max(1, values.size // _SAMPLE)]
+    lo, hi = _HIST_RANGE
+    inside = values[(values >= lo) & (values < hi)]  # NaN is neither
+    if inside.size == 0:
+        return Calibration("unknown", None, None, None)
+    hist, edges = np.histogram(inside, bins=int((hi - lo) / _HIST_BIN), range=(lo, hi))
+    centres = edges[:-1] + _HIST_BIN / 2
+    smooth = np.convolve(hist, np.ones(5), mode="same")
+
+    def mode(start: int, stop: int) -> float:
+        peak = start + int(np.argmax(smooth[start:stop]))  # robust to noise...
+        near = max(start, peak - 2)
+        return float(centres[near + int(np.argmax(hist[near : min(stop, peak + 3)]))])  # ...exact
+
+    split = _otsu(hist)
+    air: float | None = None
+    body = mode(0, hist.size)
+    if min(hist[:split].sum(), hist[split:].sum()) >= _MIN_CLASS * inside.size:
+        low, high = mode(0, split), mode(split, hist.size)
+        if high - low >= _MIN_SEPARATION:
+            air, body = low, high
+
+    def fits(shift: float) -> bool:
+        body_ok = _BODY_HU[0] + shift <= body <= _BODY_HU[1] + shift
+        air_ok = air is None or _AIR_HU[0] + shift <= air <= _AIR_HU[1] + shift
+        return body_ok and air_ok
+
+    negative = np.count_nonzero((inside >= -1150.0) & (inside < -200.0)) / inside.size
+    p5, p95 = np.percentile(inside, [5.0, 95.0])
+    spread = float(p95 - p5)
+    if spread < _MIN_SPREAD:
+        verdict = "unknown"
+    elif fits(0.0):
+        verdict = "hu"
+    elif fits(RAW_CT_OFFSET) and negative <= _RAW_NEGATIVE:
+        verdict = "raw"
+    else:
+        verdict = "unknown"
+    return Calibration(verdict, air, body, round(spread, 3))
+
+
+def hu_offset(calibration: Calibration, cfg: DataConfig) -> float:
+    """What is added to a scan's values: ``cfg.hu_offset`` when set, else -1024 for raw
+    CT numbers and 0 otherwise (an ``unknown`` scan is refused by ``check_calibration``
+    where a set is trained on, and warned about by ``predict``)."""
+    if cfg.hu_offset is not None:
+        return float(cfg.hu_offset)
+    return calibration.offset or 0.0
+
+
+def _who(patient: str | None, path: Path) -> str:
+    return f"patient {patient!r}" if patient is not None else f"file {str(path)!r}"
+
+
+def check_calibration(
+    cache: PreprocessCache,
+    sets: dict[str, Sequence[tuple[str | None, Path]]],
+    sources: dict[str, Path | None] | None = None,
+) -> dict[str, list[str]]:
+    """Check each set's intensity calibration (``{set: [(patient, image), ...]}``).
+
+    Scans in raw CT numbers (HU + 1024) were corrected by the cache: a warning names the
+    set and those patients. A scan whose calibration cannot be told is refused. Nothing is
+    checked when ``data.hu_offset`` is set (the user said what the files hold).
+    ``sources``: each set's manifest, named by the error.
+
+    Returns:
+        ``{set: [patient (or file) ...]}`` of the corrected scans.
+
+    Raises:
+        InputError: naming the set, its manifest and each patient whose calibration
+            cannot be told, with its modes.
+    """
+    if cache.cfg.hu_offset is not None:
+        return {}
+    sources = sources or {}
+    corrected: dict[str, list[str]] = {}
+    for name, items in sets.items():
+        unknown: list[tuple[str | None, Path, Calibration]] = []
+        raw: list[str] = []
+        for patient, path in items:
+            calibration, _ = cache.calibration(path, patient)
+            if calibration.verdict == "unknown":
+                unknown.append((patient, Path(path), calibration))
+            elif calibration.verdict == "raw":
+                raw.append(patient if patient is not None else str(path))
+        if unknown:
+            listed = "; ".join(
+                f"{_who(p, f)} ({c.describe()})" for p, f, c in unknown[:_MAX_LISTED]
+            )
+            if len(unknown) > _MAX_LISTED:
+                listed += f"; and {len(unknown) - _MAX_LISTED} more"
+            first_patient, first_path, _ = unknown[0]
+            raise InputError(
+                f"the {name} set: the calibration of {len(unknown)} of {len(items)} scans "
+                "cannot be told, their intensities are neither Hounsfield units (air near "
+                "-1000, fat/soft tissue within -200..150) nor raw CT numbers (HU + 1024: "
+                f"air near 0, fat/soft tissue within 824..1174): {listed}. Check these "
+                "files (another modality, normalised or rescaled values?), or set "
+                "data.hu_offset to the number that maps every scan to HU (0 if they are "
+                "HU, -1024 for raw CT numbers)",
+                sources.get(name) or first_path,
+                first_patient,
+            )
+        if raw:
+            shown = ", ".join(repr(p) for p in raw[:_MAX_LISTED])
+            if len(raw) > _MAX_LISTED:
+                shown += f" and {len(raw) - _MAX_LISTED} more"
+            log.warning(
+                "the %s set: %d of %d scans hold raw CT numbers, not Hounsfield units (air "
+                "near 0, fat/soft tissue near 1000: HU + 1024, the rescale intercept left "
+                "out by the converter); corrected by -1024: %s. Set data.hu_offset to "
+                "choose the offset yourself",
+                name,
+                len(raw),
+                len(items),
+                shown,
+            )
+            corrected[name] = raw
+    return corrected
+
+
 def _resample(
     image: sitk.Image, grid: Grid, interpolator: int, default: float, pixel_type: int
 ) -> np.ndarray:
@@ -269,6 +566,8 @@ def _settings(cfg: DataConfig) -> dict[str, Any]:
         "shape": [int(v) for v in cfg.shape],
         "fit": cfg.fit,
         "hu_window": [float(v) for v in cfg.hu_window],
+        # only when set, so the default key (and cache) is what it was before the key
+        **({} if cfg.hu_offset is None else {"hu_offset": float(cfg.hu_offset)}),
     }
 
 
@@ -362,7 +661,14 @@ class PreprocessCache:
         self.cache_dir = Path(cache_dir)
         self.key = settings_key(cfg)
         self.root = self.cache_dir / self.key
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise LymphdxError(
+                f"cannot use {str(self.cache_dir)!r} as the preprocessing cache folder "
+                "(data.cache_dir, else $LYMPHDX_CACHE, else ~/.cache/lymphdx): "
+                f"{folder_problem(self.cache_dir) or err.strerror}"
+            ) from None
         self._index_path = self.cache_dir / "hashes.json"
         self._hashes: dict[str, dict[str, str]] = self._read_index()
 
@@ -438,12 +744,16 @@ class PreprocessCache:
         npy, meta_path = self._entry(stem)
         if npy.exists():
             meta = self._load_meta(meta_path)
-            if meta is not None:
+            # an entry from before the calibration check is remade (same array for HU)
+            if meta is not None and "calibration" in meta:
                 return digest, meta, None
         volume = io.read_volume(path, patient)
         check_coverage(volume.geometry, volume.shape_xyz, self.cfg, path, patient)
+        calibration = intensity_calibration(volume.array)
+        offset = hu_offset(calibration, self.cfg)
         grid = canonical_grid(volume.geometry, volume.shape_xyz, self.cfg)
-        array = resample_image(io.to_sitk(volume.array, volume.geometry), grid, self.cfg)
+        source = volume.array if offset == 0.0 else volume.array + np.float32(offset)
+        array = resample_image(io.to_sitk(source, volume.geometry), grid, self.cfg)
         meta = {
             "kind": "image",
             "source": str(path),
@@ -451,6 +761,8 @@ class PreprocessCache:
             "source_geometry": Grid(volume.geometry, volume.shape_xyz).to_dict(),
             "grid": grid.to_dict(),
             "settings": _settings(self.cfg),
+            "calibration": calibration.to_dict(),  # of the file's own values
+            "hu_offset": offset,  # added to them before resampling
         }
         self._store(stem, array, meta)
         return digest, meta, array
@@ -473,6 +785,14 @@ class PreprocessCache:
         """Canonical grid of the image at ``path`` (from its cache entry)."""
         _, meta, _ = self._image_entry(Path(path), patient)
         return Grid.from_dict(meta["grid"])
+
+    def calibration(
+        self, path: str | Path, patient: str | None = None
+    ) -> tuple[Calibration, float]:
+        """The intensity calibration of the image at ``path`` (of the file's own values)
+        and the offset added to them (from its cache entry)."""
+        _, meta, _ = self._image_entry(Path(path), patient)
+        return Calibration.from_dict(meta["calibration"]), float(meta["hu_offset"])
 
     def source_grid(self, path: str | Path, patient: str | None = None) -> Grid:
         """Original geometry and size of the image at ``path`` (from its cache entry)."""
@@ -514,6 +834,24 @@ class PreprocessCache:
             },
         )
         return array
+
+    def mask_info(
+        self, mask_path: str | Path, image_path: str | Path, patient: str | None = None
+    ) -> dict[str, Any]:
+        """The metadata of a mask's cache entry (made if absent): ``foreground_mm3`` on the
+        canonical grid, ``source_foreground_mm3`` in the file, grid, hashes."""
+        mask_path, image_path = Path(mask_path), Path(image_path)
+        self.mask(mask_path, image_path, patient)
+        image_digest = self.content_hash(image_path, patient)
+        mask_digest = self.content_hash(mask_path, patient)
+        stem = "mask-" + hashlib.sha256(f"{mask_digest}:{image_digest}".encode()).hexdigest()
+        meta = self._load_meta(self._entry(stem)[1])
+        if meta is None:  # removed meanwhile: what the array says
+            array = self.mask(mask_path, image_path, patient)
+            grid_mm3 = float(np.prod(self.grid(image_path, patient).geometry.spacing))
+            fg = float(np.count_nonzero(array)) * grid_mm3
+            return {"foreground_mm3": fg, "source_foreground_mm3": fg}
+        return meta
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -568,9 +906,15 @@ class Normalizer:
 
 
 def fit_normalizers(
-    cache: PreprocessCache, domains: dict[str, list[Path]]
+    cache: PreprocessCache, domains: dict[str, list[Path]], check: bool = True
 ) -> dict[str, Normalizer]:
-    """One ``Normalizer`` per domain, e.g. ``{"weak": [train images], "strong": [...]}``."""
+    """One ``Normalizer`` per domain, e.g. ``{"weak": [train images], "strong": [...]}``.
+
+    ``check``: first check each domain's intensity calibration (``check_calibration``,
+    naming files; a caller that checked its sets with patient ids passes False).
+    """
+    if check:
+        check_calibration(cache, {n: [(None, Path(p)) for p in ps] for n, ps in domains.items()})
     return {
         name: Normalizer.fit(cache.image(Path(p)) for p in paths) for name, paths in domains.items()
     }

@@ -71,6 +71,7 @@ __all__ = [
     "make_scan",
     "patient_rng",
     "shifted_hospital",
+    "default_n_pos",
     "weak_labels",
     "write_synthetic",
 ]
@@ -228,17 +229,30 @@ NODE_COLUMNS = (
 )
 
 
+# the paper's weak set: 57 of 123 scans positive
+PAPER_N_WEAK, PAPER_N_POS = 123, 57
+SEED_LIMIT = 2**32  # numpy seeds are unsigned 32-bit words; one word keeps seeds simple
+
+
+def default_n_pos(n_weak: int) -> int:
+    """Positive scans among ``n_weak`` at the paper's prevalence (57/123), rounded."""
+    return int(n_weak * PAPER_N_POS / PAPER_N_WEAK + 0.5)
+
+
 @dataclass
 class SynthSpec:
     """What ``write_synthetic`` generates: set sizes, the seed and how hard the data are.
 
-    ``shift`` (>= 0): how far hospital B's acquisition lies from A's (``shifted_hospital``;
-    0: like A's, 1: the default B, 2: twice the default difference). ``node_scale`` (in
-    ``(0, 2]``): multiplies every node's equivalent-diameter range in both hospitals.
+    ``n_pos``: positive weak scans; ``None`` (default) follows the paper's prevalence,
+    ``round(n_weak * 57 / 123)`` (57 of 123), and is resolved to that number here.
+    ``seed``: in ``[0, 2**32)``. ``shift`` (>= 0): how far hospital B's acquisition lies
+    from A's (``shifted_hospital``; 0: like A's, 1: the default B, 2: twice the default
+    difference). ``node_scale`` (in ``(0, 2]``): multiplies every node's
+    equivalent-diameter range in both hospitals.
     """
 
     n_weak: int = 123
-    n_pos: int = 57
+    n_pos: int | None = None
     n_strong: int = 85
     seed: int = 0
     shift: float = 1.0
@@ -247,8 +261,12 @@ class SynthSpec:
     def __post_init__(self) -> None:
         if self.n_weak < 0 or self.n_strong < 0:
             raise ValueError("n_weak and n_strong must be >= 0")
+        if self.n_pos is None:
+            self.n_pos = default_n_pos(self.n_weak)
         if not 0 <= self.n_pos <= self.n_weak:
             raise ValueError(f"n_pos must be in [0, n_weak={self.n_weak}], got {self.n_pos}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**32 - 1], got {self.seed}")
         if not (math.isfinite(self.shift) and self.shift >= 0):
             raise ValueError(f"shift must be a finite number >= 0, got {self.shift}")
         if not 0 < self.node_scale <= MAX_NODE_SCALE:

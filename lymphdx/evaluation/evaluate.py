@@ -7,8 +7,11 @@ feeds back into any choice.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io as _io
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +91,27 @@ def predict_checkpoint(
     return read_predictions(path)
 
 
+@contextlib.contextmanager
+def _quiet_numpy() -> Iterator[None]:
+    """No numpy floating-point warnings (a variance of one patient, a mean of nothing):
+    the statistics they concern come out NaN, written ``null`` in the JSON, and a warning
+    from deep inside numpy would only bury ``evaluate``'s output."""
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def _delong_se(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """DeLong's standard error of the AUC; ``None`` with fewer than 2 patients of a class
+    (the sample variances of the placement values are then undefined)."""
+    n_pos = int(labels.sum())
+    if min(n_pos, len(labels) - n_pos) < 2:
+        return None
+    _, var = delong(labels, probs)
+    se = float(np.sqrt(var))
+    return se if np.isfinite(se) else None
+
+
 def evaluate_run(
     run_dir: str | Path, split: str = "test", detection: bool = True
 ) -> dict[str, Any]:
@@ -106,8 +130,12 @@ def evaluate_run(
     labels = volumes.labels
     threshold = config.evaluation.threshold
     pred = (probs > threshold).astype(int)
-    value = auc(labels, probs)
-    _, var = delong(labels, probs)
+    with _quiet_numpy():
+        value = auc(labels, probs)
+        ci = bootstrap_auc_ci(
+            labels, probs, config.evaluation.bootstrap, config.evaluation.ci, seed=config.seed
+        )
+        se = _delong_se(labels, probs)
     tp = int(((pred == 1) & (labels == 1)).sum())
     tn = int(((pred == 0) & (labels == 0)).sum())
     metrics: dict[str, Any] = {
@@ -115,12 +143,9 @@ def evaluate_run(
         "n": int(len(labels)),
         "n_pos": int(labels.sum()),
         "auc": value,
-        "auc_ci95": list(
-            bootstrap_auc_ci(
-                labels, probs, config.evaluation.bootstrap, config.evaluation.ci, seed=config.seed
-            )
-        ),
-        "auc_se_delong": float(np.sqrt(var)),
+        "auc_ci95": list(ci),
+        # null when undefined: DeLong's variance needs 2 patients of each class
+        "auc_se_delong": se,
         "threshold": threshold,
         "sensitivity": tp / max(1, int(labels.sum())),
         "specificity": tn / max(1, int((labels == 0).sum())),
@@ -140,7 +165,8 @@ def evaluate_run(
     if detection and split == "test" and get_strategy(config.strategy).trains_decoder:
         from lymphdx.evaluation.detection import evaluate_detection  # imports this module
 
-        detection = evaluate_detection(run_dir)
+        with _quiet_numpy():
+            detection = evaluate_detection(run_dir)
         for name in ("strong_test", "weak_test"):
             if name in detection:
                 metrics[f"{name}_dice"] = detection[name]["dice"]

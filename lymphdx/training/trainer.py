@@ -48,18 +48,31 @@ import lymphdx
 from lymphdx.config import Config, dump_config, validate
 from lymphdx.data.augment import Augmenter
 from lymphdx.data.datasets import VolumeSet, epoch_order
-from lymphdx.data.manifest import StrongRecord, WeakRecord, load_manifests, resolve_splits
+from lymphdx.data.manifest import (
+    StrongRecord,
+    WeakRecord,
+    check_duplicate_scans,
+    load_manifests,
+    resolve_splits,
+)
 from lymphdx.data.preprocess import (
     Normalizer,
     PreprocessCache,
+    check_calibration,
     fit_normalizers,
     load_normalizers,
     save_normalizers,
 )
 from lymphdx.data.sampling import crop, patch_corner, stream_batches
-from lymphdx.errors import LymphdxError
+from lymphdx.errors import InputError, LymphdxError
 from lymphdx.evaluation.metrics import auc as compute_auc
-from lymphdx.fileutil import atomic_path, remove_stale_temporaries, run_lock, write_text
+from lymphdx.fileutil import (
+    atomic_path,
+    folder_problem,
+    remove_stale_temporaries,
+    run_lock,
+    write_text,
+)
 from lymphdx.models.domain_norm import domains
 from lymphdx.models.multitask import MultiTaskNet, build_model
 from lymphdx.training import selection
@@ -193,11 +206,64 @@ def split_manifests(
     )
 
 
+def _check_strong_masks(
+    cache: PreprocessCache, strong: list[StrongRecord], manifest: str | Path
+) -> None:
+    """Read the masks training will use (train and val) now, so that a bad one is refused
+    before the first epoch, and refuse a training split whose masks are all empty.
+
+    All empty is refused, not warned about: the strong set is there only to teach the ROI
+    decoder, and with no node voxel anywhere every strategy with an ROI loss trains it on
+    background alone, propagates empty pseudo masks and still reports ordinary-looking
+    results. Strategies that use no masks (supervised, semi-supervised) never get here.
+    """
+    infos = {}
+    for r in strong:
+        if r.split in ("train", "val"):
+            infos[r.patient_id] = cache.mask_info(r.mask, r.image, r.patient_id)
+    train = [r for r in strong if r.split == "train"]
+    if not train or any(infos[r.patient_id]["foreground_mm3"] > 0 for r in train):
+        return
+    outside = [r.patient_id for r in train if infos[r.patient_id]["source_foreground_mm3"] > 0]
+    if outside:
+        why = (
+            f"{len(outside)} of them mark nodes, but only outside the model's input grid "
+            f"(data.spacing x data.shape around each scan's centre; e.g. patient "
+            f"{outside[0]!r}): enlarge data.shape or data.spacing, or use data.fit: resize."
+        )
+    else:
+        why = (
+            "the mask files hold only zeros: are they the right files (not the images, "
+            "not empty templates), with nodes as nonzero labels?"
+        )
+    raise InputError(
+        f"the strong set's {len(train)} training masks are all empty: no voxel of the "
+        f"model's input is a node, so the ROI task would learn background alone; {why} "
+        "(The strategies supervised and semi-supervised use no masks.)",
+        manifest,
+        train[0].patient_id,
+    )
+
+
 def load_run_data(config: Config, run_dir: Path, need_strong: bool = True) -> RunData:
-    """Manifests, splits (``splits.csv``), cache and normalisers (``normalization.json``)."""
+    """Manifests, splits (``splits.csv``), cache and normalisers (``normalization.json``).
+
+    Before the splits are written: scans of identical content under two patient ids are
+    refused (``check_duplicate_scans``). Then each set's intensity calibration is checked
+    (``check_calibration``) and, for a strategy with the strong set's ROI loss, the strong
+    masks of train and val are read and all-empty ones refused (``_check_strong_masks``).
+    ``need_strong``: whether the strong set is used (else only the weak set is checked).
+    """
     if not config.manifests.weak or not config.manifests.strong:
         raise LymphdxError("the config names no manifests (manifests.weak / manifests.strong)")
-    weak, strong = split_manifests(config, config.manifests.weak, config.manifests.strong, run_dir)
+    weak_csv, strong_csv = Path(config.manifests.weak), Path(config.manifests.strong)
+    weak, strong = load_manifests(weak_csv, strong_csv)
+    cache = PreprocessCache(cache_dir_of(config), config.data)
+    check_duplicate_scans(weak, strong if need_strong else [], cache.content_hash)
+    proportions = config.data.split
+    weak, strong = resolve_splits(
+        weak, strong, run_dir, proportions.weak, proportions.strong, config.data.split_seed
+    )
     for split in ("train", "val"):
         labels = {r.label for r in weak if r.split == split}
         if labels != {0, 1}:
@@ -207,7 +273,12 @@ def load_run_data(config: Config, run_dir: Path, need_strong: bool = True) -> Ru
                 "AUC-based model selection needs both classes; give a split column with "
                 "positives and negatives in every split, or more patients"
             )
-    cache = PreprocessCache(cache_dir_of(config), config.data)
+    sets = {"weak": [(r.patient_id, r.image) for r in weak]}
+    if need_strong:
+        sets["strong"] = [(r.patient_id, r.image) for r in strong]
+    check_calibration(cache, sets, {"weak": weak_csv, "strong": strong_csv})
+    if need_strong and get_strategy(config.strategy).roi_strong:
+        _check_strong_masks(cache, strong, strong_csv)
     norm_path = run_dir / "normalization.json"
     if norm_path.exists():
         normalizers = load_normalizers(norm_path)
@@ -216,7 +287,7 @@ def load_run_data(config: Config, run_dir: Path, need_strong: bool = True) -> Ru
         domains["strong"] = [r.image for r in strong if r.split == "train"] if need_strong else []
         if not domains["strong"]:
             domains.pop("strong")
-        normalizers = fit_normalizers(cache, domains)
+        normalizers = fit_normalizers(cache, domains, check=False)  # checked above
         if "strong" not in normalizers:  # never used; recorded so the file is complete
             normalizers["strong"] = normalizers["weak"]
         save_normalizers(norm_path, normalizers)
@@ -1180,12 +1251,19 @@ def _shared_run_data(
 
 
 def _remove_new_run(run_dir: Path, created: bool) -> None:
-    """Undo a new run that was refused before its first epoch: the files it wrote, and the
-    folder if it made it (so the same command can be retried once the data is fixed)."""
-    for name in ("config.yaml", "splits.csv", "normalization.json", "train.log", ".lock"):
+    """Undo a new run that was refused before its first epoch ended: the files it wrote,
+    and the folder if it made it (so the same command can be retried once the data or the
+    config is fixed, with no "already holds a run" and nothing for ``--resume`` to replay)."""
+    names = ("config.yaml", "splits.csv", "normalization.json", "train.log", "history.csv")
+    for name in (*names, selection.VAL_PREDICTIONS, ".lock"):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    checkpoints = run_dir / "checkpoints"
+    for name in ("best.pt", "last.pt", "epoch_000.pt"):  # the first epoch's, if any
+        (checkpoints / name).unlink(missing_ok=True)
     remove_stale_temporaries(run_dir)
+    with contextlib.suppress(OSError):
+        checkpoints.rmdir()  # only if nothing else is in it
     if created:
         with contextlib.suppress(OSError):
             run_dir.rmdir()  # only if nothing else is in it
@@ -1213,12 +1291,14 @@ def train(
     lock = contextlib.ExitStack()
 
     def open_run_dir() -> None:
+        if resume and not (run_dir / "config.yaml").exists():  # before making any folder
+            what = "does not exist" if not run_dir.exists() else "holds no run (no config.yaml)"
+            raise LymphdxError(f"cannot resume: the run folder {run_dir} {what}")
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise LymphdxError(
-                f"cannot write to the run folder {run_dir}: {err.strerror}"
-            ) from None
+            reason = folder_problem(run_dir) or err.strerror
+            raise LymphdxError(f"cannot write to the run folder {run_dir}: {reason}") from None
         lock.enter_context(run_lock(run_dir))  # one writer per run folder
         _open_run_dir(config, run_dir, resume)
         if resume:  # what a killed predecessor was writing when it died
@@ -1228,12 +1308,21 @@ def train(
     stale: list[Path] = []
     with distributed(config.training.device) as ctx, lock:
         config = ctx.broadcast_object(config)
-        ctx.on_main(open_run_dir)
+        try:
+            ctx.on_main(open_run_dir)
+        except BaseException:
+            if ctx.is_main and created:  # e.g. --resume of nothing: not even an empty folder
+                (run_dir / ".lock").unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
+            raise
         handler = _setup_logging(run_dir) if ctx.is_main else None
         for path in stale:
             log.info("removed %s, left by an interrupted write", path)
         try:
             _set_num_threads(config, ctx)
+            with autocast(config.training, ctx.device):  # refuses fp16 without CUDA now
+                pass
             if config.training.memory_check:
                 est = check_memory(config, ctx.device)
                 if est is not None:
@@ -1257,6 +1346,17 @@ def train(
             raise
         try:
             return trainer.run(progress=progress)
+        except BaseException:
+            # refused in the first epoch (e.g. a scan read only then): as above, unless an
+            # epoch ended (its checkpoint makes the run resumable)
+            if not resume and not _checkpoint_path(run_dir, "last").exists():
+                if handler is not None:
+                    log.removeHandler(handler)
+                    handler.close()
+                    handler = None
+                if ctx.is_main:
+                    _remove_new_run(run_dir, created)
+            raise
         finally:
             # the DDP wrapper holds the process group: let it go before the group does
             del trainer
