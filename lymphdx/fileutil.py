@@ -164,6 +164,7 @@ def run_lock(folder: str | Path) -> Iterator[None]:
 
     path = Path(folder) / ".lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    held = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -173,8 +174,12 @@ def run_lock(folder: str | Path) -> Iterator[None]:
                 f"another lymphdx process (pid {holder}) is writing {folder}; wait for it to "
                 "finish or stop it, then --resume"
             ) from None
+        held = True
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
+        if held:  # a finished run leaves no .lock (removed while still held)
+            with contextlib.suppress(OSError):
+                path.unlink()
         os.close(fd)

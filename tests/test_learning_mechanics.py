@@ -629,3 +629,18 @@ def test_compare_with_two_jobs_predicts_as_one_job(
         one = tmp_path / "jobs1" / "runs" / s / "seed0" / "predictions_test.csv"
         two = tmp_path / "jobs2" / "runs" / s / "seed0" / "predictions_test.csv"
         assert one.read_text() == two.read_text(), s
+
+
+def test_too_short_for_propagation_warns_and_leaves_no_lock(
+    tiny_data: Path, cache: Path, tmp_path: Path
+) -> None:
+    """ssmdmt whose epochs end before its first possible propagation says so, and a
+    finished run leaves no ``.lock`` behind."""
+    weak, strong = _manifests(tiny_data)
+    config = _mechanics(
+        cache, "ssmdmt", 1, training={"roi_warmup_epochs": 1}, propagation={"warmup_epochs": 1}
+    )
+    train(config, tmp_path / "run", weak, strong, progress=False)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "never propagate" in log and "train as multitask" in log
+    assert not (tmp_path / "run" / ".lock").exists()

@@ -557,6 +557,17 @@ class _Trainer:
         self.swa: SwaAverager | None = None  # built at the first epoch of its window
         self.swa_first = -1  # the first epoch in the SWA average
         self._check_blocks()
+        first = max(config.propagation.warmup_epochs, self.roi_warmup)
+        if self.strategy.propagates and tcfg.epochs <= first:
+            log.warning(
+                "%s trains %d epochs but propagation starts at epoch %d at the earliest "
+                "(propagation.warmup_epochs, training.roi_warmup_epochs): it will never "
+                "propagate, i.e. train as %s",
+                config.strategy,
+                tcfg.epochs,
+                first,
+                "multitask" if self.strategy.roi_strong else "supervised",
+            )
         if self.domain_bn:
             per_rank = min(tcfg.batch_size, tcfg.strong_batch_size) // self.ctx.world_size
             if per_rank < 2:
