@@ -6,6 +6,7 @@ holds the fully resolved ``config.yaml``; loading it back gives the same ``Confi
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -60,6 +61,18 @@ class SplitConfig(_Section):
 
     weak: tuple[float, float, float] = (90, 10, 23)
     strong: tuple[float, float, float] = (62, 7, 16)
+
+    @field_validator("weak", "strong")
+    @classmethod
+    def _proportions(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) < 0 or not all(math.isfinite(x) for x in v):
+            raise ValueError("proportions (train, val, test) must be finite and >= 0")
+        if v[0] <= 0 or v[1] <= 0:
+            raise ValueError(
+                "train and val need a positive share (training and model selection); "
+                "test may be 0 only when the manifest's split column gives the test patients"
+            )
+        return v
 
 
 class DataConfig(_Section):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import typing
 import warnings
 from pathlib import Path
@@ -414,3 +415,15 @@ def test_version():
     code, output = cli("--version")
     assert code == 0, output
     assert output.strip() == f"lymphdx {__version__}"
+
+
+@pytest.mark.parametrize(
+    ("weak", "problem"),
+    [([0, 0, 0], "positive share"), ([90, -10, 23], ">= 0")],
+)
+def test_split_proportions_name_the_key(tmp_path: Path, weak: list[int], problem: str) -> None:
+    from lymphdx.config import load_config
+    from lymphdx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"data\.split\.weak.*{re.escape(problem)}"):
+        load_config(overrides={"data": {"split": {"weak": weak}}})

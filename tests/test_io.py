@@ -267,3 +267,22 @@ def test_folder_with_two_series(tmp_path):
     with pytest.raises(InputError) as err:
         read_image(folder, "P1")
     assert_message(err, folder, "P1", "2 DICOM series", uid1, uid2)
+
+
+def test_gzip_data_named_nii_says_to_rename(tmp_path) -> None:
+    sitk.WriteImage(
+        sitk.GetImageFromArray(np.zeros((4, 5, 6), np.int16)), str(tmp_path / "a.nii.gz")
+    )
+    (tmp_path / "b.nii").write_bytes((tmp_path / "a.nii.gz").read_bytes())
+    with pytest.raises(InputError, match=r"b\.nii.*gzip-compressed.*rename"):
+        read_volume(tmp_path / "b.nii", "P1")
+
+
+def test_symlink_loop_and_dangling_link_are_named_as_such(tmp_path) -> None:
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    (tmp_path / "dangling.nii.gz").symlink_to(tmp_path / "missing.nii.gz")
+    with pytest.raises(InputError, match="loop of symbolic links"):
+        read_volume(tmp_path / "loop1", "P1")
+    with pytest.raises(InputError, match="symbolic link whose target does not exist"):
+        read_volume(tmp_path / "dangling.nii.gz", "P1")

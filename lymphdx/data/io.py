@@ -12,6 +12,7 @@ tilt resampled with a warning, several series or non-CT refused).
 
 from __future__ import annotations
 
+import errno
 import gzip
 import math
 import os
@@ -488,16 +489,36 @@ def read_image(path: str | Path, patient: str | None = None) -> sitk.Image:
     """
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():  # a dangling link or a loop of links, not a missing file
+            try:
+                path.resolve(strict=True)
+                why = "is a symbolic link whose target does not exist"
+            except RuntimeError:
+                why = "is a loop of symbolic links"
+            except OSError as err:
+                why = (
+                    "is a loop of symbolic links"
+                    if err.errno == errno.ELOOP
+                    else f"is a symbolic link whose target does not exist ({err.strerror})"
+                )
+            raise InputError(why, path, patient)
         raise InputError("file does not exist", path, patient)
     try:
         if path.is_dir():
             return _read_dicom_folder(path, patient)
-        with path.open("rb"):
-            pass  # unreadable (permissions, a broken mount): say so, not "corrupt"
+        with path.open("rb") as f:  # unreadable (permissions, a broken mount): say so
+            magic = f.read(2)
     except OSError as err:
         raise InputError(f"cannot open: {err.strerror or err}", path, patient) from None
     try:
         name = path.name.lower()
+        if magic == b"\x1f\x8b" and not name.endswith((".gz", ".nii.gz")):
+            raise InputError(
+                "is gzip-compressed but its name does not end in .gz: rename it "
+                f"(e.g. {path.name}.gz, or .nii.gz for NIfTI) so that it can be read",
+                path,
+                patient,
+            )
         if name.endswith((".nii", ".nii.gz")):
             _check_nifti(path, patient)
         elif name.endswith((".mha", ".mhd", ".nrrd", ".nhdr")):
