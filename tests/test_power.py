@@ -238,3 +238,17 @@ def test_power_statement_of_a_perfect_auc() -> None:
     assert 0.0 < out["power"] <= 1.0 and out["ci95_width"] > 0
     same = power_statement(11, 12, 1.0 - 0.5 / (11 * 12), 0.6, 0.5, p_value=0.01, n_sim=200)
     assert out["power"] == same["power"]
+
+
+def test_small_test_split_note_by_hand() -> None:
+    from lymphdx.evaluation.power import auc_ci_halfwidth, small_test_split_note
+
+    assert small_test_split_note(11, 12, 0.8) is None  # the demo's 23 patients: wide, not void
+    note = small_test_split_note(2, 1, 0.8)
+    assert note is not None and "too small" in note
+    width = 2 * auc_ci_halfwidth(2, 1, 0.8)
+    assert f"about {width:.2f} wide" in note
+    n = int(note.split("about ")[2].split(" test patients")[0])
+    pos = max(1, round(n * 2 / 3))
+    assert 2 * auc_ci_halfwidth(pos, n - pos, 0.8) <= 0.2  # the size it names is enough
+    assert small_test_split_note(3, 0) is not None and "both classes" in small_test_split_note(3, 0)

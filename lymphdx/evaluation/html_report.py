@@ -49,7 +49,7 @@ from lymphdx.errors import LymphdxError
 from lymphdx.evaluation.curves import learning_curves_figure, read_curves
 from lymphdx.evaluation.evaluate import read_predictions
 from lymphdx.evaluation.metrics import _stratified_resamples, auc
-from lymphdx.evaluation.report import data_sets, label
+from lymphdx.evaluation.report import data_sets, label, test_split_note
 from lymphdx.fileutil import write_text
 
 __all__ = [
@@ -775,6 +775,10 @@ def _table_one(inp: Inputs) -> str:
             f"with {res.get('n_test')} test patients, AUC differences smaller than that are not "
             "distinguishable from chance; read ΔAUC by its interval and p, not by its sign.</p>"
         )
+    if strategies and res.get("n_test_pos") is not None:
+        note = test_split_note(res)
+        if note:
+            parts.append(f'<p class="warn">{_e(note)}</p>')
     return "\n".join(parts)
 
 

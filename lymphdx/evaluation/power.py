@@ -36,6 +36,7 @@ __all__ = [
     "patients_for_power",
     "analytic_patients_for_power",
     "power_statement",
+    "small_test_split_note",
 ]
 
 _CHUNK = 100  # simulated tables per batch: bounds memory; fixed so draws do not depend on n
@@ -475,3 +476,44 @@ def power_statement(
         "supports_claim": supports,
         "text": " ".join(parts),
     }
+
+
+def small_test_split_note(
+    n_pos: int,
+    n_neg: int,
+    auc: float = 0.75,
+    *,
+    too_wide: float = 0.5,
+    target_width: float = 0.2,
+    min_per_class: int = 5,
+) -> str | None:
+    """A sentence saying that a test split is too small to mean anything, or None.
+
+    Too small: fewer than ``min_per_class`` patients in a class, or a single AUC's 95%
+    interval (Hanley–McNeil, at ``auc``) wider than ``too_wide``. The sentence gives the
+    width and how many test patients, at the same prevalence, would narrow it to
+    ``target_width``.
+    """
+    n_pos, n_neg = int(n_pos), int(n_neg)
+    if n_pos < 1 or n_neg < 1:
+        return (
+            f"The test split holds {n_pos} positive and {n_neg} negative patients: an AUC "
+            "needs both classes, so it measures nothing."
+        )
+    auc = min(max(float(auc), 0.55), 0.95)
+    width = 2.0 * auc_ci_halfwidth(n_pos, n_neg, auc)
+    if min(n_pos, n_neg) >= min_per_class and width <= too_wide:
+        return None
+    prevalence = n_pos / (n_pos + n_neg)
+    n = n_pos + n_neg
+    while n < 100_000:
+        n = max(n + 1, int(n * 1.05))
+        pos = max(1, round(n * prevalence))
+        if 2.0 * auc_ci_halfwidth(pos, max(1, n - pos), auc) <= target_width:
+            break
+    return (
+        f"The test split is too small to mean anything: with {n_pos} positive and {n_neg} "
+        f"negative patients a single AUC near {auc:.2f} has a 95% interval about "
+        f"{width:.2f} wide (Hanley–McNeil); about {n} test patients at this prevalence "
+        f"would narrow it to {target_width:.1f}. Use more test patients, or --cv."
+    )

@@ -34,7 +34,7 @@ from lymphdx.evaluation.metrics import (
     delong_paired,
     paired_bootstrap_delta_ci,
 )
-from lymphdx.evaluation.power import estimate_rho, power_statement
+from lymphdx.evaluation.power import estimate_rho, power_statement, small_test_split_note
 from lymphdx.fileutil import atomic_path, write_json, write_text
 from lymphdx.training.selection import VAL_PREDICTIONS, pooled_best_epoch, read_val_predictions
 from lymphdx.training.trainer import cache_dir_of, split_manifests, train
@@ -250,6 +250,15 @@ def rows_auc(rows: dict[str, tuple[int, float]]) -> float:
     return auc(np.array([v[0] for v in rows.values()]), np.array([v[1] for v in rows.values()]))
 
 
+def test_split_note(results: dict[str, Any]) -> str | None:
+    """``power.small_test_split_note`` for a results mapping (at the strategies' mean AUC)."""
+    aucs = [r["test_auc_mean"] for r in results["strategies"].values()]
+    n_pos = int(results["n_test_pos"])
+    return small_test_split_note(
+        n_pos, int(results["n_test"]) - n_pos, float(np.nanmean(aucs)) if aucs else 0.75
+    )
+
+
 def format_table(results: dict[str, Any]) -> str:
     """Markdown laid out like the paper's Table I, with intervals and paired tests."""
     seeds = results["seeds"]
@@ -318,6 +327,9 @@ def format_table(results: dict[str, Any]) -> str:
         f"{results['n_test']} test patients, AUC differences smaller than that are not "
         "distinguishable from chance; read ΔAUC by its interval and p, not by its sign.",
     ]
+    note = test_split_note(results)
+    if note:
+        lines += ["", f"**{note}**"]
     tests = results["paired_tests"]
     if tests:
         lines += [
