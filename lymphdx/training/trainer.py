@@ -191,11 +191,20 @@ class RunData:
 
 
 def split_manifests(
-    config: Config, weak_csv: str | Path, strong_csv: str | Path, run_dir: Path
+    config: Config,
+    weak_csv: str | Path,
+    strong_csv: str | Path,
+    run_dir: Path,
+    duplicates: tuple[PreprocessCache, bool] | None = None,
 ) -> tuple[list[WeakRecord], list[StrongRecord]]:
     """Both manifests' records with their splits: ``run_dir/splits.csv`` if it exists,
-    else the manifests' or a seeded split (``config.data``), then written there."""
+    else the manifests' or a seeded split (``config.data``), then written there.
+    ``duplicates`` ``(cache, with_strong)``: first refuse scans of identical content under
+    two patient ids (``check_duplicate_scans``; the strong set's too when ``with_strong``)."""
     weak, strong = load_manifests(weak_csv, strong_csv)
+    if duplicates is not None:
+        cache, with_strong = duplicates
+        check_duplicate_scans(weak, strong if with_strong else [], cache.content_hash)
     return resolve_splits(
         weak,
         strong,
@@ -257,13 +266,8 @@ def load_run_data(config: Config, run_dir: Path, need_strong: bool = True) -> Ru
     if not config.manifests.weak or not config.manifests.strong:
         raise LymphdxError("the config names no manifests (manifests.weak / manifests.strong)")
     weak_csv, strong_csv = Path(config.manifests.weak), Path(config.manifests.strong)
-    weak, strong = load_manifests(weak_csv, strong_csv)
     cache = PreprocessCache(cache_dir_of(config), config.data)
-    check_duplicate_scans(weak, strong if need_strong else [], cache.content_hash)
-    proportions = config.data.split
-    weak, strong = resolve_splits(
-        weak, strong, run_dir, proportions.weak, proportions.strong, config.data.split_seed
-    )
+    weak, strong = split_manifests(config, weak_csv, strong_csv, run_dir, (cache, need_strong))
     for split in ("train", "val"):
         labels = {r.label for r in weak if r.split == split}
         if labels != {0, 1}:
