@@ -6,10 +6,12 @@ import copy
 import csv
 import random
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 # Every option of issue 8 on at once (the ablation tries them one by one): the tests of
 # their wiring train ssmdmt with these, whatever ssmdmt-plus adopts.
@@ -435,3 +437,43 @@ def make_tcia_tree(
             rows,
         )
     return cases
+
+
+# -- shared by the test modules that train tiny models and call the command line ----------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread avoids oversubscribing a busy machine's cores
+    (autouse in every module that imports it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One preprocessing cache per module: its volumes are preprocessed once."""
+    return tmp_path_factory.mktemp("module_cache")
+
+
+def cli(*args: object, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """``lymphdx ARGS`` in-process: (exit status, output)."""
+    from typer.testing import CliRunner
+
+    from lymphdx.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    return result.exit_code, result.output
+
+
+def one_error(code: int, output: str, *words: str) -> str:
+    """Exit status 2, no traceback, one ``lymphdx: error:`` line holding every word."""
+    assert code == 2, output
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("lymphdx: error:")]
+    assert len(errors) == 1, output
+    for word in words:
+        assert word.lower() in errors[0].lower(), (word, errors[0])
+    return errors[0]

@@ -19,31 +19,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from lymphdx import __version__
-from lymphdx.cli import app
 from lymphdx.data.synthetic import SynthSpec, default_n_pos
 from lymphdx.fileutil import dumps_json, folder_problem, write_json
 from tests.conftest import tiny_config
-
-runner = CliRunner()
-
-
-def cli(*args: object, env: dict[str, str] | None = None) -> tuple[int, str]:
-    result = runner.invoke(app, [str(a) for a in args], env=env)
-    return result.exit_code, result.output
-
-
-def one_error(code: int, output: str, *words: str) -> str:
-    """Exit status 2, no traceback, one ``lymphdx: error:`` line holding every word."""
-    assert code == 2, output
-    assert "Traceback" not in output, output
-    errors = [line for line in output.splitlines() if line.startswith("lymphdx: error:")]
-    assert len(errors) == 1, output
-    for word in words:
-        assert word.lower() in errors[0].lower(), (word, errors[0])
-    return errors[0]
+from tests.helpers import cli, one_error
 
 
 def config_yaml(tmp: Path, cache: bool = True, **extra: object) -> Path:

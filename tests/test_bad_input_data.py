@@ -23,9 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from lymphdx.cli import app
 from lymphdx.config import DataConfig, load_config
 from lymphdx.data import io
 from lymphdx.data.io import Geometry, write_volume
@@ -41,9 +39,7 @@ from lymphdx.data.preprocess import (
 )
 from lymphdx.errors import ConfigError, InputError, LymphdxError
 from tests.conftest import tiny_config
-from tests.helpers import write_csv, write_ct_series
-
-runner = CliRunner()
+from tests.helpers import cli, one_error, write_csv, write_ct_series
 
 SHAPE = (8, 16, 16)  # (z, y, x)
 GEOMETRY = Geometry((4.0, 4.0, 6.0), (-30.0, -30.0, 0.0))
@@ -115,22 +111,6 @@ def config_yaml(
     path = tmp / name
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def cli(*args: object) -> tuple[int, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def error_line(code: int, output: str, *words: str) -> str:
-    """Exit status 2 and exactly one ``lymphdx: error:`` line holding every word."""
-    assert code == 2, output
-    assert "Traceback" not in output, output
-    errors = [line for line in output.splitlines() if line.startswith("lymphdx: error:")]
-    assert len(errors) == 1, output
-    for word in words:
-        assert word.lower() in errors[0].lower(), (word, errors[0])
-    return errors[0]
 
 
 def leftovers(root: Path) -> list[str]:
@@ -234,7 +214,7 @@ def test_unknown_calibration_is_refused_naming_set_manifest_and_patient(tmp_path
     weak, strong = dataset(tmp_path, weak_offset=400)  # fat at 300, air at -600: no scale
     run = tmp_path / "run"
     code, output = cli(*train_args(weak, strong, run, config_yaml(tmp_path)))
-    line = error_line(code, output, "the weak set", "calibration", "cannot be told", "hu_offset")
+    line = one_error(code, output, "the weak set", "calibration", "cannot be told", "hu_offset")
     assert str(weak) in line and "patient 'W0'" in line
     assert not run.exists()
     assert not leftovers(tmp_path)
@@ -287,7 +267,7 @@ def test_bad_mask_spacing_leaves_no_run_folder_and_the_fixed_command_works(tmp_p
     run = tmp_path / "run"
     config = config_yaml(tmp_path, strategy="multitask")
     code, output = cli(*train_args(weak, strong, run, config))
-    line = error_line(code, output, "patient 'S1'", "geometry")
+    line = one_error(code, output, "patient 'S1'", "geometry")
     assert "s1_mask.nii.gz" in line
     assert not run.exists(), sorted(p.name for p in run.iterdir())
     assert not leftovers(tmp_path)
@@ -303,7 +283,7 @@ def test_fp16_on_cpu_leaves_no_run_folder_and_the_fixed_command_works(tmp_path: 
     run = tmp_path / "run"
     bad = config_yaml(tmp_path, "fp16.yaml", strategy="supervised", training={"precision": "fp16"})
     code, output = cli(*train_args(weak, strong, run, bad))
-    error_line(code, output, "training.precision", "fp16", "CUDA")
+    one_error(code, output, "training.precision", "fp16", "CUDA")
     assert not run.exists()
     # --resume has nothing to replay; the fixed config simply works
     code, output = cli("train", "--resume", "--out", run)
@@ -344,7 +324,7 @@ def test_a_strong_set_whose_masks_are_all_empty_is_refused(tmp_path: Path) -> No
     weak, strong = dataset(tmp_path, strong_masks="empty")
     run = tmp_path / "run"
     code, output = cli(*train_args(weak, strong, run, config_yaml(tmp_path, strategy="ssmdmt")))
-    line = error_line(code, output, "training masks are all empty", "only zeros", "supervised")
+    line = one_error(code, output, "training masks are all empty", "only zeros", "supervised")
     assert str(strong) in line and "patient 'S0'" in line
     assert not run.exists()
     assert not leftovers(tmp_path)
@@ -366,7 +346,7 @@ def test_masks_that_mark_nodes_only_outside_the_input_grid_are_refused(tmp_path:
     config = config_yaml(tmp_path, strategy="multitask", data={"shape": [16, 32, 16]})
     run = tmp_path / "run"
     code, output = cli(*train_args(weak, strong, run, config))
-    error_line(code, output, "all empty", "outside the model's input grid", "data.shape")
+    one_error(code, output, "all empty", "outside the model's input grid", "data.shape")
     assert not run.exists()
 
 
@@ -378,7 +358,7 @@ def test_the_same_scan_under_two_ids_with_opposite_labels_is_refused(tmp_path: P
     shutil.copy(tmp_path / "weak" / "w0.nii.gz", tmp_path / "weak" / "w1.nii.gz")  # W1: label 1
     run = tmp_path / "run"
     code, output = cli(*train_args(weak, strong, run, config_yaml(tmp_path)))
-    line = error_line(code, output, "identical content", "opposite labels")
+    line = one_error(code, output, "identical content", "opposite labels")
     assert "'W0'" in line and "'W1'" in line and str(weak) in line
     assert not run.exists()  # no splits.csv written for refused data
 
@@ -487,7 +467,7 @@ def test_predict_rerun_into_the_same_out_keeps_only_the_new_outputs(
     bad.parent.mkdir()
     bad.write_bytes(b.read_bytes()[:200])
     code, output = cli("predict", "--model", run, a, bad, "--out", out)
-    error_line(code, output, "truncated", str(bad))
+    one_error(code, output, "truncated", str(bad))
     assert sorted(p.name for p in out.iterdir()) == ["a", "mine", "notes.txt"]
     assert not leftovers(tmp_path)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +22,7 @@ from lymphdx.models.multitask import Classifier, MultiTaskNet, build_model
 from lymphdx.training import trainer as trainer_module
 from lymphdx.training.trainer import load_checkpoint, train
 from tests.conftest import tiny_config
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids oversubscribing a busy machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One preprocessing cache for the module: the volumes are preprocessed once."""
-    return tmp_path_factory.mktemp("mechanics_cache")
+from tests.helpers import cache, one_thread  # noqa: F401  (fixtures)
 
 
 def _config(cache: Path, **overrides: Any) -> Config:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from lymphdx.training.pseudo_masks import curriculum_keep
 from lymphdx.training.strategies import STRATEGIES, STRATEGY_DEFAULTS
 from lymphdx.training.trainer import load_checkpoint, load_run_data, train
 from tests.conftest import tiny_config
-from tests.helpers import ALL_OPTIONS
+from tests.helpers import ALL_OPTIONS, cache, one_thread  # noqa: F401  (fixtures)
 
 OFF = {
     "propagation": {
@@ -47,21 +46,6 @@ OFF = {
     "training": {"selection": "best_val", "keep_epochs": False},
     "model": {"norm": "batch"},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids oversubscribing a busy machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One preprocessing cache for the module: the volumes are preprocessed once."""
-    return tmp_path_factory.mktemp("plus_cache")
 
 
 def _config(cache: Path, **overrides: Any) -> Config:
