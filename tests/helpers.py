@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from lymphdx.config import Config
+
 # Every option of issue 8 on at once (the ablation tries them one by one): the tests of
 # their wiring train ssmdmt with these, whatever ssmdmt-plus adopts.
 ALL_OPTIONS: dict[str, dict[str, object]] = {
@@ -477,3 +479,22 @@ def one_error(code: int, output: str, *words: str) -> str:
     for word in words:
         assert word.lower() in errors[0].lower(), (word, errors[0])
     return errors[0]
+
+
+def run_config(cache: Path, **overrides: object) -> Config:
+    """``tiny_config`` with its preprocessing cache in ``cache`` (``data`` keys merged)."""
+    from tests.conftest import tiny_config
+
+    data = {"cache_dir": str(cache), **overrides.pop("data", {})}  # type: ignore[dict-item]
+    return tiny_config(cache, data=data, **overrides)
+
+
+def manifests(data: Path) -> tuple[Path, Path]:
+    """The weak and strong manifests of a ``tiny_data`` folder."""
+    return data / "weak" / "manifest.csv", data / "strong" / "manifest.csv"
+
+
+def history(run: Path) -> list[dict[str, str]]:
+    """A run's ``history.csv`` rows without the (timing) ``seconds`` column."""
+    with open(run / "history.csv") as f:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]

@@ -4,7 +4,6 @@ resume replay and parallel ``compare`` runs, each on tiny data."""
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any
@@ -21,22 +20,10 @@ from lymphdx.errors import ConfigError
 from lymphdx.models.multitask import Classifier, MultiTaskNet, build_model
 from lymphdx.training import trainer as trainer_module
 from lymphdx.training.trainer import load_checkpoint, train
-from tests.conftest import tiny_config
 from tests.helpers import cache, one_thread  # noqa: F401  (fixtures)
-
-
-def _config(cache: Path, **overrides: Any) -> Config:
-    data = {"cache_dir": str(cache), **overrides.pop("data", {})}
-    return tiny_config(cache, data=data, **overrides)
-
-
-def _manifests(data: Path) -> tuple[Path, Path]:
-    return data / "weak" / "manifest.csv", data / "strong" / "manifest.csv"
-
-
-def _history(run: Path) -> list[dict[str, str]]:
-    with open(run / "history.csv") as f:
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+from tests.helpers import history as _history
+from tests.helpers import manifests as _manifests
+from tests.helpers import run_config as _config
 
 
 def _ckpt(run: Path, name: str) -> dict[str, Any]:

@@ -31,8 +31,10 @@ from lymphdx.training import trainer as trainer_module
 from lymphdx.training.pseudo_masks import curriculum_keep
 from lymphdx.training.strategies import STRATEGIES, STRATEGY_DEFAULTS
 from lymphdx.training.trainer import load_checkpoint, load_run_data, train
-from tests.conftest import tiny_config
 from tests.helpers import ALL_OPTIONS, cache, one_thread  # noqa: F401  (fixtures)
+from tests.helpers import history as _history
+from tests.helpers import manifests as _manifests
+from tests.helpers import run_config as _config
 
 OFF = {
     "propagation": {
@@ -46,20 +48,6 @@ OFF = {
     "training": {"selection": "best_val", "keep_epochs": False},
     "model": {"norm": "batch"},
 }
-
-
-def _config(cache: Path, **overrides: Any) -> Config:
-    data = {"cache_dir": str(cache), **overrides.pop("data", {})}
-    return tiny_config(cache, data=data, **overrides)
-
-
-def _manifests(data: Path) -> tuple[Path, Path]:
-    return data / "weak" / "manifest.csv", data / "strong" / "manifest.csv"
-
-
-def _history(run: Path) -> list[dict[str, str]]:
-    with open(run / "history.csv") as f:
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
 
 
 def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
