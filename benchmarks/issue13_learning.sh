@@ -60,7 +60,7 @@ PY
     # 3-fold CV (67 training + validation patients a fold) of each pooling, with every
     # epoch's weights kept: --pooled-selection also scores selection on the pooled
     # validation folds against the fixed budget (the EMA weights at the last epoch)
-    printf 'model:\n  pool: avgmax\n' >"$out/dev_avgmax.yaml"
+    printf 'model:\n  pool: avgmax\n  roi_evidence: off\n' >"$out/dev_avgmax.yaml"
     printf '{}\n' >"$out/dev_attention.yaml"
     for pool in attention avgmax; do
         cmp "dev_$pool" "$out/dev_data" --cv 3 --repeats 1 --strategies multitask \

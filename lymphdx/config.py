@@ -150,6 +150,12 @@ class ModelConfig(_Section):
     # the decoder's last features that the label teaches (Dice kept, classification
     # learns far slower in the quick budget; BENCHMARKS.md section 7)
     attention_head: bool = False
+    # attention pooling: the classifier's logit also gets a learnt affine term of the scan's
+    # largest ROI logit, a skip past the FC layers (on the synthetic data the largest ROI
+    # probability alone separates the weak patients better than the FC layers' reading:
+    # BENCHMARKS.md section 7). off | detached (no label gradient into the decoder through
+    # it) | trained (the label's gradient reaches the decoder through it too)
+    roi_evidence: Literal["off", "detached", "trained"] = "off"
     decoder_skips: bool = False
     # batch | instance | group; domain_batch: domain-specific batch norm (DSBN, Chang et al.
     # 2019): one set of batch statistics and affine parameters per hospital (weak = 0,
@@ -161,12 +167,29 @@ class ModelConfig(_Section):
     # true/false are read as "bottleneck"/"off".
     checkpointing: Literal["off", "bottleneck", "block"] = "off"
 
+    @field_validator("roi_evidence", mode="before")
+    @classmethod
+    def _evidence_bool(cls, v: object) -> object:
+        if isinstance(v, bool):  # YAML reads a bare off/on as a boolean
+            return "trained" if v else "off"
+        return v
+
     @field_validator("checkpointing", mode="before")
     @classmethod
     def _checkpointing_bool(cls, v: object) -> object:
         if isinstance(v, bool):
             return "bottleneck" if v else "off"
         return v
+
+    @model_validator(mode="after")
+    def _evidence_needs_attention(self) -> ModelConfig:
+        if self.roi_evidence != "off" and self.pool != "attention":
+            raise ValueError(
+                f"model.roi_evidence {self.roi_evidence!r} reads the ROI decoder's map, which "
+                f"only model.pool: attention gives the classifier (pool is {self.pool!r}); "
+                "set model.roi_evidence: off with this pooling"
+            )
+        return self
 
     @field_validator("block_layers")
     @classmethod
@@ -220,6 +243,12 @@ class PropagationConfig(_Section):
     # per-scan weight = certainty / its maximum × class weight, the loss then averaged
     # over the batch)
     method: Literal["model", "graph"] = "model"
+    # method "model": where the pseudo class labels' threshold lies. "fixed": p > 0.5 (the
+    # paper). "prevalence": the strong scans' probabilities are shifted in logit space so
+    # that the weak training set's share of positives lies above 0.5 (class-balanced
+    # self-training, Zou et al. 2018): a classifier calibrated on one hospital calls
+    # nearly every scan of another positive when that hospital shows more node evidence
+    threshold: Literal["fixed", "prevalence"] = "fixed"
     graph_k: int = Field(10, ge=1)  # neighbours per node (capped at the node count − 1)
     graph_gamma: float = Field(3.0, gt=0)  # affinity exponent: a_ij = max(0, cos)^γ
     graph_alpha: float = Field(0.99, gt=0, lt=1)  # diffusion: solve (I − αW) Z = Y

@@ -32,6 +32,7 @@ def tiny_config(tmp_path: Path, **overrides: object) -> Config:
             "block_layers": [1, 1, 1, 1],
             "classifier_hidden": 8,
             "pool": "avgmax",
+            "roi_evidence": "off",
             "classifier_dropout": None,
         },
         # the paper's schedule (one pass over the weak set per epoch, no ROI warm-up, no

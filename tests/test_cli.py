@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -93,6 +95,23 @@ def test_train_evaluate_predict_compare_commands(tiny_data: Path, tmp_path: Path
     assert "Semi-Supervised Multi-domain Multi-Task" in table and "Supervised Baseline" in table
     # the tiny data's test split holds a handful of patients: the table says so
     assert results["n_test"] < 10 and "too small to mean anything" in table
+    # a run whose ROI decoder found nothing says so in metrics.json and results.md
+    ssmdmt_runs = sorted((out / "runs" / "ssmdmt").glob("seed*"))
+    assert len(ssmdmt_runs) == 2
+    unlearned = []
+    for run in ssmdmt_runs:
+        status = json.loads((run / "metrics.json").read_text())["roi_decoder"]
+        last = list(csv.DictReader(open(run / "history.csv")))[-1]
+        assert status["final_strong_val_dice"] == pytest.approx(float(last["strong_val_dice"]))
+        assert status["learned"] == (status["final_strong_val_dice"] >= 0.05)
+        if not status["learned"]:
+            unlearned.append(str(run))
+            assert "ROI decoder never learned" in (run / "train.log").read_text()
+    assert results["strategies"]["ssmdmt"].get("roi_not_learned", []) == unlearned
+    assert ("the ROI decoder never learned" in table) == bool(unlearned)
+    assert "roi_decoder" not in json.loads(
+        (out / "runs" / "supervised" / "seed0" / "metrics.json").read_text()
+    )
     assert (out / "roc.png").exists()
     # compare is resumable: a second call reuses the finished runs
     again = runner.invoke(

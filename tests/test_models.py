@@ -51,7 +51,9 @@ def test_config_refuses_shape_not_divisible_by_downsampling() -> None:
 
 
 def test_without_roi_the_decoder_gets_no_gradient() -> None:
-    model = build_model(load_config(overrides={"model": {"pool": "avgmax"}}).model)
+    model = build_model(
+        load_config(overrides={"model": {"pool": "avgmax", "roi_evidence": "off"}}).model
+    )
     out = model(torch.randn(2, 1, 32, 48, 48), roi=False)
     assert "roi" not in out
     out["cls"].sum().backward()
@@ -102,3 +104,61 @@ def test_attention_head_keeps_the_label_gradient_off_the_roi_map() -> None:
     model(x, roi=False)["cls"].sum().backward()
     assert model.decoder.head[-1].weight.grad is None
     assert model.decoder.attention_head.weight.grad.abs().sum() > 0
+
+
+def _evidence_model(mode: str) -> torch.nn.Module:
+    cfg = load_config(
+        overrides={"model": {"pool": "attention", "roi_evidence": mode, "classifier_dropout": 0}}
+    ).model
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
+
+
+def test_roi_evidence_adds_an_affine_term_of_the_largest_roi_logit() -> None:
+    """logit = FC output + gain · (a · m + b), m the largest ROI logit on the embedding's
+    grid, recomputed here from the decoder's own map."""
+    from lymphdx.models.multitask import EVIDENCE_GAIN
+
+    model = _evidence_model("trained")
+    x = torch.randn(2, 1, 32, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(model.classifier.evidence, torch.zeros(2))  # starts switched off
+        before = model(x, roi=False)["cls"]
+        o, skips = model.encoder(x)
+        _, coarse = model.decoder(o, skips, (32, 48, 48), attention=True)
+        m = torch.nn.functional.adaptive_max_pool3d(coarse, o.shape[2:]).flatten(1).amax(1)
+        model.classifier.evidence.copy_(torch.tensor([0.05, -0.1]))
+        after = model(x, roi=False)["cls"]
+    expected = EVIDENCE_GAIN * (0.05 * m - 0.1)
+    torch.testing.assert_close(after - before, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode, reaches", [("detached", False), ("trained", True)])
+def test_roi_evidence_gradient_reaches_the_decoder_only_when_trained(
+    mode: str, reaches: bool
+) -> None:
+    """The evidence path's share of the decoder output conv's gradient: the gradient with
+    the skip on minus the gradient with it at zero (the attention path gives the rest)."""
+    x = torch.randn(2, 1, 32, 48, 48)
+    grads = []
+    for scale in (0.0, 0.5):
+        model = _evidence_model(mode)
+        with torch.no_grad():
+            model.classifier.evidence.copy_(torch.tensor([scale, 0.0]))
+        model(x, roi=False)["cls"].sum().backward()
+        grads.append(model.decoder.head[-1].weight.grad.clone())
+    assert (not torch.allclose(grads[0], grads[1])) is reaches
+
+
+def test_roi_evidence_needs_attention_pooling() -> None:
+    from lymphdx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="roi_evidence.*pool: attention"):
+        load_config(overrides={"model": {"pool": "avg", "roi_evidence": "trained"}})
+
+
+def test_roi_evidence_reads_yaml_booleans(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A bare ``off`` in YAML is the boolean false: it means "off", not an error."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  pool: avgmax\n  roi_evidence: off\n")
+    assert load_config(path).model.roi_evidence == "off"

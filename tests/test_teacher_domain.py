@@ -28,6 +28,7 @@ TINY = {
         "block_layers": [1, 1, 1, 1],
         "classifier_hidden": 8,
         "pool": "avgmax",  # the decoder sees only the sub-batch routed to it
+        "roi_evidence": "off",
         "classifier_dropout": None,
     },
 }

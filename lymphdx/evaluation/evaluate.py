@@ -24,8 +24,14 @@ from lymphdx.evaluation.metrics import auc, bootstrap_auc_ci, delong
 from lymphdx.fileutil import write_json, write_text
 from lymphdx.models.multitask import MultiTaskNet, build_model
 from lymphdx.training.propagation import WEAK, predict_probabilities
+from lymphdx.training.roi_status import roi_decoder_status
 from lymphdx.training.strategies import get_strategy
-from lymphdx.training.trainer import load_checkpoint, load_run_data, verify_checkpoint
+from lymphdx.training.trainer import (
+    load_checkpoint,
+    load_run_data,
+    read_history,
+    verify_checkpoint,
+)
 
 __all__ = [
     "load_run_config",
@@ -157,6 +163,10 @@ def evaluate_run(
         # which weights best.pt holds (training.selection; older runs: best_val)
         "selection": str(state.get("selection", "best_val")),
     }
+    # a run whose ROI decoder found nothing in the end says so (training.roi_status)
+    status = roi_decoder_status(read_history(run_dir / "history.csv"))
+    if status is not None:
+        metrics["roi_decoder"] = status
     if "swa_first_epoch" in state["best"]:  # the epochs SWA averaged
         metrics["swa_epochs"] = [int(state["best"]["swa_first_epoch"]), metrics["best_epoch"]]
     _write_predictions(

@@ -36,6 +36,7 @@ from lymphdx.evaluation.metrics import (
 )
 from lymphdx.evaluation.power import estimate_rho, power_statement, small_test_split_note
 from lymphdx.fileutil import atomic_path, write_json, write_text
+from lymphdx.training.roi_status import ROI_LEARNED_DICE
 from lymphdx.training.selection import VAL_PREDICTIONS, pooled_best_epoch, read_val_predictions
 from lymphdx.training.trainer import cache_dir_of, split_manifests, train
 
@@ -320,6 +321,17 @@ def format_table(results: dict[str, Any]) -> str:
                 f"| {name} | {t['delta_auc']:+.3f} [{t['delta_ci95'][0]:+.3f}, "
                 f"{t['delta_ci95'][1]:+.3f}] | {t['p_delong']:.3f} |"
             )
+    for s, r in results["strategies"].items():
+        if r.get("roi_not_learned"):
+            n_runs = len(r.get("test_auc", [])) if results.get("mode") != "cv" else None
+            of = f" of {n_runs}" if n_runs else ""
+            lines += [
+                "",
+                f"**{label(s)}: the ROI decoder never learned (strong-validation Dice < "
+                f"{ROI_LEARNED_DICE} at the end) in {len(r['roi_not_learned'])}{of} run(s), "
+                "listed in results.json. Its AUC above is that of a classifier without the "
+                "ROI task, not the strategy's.**",
+            ]
     widths = [r["test_auc_ci95"][1] - r["test_auc_ci95"][0] for r in results["strategies"].values()]
     lines += [
         "",
@@ -616,6 +628,15 @@ def _add_detection(results: dict[str, Any], runs: dict[str, list[Path]]) -> None
                     summary[f"{split}_{key}"] = values
                     summary[f"{split}_{key}_mean"] = float(np.mean(values))
         results["strategies"][strategy]["detection"] = summary
+    for strategy, run_dirs in runs.items():  # runs whose ROI decoder found nothing
+        not_learned = []
+        for d in run_dirs:
+            metrics = d / "metrics.json"
+            status = json.loads(metrics.read_text()).get("roi_decoder") if metrics.exists() else 0
+            if status and not status["learned"]:
+                not_learned.append(str(d))
+        if not_learned:
+            results["strategies"][strategy]["roi_not_learned"] = not_learned
 
 
 def _write_results(out: Path, config: Config, results: dict[str, Any], predictions: dict) -> dict:

@@ -170,6 +170,16 @@ def _curriculum(
     return np.where(keep, weights, 0.0).astype(np.float32)
 
 
+def prevalence_shift(p: np.ndarray, prevalence: float) -> np.ndarray:
+    """Probabilities ``(N,)`` shifted in logit space, σ(logit(p) − logit(q)), with q the
+    ``1 − prevalence`` quantile of ``p``: the top ``prevalence`` share then lies above 0.5
+    and the order of the scans is kept."""
+    eps = 1e-6
+    logit = np.log(np.clip(p, eps, 1 - eps)) - np.log1p(-np.clip(p, eps, 1 - eps))
+    cut = float(np.quantile(logit, 1.0 - float(np.clip(prevalence, 0.0, 1.0))))
+    return (1.0 / (1.0 + np.exp(-(logit - cut)))).astype(np.float32)
+
+
 @torch.no_grad()
 def propagate_labels(
     model: torch.nn.Module,
@@ -179,15 +189,22 @@ def propagate_labels(
     ctx: DistContext | None = None,
     domain: int = WEAK,
     round_index: int = 0,
+    prevalence: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pseudo class labels for ``volumes`` from σ(f(v)).
 
     Returns ``(targets, weights)``, both ``(N,)``: hard (p > 0.5) or soft (p) targets, and
     weight 1 where the confidence |2p − 1| reaches ``cfg.confidence``, else 0; with
     ``cfg.curriculum`` only the most confident share of round ``round_index`` keeps it.
+    ``cfg.threshold`` "prevalence": p is first ``prevalence_shift``ed to ``prevalence``
+    (the labelled set's share of positives).
     """
     p = predict_probabilities(model, volumes, batch_size, ctx, domain, cfg.tta_flip)
     p = p.astype(np.float32)
+    if cfg.threshold == "prevalence":
+        if prevalence is None:
+            raise ValueError("propagation.threshold 'prevalence' needs the labelled prevalence")
+        p = prevalence_shift(p, prevalence)
     targets = (p > 0.5).astype(np.float32) if cfg.pseudo_labels == "hard" else p
     confidence = np.abs(2 * p - 1)
     weights = (confidence >= cfg.confidence).astype(np.float32)

@@ -97,6 +97,7 @@ from lymphdx.training.propagation import (
     propagate_mask_targets,
     propagation_round,
 )
+from lymphdx.training.roi_status import roi_decoder_status
 from lymphdx.training.strategies import Strategy, get_strategy
 from lymphdx.training.teacher import EmaTeacher, SwaAverager, update_bn
 
@@ -431,7 +432,8 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text(path, buf.getvalue())
 
 
-def _read_history(path: Path) -> list[dict[str, Any]]:
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``history.csv`` as strings (none when it does not exist)."""
     if not path.exists():
         return []
     with open(path, newline="") as f:
@@ -670,7 +672,7 @@ class _Trainer:
             self.swa.load_state_dict(state["swa"])
             self.swa_first = int(state["swa"]["first_epoch"])
         self.history = [
-            r for r in _read_history(self.run_dir / "history.csv") if int(r["epoch"]) < self.epoch
+            r for r in read_history(self.run_dir / "history.csv") if int(r["epoch"]) < self.epoch
         ]
         self.val_predictions = [
             r
@@ -726,7 +728,13 @@ class _Trainer:
                 )
             else:
                 targets, weights = propagate_labels(
-                    teacher, self.strong_train, cfg, ctx=ctx, domain=STRONG, round_index=round_index
+                    teacher,
+                    self.strong_train,
+                    cfg,
+                    ctx=ctx,
+                    domain=STRONG,
+                    round_index=round_index,
+                    prevalence=float(np.mean(self.weak_train.labels)),
                 )
             self.pseudo.strong_targets, self.pseudo.strong_weights = targets, weights
         if self.strategy.pseudo_roi_weak:
@@ -1169,6 +1177,9 @@ class _Trainer:
                 )
                 bar.set_postfix(loss=f"{row['loss']:.3f}", val_auc=f"{row['val_auc']:.3f}")
                 self.epoch_end(row, writer)
+            status = roi_decoder_status(self.history)
+            if status is not None and status["note"]:
+                log.warning("%s", status["note"])
             if self.ctx.is_distributed:
                 checksum = self.ctx.check_identical(self.model, "at the end of training")
                 log.info(

@@ -1,0 +1,73 @@
+"""Whether a run's ROI decoder learned, read from hand-written history rows."""
+
+from __future__ import annotations
+
+import pytest
+
+from lymphdx.evaluation.report import format_table
+from lymphdx.training.roi_status import ROI_LEARNED_DICE, roi_decoder_status
+
+
+def _rows(*dice: float | None) -> list[dict[str, str]]:
+    return [
+        {"epoch": str(i), "strong_val_dice": "" if d is None else str(d)}
+        for i, d in enumerate(dice)
+    ]
+
+
+def test_no_roi_task_gives_no_status() -> None:
+    assert roi_decoder_status(_rows(None, None)) is None
+    assert roi_decoder_status([]) is None
+
+
+def test_a_decoder_that_found_nodes_learned() -> None:
+    status = roi_decoder_status(_rows(0.0, 0.31, 0.58, 0.55))
+    assert status == {
+        "learned": True,
+        "final_strong_val_dice": 0.55,
+        "best_strong_val_dice": 0.58,
+        "note": None,
+    }
+
+
+def test_a_decoder_at_zero_never_learned() -> None:
+    status = roi_decoder_status(_rows(0.0, 0.0, 0.01))
+    assert status is not None and status["learned"] is False
+    assert status["final_strong_val_dice"] == 0.01
+    assert "never learned" in status["note"] and "0.010" in status["note"]
+
+
+def test_a_decoder_that_collapsed_lost_what_it_learned() -> None:
+    status = roi_decoder_status(_rows(0.2, 0.5, 0.0))
+    assert status is not None and not status["learned"]
+    assert "lost what it had learned" in status["note"] and "best 0.500" in status["note"]
+
+
+@pytest.mark.parametrize("final, learned", [(ROI_LEARNED_DICE, True), (0.049, False)])
+def test_threshold_is_inclusive(final: float, learned: bool) -> None:
+    status = roi_decoder_status(_rows(0.3, final))
+    assert status is not None and status["learned"] is learned
+
+
+def test_results_table_flags_strategies_whose_decoder_never_learned() -> None:
+    row = {
+        "test_auc": [0.7, 0.6],
+        "test_auc_mean": 0.65,
+        "test_auc_sd": 0.07,
+        "test_auc_ci95": [0.5, 0.8],
+        "paper_auc": None,
+    }
+    results = {
+        "seeds": [0, 1],
+        "n_test": 40,
+        "n_test_pos": 20,
+        "paired_tests": {},
+        "strategies": {
+            "supervised": dict(row),
+            "multitask": {**row, "roi_not_learned": ["r/seed1"]},
+        },
+    }
+    table = format_table(results)
+    flagged = [line for line in table.splitlines() if "never learned" in line]
+    assert len(flagged) == 1
+    assert "Multi-Task" in flagged[0] and "in 1 of 2 run(s)" in flagged[0]
