@@ -4,7 +4,8 @@
 #   data   synthetic seeds 0, 1, 2 (default knobs) and the harder variants of seed 0
 #   dev    the quick preset's choices by 3-fold CV on seed 0's train + val patients only
 #          (the fixed split's test patients held out): attention vs the paper's avgmax
-#          pooling (supervised, multitask), and the fixed budget vs pooled-val selection
+#          pooling (supervised, multitask), the fixed budget vs pooled-val selection, the
+#          ROI-evidence skip (multitask) and ssmdmt's pseudo-label threshold
 #   cv0    all four strategies, --cv 5 --repeats 2, default data (seed 0)
 #   seeds  supervised and the best ROI strategy, --cv 5 --repeats 1, synth seeds 1 and 2
 #   shift  supervised and the best ROI strategy on the fixed split of harder data
@@ -57,15 +58,26 @@ with open(out / "dev_data/strong/manifest.csv", "w", newline="") as f:
         w.writerow({**r, "image": str((src.parent / r["image"]).resolve()),
                     "mask": str((src.parent / r["mask"]).resolve())})
 PY
-    # 3-fold CV (67 training + validation patients a fold) of each pooling, with every
-    # epoch's weights kept: --pooled-selection also scores selection on the pooled
+    # 3-fold CV (67 training + validation patients a fold) of each choice. Pooling, with
+    # every epoch's weights kept: --pooled-selection also scores selection on the pooled
     # validation folds against the fixed budget (the EMA weights at the last epoch)
     printf 'model:\n  pool: avgmax\n  roi_evidence: off\n' >"$out/dev_avgmax.yaml"
-    printf '{}\n' >"$out/dev_attention.yaml"
+    printf 'model:\n  roi_evidence: off\n' >"$out/dev_attention.yaml"
     for pool in attention avgmax; do
         cmp "dev_$pool" "$out/dev_data" --cv 3 --repeats 1 --strategies multitask \
             --strategies supervised --pooled-selection --config "$out/dev_$pool.yaml"
     done
+    # the ROI-evidence skip: detached, trained (chosen), trained through an attention head
+    printf 'model:\n  roi_evidence: detached\n' >"$out/dev_evD.yaml"
+    printf 'model:\n  roi_evidence: trained\n' >"$out/dev_evT.yaml"
+    printf 'model:\n  roi_evidence: trained\n  attention_head: true\n' >"$out/dev_evTH.yaml"
+    for v in evD evT evTH; do
+        cmp "dev_$v" "$out/dev_data" --cv 3 --repeats 1 --strategies multitask --config "$out/dev_$v.yaml"
+    done
+    # ssmdmt's pseudo class labels: p > 0.5 (chosen, the paper) vs prevalence-matched
+    printf 'model:\n  roi_evidence: trained\npropagation:\n  threshold: prevalence\n' >"$out/dev_evTP.yaml"
+    cmp dev_evT_ss "$out/dev_data" --cv 3 --repeats 1 --strategies ssmdmt --config "$out/dev_evT.yaml"
+    cmp dev_evTP_ss "$out/dev_data" --cv 3 --repeats 1 --strategies ssmdmt --config "$out/dev_evTP.yaml"
     ;;
 cv0)
     cmp cv0 "$out/d0" --cv 5 --repeats "${REPEATS:-2}"

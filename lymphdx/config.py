@@ -272,6 +272,11 @@ class PropagationConfig(_Section):
     # warmup_epochs on) whose strong-validation Dice reached this, then runs every
     # `every` epochs (None: at warmup_epochs, the paper)
     dice_gate: float | None = Field(None, ge=0.0, le=1.0)
+    # false: the gate reads the last epoch's strong-validation Dice; true: it opens for
+    # good once any epoch's Dice (the ROI warm-up's included) reached it. With the label's
+    # gradient narrowing the ROI map in the joint phase, the last epoch's Dice can fall
+    # under the gate and keep propagation from ever starting (BENCHMARKS.md section 7.3)
+    dice_gate_latch: bool = False
 
 
 class AugmentationConfig(_Section):

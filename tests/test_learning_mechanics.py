@@ -616,3 +616,45 @@ def test_too_short_for_propagation_warns_and_leaves_no_lock(
     log = (tmp_path / "run" / "train.log").read_text()
     assert "never propagate" in log and "train as multitask" in log
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+@pytest.mark.parametrize(("latch", "propagated"), [(True, [0, 0, 1]), (False, [0, 0, 0])])
+def test_latched_dice_gate_opens_once_reached(
+    latch: bool,
+    propagated: list[int],
+    tiny_data: Path,
+    cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``propagation.dice_gate_latch``: strong-validation Dice 0.5 after epoch 0, then 0.2
+    (scripted), gate 0.4, first due epoch 2. Latched, the gate stays open from epoch 0's
+    Dice on; unlatched, it reads epoch 1's 0.2 and waits."""
+    from lymphdx.training import trainer as trainer_module
+
+    script = iter([0.5, 0.2, 0.2])
+    calls: list[float] = []
+
+    def scripted(*args: object, **kwargs: object) -> float:
+        calls.append(next(script))
+        return calls[-1]
+
+    monkeypatch.setattr(trainer_module, "_strong_dice", scripted)
+    weak, strong = _manifests(tiny_data)
+    run = tmp_path / "run"
+    config = _mechanics(
+        cache,
+        "ssmdmt",
+        3,
+        propagation={"warmup_epochs": 2, "every": 1, "dice_gate": 0.4, "dice_gate_latch": latch},
+    )
+    train(config, run, weak, strong, progress=False)
+    assert len(calls) == 3  # one strong validation per epoch
+    rows = _history(run)
+    assert [float(r["strong_val_dice"]) for r in rows] == [0.5, 0.2, 0.2]
+    assert [int(r["propagated"]) for r in rows] == propagated
+    note = rows[2]["propagation_note"]
+    if latch:
+        assert note.startswith("started: best strong-val Dice so far 0.500 >= gate 0.4")
+    else:
+        assert note == "waiting: strong-val Dice 0.200 < gate 0.4"

@@ -700,13 +700,21 @@ class _Trainer:
         if gate is None:
             self.propagation_note = f"started at epoch {first} (propagation.warmup_epochs)"
         else:
-            dice = self.history[-1].get("strong_val_dice") if self.history else None
-            dice = None if dice in (None, "") else dice  # a resumed history holds strings
-            if dice is None or float(dice) < gate:
-                shown = "none" if dice is None else f"{float(dice):.3f}"
-                self.propagation_note = f"waiting: strong-val Dice {shown} < gate {gate:g}"
+            # the epochs the gate reads: the last one, or (latched) all so far; a resumed
+            # history holds strings, and "" where an epoch had no strong validation
+            rows = self.history if cfg.dice_gate_latch else self.history[-1:]
+            dices = [
+                float(r["strong_val_dice"])
+                for r in rows
+                if r.get("strong_val_dice") not in (None, "")
+            ]
+            dice = max(dices) if dices else None
+            what = "best strong-val Dice so far" if cfg.dice_gate_latch else "strong-val Dice"
+            if dice is None or dice < gate:
+                shown = "none" if dice is None else f"{dice:.3f}"
+                self.propagation_note = f"waiting: {what} {shown} < gate {gate:g}"
                 return False
-            self.propagation_note = f"started: strong-val Dice {float(dice):.3f} >= gate {gate:g}"
+            self.propagation_note = f"started: {what} {dice:.3f} >= gate {gate:g}"
         self.propagation_start = self.epoch
         log.info("epoch %d: propagation %s", self.epoch, self.propagation_note)
         return True
