@@ -7,7 +7,10 @@ mask's connected components that touch no node. A decoder taught by masks of eve
 marks both classes alike; one that the scan label also teaches (``model.roi_evidence:
 trained``, attention pooling) marks metastatic nodes more than benign ones, which costs
 Dice against masks of every node (BENCHMARKS.md section 7).
-Usage: python benchmarks/node_hits.py RUN [RUN ...]
+With ``--components PATIENT`` it also lists, for that test patient, each mask component's
+size and centre in millimetres (SimpleITK's index-to-physical transform, LPS) beside the
+phantom's nodes, so that a reader can see which node each component lies on.
+Usage: python benchmarks/node_hits.py RUN [RUN ...] [--components PATIENT]
 """
 
 from __future__ import annotations
@@ -30,7 +33,19 @@ def _array(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
-def node_hits(run: Path) -> dict[str, object]:
+def _components(mask_path: Path) -> list[dict[str, object]]:
+    """Each connected component of a mask file: voxel count and centre in mm."""
+    image = sitk.ReadImage(str(mask_path))
+    labels, n = ndimage.label(sitk.GetArrayFromImage(image) > 0)
+    out = []
+    for i in range(1, n + 1):
+        centre_zyx = ndimage.center_of_mass(labels == i)
+        centre = image.TransformContinuousIndexToPhysicalPoint([float(c) for c in centre_zyx[::-1]])
+        out.append({"voxels": int((labels == i).sum()), "centre_mm": [round(c, 1) for c in centre]})
+    return out
+
+
+def node_hits(run: Path, components_of: str | None = None) -> dict[str, object]:
     """Hit rates of metastatic and benign nodes and the stray components of one run."""
     config = load_run_config(run)
     data = Path(config.manifests.weak).parent.parent
@@ -45,6 +60,7 @@ def node_hits(run: Path) -> dict[str, object]:
     }
     hits = {True: [0, 0], False: [0, 0]}  # class -> [hit, total]
     stray = 0
+    listed: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
         images = [data / "weak" / "images" / f"{pid}.nii.gz" for pid in test]
         predict(run, images, Path(tmp))
@@ -57,6 +73,16 @@ def node_hits(run: Path) -> dict[str, object]:
                 hits[cls][0] += int(mask[truth == node].any())
             components, n = ndimage.label(mask)
             stray += sum(not (truth[components == i] > 0).any() for i in range(1, n + 1))
+            if pid == components_of:
+                listed = {
+                    "patient": pid,
+                    "mask_components": _components(Path(tmp) / pid / "roi_mask.nii.gz"),
+                    "nodes": [
+                        {k: r[k] for k in ("node_id", "x_mm", "y_mm", "z_mm", "metastatic")}
+                        for r in csv.DictReader(open(data / "weak_truth" / "nodes.csv"))
+                        if r["patient_id"] == pid
+                    ],
+                }
     return {
         "run": str(run),
         "metastatic_nodes_hit": f"{hits[True][0]}/{hits[True][1]}",
@@ -65,14 +91,17 @@ def node_hits(run: Path) -> dict[str, object]:
         "benign_hit_rate": round(hits[False][0] / max(hits[False][1], 1), 3),
         "components_on_no_node": stray,
         "scans": len(test),
+        **({"components": listed} if listed else {}),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("runs", type=Path, nargs="+")
-    for run in parser.parse_args().runs:
-        print(json.dumps(node_hits(run)))
+    parser.add_argument("--components", metavar="PATIENT", default=None)
+    args = parser.parse_args()
+    for run in args.runs:
+        print(json.dumps(node_hits(run, args.components)))
 
 
 if __name__ == "__main__":
