@@ -61,21 +61,30 @@ PY
     # 3-fold CV (67 training + validation patients a fold) of each choice. Pooling, with
     # every epoch's weights kept: --pooled-selection also scores selection on the pooled
     # validation folds against the fixed budget (the EMA weights at the last epoch)
-    printf 'model:\n  pool: avgmax\n  roi_evidence: off\n' >"$out/dev_avgmax.yaml"
-    printf 'model:\n  roi_evidence: off\n' >"$out/dev_attention.yaml"
+    printf 'model:\n  pool: avgmax\n  roi_evidence: off\n  malignancy_map: false\n' >"$out/dev_avgmax.yaml"
+    printf 'model:\n  roi_evidence: off\n  malignancy_map: false\n' >"$out/dev_attention.yaml"
     for pool in attention avgmax; do
         cmp "dev_$pool" "$out/dev_data" --cv 3 --repeats 1 --strategies multitask \
             --strategies supervised --pooled-selection --config "$out/dev_$pool.yaml"
     done
     # the ROI-evidence skip: detached, trained (chosen), trained through an attention head
-    printf 'model:\n  roi_evidence: detached\n' >"$out/dev_evD.yaml"
-    printf 'model:\n  roi_evidence: trained\n' >"$out/dev_evT.yaml"
-    printf 'model:\n  roi_evidence: trained\n  attention_head: true\n' >"$out/dev_evTH.yaml"
+    printf 'model:\n  roi_evidence: detached\n  malignancy_map: false\n' >"$out/dev_evD.yaml"
+    printf 'model:\n  roi_evidence: trained\n  malignancy_map: false\n' >"$out/dev_evT.yaml"
+    printf 'model:\n  roi_evidence: trained\n  malignancy_map: false\n  attention_head: true\n' >"$out/dev_evTH.yaml"
     for v in evD evT evTH; do
         cmp "dev_$v" "$out/dev_data" --cv 3 --repeats 1 --strategies multitask --config "$out/dev_$v.yaml"
     done
+    # the malignancy map (the classifier reads a second decoder map; the ROI map learns
+    # from masks, and the label reaches the shared features at 1, 0 or 0.2 (chosen) of its
+    # gradient)
+    printf 'model:\n  roi_evidence: trained\n  malignancy_map: true\n  malignancy_grad: 1.0\n' >"$out/dev_evTM.yaml"
+    printf 'model:\n  roi_evidence: trained\n  malignancy_map: true\n  malignancy_grad: 0.0\n' >"$out/dev_evTM0.yaml"
+    printf 'model:\n  roi_evidence: trained\n  malignancy_map: true\n  malignancy_grad: 0.2\n' >"$out/dev_evTM2.yaml"
+    for v in evTM evTM0 evTM2; do
+        cmp "dev_$v" "$out/dev_data" --cv 3 --repeats 1 --strategies multitask --config "$out/dev_$v.yaml"
+    done
     # ssmdmt's pseudo class labels: p > 0.5 (chosen, the paper) vs prevalence-matched
-    printf 'model:\n  roi_evidence: trained\npropagation:\n  threshold: prevalence\n' >"$out/dev_evTP.yaml"
+    printf 'model:\n  roi_evidence: trained\n  malignancy_map: false\npropagation:\n  threshold: prevalence\n' >"$out/dev_evTP.yaml"
     cmp dev_evT_ss "$out/dev_data" --cv 3 --repeats 1 --strategies ssmdmt --config "$out/dev_evT.yaml"
     cmp dev_evTP_ss "$out/dev_data" --cv 3 --repeats 1 --strategies ssmdmt --config "$out/dev_evTP.yaml"
     ;;

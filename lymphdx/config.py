@@ -156,6 +156,16 @@ class ModelConfig(_Section):
     # BENCHMARKS.md section 7). off | detached (no label gradient into the decoder through
     # it) | trained (the label's gradient reaches the decoder through it too)
     roi_evidence: Literal["off", "detached", "trained"] = "off"
+    # attention pooling: the decoder gets a second output map, a malignancy map, that the
+    # attention (and the ROI-evidence skip) read instead of the ROI map. The ROI masks
+    # teach both maps, the scan label only this one (through the shared features, not the
+    # ROI map's own output), so the ROI map stays a map of all nodes for Dice, FROC,
+    # propagation and predict while the classifier reads a map that the label shapes
+    malignancy_map: bool = False
+    # the malignancy map's share of the gradient into the decoder's shared features (1:
+    # all of it; 0: the scan label and the masks teach only the map's own output layer
+    # through it, and the features learn from the ROI map's masks alone)
+    malignancy_grad: float = Field(1.0, ge=0.0, le=1.0)
     decoder_skips: bool = False
     # batch | instance | group; domain_batch: domain-specific batch norm (DSBN, Chang et al.
     # 2019): one set of batch statistics and affine parameters per hospital (weak = 0,
@@ -188,6 +198,16 @@ class ModelConfig(_Section):
                 f"model.roi_evidence {self.roi_evidence!r} reads the ROI decoder's map, which "
                 f"only model.pool: attention gives the classifier (pool is {self.pool!r}); "
                 "set model.roi_evidence: off with this pooling"
+            )
+        if self.malignancy_map and self.pool != "attention":
+            raise ValueError(
+                "model.malignancy_map is the map that attention pooling reads (pool is "
+                f"{self.pool!r}); set model.pool: attention or model.malignancy_map: false"
+            )
+        if self.malignancy_map and self.attention_head:
+            raise ValueError(
+                "model.malignancy_map and model.attention_head are two ways to keep the scan "
+                "label off the ROI map; set one of them to false"
             )
         return self
 

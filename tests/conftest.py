@@ -33,6 +33,7 @@ def tiny_config(tmp_path: Path, **overrides: object) -> Config:
             "classifier_hidden": 8,
             "pool": "avgmax",
             "roi_evidence": "off",
+            "malignancy_map": False,
             "classifier_dropout": None,
         },
         # the paper's schedule (one pass over the weak set per epoch, no ROI warm-up, no

@@ -106,9 +106,10 @@ def test_train_evaluate_predict_compare_commands(tiny_data: Path, tmp_path: Path
         assert status["learned"] == (status["final_strong_val_dice"] >= 0.05)
         if not status["learned"]:
             unlearned.append(str(run))
-            assert "ROI decoder never learned" in (run / "train.log").read_text()
+            log = (run / "train.log").read_text()
+            assert "ROI decoder never learned" in log or "ROI decoder lost what it" in log
     assert results["strategies"]["ssmdmt"].get("roi_not_learned", []) == unlearned
-    assert ("the ROI decoder never learned" in table) == bool(unlearned)
+    assert ("the ROI decoder found no node" in table) == bool(unlearned)
     assert "roi_decoder" not in json.loads(
         (out / "runs" / "supervised" / "seed0" / "metrics.json").read_text()
     )

@@ -52,7 +52,9 @@ def test_config_refuses_shape_not_divisible_by_downsampling() -> None:
 
 def test_without_roi_the_decoder_gets_no_gradient() -> None:
     model = build_model(
-        load_config(overrides={"model": {"pool": "avgmax", "roi_evidence": "off"}}).model
+        load_config(
+            overrides={"model": {"pool": "avgmax", "roi_evidence": "off", "malignancy_map": False}}
+        ).model
     )
     out = model(torch.randn(2, 1, 32, 48, 48), roi=False)
     assert "roi" not in out
@@ -91,7 +93,14 @@ def test_attention_head_keeps_the_label_gradient_off_the_roi_map() -> None:
     """``model.attention_head``: the attention starts as the ROI map (a zero head), and the
     scan label teaches the head, never the ROI map's own output convolution."""
     cfg = load_config(
-        overrides={"model": {"pool": "attention", "attention_head": True, "classifier_dropout": 0}}
+        overrides={
+            "model": {
+                "pool": "attention",
+                "attention_head": True,
+                "malignancy_map": False,
+                "classifier_dropout": 0,
+            }
+        }
     ).model
     model = build_model(cfg).eval()
     x = torch.randn(2, 1, 32, 48, 48)
@@ -154,11 +163,115 @@ def test_roi_evidence_needs_attention_pooling() -> None:
     from lymphdx.errors import ConfigError
 
     with pytest.raises(ConfigError, match="roi_evidence.*pool: attention"):
-        load_config(overrides={"model": {"pool": "avg", "roi_evidence": "trained"}})
+        load_config(
+            overrides={"model": {"pool": "avg", "roi_evidence": "trained", "malignancy_map": False}}
+        )
 
 
 def test_roi_evidence_reads_yaml_booleans(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A bare ``off`` in YAML is the boolean false: it means "off", not an error."""
     path = tmp_path / "c.yaml"
-    path.write_text("model:\n  pool: avgmax\n  roi_evidence: off\n")
+    path.write_text("model:\n  pool: avgmax\n  roi_evidence: off\n  malignancy_map: false\n")
     assert load_config(path).model.roi_evidence == "off"
+
+
+def _malignancy_model(grad: float = 1.0) -> torch.nn.Module:
+    cfg = load_config(
+        overrides={
+            "model": {
+                "pool": "attention",
+                "malignancy_map": True,
+                "malignancy_grad": grad,
+                "roi_evidence": "trained",
+                "classifier_dropout": 0,
+            }
+        }
+    ).model
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def test_malignancy_map_is_what_the_classifier_reads() -> None:
+    """``model.malignancy_map``: a second map of the input's size; the attention logits
+    are that map's logits on the last level's grid (recomputed here from the full-size
+    map by trilinear interpolation of the coarse grid), and the ROI map is the first."""
+    model = _malignancy_model().eval()
+    x = torch.randn(2, 1, 32, 48, 48)
+    with torch.no_grad():
+        out = model(x)
+        assert out["roi"].shape == out["malignancy"].shape == (2, 1, 32, 48, 48)
+        assert not torch.allclose(out["roi"], out["malignancy"])
+        o, skips = model.encoder(x)
+        maps, attention = model.decoder(o, skips, (32, 48, 48), attention=True)
+        up = torch.nn.functional.interpolate(attention, size=(32, 48, 48), mode="trilinear")
+        torch.testing.assert_close(up, out["malignancy"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(maps[:, :1], out["roi"])
+        assert model(x, roi=slice(1, None))["malignancy"].shape[0] == 1
+        assert "malignancy" not in model(x, roi=False)
+
+
+def test_malignancy_map_keeps_the_label_gradient_off_the_roi_output() -> None:
+    """The scan label reaches the malignancy map's output weights, never the ROI map's;
+    the ROI loss through ``maps_and_targets`` reaches both."""
+    from lymphdx.training.losses import RoiLoss
+    from lymphdx.training.trainer import maps_and_targets
+
+    model = _malignancy_model().train()
+    with torch.no_grad():
+        model.classifier.evidence.copy_(torch.tensor([0.05, 0.0]))  # the skip switched on
+    x = torch.randn(2, 1, 32, 48, 48)
+    model(x, roi=False)["cls"].sum().backward()
+    grad = model.decoder.head[-1].weight.grad
+    assert grad[0].abs().sum() == 0 and grad[1].abs().sum() > 0
+    model.zero_grad()
+    masks = (torch.rand(2, 1, 32, 48, 48) > 0.9).to(torch.uint8)
+    logits, targets, n = maps_and_targets(model(x), "", slice(None), masks)
+    assert n == 2 and logits.shape == targets.shape == (4, 1, 32, 48, 48)
+    assert torch.equal(targets[2:], masks)
+    RoiLoss()(logits, targets).backward()
+    grad = model.decoder.head[-1].weight.grad
+    assert grad[0].abs().sum() > 0 and grad[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "model_cfg, match",
+    [
+        (
+            {"pool": "avgmax", "roi_evidence": "off", "malignancy_map": True},
+            "malignancy_map.*pool: attention",
+        ),
+        (
+            {"pool": "attention", "malignancy_map": True, "attention_head": True},
+            "malignancy_map and model.attention_head",
+        ),
+    ],
+)
+def test_malignancy_map_config_is_checked(model_cfg: dict, match: str) -> None:
+    from lymphdx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides={"model": model_cfg})
+
+
+@pytest.mark.parametrize("grad", [0.0, 0.5])
+def test_malignancy_grad_scales_the_label_gradient_into_the_decoder(grad: float) -> None:
+    """``model.malignancy_grad``: the same forward pass; the scan label's gradient into
+    the decoder's blocks is that of ``malignancy_grad: 1`` times the scale (none at 0),
+    while the malignancy map's own output layer gets all of it."""
+    x = torch.randn(2, 1, 32, 48, 48)
+    grads, outs = [], []
+    for g in (1.0, grad):
+        model = _malignancy_model(g).train()
+        with torch.no_grad():
+            model.classifier.evidence.copy_(torch.tensor([0.05, 0.0]))
+        torch.manual_seed(1)  # the same dropout draws, if any
+        out = model(x, roi=False)["cls"]
+        out.sum().backward()
+        outs.append(out.detach())
+        block = next(model.decoder.blocks[-1].parameters())
+        grads.append((block.grad.clone(), model.decoder.head[-1].weight.grad[1].clone()))
+    torch.testing.assert_close(outs[0], outs[1])
+    (block_full, head_full), (block_scaled, head_scaled) = grads
+    torch.testing.assert_close(head_scaled, head_full)
+    # the decoder's gradient from the label comes through the malignancy map only
+    torch.testing.assert_close(block_scaled, grad * block_full, rtol=1e-4, atol=1e-8)

@@ -68,6 +68,6 @@ def test_results_table_flags_strategies_whose_decoder_never_learned() -> None:
         },
     }
     table = format_table(results)
-    flagged = [line for line in table.splitlines() if "never learned" in line]
+    flagged = [line for line in table.splitlines() if "found no node" in line]
     assert len(flagged) == 1
     assert "Multi-Task" in flagged[0] and "in 1 of 2 run(s)" in flagged[0]

@@ -29,6 +29,7 @@ TINY = {
         "classifier_hidden": 8,
         "pool": "avgmax",  # the decoder sees only the sub-batch routed to it
         "roi_evidence": "off",
+        "malignancy_map": False,
         "classifier_dropout": None,
     },
 }

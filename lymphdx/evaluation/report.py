@@ -327,8 +327,9 @@ def format_table(results: dict[str, Any]) -> str:
             of = f" of {n_runs}" if n_runs else ""
             lines += [
                 "",
-                f"**{label(s)}: the ROI decoder never learned (strong-validation Dice < "
-                f"{ROI_LEARNED_DICE} at the end) in {len(r['roi_not_learned'])}{of} run(s), "
+                f"**{label(s)}: the ROI decoder found no node at the end of training "
+                f"(strong-validation Dice < {ROI_LEARNED_DICE}: it never learned, or lost "
+                f"what it had learned) in {len(r['roi_not_learned'])}{of} run(s), "
                 "listed in results.json. Its AUC above is that of a classifier without the "
                 "ROI task, not the strategy's.**",
             ]

@@ -38,6 +38,15 @@ def _stage(enabled: bool, fn: Callable[..., torch.Tensor], *args: torch.Tensor) 
 
 
 ROI_PRIOR = 0.01  # initial ROI probability of every voxel
+
+
+def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` in the forward pass; its gradient times ``scale`` in the backward pass."""
+    if scale == 1.0:
+        return x
+    return x.detach() if scale == 0.0 else x * scale + x.detach() * (1.0 - scale)
+
+
 EVIDENCE_GAIN = 20.0  # speed-up of the classifier's ROI-evidence skip (Classifier)
 
 __all__ = ["DenseEncoder", "Classifier", "RoiDecoder", "MultiTaskNet", "build_model"]
@@ -220,10 +229,13 @@ class RoiDecoder(nn.Module):
             )
             self.blocks.append(block)
             channels = block.out_channels
+        # output channels: the ROI map, and with model.malignancy_map the malignancy map
+        self.maps = 2 if cfg.malignancy_map else 1
+        self.malignancy_grad = cfg.malignancy_grad
         self.head = nn.Sequential(
             get_norm_layer(norm, spatial_dims=3, channels=channels),
             get_act_layer(("relu", {"inplace": True})),
-            conv(channels, 1, kernel_size=1, bias=True),
+            conv(channels, self.maps, kernel_size=1, bias=True),
         )
         # the classifier's attention: ROI logits (detached) + this head, zero at the start
         self.attention_head = (
@@ -261,18 +273,31 @@ class RoiDecoder(nn.Module):
     def _output(
         self, x: torch.Tensor, out_size: tuple[int, int, int], attention: bool = False
     ) -> Any:
-        """ROI logits ``(B, 1, *out_size)``; with ``attention`` the pair (ROI logits,
-        attention logits on the last level's grid ``(B, 1, d', h', w')``): the ROI logits
-        there, plus ``attention_head`` (its own gradient only) when the model has one."""
+        """Map logits ``(B, M, *out_size)`` (M = 1: the ROI map; M = 2: ROI, malignancy);
+        with ``attention`` the pair (map logits, attention logits on the last level's grid
+        ``(B, 1, d', h', w')``): the last map there (the malignancy map when there is one,
+        else the ROI map), plus ``attention_head`` (its own gradient only) when the model
+        has one."""
         features = self.head[:-1](x)
-        coarse = self.head[-1](features)
+        out = self.head[-1]
+        if self.maps == 1 or self.malignancy_grad == 1.0:
+            coarse = out(features)  # (B, M, d', h', w')
+        else:  # the malignancy map's gradient into the shared features, scaled
+            shared = scale_gradient(features, self.malignancy_grad)
+            coarse = torch.cat(
+                [
+                    F.conv3d(features, out.weight[:1], out.bias[:1]),
+                    F.conv3d(shared, out.weight[1:], out.bias[1:]),
+                ],
+                dim=1,
+            )
         logits = coarse
         if tuple(logits.shape[2:]) != tuple(out_size):
             logits = F.interpolate(logits, size=out_size, mode="trilinear", align_corners=False)
         if not attention:
             return logits
         if self.attention_head is None:
-            return logits, coarse
+            return logits, coarse[:, -1:]
         return logits, coarse.detach() + self.attention_head(features)
 
 
@@ -280,7 +305,8 @@ class MultiTaskNet(nn.Module):
     """Encoder shared by the classifier and the ROI decoder.
 
     ``forward(x, roi=True)`` with ``x`` ``(B, 1, D, H, W)``, D/H/W divisible by the
-    downsampling factor, returns ``{"cls": (B,), "roi": (B, 1, D, H, W)}``; with
+    downsampling factor, returns ``{"cls": (B,), "roi": (B, 1, D, H, W)}`` (and
+    ``"malignancy"`` ``(B, 1, D, H, W)`` with ``model.malignancy_map``); with
     ``roi=False`` no ROI map is returned and, unless the classifier's attention reads it,
     the decoder is not run; with a slice, only those batch items' maps are returned.
     """
@@ -312,13 +338,14 @@ class MultiTaskNet(nn.Module):
             )
         o, skips = self.encoder(x)
         size = tuple(x.shape[2:])
-        if self.classifier.attention:  # the classifier reads the whole batch's ROI map
-            roi_logits, attention = self.decoder(o, skips, size, attention=True)
+        if self.classifier.attention:  # the classifier reads the whole batch's map
+            maps, attention = self.decoder(o, skips, size, attention=True)
             out = {"cls": self.classifier(o, attention)}
-            if roi is True:
-                out["roi"] = roi_logits
-            elif isinstance(roi, slice):
-                out["roi"] = roi_logits[roi]
+            if roi is not False:
+                maps = maps if roi is True else maps[roi]
+                out["roi"] = maps[:, :1]
+                if maps.shape[1] > 1:
+                    out["malignancy"] = maps[:, 1:]
             return out
         out = {"cls": self.classifier(o)}
         if roi is True:

@@ -461,6 +461,20 @@ def _strong_dice(
     return 1.0 if total == 0 else float(2 * inter / total)
 
 
+def maps_and_targets(
+    out: dict[str, torch.Tensor], suffix: str, items: slice, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The map logits that the ROI masks teach, stacked as one batch, with their targets:
+    ``out["roi" + suffix][items]`` ``(b, 1, D, H, W)``, and the malignancy map's after it
+    when the model has one (``2b`` items, ``targets`` ``(b, 1, D, H, W)`` repeated).
+    Returns (logits, targets, number of maps)."""
+    maps = [out["roi" + suffix]]
+    if "malignancy" + suffix in out:
+        maps.append(out["malignancy" + suffix])
+    logits = torch.cat([m[items] for m in maps])
+    return logits, torch.cat([targets] * len(maps)), len(maps)
+
+
 class StepModule(torch.nn.Module):
     """One training step's forward passes as one module call, so that DDP sees a single
     forward: whole scans ``images`` ``(B, 1, D, H, W)`` (``MultiTaskNet.forward`` with
@@ -478,7 +492,10 @@ class StepModule(torch.nn.Module):
     ) -> dict[str, torch.Tensor]:
         out = {} if images is None else dict(self.model(images, roi=roi))
         if patches is not None:
-            out["roi_patch"] = self.model(patches, roi=True)["roi"]
+            maps = self.model(patches, roi=True)
+            out["roi_patch"] = maps["roi"]
+            if "malignancy" in maps:
+                out["malignancy_patch"] = maps["malignancy"]
         return out
 
 
@@ -867,19 +884,22 @@ class _Trainer:
             terms["cls"] = batch_classification_loss(
                 ctx, out["cls"][:nw], weak["labels"].to(device), total_weight=n_weak
             )
+        # with model.malignancy_map the masks teach both maps: one loss over both, as one
+        # batch of twice the items (maps_and_targets)
         if patches is not None:
+            logits, masks, m = maps_and_targets(
+                out, "_patch", slice(None), patches["mask"].to(device)
+            )
             terms["roi"] = batch_roi_loss(
-                ctx,
-                self.roi_loss,
-                out["roi_patch"],
-                patches["mask"].to(device),
-                total_items=n_patch,
+                ctx, self.roi_loss, logits, masks, total_items=m * n_patch
             )
         elif strong_masks:
             assert strong is not None
-            strong_roi = out["roi"][nw:] if roi is True else out["roi"]
+            logits, masks, m = maps_and_targets(
+                out, "", slice(nw, None) if roi is True else slice(None), strong["mask"].to(device)
+            )
             terms["roi"] = batch_roi_loss(
-                ctx, self.roi_loss, strong_roi, strong["mask"].to(device), total_items=n_strong
+                ctx, self.roi_loss, logits, masks, total_items=m * n_strong
             )
         pseudo = self.pseudo
         if (
@@ -906,15 +926,17 @@ class _Trainer:
                 )
         if pseudo_roi:
             assert weak is not None
-            target = weak["pseudo_mask"].to(device)
-            weak_roi = out["roi"][:nw]
+            weak_roi, target, m = maps_and_targets(
+                out, "", slice(0, nw), weak["pseudo_mask"].to(device)
+            )
             if "pseudo_weight" not in weak:
                 terms["pseudo_roi"] = batch_roi_loss(
-                    ctx, self.roi_loss, weak_roi, target, total_items=n_weak
+                    ctx, self.roi_loss, weak_roi, target, total_items=m * n_weak
                 )
             else:
+                weight = weak["pseudo_weight"].to(device)
                 terms["pseudo_roi"] = batch_masked_roi_loss(
-                    ctx, weak_roi, target, weak["pseudo_weight"].to(device)
+                    ctx, weak_roi, target, torch.cat([weight] * m)
                 )
         for k, v in terms.items():
             if not torch.isfinite(v):  # a global value: every rank stops here together
