@@ -164,7 +164,8 @@ class ModelConfig(_Section):
     malignancy_map: bool = False
     # the malignancy map's share of the gradient into the decoder's shared features (1:
     # all of it; 0: the scan label and the masks teach only the map's own output layer
-    # through it, and the features learn from the ROI map's masks alone)
+    # through it, and the features learn from the ROI map's masks alone); read only with
+    # malignancy_map: true
     malignancy_grad: float = Field(1.0, ge=0.0, le=1.0)
     decoder_skips: bool = False
     # batch | instance | group; domain_batch: domain-specific batch norm (DSBN, Chang et al.

@@ -342,15 +342,20 @@ def test_torchrun_quick_recipe_with_patches_warmup_and_attention(
     tiny_data: Path, tmp_path: Path
 ) -> None:
     """ssmdmt with the quick preset's recipe (steps per epoch, ROI warm-up, node patches in
-    a second forward pass, MONAI augmentation, attention pooling, Dice gate, EMA
-    selection) under two processes: DDP sees one forward per step (``StepModule``), the
-    warm-up's unused classifier does not hang it, and the weights stay identical on both
-    ranks after every epoch."""
+    a second forward pass, MONAI augmentation, attention pooling over the malignancy map,
+    the ROI-evidence skip, Dice gate, EMA selection) under two processes: DDP sees one
+    forward per step (``StepModule``), the warm-up's unused classifier does not hang it,
+    and the weights stay identical on both ranks after every epoch."""
     weak, strong = tiny_data / "weak" / "manifest.csv", tiny_data / "strong" / "manifest.csv"
     config = tiny_config(
         tmp_path,
         strategy="ssmdmt",
-        model={"pool": "attention"},
+        model={
+            "pool": "attention",
+            "roi_evidence": "trained",
+            "malignancy_map": True,
+            "malignancy_grad": 0.2,
+        },
         training={
             "epochs": 3,
             "num_threads": 1,
