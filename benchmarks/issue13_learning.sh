@@ -80,13 +80,18 @@ PY
     printf 'model:\n  roi_evidence: trained\n  malignancy_map: true\n  malignancy_grad: 1.0\n' >"$out/dev_evTM.yaml"
     printf 'model:\n  roi_evidence: trained\n  malignancy_map: true\n  malignancy_grad: 0.0\n' >"$out/dev_evTM0.yaml"
     printf 'model:\n  roi_evidence: trained\n  malignancy_map: true\n  malignancy_grad: 0.2\n' >"$out/dev_evTM2.yaml"
-    for v in evTM evTM0 evTM2; do
+    printf 'model:\n  roi_evidence: trained\n  malignancy_map: true\n  malignancy_grad: 0.1\n' >"$out/dev_evTM1.yaml"
+    for v in evTM evTM0 evTM2 evTM1; do
         cmp "dev_$v" "$out/dev_data" --cv 3 --repeats 1 --strategies multitask --config "$out/dev_$v.yaml"
     done
     # ssmdmt's pseudo class labels: p > 0.5 (chosen, the paper) vs prevalence-matched
     printf 'model:\n  roi_evidence: trained\n  malignancy_map: false\npropagation:\n  threshold: prevalence\n' >"$out/dev_evTP.yaml"
     cmp dev_evT_ss "$out/dev_data" --cv 3 --repeats 1 --strategies ssmdmt --config "$out/dev_evT.yaml"
     cmp dev_evTP_ss "$out/dev_data" --cv 3 --repeats 1 --strategies ssmdmt --config "$out/dev_evTP.yaml"
+    # the same two with the malignancy map (the quick preset as it is)
+    printf 'propagation:\n  threshold: prevalence\n' >"$out/dev_evTMP.yaml"
+    cmp dev_evTM2_ss "$out/dev_data" --cv 3 --repeats 1 --strategies ssmdmt
+    cmp dev_evTMP_ss "$out/dev_data" --cv 3 --repeats 1 --strategies ssmdmt --config "$out/dev_evTMP.yaml"
     ;;
 cv0)
     cmp cv0 "$out/d0" --cv 5 --repeats "${REPEATS:-2}"
