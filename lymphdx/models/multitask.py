@@ -38,6 +38,7 @@ def _stage(enabled: bool, fn: Callable[..., torch.Tensor], *args: torch.Tensor) 
 
 
 ROI_PRIOR = 0.01  # initial ROI probability of every voxel
+EVIDENCE_GAIN = 20.0  # speed-up of the classifier's ROI-evidence skip (Classifier)
 
 
 def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -46,8 +47,6 @@ def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
         return x
     return x.detach() if scale == 0.0 else x * scale + x.detach() * (1.0 - scale)
 
-
-EVIDENCE_GAIN = 20.0  # speed-up of the classifier's ROI-evidence skip (Classifier)
 
 __all__ = ["DenseEncoder", "Classifier", "RoiDecoder", "MultiTaskNet", "build_model"]
 
