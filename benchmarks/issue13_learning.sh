@@ -75,8 +75,8 @@ PY
         cmp "dev_$v" "$out/dev_data" --cv 3 --repeats 1 --strategies multitask --config "$out/dev_$v.yaml"
     done
     # the malignancy map (the classifier reads a second decoder map; the ROI map learns
-    # from masks, and the label reaches the shared features at 1, 0 or 0.2 (chosen) of its
-    # gradient)
+    # from masks, and the label reaches the shared features at 1, 0, 0.2 or 0.1 (chosen) of
+    # its gradient)
     printf 'model:\n  roi_evidence: trained\n  malignancy_map: true\n  malignancy_grad: 1.0\n' >"$out/dev_evTM.yaml"
     printf 'model:\n  roi_evidence: trained\n  malignancy_map: true\n  malignancy_grad: 0.0\n' >"$out/dev_evTM0.yaml"
     printf 'model:\n  roi_evidence: trained\n  malignancy_map: true\n  malignancy_grad: 0.2\n' >"$out/dev_evTM2.yaml"

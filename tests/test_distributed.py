@@ -354,7 +354,7 @@ def test_torchrun_quick_recipe_with_patches_warmup_and_attention(
             "pool": "attention",
             "roi_evidence": "trained",
             "malignancy_map": True,
-            "malignancy_grad": 0.2,
+            "malignancy_grad": 0.1,
         },
         training={
             "epochs": 3,
