@@ -3,7 +3,8 @@
 For every fold of a ``compare --cv`` repeat, loads the run's selected weights and scores,
 on its training and its held-out (test) weak patients, the classifier's probability
 against three readings of its ROI map: the largest ROI probability, the mean of the 20
-largest, and the sum. Then the held-out scores pooled over the folds. This is the probe
+largest, and the sum; and, for a model with ``model.malignancy_map``, the largest
+probability of the malignancy map that the classifier reads. Then the held-out scores pooled over the folds. This is the probe
 that found the classifier reading the ROI map worse than its maximum alone (BENCHMARKS.md
 section 7.1), which ``model.roi_evidence`` then closed.
 Usage: python benchmarks/roi_readout_probe.py CV_REPEAT_DIR STRATEGY
@@ -25,7 +26,7 @@ from lymphdx.training.distributed import DistContext
 from lymphdx.training.propagation import WEAK, _my_batches
 from lymphdx.training.trainer import load_run_data
 
-READINGS = ("classifier", "roi_max", "roi_top20_mean", "roi_sum")
+READINGS = ("classifier", "roi_max", "roi_top20_mean", "roi_sum", "malignancy_max")
 
 
 @torch.no_grad()
@@ -41,7 +42,9 @@ def readings(run: Path, split: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         out["roi_max"].append(p.amax(1).numpy())
         out["roi_top20_mean"].append(p.topk(20, dim=1).values.mean(1).numpy())
         out["roi_sum"].append(p.sum(1).numpy())
-    return volumes.labels, {k: np.concatenate(v) for k, v in out.items()}
+        if "malignancy" in pred:
+            out["malignancy_max"].append(pred["malignancy"].flatten(1).amax(1).sigmoid().numpy())
+    return volumes.labels, {k: np.concatenate(v) for k, v in out.items() if v}
 
 
 def main() -> None:
@@ -59,11 +62,11 @@ def main() -> None:
             report[f"{fold} {split}"] = {k: round(roc_auc_score(y, v), 3) for k, v in r.items()}
             if split == "test":
                 pooled_y.append(y)
-                for k in READINGS:
+                for k in r:
                     pooled[k].append(r[k])
     y = np.concatenate(pooled_y)
     report["pooled held-out"] = {
-        k: round(roc_auc_score(y, np.concatenate(v)), 3) for k, v in pooled.items()
+        k: round(roc_auc_score(y, np.concatenate(v)), 3) for k, v in pooled.items() if v
     }
     print(json.dumps(report, indent=1))
 

@@ -167,6 +167,12 @@ class ModelConfig(_Section):
     # through it, and the features learn from the ROI map's masks alone); read only with
     # malignancy_map: true
     malignancy_grad: float = Field(1.0, ge=0.0, le=1.0)
+    # attention pooling: the classifier's logit also gets a learnt affine term of the
+    # scan's node volume, the logit of the mean ROI probability over its K most probable
+    # voxels on the model's grid (K = this; 20 voxels of 5 x 5 x 6 mm = 3 mL, a sphere of
+    # 18 mm), detached: a reading of the largest nodes' size that the masks alone teach
+    # (metastatic nodes are the larger ones). 0: off
+    node_volume_evidence: int = Field(0, ge=0)
     decoder_skips: bool = False
     # batch | instance | group; domain_batch: domain-specific batch norm (DSBN, Chang et al.
     # 2019): one set of batch statistics and affine parameters per hospital (weak = 0,
@@ -204,6 +210,12 @@ class ModelConfig(_Section):
             raise ValueError(
                 "model.malignancy_map is the map that attention pooling reads (pool is "
                 f"{self.pool!r}); set model.pool: attention or model.malignancy_map: false"
+            )
+        if self.node_volume_evidence and self.pool != "attention":
+            raise ValueError(
+                "model.node_volume_evidence reads the ROI decoder's map, which only model.pool: "
+                f"attention gives the classifier (pool is {self.pool!r}); set "
+                "model.node_volume_evidence: 0 with this pooling"
             )
         if self.malignancy_map and self.attention_head:
             raise ValueError(

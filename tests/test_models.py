@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -275,3 +278,85 @@ def test_malignancy_grad_scales_the_label_gradient_into_the_decoder(grad: float)
     torch.testing.assert_close(head_scaled, head_full)
     # the decoder's gradient from the label comes through the malignancy map only
     torch.testing.assert_close(block_scaled, grad * block_full, rtol=1e-4, atol=1e-8)
+
+
+def test_node_volume_is_the_logit_of_the_top_k_mean_probability() -> None:
+    """A hand-worked example: probabilities 0.9, 0.8, 0.5 and the rest 0.01; with k = 2
+    the evidence is logit(0.85), with k = 3 logit(0.7333…), and more voxels than the scan
+    has take them all."""
+    from lymphdx.models.multitask import node_volume
+
+    p = torch.full((1, 1, 2, 2, 2), 0.01)
+    p[0, 0, 0, 0, 0], p[0, 0, 1, 1, 1], p[0, 0, 0, 1, 0] = 0.9, 0.8, 0.5
+    logits = torch.log(p / (1 - p))
+    for k, mean in ((2, 0.85), (3, 2.2 / 3), (100, (2.2 + 5 * 0.01) / 8)):
+        expected = torch.tensor([math.log(mean / (1 - mean))])
+        torch.testing.assert_close(node_volume(logits, k), expected, rtol=1e-5, atol=1e-5)
+
+
+def _volume_model(k: int = 20) -> torch.nn.Module:
+    cfg = load_config(
+        overrides={
+            "model": {
+                "pool": "attention",
+                "malignancy_map": True,
+                "malignancy_grad": 0.1,
+                "roi_evidence": "trained",
+                "node_volume_evidence": k,
+                "classifier_dropout": 0,
+            }
+        }
+    ).model
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def test_node_volume_evidence_adds_an_affine_term_of_the_roi_maps_top_k() -> None:
+    """logit = the rest + gain · (c · v + d), with v recomputed here with numpy from the
+    model's own ROI map (its 20 largest probabilities), and c = d = 0 at the start."""
+    from lymphdx.models.multitask import EVIDENCE_GAIN
+
+    model = _volume_model().eval()
+    x = torch.randn(2, 1, 32, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(model.classifier.volume_evidence, torch.zeros(2))
+        first = model(x)
+        model.classifier.volume_evidence.copy_(torch.tensor([0.05, -0.1]))
+        after = model(x)["cls"]
+    probs = torch.sigmoid(first["roi"]).flatten(1).double().numpy()
+    top = np.sort(probs, axis=1)[:, -20:].mean(axis=1)
+    v = torch.from_numpy(np.log(top / (1 - top))).float()
+    torch.testing.assert_close(
+        after - first["cls"], EVIDENCE_GAIN * (0.05 * v - 0.1), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_node_volume_evidence_sends_no_gradient_into_the_decoder() -> None:
+    """The decoder's gradient is the same with the term's scale at 0 and at 0.5, while
+    the scale itself learns."""
+    x = torch.randn(2, 1, 32, 48, 48)
+    grads = []
+    for scale in (0.0, 0.5):
+        model = _volume_model()
+        with torch.no_grad():
+            model.classifier.volume_evidence.copy_(torch.tensor([scale, 0.0]))
+        model(x, roi=False)["cls"].sum().backward()
+        grads.append(model.decoder.head[-1].weight.grad.clone())
+        assert model.classifier.volume_evidence.grad[0].abs() > 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_node_volume_evidence_needs_attention_pooling() -> None:
+    from lymphdx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="node_volume_evidence.*pool: attention"):
+        load_config(
+            overrides={
+                "model": {
+                    "pool": "avgmax",
+                    "roi_evidence": "off",
+                    "malignancy_map": False,
+                    "node_volume_evidence": 20,
+                }
+            }
+        )

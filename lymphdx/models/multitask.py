@@ -116,6 +116,8 @@ class Classifier(nn.Module):
     ``roi_evidence`` (attention only): the logit also gets ``a · m + b`` with ``m`` that
     largest attention logit and ``a``, ``b`` learnt (both start at 0), a skip past the FC
     layers; ``detached`` keeps the label's gradient out of the decoder on this path.
+    ``node_volume`` (attention only): the logit also gets ``c · v + d`` with ``v`` the
+    scan's node volume evidence ``(B,)`` (``node_volume``), ``c``, ``d`` learnt from 0.
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class Classifier(nn.Module):
         dropout: float = 0.0,
         downsampling: int = 1,
         roi_evidence: str = "off",
+        node_volume: bool = False,
     ) -> None:
         super().__init__()
         self.pool = pool
@@ -137,6 +140,8 @@ class Classifier(nn.Module):
         # started at scale 1, a decoder that finds nodes in every scan gives a first
         # classification loss of ~7 whose gradient wrecks the shared encoder
         self.evidence = nn.Parameter(torch.zeros(2)) if roi_evidence != "off" else None
+        # the same for the node volume evidence (scale, shift), same gain and start
+        self.volume_evidence = nn.Parameter(torch.zeros(2)) if node_volume else None
         self.downsampling = downsampling
         width = {"avgmax": 2 * in_channels, "attention": in_channels + 1}.get(pool, in_channels)
         self.fc1 = nn.Linear(width, hidden)
@@ -170,17 +175,39 @@ class Classifier(nn.Module):
             pooled.append(o.amax(dim=(2, 3, 4)))
         return torch.cat(pooled, dim=1)
 
-    def forward(self, o: torch.Tensor, roi_logits: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        o: torch.Tensor,
+        roi_logits: torch.Tensor | None = None,
+        volume: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The logit ``(B,)`` of embeddings ``o`` ``(B, C_o, d, h, w)``, with the attention
+        logits and the node volume evidence ``(B,)`` where the classifier reads them."""
         pooled = self.pooled(o, roi_logits)
         h = F.relu(self.fc1(self.dropout(pooled)))
         logit = self.fc2(self.dropout(h)).squeeze(1)
-        if self.evidence is None:
-            return logit
-        m = pooled[:, -1].float()  # the scan's largest attention logit (B,)
-        if self.roi_evidence == "detached":
-            m = m.detach()
-        scale, shift = (EVIDENCE_GAIN * self.evidence).unbind()
-        return logit + (scale * m + shift).to(logit.dtype)
+        if self.evidence is not None:
+            m = pooled[:, -1].float()  # the scan's largest attention logit (B,)
+            if self.roi_evidence == "detached":
+                m = m.detach()
+            scale, shift = (EVIDENCE_GAIN * self.evidence).unbind()
+            logit = logit + (scale * m + shift).to(logit.dtype)
+        if self.volume_evidence is not None:
+            if volume is None:
+                raise ValueError("model.node_volume_evidence needs the ROI decoder's map")
+            scale, shift = (EVIDENCE_GAIN * self.volume_evidence).unbind()
+            logit = logit + (scale * volume.float() + shift).to(logit.dtype)
+        return logit
+
+
+def node_volume(roi_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Node volume evidence ``(B,)`` of ROI logits ``(B, 1, D, H, W)``: the logit of the
+    mean ROI probability over each scan's ``k`` most probable voxels (all of them when
+    there are fewer), clamped to ±9.2 (p in [1e-4, 1 - 1e-4]). Detached: no gradient
+    reaches the ROI map through it."""
+    p = torch.sigmoid(roi_logits.detach().float()).flatten(1)
+    top = p.topk(min(k, p.shape[1]), dim=1).values.mean(dim=1)
+    return torch.logit(top, eps=1e-4)
 
 
 class RoiDecoder(nn.Module):
@@ -321,6 +348,7 @@ class MultiTaskNet(nn.Module):
             cfg.dropout if cfg.classifier_dropout is None else cfg.classifier_dropout,
             cfg.downsampling,
             cfg.roi_evidence,
+            cfg.node_volume_evidence > 0,
         )
         self.decoder = RoiDecoder(cfg, self.encoder)
 
@@ -339,7 +367,9 @@ class MultiTaskNet(nn.Module):
         size = tuple(x.shape[2:])
         if self.classifier.attention:  # the classifier reads the whole batch's map
             maps, attention = self.decoder(o, skips, size, attention=True)
-            out = {"cls": self.classifier(o, attention)}
+            k = self.cfg.node_volume_evidence
+            volume = node_volume(maps[:, :1], k) if k else None
+            out = {"cls": self.classifier(o, attention, volume)}
             if roi is not False:
                 maps = maps if roi is True else maps[roi]
                 out["roi"] = maps[:, :1]
