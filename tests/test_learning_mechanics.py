@@ -530,6 +530,52 @@ def test_open_dice_gate_starts_after_both_warmups_and_warns_of_empty_masks(
     assert _ckpt(run, "last")["propagation_start"] == start
 
 
+@pytest.mark.parametrize("label", [0.0, 1.0])
+def test_one_class_pseudo_labels_are_reported(
+    label: float, tiny_data: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A propagation whose kept pseudo class labels are all one class (here forced: the
+    propagation returns ``label`` for every strong scan, one scan weighted 0) says so in
+    ``history.csv`` and ``train.log``; labels of both classes raise no such note."""
+    calls: list[int] = []
+
+    def one_class(model, strong, cfg, **kwargs):  # type: ignore[no-untyped-def]
+        n = len(strong)
+        calls.append(n)
+        targets = np.full(n, label, dtype=np.float32)
+        targets[0] = 1.0 - label  # weight 0 below: not a kept label
+        weights = np.ones(n, dtype=np.float32)
+        weights[0] = 0.0
+        return targets, weights
+
+    monkeypatch.setattr(trainer_module, "propagate_labels", one_class)
+    weak, strong = _manifests(tiny_data)
+    run = tmp_path / "one"
+    config = _mechanics(cache, "semi-supervised", 2, propagation={"warmup_epochs": 1, "every": 1})
+    train(config, run, weak, strong, progress=False)
+    side = "positive" if label else "negative"
+    note = f"every pseudo class label is {side} ({calls[0] - 1} strong scans)"
+    rows = _history(run)
+    assert calls and note not in rows[0]["propagation_note"]
+    assert note in rows[1]["propagation_note"], rows[1]["propagation_note"]
+    assert note in (run / "train.log").read_text(encoding="utf-8")
+
+
+def test_pseudo_labels_of_both_classes_raise_no_one_class_note(
+    tiny_data: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def both(model, strong, cfg, **kwargs):  # type: ignore[no-untyped-def]
+        n = len(strong)
+        return (np.arange(n) % 2).astype(np.float32), np.ones(n, dtype=np.float32)
+
+    monkeypatch.setattr(trainer_module, "propagate_labels", both)
+    weak, strong = _manifests(tiny_data)
+    run = tmp_path / "both"
+    config = _mechanics(cache, "semi-supervised", 2, propagation={"warmup_epochs": 1, "every": 1})
+    train(config, run, weak, strong, progress=False)
+    assert all("every pseudo class label" not in r["propagation_note"] for r in _history(run))
+
+
 def test_resumed_run_with_augmentation_and_patches_replays_the_full_run(
     tiny_data: Path, cache: Path, tmp_path: Path
 ) -> None:
