@@ -310,6 +310,11 @@ class PropagationConfig(_Section):
     # gradient narrowing the ROI map in the joint phase, the last epoch's Dice can fall
     # under the gate and keep propagation from ever starting (BENCHMARKS.md section 7.3)
     dice_gate_latch: bool = False
+    # a propagation whose kept pseudo class labels are all of one class (typically a
+    # classifier still at chance on the other hospital) carries no ranking: true drops
+    # that round's pseudo class loss (weights 0) instead of teaching the strong set one
+    # class; the note in history.csv and train.log is written either way (false: the paper)
+    skip_one_class: bool = False
 
 
 class AugmentationConfig(_Section):

@@ -530,13 +530,19 @@ def test_open_dice_gate_starts_after_both_warmups_and_warns_of_empty_masks(
     assert _ckpt(run, "last")["propagation_start"] == start
 
 
-@pytest.mark.parametrize("label", [0.0, 1.0])
-def test_one_class_pseudo_labels_are_reported(
-    label: float, tiny_data: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("label", "skip"), [(0.0, False), (1.0, False), (0.0, True)])
+def test_one_class_pseudo_labels_are_reported_and_optionally_skipped(
+    label: float,
+    skip: bool,
+    tiny_data: Path,
+    cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A propagation whose kept pseudo class labels are all one class (here forced: the
     propagation returns ``label`` for every strong scan, one scan weighted 0) says so in
-    ``history.csv`` and ``train.log``; labels of both classes raise no such note."""
+    ``history.csv`` and ``train.log``; with ``propagation.skip_one_class`` the round has
+    no pseudo class loss, without it the loss is there."""
     calls: list[int] = []
 
     def one_class(model, strong, cfg, **kwargs):  # type: ignore[no-untyped-def]
@@ -551,14 +557,22 @@ def test_one_class_pseudo_labels_are_reported(
     monkeypatch.setattr(trainer_module, "propagate_labels", one_class)
     weak, strong = _manifests(tiny_data)
     run = tmp_path / "one"
-    config = _mechanics(cache, "semi-supervised", 2, propagation={"warmup_epochs": 1, "every": 1})
+    config = _mechanics(
+        cache,
+        "semi-supervised",
+        2,
+        propagation={"warmup_epochs": 1, "every": 1, "skip_one_class": skip},
+    )
     train(config, run, weak, strong, progress=False)
     side = "positive" if label else "negative"
     note = f"every pseudo class label is {side} ({calls[0] - 1} strong scans)"
     rows = _history(run)
     assert calls and note not in rows[0]["propagation_note"]
     assert note in rows[1]["propagation_note"], rows[1]["propagation_note"]
+    assert ("skipped" in rows[1]["propagation_note"]) is skip
     assert note in (run / "train.log").read_text(encoding="utf-8")
+    assert int(rows[1]["propagated"]) == 1
+    assert (rows[1]["loss_pseudo_cls"] == "") is skip
 
 
 def test_pseudo_labels_of_both_classes_raise_no_one_class_note(

@@ -761,8 +761,9 @@ class _Trainer:
                     round_index=round_index,
                     prevalence=float(np.mean(self.weak_train.labels)),
                 )
+            if self._one_class(targets, weights) and cfg.skip_one_class:
+                weights = np.zeros_like(weights)
             self.pseudo.strong_targets, self.pseudo.strong_weights = targets, weights
-            self._note_one_class(targets, weights)
         if self.strategy.pseudo_roi_weak:
             self.pseudo.weak_masks, self.pseudo.weak_mask_weights = propagate_mask_targets(
                 teacher, self.weak_train, cfg, ctx=ctx, domain=WEAK
@@ -777,20 +778,24 @@ class _Trainer:
         self.pseudo.epoch = self.epoch
         log.info("epoch %d propagation: %s", self.epoch, self.pseudo.summary())
 
-    def _note_one_class(self, targets: np.ndarray, weights: np.ndarray) -> None:
-        """Warn (``train.log``, ``propagation_note``) when every kept pseudo class label
-        ``(N_strong,)`` falls on one side of 0.5: the pseudo class loss then teaches one
-        class on the other hospital, typically from a classifier still at chance."""
+    def _one_class(self, targets: np.ndarray, weights: np.ndarray) -> bool:
+        """Whether every kept pseudo class label ``(N_strong,)`` falls on one side of 0.5
+        (typically a classifier still at chance on the other hospital); if so, warn in
+        ``train.log`` and ``propagation_note``, saying whether the round's pseudo class
+        loss is skipped (``propagation.skip_one_class``) or teaches that one class."""
         kept = targets[weights > 0]
         if kept.size < 2 or 0 < int((kept > 0.5).sum()) < kept.size:
-            return
+            return False
         side = "positive" if bool(kept[0] > 0.5) else "negative"
-        note = (
-            f"every pseudo class label is {side} ({kept.size} strong scans): the pseudo class "
-            "loss teaches one class"
+        what = (
+            "this round's pseudo class loss is skipped (propagation.skip_one_class)"
+            if self.config.propagation.skip_one_class
+            else "the pseudo class loss teaches one class"
         )
+        note = f"every pseudo class label is {side} ({kept.size} strong scans): {what}"
         log.warning("epoch %d propagation: %s", self.epoch, note)
         self.propagation_note = "; ".join(filter(None, [self.propagation_note, note]))
+        return True
 
     def _augmented(
         self, key: tuple[int, ...], volumes: dict[str, np.ndarray]
