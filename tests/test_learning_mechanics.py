@@ -505,7 +505,13 @@ def test_open_dice_gate_starts_after_both_warmups_and_warns_of_empty_masks(
         4,
         training={"roi_warmup_epochs": roi_warmup},
         # ζ = 1: no sigmoid exceeds it, so every pseudo ROI mask is empty
-        propagation={"warmup_epochs": warmup, "every": 1, "dice_gate": 0.0, "roi_threshold": 1.0},
+        propagation={
+            "warmup_epochs": warmup,
+            "every": 1,
+            "dice_gate": 0.0,
+            "roi_threshold": 1.0,
+            "skip_one_class": False,  # every round keeps its pseudo class loss
+        },
     )
     train(config, run, weak, strong, progress=False)
     rows = _history(run)

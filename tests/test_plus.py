@@ -198,7 +198,8 @@ def _plus_config(cache: Path, epochs: int) -> Config:
     return _config(
         cache,
         strategy="ssmdmt",
-        propagation=dict(ALL_OPTIONS["propagation"]),
+        # a tiny model's first labels may be one class: keep their loss (the paper's way)
+        propagation={**ALL_OPTIONS["propagation"], "skip_one_class": False},
         training={**ALL_OPTIONS["training"], "epochs": epochs, "keep_epochs": True},
     )
 
