@@ -178,7 +178,8 @@ def test_roi_evidence_reads_yaml_booleans(tmp_path) -> None:  # type: ignore[no-
     assert load_config(path).model.roi_evidence == "off"
 
 
-def _malignancy_model(grad: float = 1.0) -> torch.nn.Module:
+def _malignancy_model(grad: float = 1.0, **model: object) -> torch.nn.Module:
+    """The malignancy-map model (``model`` overrides more keys), seeded, dropout off."""
     cfg = load_config(
         overrides={
             "model": {
@@ -187,6 +188,7 @@ def _malignancy_model(grad: float = 1.0) -> torch.nn.Module:
                 "malignancy_grad": grad,
                 "roi_evidence": "trained",
                 "classifier_dropout": 0,
+                **model,
             }
         }
     ).model
@@ -295,20 +297,7 @@ def test_node_volume_is_the_logit_of_the_top_k_mean_probability() -> None:
 
 
 def _volume_model(k: int = 20) -> torch.nn.Module:
-    cfg = load_config(
-        overrides={
-            "model": {
-                "pool": "attention",
-                "malignancy_map": True,
-                "malignancy_grad": 0.1,
-                "roi_evidence": "trained",
-                "node_volume_evidence": k,
-                "classifier_dropout": 0,
-            }
-        }
-    ).model
-    torch.manual_seed(0)
-    return build_model(cfg)
+    return _malignancy_model(0.1, node_volume_evidence=k)
 
 
 def test_node_volume_evidence_adds_an_affine_term_of_the_roi_maps_top_k() -> None:
