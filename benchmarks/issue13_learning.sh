@@ -9,6 +9,7 @@
 #   cv0    all four strategies, --cv 5 --repeats 2, default data (seed 0)
 #   seeds  supervised and the best ROI strategy, --cv 5 --repeats 1, synth seeds 1 and 2
 #   shift  supervised and the best ROI strategy on the fixed split of harder data
+#   dev_small  propagation.skip_one_class by 3-fold CV on the small-node data's train + val
 # Every phase uses two single-thread processes (--jobs 2) and is resumable; each prints
 # its wall time and its results as JSON (benchmarks/summarise_compare.py).
 set -euo pipefail
@@ -27,6 +28,29 @@ cmp() {  # cmp NAME DATA ARGS...: compare into $out/NAME, timed
         --out "$out/$name" --jobs 2 "$@" >"$out/$name.log" 2>&1
     .venv/bin/python benchmarks/summarise_compare.py "$out/$name" --seconds $(( $(date +%s) - start ))
 }
+dev_data() {  # dev_data SRC DEST SPLIT: DEST's weak set = SRC's non-test weak patients
+    # (the fixed split written to SPLIT); its strong set = SRC's, with absolute paths
+    .venv/bin/python - "$out" "$1" "$2" "$3" <<'PY'
+import csv, sys
+from pathlib import Path
+from lymphdx.config import load_config
+from lymphdx.evaluation.ablation import write_development_manifest
+from lymphdx.training.trainer import split_manifests
+out, src, dest, split = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+weak, _ = split_manifests(load_config(), out / src / "weak/manifest.csv", out / src / "strong/manifest.csv", out / split)
+for d in ("weak", "strong"):
+    (out / dest / d).mkdir(parents=True, exist_ok=True)
+write_development_manifest([w for w in weak if w.split != "test"], out / dest / "weak/manifest.csv")
+strong = out / src / "strong/manifest.csv"
+rows = list(csv.DictReader(open(strong)))
+with open(out / dest / "strong/manifest.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    for r in rows:
+        w.writerow({**r, "image": str((strong.parent / r["image"]).resolve()),
+                    "mask": str((strong.parent / r["mask"]).resolve())})
+PY
+}
 case $phase in
 data)
     for s in 0 1 2; do [ -f "$out/d$s/weak/manifest.csv" ] || $lx synth --out "$out/d$s" --seed "$s" >/dev/null; done
@@ -34,30 +58,7 @@ data)
     [ -f "$out/d0_small/weak/manifest.csv" ] || $lx synth --out "$out/d0_small" --seed 0 --node-scale 0.7 >/dev/null
     ;;
 dev)
-    .venv/bin/python - "$out" <<'PY'
-import sys
-from pathlib import Path
-from lymphdx.config import load_config
-from lymphdx.evaluation.ablation import write_development_manifest
-from lymphdx.training.trainer import split_manifests
-out = Path(sys.argv[1])
-weak, _ = split_manifests(load_config(), out / "d0/weak/manifest.csv", out / "d0/strong/manifest.csv", out / "dev_split")
-write_development_manifest([w for w in weak if w.split != "test"], out / "d0/dev_weak.csv")
-PY
-    mkdir -p "$out/dev_data/weak" "$out/dev_data/strong"
-    cp "$out/d0/dev_weak.csv" "$out/dev_data/weak/manifest.csv"
-    .venv/bin/python - "$out" <<'PY'
-import csv, sys
-from pathlib import Path
-out = Path(sys.argv[1]); src = out / "d0/strong/manifest.csv"
-rows = list(csv.DictReader(open(src)))
-with open(out / "dev_data/strong/manifest.csv", "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-    w.writeheader()
-    for r in rows:
-        w.writerow({**r, "image": str((src.parent / r["image"]).resolve()),
-                    "mask": str((src.parent / r["mask"]).resolve())})
-PY
+    dev_data d0 dev_data dev_split
     # 3-fold CV (67 training + validation patients a fold) of each choice. Pooling, with
     # every epoch's weights kept: --pooled-selection also scores selection on the pooled
     # validation folds against the fixed budget (the EMA weights at the last epoch)
@@ -101,6 +102,19 @@ seeds)
     ;;
 shift)
     for d in d0_shift2 d0_small; do cmp "split_$d" "$out/$d" --seeds 1 --strategies supervised --strategies "$best"; done
+    ;;
+dev_small)
+    # propagation.skip_one_class, chosen by 3-fold CV of ssmdmt on the small-node data's
+    # train + val patients (its test split held out); one thread per compare, side by side
+    dev_data d0_small dev_small_data dev_small_split
+    printf 'training:\n  num_threads: 1\n' >"$out/dev_noskip1.yaml"
+    printf 'training:\n  num_threads: 1\npropagation:\n  skip_one_class: true\n' >"$out/dev_skip1.yaml"
+    for v in noskip1 skip1; do
+        [ "$v" = skip1 ] && name=dev_small_ss_skip1 || name=dev_small_ss1
+        OMP_NUM_THREADS=1 cmp "$name" "$out/dev_small_data" --jobs 1 --cv 3 --repeats 1 \
+            --strategies ssmdmt --config "$out/dev_$v.yaml" >"$out/$name.summary" &
+    done
+    wait
     ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac
