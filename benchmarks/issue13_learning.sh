@@ -8,8 +8,11 @@
 #          ROI-evidence skip (multitask) and ssmdmt's pseudo-label threshold
 #   cv0    all four strategies, --cv 5 --repeats 2, default data (seed 0)
 #   seeds  supervised and the best ROI strategy, --cv 5 --repeats 1, synth seeds 1 and 2
-#   shift  supervised and the best ROI strategy on the fixed split of harder data
+#   shift  supervised and both ROI strategies on the fixed split of harder data
 #   dev_small  propagation.skip_one_class by 3-fold CV on the small-node data's train + val
+#   dev_tta    evaluation.tta_flip, read from the dev phase's runs (no training)
+# The dev phases pin what the quick preset did not yet have when they ran
+# (propagation.skip_one_class and evaluation.tta_flip off), so they repeat what was run.
 # Every phase uses two single-thread processes (--jobs 2) and is resumable; each prints
 # its wall time and its results as JSON (benchmarks/summarise_compare.py).
 set -euo pipefail
@@ -59,39 +62,42 @@ data)
     ;;
 dev)
     dev_data d0 dev_data dev_split
+    pin='evaluation:\n  tta_flip: false\n'  # + skip_one_class: false in each propagation section
     # 3-fold CV (67 training + validation patients a fold) of each choice. Pooling, with
     # every epoch's weights kept: --pooled-selection also scores selection on the pooled
     # validation folds against the fixed budget (the EMA weights at the last epoch)
-    printf 'model:\n  pool: avgmax\n  roi_evidence: off\n  malignancy_map: false\n' >"$out/dev_avgmax.yaml"
-    printf 'model:\n  roi_evidence: off\n  malignancy_map: false\n' >"$out/dev_attention.yaml"
+    printf 'model:\n  pool: avgmax\n  roi_evidence: off\n  malignancy_map: false\n'"$pin" >"$out/dev_avgmax.yaml"
+    printf 'model:\n  roi_evidence: off\n  malignancy_map: false\n'"$pin" >"$out/dev_attention.yaml"
     for pool in attention avgmax; do
         cmp "dev_$pool" "$out/dev_data" --cv 3 --repeats 1 --strategies multitask \
             --strategies supervised --pooled-selection --config "$out/dev_$pool.yaml"
     done
     # the ROI-evidence skip: detached, trained (chosen), trained through an attention head
-    printf 'model:\n  roi_evidence: detached\n  malignancy_map: false\n' >"$out/dev_evD.yaml"
-    printf 'model:\n  roi_evidence: trained\n  malignancy_map: false\n' >"$out/dev_evT.yaml"
-    printf 'model:\n  roi_evidence: trained\n  malignancy_map: false\n  attention_head: true\n' >"$out/dev_evTH.yaml"
+    printf 'model:\n  roi_evidence: detached\n  malignancy_map: false\n'"$pin" >"$out/dev_evD.yaml"
+    printf 'model:\n  roi_evidence: trained\n  malignancy_map: false\n'"$pin" >"$out/dev_evT.yaml"
+    printf 'model:\n  roi_evidence: trained\n  malignancy_map: false\n  attention_head: true\n'"$pin" >"$out/dev_evTH.yaml"
     for v in evD evT evTH; do
         cmp "dev_$v" "$out/dev_data" --cv 3 --repeats 1 --strategies multitask --config "$out/dev_$v.yaml"
     done
     # the malignancy map (the classifier reads a second decoder map; the ROI map learns
     # from masks, and the label reaches the shared features at 1, 0, 0.2 or 0.1 (chosen) of
     # its gradient)
-    printf 'model:\n  roi_evidence: trained\n  malignancy_map: true\n  malignancy_grad: 1.0\n' >"$out/dev_evTM.yaml"
-    printf 'model:\n  roi_evidence: trained\n  malignancy_map: true\n  malignancy_grad: 0.0\n' >"$out/dev_evTM0.yaml"
-    printf 'model:\n  roi_evidence: trained\n  malignancy_map: true\n  malignancy_grad: 0.2\n' >"$out/dev_evTM2.yaml"
-    printf 'model:\n  roi_evidence: trained\n  malignancy_map: true\n  malignancy_grad: 0.1\n' >"$out/dev_evTM1.yaml"
+    printf 'model:\n  roi_evidence: trained\n  malignancy_map: true\n  malignancy_grad: 1.0\n'"$pin" >"$out/dev_evTM.yaml"
+    printf 'model:\n  roi_evidence: trained\n  malignancy_map: true\n  malignancy_grad: 0.0\n'"$pin" >"$out/dev_evTM0.yaml"
+    printf 'model:\n  roi_evidence: trained\n  malignancy_map: true\n  malignancy_grad: 0.2\n'"$pin" >"$out/dev_evTM2.yaml"
+    printf 'model:\n  roi_evidence: trained\n  malignancy_map: true\n  malignancy_grad: 0.1\n'"$pin" >"$out/dev_evTM1.yaml"
     for v in evTM evTM0 evTM2 evTM1; do
         cmp "dev_$v" "$out/dev_data" --cv 3 --repeats 1 --strategies multitask --config "$out/dev_$v.yaml"
     done
     # ssmdmt's pseudo class labels: p > 0.5 (chosen, the paper) vs prevalence-matched
-    printf 'model:\n  roi_evidence: trained\n  malignancy_map: false\npropagation:\n  threshold: prevalence\n' >"$out/dev_evTP.yaml"
-    cmp dev_evT_ss "$out/dev_data" --cv 3 --repeats 1 --strategies ssmdmt --config "$out/dev_evT.yaml"
+    printf 'model:\n  roi_evidence: trained\n  malignancy_map: false\npropagation:\n  skip_one_class: false\n  threshold: prevalence\n'"$pin" >"$out/dev_evTP.yaml"
+    printf 'model:\n  roi_evidence: trained\n  malignancy_map: false\npropagation:\n  skip_one_class: false\n'"$pin" >"$out/dev_evT_ss.yaml"
+    cmp dev_evT_ss "$out/dev_data" --cv 3 --repeats 1 --strategies ssmdmt --config "$out/dev_evT_ss.yaml"
     cmp dev_evTP_ss "$out/dev_data" --cv 3 --repeats 1 --strategies ssmdmt --config "$out/dev_evTP.yaml"
-    # the same two with the malignancy map (the quick preset as it is)
-    printf 'propagation:\n  threshold: prevalence\n' >"$out/dev_evTMP.yaml"
-    cmp dev_evTM2_ss "$out/dev_data" --cv 3 --repeats 1 --strategies ssmdmt
+    # the same two with the malignancy map (the quick preset then: malignancy_grad 0.2)
+    printf 'model:\n  malignancy_grad: 0.2\npropagation:\n  skip_one_class: false\n  threshold: prevalence\n'"$pin" >"$out/dev_evTMP.yaml"
+    printf 'model:\n  malignancy_grad: 0.2\npropagation:\n  skip_one_class: false\n'"$pin" >"$out/dev_evTM2_ss.yaml"
+    cmp dev_evTM2_ss "$out/dev_data" --cv 3 --repeats 1 --strategies ssmdmt --config "$out/dev_evTM2_ss.yaml"
     cmp dev_evTMP_ss "$out/dev_data" --cv 3 --repeats 1 --strategies ssmdmt --config "$out/dev_evTMP.yaml"
     ;;
 cv0)
@@ -101,20 +107,28 @@ seeds)
     for s in 1 2; do cmp "cv_seed$s" "$out/d$s" --cv 5 --repeats 1 --strategies supervised --strategies "$best"; done
     ;;
 shift)
-    for d in d0_shift2 d0_small; do cmp "split_$d" "$out/$d" --seeds 1 --strategies supervised --strategies "$best"; done
+    for d in d0_shift2 d0_small; do cmp "split_$d" "$out/$d" --seeds 1 --strategies supervised --strategies multitask --strategies ssmdmt; done
     ;;
 dev_small)
     # propagation.skip_one_class, chosen by 3-fold CV of ssmdmt on the small-node data's
     # train + val patients (its test split held out); one thread per compare, side by side
     dev_data d0_small dev_small_data dev_small_split
-    printf 'training:\n  num_threads: 1\n' >"$out/dev_noskip1.yaml"
-    printf 'training:\n  num_threads: 1\npropagation:\n  skip_one_class: true\n' >"$out/dev_skip1.yaml"
+    pin='evaluation:\n  tta_flip: false\n'
+    printf 'training:\n  num_threads: 1\npropagation:\n  skip_one_class: false\n'"$pin" >"$out/dev_noskip1.yaml"
+    printf 'training:\n  num_threads: 1\npropagation:\n  skip_one_class: true\n'"$pin" >"$out/dev_skip1.yaml"
     for v in noskip1 skip1; do
         [ "$v" = skip1 ] && name=dev_small_ss_skip1 || name=dev_small_ss1
         OMP_NUM_THREADS=1 cmp "$name" "$out/dev_small_data" --jobs 1 --cv 3 --repeats 1 \
             --strategies ssmdmt --config "$out/dev_$v.yaml" >"$out/$name.summary" &
     done
     wait
+    ;;
+dev_tta)
+    # the flip read from the dev phase's multitask and ssmdmt runs (their folds only)
+    for v in evTM1:multitask evTM2:multitask evTM0:multitask evTM2_ss:ssmdmt evTMP_ss:ssmdmt; do
+        echo "dev_${v%%:*} ${v##*:}"
+        .venv/bin/python benchmarks/tta_probe.py "$out/dev_${v%%:*}/cv/repeat0" "${v##*:}"
+    done
     ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac

@@ -391,6 +391,11 @@ class EvaluationConfig(_Section):
     bootstrap: int = Field(2000, ge=100)
     ci: float = Field(0.95, gt=0, lt=1)
     threshold: float = Field(0.5, ge=0, le=1)
+    # test-time augmentation: every scored prediction (evaluate, compare, predict, the
+    # detection metrics) averaged over the scan and its left-right flip, the ROI map
+    # flipped back first; the flip that training's augmentation draws (nnU-Net mirrors
+    # at inference the same way). Training-time validation is not affected.
+    tta_flip: bool = False
 
 
 class ManifestConfig(_Section):

@@ -53,6 +53,7 @@ from lymphdx.evaluation.evaluate import load_model
 from lymphdx.fileutil import atomic_dir, atomic_path, ensure_writable_dir, write_json
 from lymphdx.models.domain_norm import domains
 from lymphdx.training.propagation import STRONG, WEAK
+from lymphdx.training.teacher import predict_with_tta
 
 __all__ = ["predict", "output_name", "save_overlay"]
 
@@ -152,6 +153,7 @@ def predict(
         "strategy": config.strategy,
         "threshold": config.evaluation.threshold,
         "roi_threshold": config.propagation.roi_threshold,
+        "tta_flip": bool(config.evaluation.tta_flip),
     }
     try:
         for image_path, name in zip(map(Path, images), _output_names(images), strict=True):
@@ -253,9 +255,11 @@ def _predict_one(
             log.warning("%s: %s", image_path, note)
     original = io.to_sitk(volume.array, volume.geometry)
     array, grid = preprocess_image(original, cfg)
-    out = model(torch.from_numpy(norm(array))[None, None])
-    probability = float(torch.sigmoid(out["cls"])[0])
-    roi_canonical = torch.sigmoid(out["roi"])[0, 0].numpy().astype(np.float32)
+    out = predict_with_tta(
+        model, torch.from_numpy(norm(array))[None, None], flips=common["tta_flip"]
+    )
+    probability = float(out["cls"][0])
+    roi_canonical = out["roi"][0, 0].numpy().astype(np.float32)
     prob_zyx = sitk.GetArrayFromImage(to_original(roi_canonical, grid, original))
     result = {
         "image": str(image_path),
@@ -263,6 +267,7 @@ def _predict_one(
         "label": int(probability > common["threshold"]),
         "threshold": common["threshold"],
         "roi_threshold": common["roi_threshold"],
+        "tta_flip": common["tta_flip"],
         "model": common["model"],
         "strategy": common["strategy"],
         "coverage": round(covered, 6),

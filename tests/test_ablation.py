@@ -202,7 +202,9 @@ def test_last_arm_scores_the_final_weights(ablated: tuple[Path, dict]) -> None:
     config, model, _ = load_model(run, "last")  # the trainer's own final state
     volumes = load_run_data(config, run, need_strong=False).volumes("weak", "test")
     with torch.no_grad():
-        expected = predict_probabilities(model, volumes, domain=WEAK)
+        expected = predict_probabilities(
+            model, volumes, domain=WEAK, tta=config.evaluation.tta_flip
+        )
     got = read_predictions(run / f"predictions_test@epoch_{config.training.epochs - 1:03d}.csv")
     assert list(got) == list(volumes.patient_ids)
     np.testing.assert_allclose([got[p][1] for p in volumes.patient_ids], expected, atol=1e-6)

@@ -41,6 +41,7 @@ from lymphdx.evaluation.metrics import dice as _dice
 from lymphdx.fileutil import write_json
 from lymphdx.models.domain_norm import domains
 from lymphdx.training.propagation import STRONG, WEAK
+from lymphdx.training.teacher import predict_with_tta
 from lymphdx.training.trainer import load_run_data
 
 __all__ = [
@@ -237,16 +238,21 @@ def dice(pred: np.ndarray, target: np.ndarray) -> float:
 
 @torch.no_grad()
 def _roi_probabilities(
-    model: torch.nn.Module, volumes: VolumeSet, index: Sequence[int], domain: int
+    model: torch.nn.Module,
+    volumes: VolumeSet,
+    index: Sequence[int],
+    domain: int,
+    tta: bool = False,
 ) -> list[np.ndarray]:
     """σ(g(f(v))) ``(D, H, W)`` float32 for volumes ``index`` of a VolumeSet, eval mode;
-    ``domain`` routes a model with domain-specific batch norm (weak 0, strong 1)."""
+    ``domain`` routes a model with domain-specific batch norm (weak 0, strong 1); ``tta``:
+    averaged with the left-right flip's map (flipped back)."""
     model.eval()
     out = []
     with domains(model, domain):
         for start in range(0, len(index), 4):
             batch = volumes.batch(list(index[start : start + 4]))
-            out.extend(torch.sigmoid(model(batch.images)["roi"])[:, 0].numpy())
+            out.extend(predict_with_tta(model, batch.images, flips=tta)["roi"][:, 0].numpy())
     return out
 
 
@@ -300,6 +306,7 @@ def evaluate_detection(run_dir: str | Path, candidate_threshold: float = 0.1) ->
         "candidate_threshold": float(candidate_threshold),
         "roi_threshold": zeta,
         "grid": "canonical (preprocessed)",
+        "tta_flip": bool(config.evaluation.tta_flip),
         "best_epoch": int(state["best"]["epoch"]),
     }
 
@@ -308,7 +315,7 @@ def evaluate_detection(run_dir: str | Path, candidate_threshold: float = 0.1) ->
         raise LymphdxError("the strong set has no patients in split 'test'")
     idx = list(range(len(strong)))
     result["strong_test"] = _score_split(
-        _roi_probabilities(model, strong, idx, STRONG),
+        _roi_probabilities(model, strong, idx, STRONG, config.evaluation.tta_flip),
         [strong.mask(i) for i in idx],
         candidate_threshold,
         zeta,
@@ -325,7 +332,10 @@ def evaluate_detection(run_dir: str | Path, candidate_threshold: float = 0.1) ->
                 truths.append(data.cache.mask(path, rec.image, rec.patient_id))
         if idx:
             result["weak_test"] = _score_split(
-                _roi_probabilities(model, weak, idx, WEAK), truths, candidate_threshold, zeta
+                _roi_probabilities(model, weak, idx, WEAK, config.evaluation.tta_flip),
+                truths,
+                candidate_threshold,
+                zeta,
             )
     write_json(run_dir / "detection.json", result)
     return result

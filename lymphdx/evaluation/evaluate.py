@@ -83,7 +83,8 @@ def predict_checkpoint(
 ) -> dict[str, tuple[int, float]]:
     """``patient_id -> (label, probability)`` of the weights in ``checkpoints/<which>.pt``
     (e.g. ``epoch_007``) on the weak set's ``split``; kept in
-    ``predictions_<split>@<which>.csv`` so that a second call only reads it."""
+    ``predictions_<split>@<which>.csv`` so that a second call only reads it (until the
+    ``evaluation`` settings change: ``compare`` then removes it)."""
     run_dir = Path(run_dir)
     path = run_dir / f"predictions_{split}@{which}.csv"
     if path.exists():
@@ -92,7 +93,7 @@ def predict_checkpoint(
     volumes = load_run_data(config, run_dir, need_strong=False).volumes("weak", split)
     if len(volumes) == 0:
         raise LymphdxError(f"the weak set of {run_dir} has no patients in split {split!r}")
-    probs = predict_probabilities(model, volumes, domain=WEAK)
+    probs = predict_probabilities(model, volumes, domain=WEAK, tta=config.evaluation.tta_flip)
     _write_predictions(path, list(volumes.patient_ids), volumes.labels, probs)
     return read_predictions(path)
 
@@ -132,7 +133,7 @@ def evaluate_run(
     volumes = data.volumes("weak", split)
     if len(volumes) == 0:
         raise LymphdxError(f"the weak set has no patients in split {split!r}")
-    probs = predict_probabilities(model, volumes, domain=WEAK)
+    probs = predict_probabilities(model, volumes, domain=WEAK, tta=config.evaluation.tta_flip)
     labels = volumes.labels
     threshold = config.evaluation.threshold
     pred = (probs > threshold).astype(int)
@@ -153,6 +154,7 @@ def evaluate_run(
         # null when undefined: DeLong's variance needs 2 patients of each class
         "auc_se_delong": se,
         "threshold": threshold,
+        "tta_flip": bool(config.evaluation.tta_flip),
         "sensitivity": tp / max(1, int(labels.sum())),
         "specificity": tn / max(1, int((labels == 0).sum())),
         "accuracy": float((pred == labels).mean()),

@@ -23,11 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from lymphdx.config import PAPER_STRATEGIES, STRATEGIES, Config, validate
+from lymphdx.config import PAPER_STRATEGIES, STRATEGIES, Config, dump_config, validate
 from lymphdx.data.manifest import WeakRecord, load_manifests, write_splits_csv
 from lymphdx.data.preprocess import PreprocessCache
 from lymphdx.errors import LymphdxError
-from lymphdx.evaluation.evaluate import evaluate_run, predict_checkpoint, read_predictions
+from lymphdx.evaluation.evaluate import (
+    evaluate_run,
+    load_run_config,
+    predict_checkpoint,
+    read_predictions,
+)
 from lymphdx.evaluation.metrics import (
     auc,
     bootstrap_auc_ci,
@@ -38,7 +43,13 @@ from lymphdx.evaluation.power import estimate_rho, power_statement, small_test_s
 from lymphdx.fileutil import atomic_path, write_json, write_text
 from lymphdx.training.roi_status import ROI_LEARNED_DICE
 from lymphdx.training.selection import VAL_PREDICTIONS, pooled_best_epoch, read_val_predictions
-from lymphdx.training.trainer import cache_dir_of, split_manifests, train
+from lymphdx.training.trainer import (
+    cache_dir_of,
+    config_differences,
+    resolve_manifests,
+    split_manifests,
+    train,
+)
 
 __all__ = ["compare", "summarise", "format_table", "PAPER_AUC"]
 
@@ -79,13 +90,43 @@ def run_one(
     progress: bool,
     detection: bool = True,
 ) -> None:
-    """Train ``run_dir`` (resuming an interrupted run) and evaluate it on the test split;
-    nothing when it finished earlier (``metrics.json``): compare is resumable."""
+    """Train ``run_dir`` (resuming an interrupted run) and evaluate it on the test split.
+    A run that finished earlier (``metrics.json``) is kept (compare is resumable), and
+    only scored again when the ``evaluation`` settings changed (``reuse_finished``)."""
     if (run_dir / "metrics.json").exists():
+        reuse_finished(config, run_dir, weak_csv, strong_csv, detection)
         return
     resume = (run_dir / "config.yaml").exists()
     train(config, run_dir, weak_csv, strong_csv, resume=resume, progress=progress)
     evaluate_run(run_dir, "test", detection=detection)
+
+
+def reuse_finished(
+    config: Config, run_dir: Path, weak_csv: Path, strong_csv: Path, detection: bool = True
+) -> bool:
+    """Keep a finished run: refuse it when it was trained with other settings than
+    ``config`` (``config_differences``), and score it again (``evaluate_run``) with
+    ``config``'s ``evaluation`` section when only that differs, which changes no weight.
+    Returns whether it was scored again."""
+    saved = load_run_config(run_dir)
+    wanted = resolve_manifests(config, weak_csv, strong_csv)
+    differ = config_differences(saved, wanted)
+    trained = config_differences(saved, wanted, weights_only=True)
+    if trained:
+        raise LymphdxError(
+            f"{run_dir} holds a finished run trained with other settings "
+            f"({'; '.join(trained)}); give compare another --out, or remove that run "
+            "folder to train it again"
+        )
+    if not differ:
+        return False
+    data = saved.model_dump(mode="json")
+    data["evaluation"] = wanted.model_dump(mode="json")["evaluation"]
+    write_text(run_dir / "config.yaml", dump_config(validate(data)))
+    for cached in run_dir.glob("predictions_*@*.csv"):  # predict_checkpoint's, now stale
+        cached.unlink()
+    evaluate_run(run_dir, "test", detection=detection)
+    return True
 
 
 def _worker_threads(threads: int) -> None:
@@ -115,6 +156,12 @@ def run_all(
     """``run_one`` for every ``(config, run folder, description)``; with ``jobs`` > 1 as
     that many processes at once, each with its share of the cores (runs are independent;
     the preprocessing cache is filled first, so they only read it)."""
+    for config, run_dir, what in runs:
+        if (run_dir / "metrics.json").exists() and reuse_finished(
+            config, run_dir, weak_csv, strong_csv
+        ):
+            if progress:
+                print(f"[compare] {what}: scored again (evaluation settings changed)")
     todo = [r for r in runs if not (r[1] / "metrics.json").exists()]
     if jobs <= 1 or len(todo) <= 1:
         for config, run_dir, what in todo:

@@ -103,6 +103,7 @@ from lymphdx.training.teacher import EmaTeacher, SwaAverager, update_bn
 
 __all__ = [
     "config_differences",
+    "resolve_manifests",
     "run_fingerprint",
     "verify_checkpoint",
     "RunData",
@@ -144,10 +145,11 @@ class TrainingError(LymphdxError):
     """Training cannot go on (e.g. a loss became NaN); the last good checkpoint is kept."""
 
 
-def config_differences(saved: Config, new: Config) -> list[str]:
+def config_differences(saved: Config, new: Config, weights_only: bool = False) -> list[str]:
     """Keys whose values differ between two configs, ignoring ``training.epochs`` (a run may
     be extended), ``data.cache_dir`` (where the cache lives changes no result) and
-    ``training.device`` (a run may go on on another machine)."""
+    ``training.device`` (a run may go on on another machine); with ``weights_only`` also
+    the ``evaluation`` section, which changes how a model is scored, not the model."""
 
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -160,7 +162,9 @@ def config_differences(saved: Config, new: Config) -> list[str]:
     return [
         f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
         for k in sorted(set(a) | set(b))
-        if k not in ignore and a.get(k) != b.get(k)
+        if k not in ignore
+        and not (weights_only and k.startswith("evaluation."))
+        and a.get(k) != b.get(k)
     ]
 
 
@@ -364,7 +368,7 @@ def verify_checkpoint(
     except LymphdxError as err:
         problems.append(f"the checkpoint's recorded config is unreadable ({err})")
     else:
-        differ = config_differences(saved, config)
+        differ = config_differences(saved, config, weights_only=True)
         if differ:
             problems.append(
                 f"the checkpoint's config differs from the run's config.yaml "
@@ -1242,7 +1246,8 @@ class _Trainer:
         return {"best": self.best, "epochs": self.epoch}
 
 
-def _resolve_manifests(config: Config, weak_csv: Path | None, strong_csv: Path | None) -> Config:
+def resolve_manifests(config: Config, weak_csv: Path | None, strong_csv: Path | None) -> Config:
+    """``config`` with the manifests' absolute paths, as a run's ``config.yaml`` holds it."""
     data = config.model_dump(mode="json")
     if weak_csv is not None:
         data["manifests"]["weak"] = str(Path(weak_csv).resolve())
@@ -1362,9 +1367,7 @@ def train(
     rank calls this; rank 0's config rules and rank 0 alone writes ``run_dir``.
     """
     run_dir = Path(run_dir)
-    config = _resolve_manifests(
-        config, weak_csv and Path(weak_csv), strong_csv and Path(strong_csv)
-    )
+    config = resolve_manifests(config, weak_csv and Path(weak_csv), strong_csv and Path(strong_csv))
     lock = contextlib.ExitStack()
 
     def open_run_dir() -> None:
