@@ -76,6 +76,7 @@ def test_compare_scores_a_finished_run_again_when_only_evaluation_changed(
     plain, _ = _by_hand(run, tta=False)
     np.testing.assert_allclose([before[i][1] for i in ids], plain, atol=2e-6)
     assert json.loads((run / "metrics.json").read_text())["tta_flip"] is False
+    assert "strong training set: " in (run / "train.log").read_text()  # its nodes' size
 
     config = tiny_config(tmp, training={"epochs": 1}, evaluation={"tta_flip": True})
     results = compare(config, *_manifests(tiny_data), out, ["multitask"], [0], progress=False)

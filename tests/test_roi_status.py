@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from lymphdx.evaluation.report import format_table
-from lymphdx.training.roi_status import ROI_LEARNED_DICE, roi_decoder_status
+from lymphdx.training.roi_status import (
+    MIN_NODE_VOXELS,
+    ROI_LEARNED_DICE,
+    node_size_status,
+    roi_decoder_status,
+)
 
 
 def _rows(*dice: float | None) -> list[dict[str, str]]:
@@ -71,3 +77,32 @@ def test_results_table_flags_strategies_whose_decoder_never_learned() -> None:
     flagged = [line for line in table.splitlines() if "found no node" in line]
     assert len(flagged) == 1
     assert "Multi-Task" in flagged[0] and "in 1 of 2 run(s)" in flagged[0]
+
+
+def test_node_sizes_by_hand() -> None:
+    """A 3×3×3 block (27 voxels) and a 2-voxel node joined only at a corner (one node under
+    26-connectivity), in two masks: equal-volume sphere diameters (6·27/π)^(1/3) = 3.721
+    and (6·2/π)^(1/3) = 1.563 voxels, median 2.642; on a 2×2×4 mm grid a voxel's cube is
+    16^(1/3) = 2.520 mm."""
+    a = np.zeros((8, 8, 8), np.uint8)
+    a[1:4, 1:4, 1:4] = 1
+    b = np.zeros((6, 6, 6), np.uint8)
+    b[2, 2, 2] = b[3, 3, 3] = 7  # instance labels count as foreground
+    status = node_size_status([a, b], (2.0, 2.0, 4.0))
+    assert status is not None
+    assert status["n_nodes"] == 2
+    assert status["median_diameter_voxels"] == pytest.approx((3.7208 + 1.5632) / 2, abs=1e-3)
+    assert status["median_diameter_mm"] == pytest.approx(2.642 * 16 ** (1 / 3), abs=1e-2)
+    assert status["note"] is None  # 2.64 >= MIN_NODE_VOXELS
+    assert node_size_status([np.zeros((4, 4, 4))], (1.0, 1.0, 1.0)) is None
+
+
+def test_small_nodes_get_a_note_that_says_what_to_change() -> None:
+    one_voxel = np.zeros((5, 5, 5), np.uint8)
+    one_voxel[2, 2, 2] = 1  # diameter (6/π)^(1/3) = 1.24 voxels
+    status = node_size_status([one_voxel], (5.0, 5.0, 6.0))
+    assert status is not None and status["median_diameter_voxels"] < MIN_NODE_VOXELS
+    assert "1.2 voxels" in status["note"] and "data.spacing" in status["note"]
+    resized = node_size_status([one_voxel], None)  # data.fit: resize, no one spacing
+    assert resized is not None and resized["median_diameter_mm"] is None
+    assert "mm" not in resized["note"]

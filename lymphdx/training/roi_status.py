@@ -1,18 +1,29 @@
-"""Did a run's ROI decoder learn? Read from its ``history.csv`` rows.
+"""Did a run's ROI decoder learn? Read from its ``history.csv`` rows. And can it: are the
+strong set's nodes large enough on the training grid?
 
 A run whose decoder ends with no strong-validation Dice found no node: its scan-level AUC
 then measures a classifier without the ROI task, not the strategy, and ``train.log``,
-``metrics.json`` and ``compare``'s ``results.md`` say so.
+``metrics.json`` and ``compare``'s ``results.md`` say so. Before training, nodes whose
+median spans fewer than ``MIN_NODE_VOXELS`` voxels of the grid get a warning in
+``train.log`` (``node_size_status``): that is where the quick preset failed (BENCHMARKS.md
+section 7.5).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+import numpy as np
+from scipy import ndimage
 
 # below this strong-validation Dice at the end, the decoder is taken to find no node
 # (one small node found among dozens of scans gives ~0.05)
 ROI_LEARNED_DICE = 0.05
+# below this median equivalent diameter (voxels of the training grid) the strong set's
+# nodes are called small for the grid: the default phantom's is ~3 on the quick grid,
+# the --node-scale 0.7 phantom's ~2, where the decoder learned too late (section 7.5)
+MIN_NODE_VOXELS = 2.5
 
 
 def roi_decoder_status(history: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
@@ -40,5 +51,42 @@ def roi_decoder_status(history: Iterable[Mapping[str, Any]]) -> dict[str, Any] |
         "learned": learned,
         "final_strong_val_dice": final,
         "best_strong_val_dice": best,
+        "note": note,
+    }
+
+
+def node_size_status(
+    masks: Iterable[np.ndarray], spacing_mm: Sequence[float] | None
+) -> dict[str, Any] | None:
+    """``{"n_nodes", "median_diameter_voxels", "median_diameter_mm", "note"}`` of the
+    nodes (connected components of ``mask > 0``, 26-connected) in ``masks``, each
+    ``(D, H, W)`` on the training grid of ``spacing_mm`` ``(x, y, z)``. A node's diameter
+    is the equal-volume sphere's; in voxels, that of a voxel's equal-volume cube
+    (``prod(spacing) ** (1/3)``; ``None`` for a grid without one spacing, ``data.fit:
+    resize``, and no millimetres). ``note`` (``None`` unless the median is below
+    ``MIN_NODE_VOXELS``) says what to change. ``None`` without any node."""
+    sizes: list[int] = []
+    for mask in masks:
+        labels, n = ndimage.label(np.asarray(mask) > 0, structure=np.ones((3, 3, 3), bool))
+        if n:
+            sizes.extend(np.bincount(labels.ravel())[1:].tolist())
+    if not sizes:
+        return None
+    diameter = float(np.median((6.0 * np.asarray(sizes, float) / np.pi) ** (1.0 / 3.0)))
+    mm = None if spacing_mm is None else diameter * float(np.prod(spacing_mm)) ** (1.0 / 3.0)
+    note = None
+    if diameter < MIN_NODE_VOXELS:
+        where = "" if mm is None else f" ({mm:.1f} mm at data.spacing {list(spacing_mm or [])})"
+        note = (
+            f"the strong set's nodes are small for this grid: their median equivalent "
+            f"diameter is {diameter:.1f} voxels{where}, under {MIN_NODE_VOXELS}; the ROI "
+            "decoder may learn them late or not at all. A finer data.spacing (with a "
+            "data.shape that keeps the field of view) is the first thing to try, then more "
+            "training.epochs"
+        )
+    return {
+        "n_nodes": len(sizes),
+        "median_diameter_voxels": diameter,
+        "median_diameter_mm": mm,
         "note": note,
     }

@@ -97,7 +97,7 @@ from lymphdx.training.propagation import (
     propagate_mask_targets,
     propagation_round,
 )
-from lymphdx.training.roi_status import roi_decoder_status
+from lymphdx.training.roi_status import node_size_status, roi_decoder_status
 from lymphdx.training.strategies import Strategy, get_strategy
 from lymphdx.training.teacher import EmaTeacher, SwaAverager, update_bn
 
@@ -1332,6 +1332,24 @@ def _shared_run_data(
     return RunData(weak, strong, PreprocessCache(cache_dir_of(config), config.data), normalizers)
 
 
+def _log_node_sizes(data: RunData, config: Config) -> None:
+    """How large the strong training set's nodes are on the grid, in ``train.log``; a
+    warning when they are small for it (``node_size_status``)."""
+    strong = data.volumes("strong", "train", masks=True)
+    spacing = config.data.spacing if config.data.fit == "crop" else None
+    status = node_size_status((strong.mask(i) for i in range(len(strong))), spacing)
+    if status is None:
+        return
+    log.info(
+        "strong training set: %d nodes, median equivalent diameter %.1f voxels%s",
+        status["n_nodes"],
+        status["median_diameter_voxels"],
+        "" if spacing is None else f" ({status['median_diameter_mm']:.1f} mm)",
+    )
+    if status["note"]:
+        log.warning("%s", status["note"])
+
+
 def _remove_new_run(run_dir: Path, created: bool) -> None:
     """Undo a new run that was refused before its first epoch ended: the files it wrote,
     and the folder if it made it (so the same command can be retried once the data or the
@@ -1409,6 +1427,8 @@ def train(
                     log.info("estimated peak memory of a training step: %s", est)
             strategy = get_strategy(config.strategy)
             data = _shared_run_data(config, run_dir, strategy, ctx)
+            if strategy.trains_decoder and ctx.is_main:
+                _log_node_sizes(data, config)
             trainer = _Trainer(config, run_dir, data, ctx)
             last = _checkpoint_path(run_dir, "last")
             state = ctx.on_main(lambda: load_checkpoint(last) if resume and last.exists() else None)
