@@ -338,6 +338,10 @@ class AugmentationConfig(_Section):
 
 class TrainingConfig(_Section):
     epochs: int = Field(12, ge=1)
+    # strategies with an ROI task: when the strong training set's nodes are small for the
+    # grid (median equivalent diameter under 2.5 voxels; train.log says), train this many
+    # epochs instead (a larger one only); the run's config.yaml then records it. None: off
+    small_node_epochs: int | None = Field(None, ge=1)
     # optimiser steps per epoch; None: one pass over the weak training split (the paper).
     # Set, the weak and the strong set are each drawn from their own endless seeded
     # stream of shuffled passes, so the ROI task's steps do not depend on the weak set's size

@@ -724,3 +724,43 @@ def test_latched_dice_gate_opens_once_reached(
         assert note.startswith("started: best strong-val Dice so far 0.500 >= gate 0.4")
     else:
         assert note == "waiting: strong-val Dice 0.200 < gate 0.4"
+
+
+@pytest.mark.parametrize("strategy", ["multitask", "supervised"])
+def test_small_nodes_get_the_small_node_budget(
+    tiny_data: Path, cache: Path, tmp_path: Path, strategy: str
+) -> None:
+    """The tiny data's nodes are small on the test grid (1.8 voxels: train.log says so), so
+    with ``training.small_node_epochs`` a strategy with an ROI task trains that many
+    epochs, and its ``config.yaml`` records them; a resume of the finished run with the
+    original config adds nothing. ``supervised`` has no ROI task and keeps its budget."""
+    weak, strong = _manifests(tiny_data)
+    run = tmp_path / "small"
+    config = _mechanics(cache, strategy, 1, training={"small_node_epochs": 3})
+    train(config, run, weak, strong, progress=False)
+    log = (run / "train.log").read_text(encoding="utf-8")
+    saved = load_config(run / "config.yaml")
+    if strategy == "supervised":
+        assert len(_history(run)) == 1 and saved.training.epochs == 1
+        assert "strong training set" not in log
+        return
+    assert "small for this grid" in log and "training 3 epochs instead of 1" in log
+    assert len(_history(run)) == 3 and saved.training.epochs == 3
+    train(config, run, weak, strong, resume=True, progress=False)
+    assert len(_history(run)) == 3
+
+
+def test_small_node_budget_is_off_by_default_and_never_shortens(
+    tiny_data: Path, cache: Path, tmp_path: Path
+) -> None:
+    weak, strong = _manifests(tiny_data)
+    for name, training in (
+        ("off", {"small_node_epochs": None}),
+        ("less", {"small_node_epochs": 1}),
+    ):
+        run = tmp_path / name
+        train(
+            _mechanics(cache, "multitask", 2, training=training), run, weak, strong, progress=False
+        )
+        assert len(_history(run)) == 2, name
+        assert "instead of" not in (run / "train.log").read_text(encoding="utf-8")

@@ -1332,14 +1332,14 @@ def _shared_run_data(
     return RunData(weak, strong, PreprocessCache(cache_dir_of(config), config.data), normalizers)
 
 
-def _log_node_sizes(data: RunData, config: Config) -> None:
+def _log_node_sizes(data: RunData, config: Config) -> dict[str, Any] | None:
     """How large the strong training set's nodes are on the grid, in ``train.log``; a
-    warning when they are small for it (``node_size_status``)."""
+    warning when they are small for it. Returns ``node_size_status``'s dict."""
     strong = data.volumes("strong", "train", masks=True)
     spacing = config.data.spacing if config.data.fit == "crop" else None
     status = node_size_status((strong.mask(i) for i in range(len(strong))), spacing)
     if status is None:
-        return
+        return None
     log.info(
         "strong training set: %d nodes, median equivalent diameter %.1f voxels%s",
         status["n_nodes"],
@@ -1348,6 +1348,30 @@ def _log_node_sizes(data: RunData, config: Config) -> None:
     )
     if status["note"]:
         log.warning("%s", status["note"])
+    return status
+
+
+def _budget_for_nodes(
+    config: Config, nodes: dict[str, Any] | None, run_dir: Path, ctx: DistContext
+) -> Config:
+    """``config`` with ``training.epochs`` raised to ``training.small_node_epochs`` when the
+    strong set's nodes are small for the grid (``nodes["note"]``), rewritten into the run's
+    ``config.yaml`` (``config_differences`` ignores the epochs, so ``--resume`` and
+    ``compare`` accept it); else ``config`` as it is."""
+    wanted = config.training.small_node_epochs
+    if nodes is None or not nodes["note"] or wanted is None or wanted <= config.training.epochs:
+        return config
+    data = config.model_dump(mode="json")
+    data["training"]["epochs"] = wanted
+    budgeted = validate(data)
+    log.warning(
+        "training %d epochs instead of %d: the nodes are small for the grid "
+        "(training.small_node_epochs)",
+        wanted,
+        config.training.epochs,
+    )
+    ctx.on_main(lambda: write_text(run_dir / "config.yaml", dump_config(budgeted)))
+    return budgeted
 
 
 def _remove_new_run(run_dir: Path, created: bool) -> None:
@@ -1427,8 +1451,9 @@ def train(
                     log.info("estimated peak memory of a training step: %s", est)
             strategy = get_strategy(config.strategy)
             data = _shared_run_data(config, run_dir, strategy, ctx)
-            if strategy.trains_decoder and ctx.is_main:
-                _log_node_sizes(data, config)
+            if strategy.trains_decoder:
+                nodes = ctx.broadcast_object(ctx.on_main(lambda: _log_node_sizes(data, config)))
+                config = _budget_for_nodes(config, nodes, run_dir, ctx)
             trainer = _Trainer(config, run_dir, data, ctx)
             last = _checkpoint_path(run_dir, "last")
             state = ctx.on_main(lambda: load_checkpoint(last) if resume and last.exists() else None)
