@@ -41,6 +41,8 @@ def tiny_config(tmp_path: Path, **overrides: object) -> Config:
         # augmentation and attention set those keys themselves
         "training": {
             "epochs": 2,
+            # the tiny data's nodes are small on this grid: no doubled budget in tests
+            "small_node_epochs": None,
             "batch_size": 4,
             "strong_batch_size": 2,
             "steps_per_epoch": None,

@@ -6,7 +6,7 @@ then measures a classifier without the ROI task, not the strategy, and ``train.l
 ``metrics.json`` and ``compare``'s ``results.md`` say so. Before training, nodes whose
 median spans fewer than ``MIN_NODE_VOXELS`` voxels of the grid get a warning in
 ``train.log`` (``node_size_status``): that is where the quick preset failed (BENCHMARKS.md
-section 7.5).
+section 7.5), and where ``training.small_node_epochs`` raises the budget.
 """
 
 from __future__ import annotations
@@ -80,9 +80,9 @@ def node_size_status(
         note = (
             f"the strong set's nodes are small for this grid: their median equivalent "
             f"diameter is {diameter:.1f} voxels{where}, under {MIN_NODE_VOXELS}; the ROI "
-            "decoder may learn them late or not at all. A finer data.spacing (with a "
-            "data.shape that keeps the field of view) is the first thing to try, then more "
-            "training.epochs"
+            "decoder and the classifier may learn late or not at all. A longer budget "
+            "(training.small_node_epochs, else training.epochs) is the first thing to try, "
+            "then a finer data.spacing (with a data.shape that keeps the field of view)"
         )
     return {
         "n_nodes": len(sizes),
