@@ -127,7 +127,8 @@ dev_tta)
     # the flip read from the dev phase's multitask and ssmdmt runs (their folds only)
     for v in evTM1:multitask evTM2:multitask evTM0:multitask evTM2_ss:ssmdmt evTMP_ss:ssmdmt; do
         echo "dev_${v%%:*} ${v##*:}"
-        .venv/bin/python benchmarks/tta_probe.py "$out/dev_${v%%:*}/cv/repeat0" "${v##*:}"
+        .venv/bin/python benchmarks/roi_readout_probe.py "$out/dev_${v%%:*}/cv/repeat0" "${v##*:}" \
+            --held-out-only --flip
     done
     ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;

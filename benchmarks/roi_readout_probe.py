@@ -8,9 +8,10 @@ for a model with ``model.malignancy_map``, the largest probability of the malign
 that the classifier reads. Then the held-out scores pooled over the folds. This is the
 probe that found the classifier reading the ROI map worse than its maximum alone
 (BENCHMARKS.md section 7.1), which ``model.roi_evidence`` then closed, and the top-k
-reading of section 7.2's fourth round.
+reading of section 7.2's fourth round; ``--flip`` is the sixth round's probe of
+``evaluation.tta_flip``.
 Usage: python benchmarks/roi_readout_probe.py CV_REPEAT_DIR STRATEGY [--top-k 5 10 20]
-[--held-out-only]   (e.g. OUT/cv0/cv/repeat0 multitask; set LYMPHDX_CACHE to the
+[--held-out-only] [--flip]   (e.g. OUT/cv0/cv/repeat0 multitask; set LYMPHDX_CACHE to the
 compare's cache)
 """
 
@@ -27,12 +28,17 @@ from sklearn.metrics import roc_auc_score
 from lymphdx.evaluation.evaluate import load_model
 from lymphdx.training.distributed import DistContext
 from lymphdx.training.propagation import WEAK, _my_batches
+from lymphdx.training.teacher import predict_with_tta
 from lymphdx.training.trainer import load_run_data
 
 
 @torch.no_grad()
-def readings(run: Path, split: str, top_k: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Labels ``(N,)`` and each reading ``(N,)`` of ``run``'s weak ``split``."""
+def readings(
+    run: Path, split: str, top_k: list[int], flip: bool = False
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Labels ``(N,)`` and each reading ``(N,)`` of ``run``'s weak ``split``; with ``flip``
+    also the classifier and the top-k means averaged with the left-right mirror
+    (``predict_with_tta``, as ``evaluation.tta_flip`` scores)."""
     config, model, _ = load_model(run)
     volumes = load_run_data(config, run, need_strong=False).volumes("weak", split)
     out: dict[str, list[np.ndarray]] = {}
@@ -46,6 +52,12 @@ def readings(run: Path, split: str, top_k: list[int]) -> tuple[np.ndarray, dict[
         scores["roi_sum"] = p.sum(1)
         if "malignancy" in pred:
             scores["malignancy_max"] = pred["malignancy"].flatten(1).amax(1).sigmoid()
+        if flip:
+            both = predict_with_tta(model, images, roi=True, flips=True)
+            top = both["roi"].flatten(1).sort(dim=1, descending=True).values
+            scores["classifier+flip"] = both["cls"]
+            for k in top_k:
+                scores[f"roi_top{k}_mean+flip"] = top[:, :k].mean(1)
         for name, v in scores.items():
             out.setdefault(name, []).append(v.numpy())
     return volumes.labels, {k: np.concatenate(v) for k, v in out.items()}
@@ -57,6 +69,9 @@ def main() -> None:
     parser.add_argument("strategy")
     parser.add_argument("--top-k", type=int, nargs="+", default=[20])
     parser.add_argument("--held-out-only", action="store_true", help="skip the training folds")
+    parser.add_argument(
+        "--flip", action="store_true", help="also the readings averaged with the left-right flip"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     pooled_y: list[np.ndarray] = []
@@ -65,7 +80,7 @@ def main() -> None:
     for run in sorted(args.repeat.glob(f"fold*/{args.strategy}/seed*")):
         fold = run.parts[-3]
         for split in ("test",) if args.held_out_only else ("train", "test"):
-            y, r = readings(run, split, args.top_k)
+            y, r = readings(run, split, args.top_k, args.flip)
             report[f"{fold} {split}"] = {k: round(roc_auc_score(y, v), 3) for k, v in r.items()}
             if split == "test":
                 pooled_y.append(y)
