@@ -11,6 +11,8 @@
 #   shift  supervised and both ROI strategies on the fixed split of harder data
 #   dev_small  propagation.skip_one_class by 3-fold CV on the small-node data's train + val
 #   dev_tta    evaluation.tta_flip, read from the dev phase's runs (no training)
+#   dev_small_budget  small-node data's train + val: 20 epochs, or a 2.7x finer grid
+#              (training.small_node_epochs; run dev_small first for its manifests)
 # The dev phases pin what the quick preset did not yet have when they ran
 # (propagation.skip_one_class and evaluation.tta_flip off), so they repeat what was run.
 # Every phase uses two single-thread processes (--jobs 2) and is resumable; each prints
@@ -114,14 +116,26 @@ dev_small)
     # train + val patients (its test split held out); one thread per compare, side by side
     dev_data d0_small dev_small_data dev_small_split
     pin='evaluation:\n  tta_flip: false\n'
-    printf 'training:\n  num_threads: 1\npropagation:\n  skip_one_class: false\n'"$pin" >"$out/dev_noskip1.yaml"
-    printf 'training:\n  num_threads: 1\npropagation:\n  skip_one_class: true\n'"$pin" >"$out/dev_skip1.yaml"
+    printf 'training:\n  num_threads: 1\n  small_node_epochs: null\npropagation:\n  skip_one_class: false\n'"$pin" >"$out/dev_noskip1.yaml"
+    printf 'training:\n  num_threads: 1\n  small_node_epochs: null\npropagation:\n  skip_one_class: true\n'"$pin" >"$out/dev_skip1.yaml"
     for v in noskip1 skip1; do
         [ "$v" = skip1 ] && name=dev_small_ss_skip1 || name=dev_small_ss1
         OMP_NUM_THREADS=1 cmp "$name" "$out/dev_small_data" --jobs 1 --cv 3 --repeats 1 \
             --strategies ssmdmt --config "$out/dev_$v.yaml" >"$out/$name.summary" &
     done
     wait
+    ;;
+dev_small_budget)
+    # training.small_node_epochs: ssmdmt with twice the budget, and with a finer grid (this
+    # one was stopped after its first fold in section 7.2's seventh round), against
+    # dev_small's skip1 row; one thread per compare
+    rest='propagation:\n  skip_one_class: true\nevaluation:\n  tta_flip: false\n'
+    printf 'training:\n  num_threads: 1\n  epochs: 20\n  small_node_epochs: null\n'"$rest" >"$out/dev_long1.yaml"
+    printf 'data:\n  spacing: [3.75, 3.75, 4.5]\n  shape: [64, 64, 48]\ntraining:\n  num_threads: 1\n  small_node_epochs: null\n'"$rest" >"$out/dev_fine1.yaml"
+    for v in long1 fine1; do
+        OMP_NUM_THREADS=1 cmp "dev_small_$v" "$out/dev_small_data" --jobs 1 --cv 3 --repeats 1 \
+            --strategies ssmdmt --config "$out/dev_$v.yaml" >"$out/dev_small_$v.summary"
+    done
     ;;
 dev_tta)
     # the flip read from the dev phase's multitask and ssmdmt runs (their folds only)
