@@ -11,6 +11,7 @@
 #   shift  supervised and both ROI strategies on the fixed split of harder data
 #   dev_small  propagation.skip_one_class by 3-fold CV on the small-node data's train + val
 #   dev_tta    evaluation.tta_flip, read from the dev phase's runs (no training)
+#   dev_budget multitask with 14 epochs instead of 10 on seed 0's dev folds (run dev first)
 #   dev_small_budget  small-node data's train + val: 20 epochs, or a 2.7x finer grid
 #              (training.small_node_epochs; run dev_small first for its manifests)
 # The dev phases pin what the quick preset did not yet have when they ran
@@ -136,6 +137,14 @@ dev_small_budget)
         OMP_NUM_THREADS=1 cmp "dev_small_$v" "$out/dev_small_data" --jobs 1 --cv 3 --repeats 1 \
             --strategies ssmdmt --config "$out/dev_$v.yaml" >"$out/dev_small_$v.summary"
     done
+    ;;
+dev_budget)
+    # a longer budget on the default data: against dev_evTM1 (the preset's multitask),
+    # read with and without the flip
+    printf 'training:\n  epochs: 14\nevaluation:\n  tta_flip: false\n' >"$out/dev_e14.yaml"
+    cmp dev_e14 "$out/dev_data" --cv 3 --repeats 1 --strategies multitask --config "$out/dev_e14.yaml"
+    .venv/bin/python benchmarks/roi_readout_probe.py "$out/dev_e14/cv/repeat0" multitask \
+        --held-out-only --flip
     ;;
 dev_tta)
     # the flip read from the dev phase's multitask and ssmdmt runs (their folds only)
