@@ -11,7 +11,8 @@
 #   shift  supervised and both ROI strategies on the fixed split of harder data
 #   dev_small  propagation.skip_one_class by 3-fold CV on the small-node data's train + val
 #   dev_tta    evaluation.tta_flip, read from the dev phase's runs (no training)
-#   dev_budget multitask with 14 epochs instead of 10 on seed 0's dev folds (run dev first)
+#   dev_budget multitask and ssmdmt with 14 epochs instead of 10 on seed 0's dev folds
+#              (run dev first)
 #   dev_small_budget  small-node data's train + val: 20 epochs, or a 2.7x finer grid
 #              (training.small_node_epochs; run dev_small first for its manifests)
 # The dev phases pin what the quick preset did not yet have when they ran
@@ -145,6 +146,14 @@ dev_budget)
     cmp dev_e14 "$out/dev_data" --cv 3 --repeats 1 --strategies multitask --config "$out/dev_e14.yaml"
     .venv/bin/python benchmarks/roi_readout_probe.py "$out/dev_e14/cv/repeat0" multitask \
         --held-out-only --flip
+    # ssmdmt with 10 (the preset) and 14 epochs
+    printf 'evaluation:\n  tta_flip: false\n' >"$out/dev_ss10.yaml"
+    cmp dev_ss10 "$out/dev_data" --cv 3 --repeats 1 --strategies ssmdmt --config "$out/dev_ss10.yaml"
+    cmp dev_ss14 "$out/dev_data" --cv 3 --repeats 1 --strategies ssmdmt --config "$out/dev_e14.yaml"
+    for v in ss10 ss14; do
+        .venv/bin/python benchmarks/roi_readout_probe.py "$out/dev_$v/cv/repeat0" ssmdmt \
+            --held-out-only --flip
+    done
     ;;
 dev_tta)
     # the flip read from the dev phase's multitask and ssmdmt runs (their folds only)
