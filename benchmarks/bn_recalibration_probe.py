@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from lymphdx.evaluation.evaluate import load_model
+from lymphdx.core.domains import STRONG
+from lymphdx.engine.trainer import load_run_data
 from lymphdx.models.domain_norm import domains
 from lymphdx.models.multitask import MultiTaskNet
-from lymphdx.training.propagation import STRONG
-from lymphdx.training.trainer import load_run_data
+from lymphdx.workflows.evaluate import load_model
 
 
 def dice(model: MultiTaskNet, volumes, threshold: float) -> float:  # type: ignore[no-untyped-def]

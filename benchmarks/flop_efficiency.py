@@ -50,9 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _bench import emit, log, machine, median  # noqa: E402
 
-from lymphdx.config import load_config  # noqa: E402
+from lymphdx.core.config import load_config  # noqa: E402
+from lymphdx.engine.losses import RoiLoss, classification_loss  # noqa: E402
 from lymphdx.models.multitask import build_model  # noqa: E402
-from lymphdx.training.losses import RoiLoss, classification_loss  # noqa: E402
 
 TARGET_RATIO = 0.40
 # step kind -> (scans in the batch, which scans the decoder sees: none, the strong ones, all)

@@ -6,7 +6,7 @@
 Each case runs in a fresh subprocess so its peak resident memory (``ru_maxrss``) is its
 own; the subprocess is limited to ``--limit-gib`` of address space, so a case that does
 not fit fails with an allocation error instead of waking the OOM killer. For every case
-the traced estimate of ``lymphdx.training.memory`` is printed next to the measurement.
+the traced estimate of ``lymphdx.engine.memory`` is printed next to the measurement.
 
 Cases: ``infer`` (eval, no_grad, classifier + ROI decoder, 1 volume, as ``lymphdx
 predict``), ``infer-cl`` (the same in channels-last-3d), ``train-<mode>`` (one step of
@@ -38,11 +38,11 @@ def run_case(case: str, shape_zyx: list[int], device: str, amp: str, repeats: in
     """One case in this process (called in the subprocess)."""
     import torch
 
-    from lymphdx.config import load_config
+    from lymphdx.core.config import load_config
+    from lymphdx.engine.losses import RoiLoss
+    from lymphdx.engine.memory import estimate_step_memory
+    from lymphdx.engine.performance import optimizer_step
     from lymphdx.models.multitask import build_model
-    from lymphdx.training.losses import RoiLoss
-    from lymphdx.training.memory import estimate_step_memory
-    from lymphdx.training.performance import optimizer_step
 
     cfg = load_config(preset="paper")
     mode = case.split("-", 1)[1] if case.startswith("train") else "off"

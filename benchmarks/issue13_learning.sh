@@ -40,9 +40,9 @@ dev_data() {  # dev_data SRC DEST SPLIT: DEST's weak set = SRC's non-test weak p
     .venv/bin/python - "$out" "$1" "$2" "$3" <<'PY'
 import csv, sys
 from pathlib import Path
-from lymphdx.config import load_config
-from lymphdx.evaluation.ablation import write_development_manifest
-from lymphdx.training.trainer import split_manifests
+from lymphdx.core.config import load_config
+from lymphdx.workflows.ablation import write_development_manifest
+from lymphdx.engine.trainer import split_manifests
 out, src, dest, split = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 weak, _ = split_manifests(load_config(), out / src / "weak/manifest.csv", out / src / "strong/manifest.csv", out / split)
 for d in ("weak", "strong"):

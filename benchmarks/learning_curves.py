@@ -1,7 +1,7 @@
 """Learning curves of a compare folder or a run folder: when has a run learned?
 
 Draws the weak-validation AUC and the strong-validation Dice of every run against the
-training steps (``lymphdx.evaluation.curves``) into ``--out`` and prints, per strategy,
+training steps (``lymphdx.reporting.curves``) into ``--out`` and prints, per strategy,
 the final and the maximum value with the step they were reached (means over the runs) as
 a markdown table, for pasting into BENCHMARKS.md. Reads ``history.csv`` only; trains
 nothing.
@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from lymphdx.errors import LymphdxError  # noqa: E402
-from lymphdx.evaluation.curves import (  # noqa: E402
+from lymphdx.core.errors import LymphdxError  # noqa: E402
+from lymphdx.reporting.curves import (  # noqa: E402
     find_runs,
     markdown_table,
     plot_learning_curves,

@@ -9,9 +9,9 @@ Command (from the repository root; ~8 min on the idle 2-core VM at 16 epochs):
 
 What it measures, both models in one run of the script, each in its own subprocess (so
 each peak RSS is its own):
-(a) lymphdx: ``lymphdx.training.trainer.train`` with the ``quick`` preset, strategy
+(a) lymphdx: ``lymphdx.engine.trainer.train`` with the ``quick`` preset, strategy
     ``ssmdmt`` (its default 16 epochs unless ``--epochs``), then
-    ``lymphdx.evaluation.evaluate.evaluate_run`` (test AUC of the model chosen on
+    ``lymphdx.workflows.evaluate.evaluate_run`` (test AUC of the model chosen on
     validation AUC, 95 % stratified bootstrap CI);
 (b) ``monai.networks.nets.DenseNet121(spatial_dims=3, in_channels=1, out_channels=1)``
     trained as a scan classifier, on the device run (a) used (``--device``: lymphdx's
@@ -80,11 +80,11 @@ def child_lymphdx(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch.utils.tensorboard  # noqa: F401  (imported by the trainer; count it as an import)
 
-    from lymphdx.config import load_config
-    from lymphdx.evaluation.evaluate import evaluate_run, read_predictions
+    from lymphdx.core.config import load_config
+    from lymphdx.engine import trainer as tr
+    from lymphdx.engine.distributed import resolve_device
     from lymphdx.models.multitask import build_model
-    from lymphdx.training import trainer as tr
-    from lymphdx.training.distributed import resolve_device
+    from lymphdx.workflows.evaluate import evaluate_run, read_predictions
 
     rss_imports = rss_kib()
     if args.threads:
@@ -154,11 +154,11 @@ def child_monai(args: argparse.Namespace) -> dict[str, Any]:
     from monai.networks.nets import DenseNet121
 
     from lymphdx.data.datasets import VolumeSet, epoch_order
-    from lymphdx.evaluation.evaluate import load_run_config
-    from lymphdx.evaluation.metrics import auc, bootstrap_auc_ci
-    from lymphdx.training.distributed import resolve_device
-    from lymphdx.training.losses import classification_loss
-    from lymphdx.training.trainer import load_run_data
+    from lymphdx.engine.distributed import resolve_device
+    from lymphdx.engine.losses import classification_loss
+    from lymphdx.engine.trainer import load_run_data
+    from lymphdx.stats.metrics import auc, bootstrap_auc_ci
+    from lymphdx.workflows.evaluate import load_run_config
 
     rss_imports = rss_kib()
     if args.threads:
@@ -260,7 +260,7 @@ def child_monai(args: argparse.Namespace) -> dict[str, Any]:
 def paired(a: dict[str, Any], b: dict[str, Any], cfg_seed: int, n_boot: int) -> dict[str, Any]:
     import numpy as np
 
-    from lymphdx.evaluation.metrics import delong_paired, paired_bootstrap_delta_ci
+    from lymphdx.stats.metrics import delong_paired, paired_bootstrap_delta_ci
 
     ids = sorted(a["test_labels"])
     if ids != sorted(b["test_labels"]):
@@ -329,7 +329,7 @@ def main() -> None:
         b = run_child(Path(__file__), ["monai", *common])
         log(f"(b) test AUC {b['test']['auc']} {b['test']['auc_ci95']}, {b['epoch_s_mean']} s/epoch")
 
-        from lymphdx.evaluation.evaluate import load_run_config
+        from lymphdx.workflows.evaluate import load_run_config
 
         cfg = load_run_config(run)
         test = paired(a, b, cfg.seed, cfg.evaluation.bootstrap)

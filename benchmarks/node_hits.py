@@ -1,7 +1,7 @@
 """Which nodes does a run's ROI mask mark: metastatic ones, benign ones, or both?
 
 Synthetic data only (``weak_truth`` holds each weak scan's node instances and whether
-each is metastatic). Runs ``lymphdx.inference.predict`` on the weak set's test scans of a
+each is metastatic). Runs ``lymphdx.workflows.predict.predict`` on the weak set's test scans of a
 run and counts, per node class, the share of nodes that the mask (> ζ) touches, and the
 mask's connected components that touch no node. A decoder taught by masks of every node
 marks both classes alike; one that the scan label also teaches (``model.roi_evidence:
@@ -25,8 +25,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from lymphdx.evaluation.evaluate import load_run_config
-from lymphdx.inference import predict
+from lymphdx.workflows.evaluate import load_run_config
+from lymphdx.workflows.predict import predict
 
 
 def _array(path: Path) -> np.ndarray:

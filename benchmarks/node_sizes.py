@@ -16,11 +16,11 @@ import argparse
 import json
 from pathlib import Path
 
-from lymphdx.config import load_config
+from lymphdx.core.config import load_config
 from lymphdx.data.manifest import load_manifests
 from lymphdx.data.preprocess import PreprocessCache
-from lymphdx.training.roi_status import node_size_status
-from lymphdx.training.trainer import cache_dir_of
+from lymphdx.engine.roi_status import node_size_status
+from lymphdx.engine.trainer import cache_dir_of
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lymphdx.evaluation.evaluate import predict_checkpoint
-from lymphdx.evaluation.metrics import auc, bootstrap_auc_ci
+from lymphdx.stats.metrics import auc, bootstrap_auc_ci
+from lymphdx.workflows.evaluate import predict_checkpoint
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lymphdx.errors import LymphdxError
-from lymphdx.evaluation import power
+from lymphdx.core.errors import LymphdxError
+from lymphdx.stats import power
 
 
 def _search(inputs: tuple[float, float, float, float]) -> int | None:

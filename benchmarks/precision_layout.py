@@ -23,16 +23,16 @@ from datetime import date
 
 import torch
 
-from lymphdx.config import load_config
-from lymphdx.models.multitask import build_model
-from lymphdx.training.losses import RoiLoss
-from lymphdx.training.performance import (
+from lymphdx.core.config import load_config
+from lymphdx.engine.losses import RoiLoss
+from lymphdx.engine.performance import (
     autocast,
     grad_scaler,
     optimizer_step,
     prepare_input,
     prepare_model,
 )
+from lymphdx.models.multitask import build_model
 
 
 def make_step(variant: str, device: str, batch: int) -> tuple:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lymphdx.evaluation.evaluate import load_run_config
-from lymphdx.training.trainer import load_checkpoint, load_run_data
+from lymphdx.engine.trainer import load_checkpoint, load_run_data
+from lymphdx.workflows.evaluate import load_run_config
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from lymphdx.config import validate
-from lymphdx.evaluation.report import run_one
+from lymphdx.core.config import validate
+from lymphdx.workflows.compare import run_one
 
 
 def main() -> None:

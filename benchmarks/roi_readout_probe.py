@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from lymphdx.evaluation.evaluate import load_model
-from lymphdx.training.distributed import DistContext
-from lymphdx.training.propagation import WEAK, _my_batches
-from lymphdx.training.teacher import predict_with_tta
-from lymphdx.training.trainer import load_run_data
+from lymphdx.core.domains import WEAK
+from lymphdx.engine.distributed import DistContext
+from lymphdx.engine.propagation import _my_batches
+from lymphdx.engine.teacher import predict_with_tta
+from lymphdx.engine.trainer import load_run_data
+from lymphdx.workflows.evaluate import load_model
 
 
 @torch.no_grad()

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lymphdx.config import load_config, validate
+from lymphdx.core.config import load_config, validate
 from lymphdx.data.sampling import crop, patch_corner
-from lymphdx.evaluation.metrics import auc
+from lymphdx.engine.losses import RoiLoss
+from lymphdx.engine.trainer import load_run_data
 from lymphdx.models.multitask import build_model
-from lymphdx.training.losses import RoiLoss
-from lymphdx.training.trainer import load_run_data
+from lymphdx.stats.metrics import auc
 
 
 def main() -> None:

@@ -40,9 +40,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lymphdx.config import load_config
+    from lymphdx.core.config import load_config
+    from lymphdx.engine.losses import RoiLoss, classification_loss
     from lymphdx.models.multitask import build_model
-    from lymphdx.training.losses import RoiLoss, classification_loss
 
     if args.threads:
         torch.set_num_threads(args.threads)

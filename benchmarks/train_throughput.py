@@ -9,7 +9,7 @@ Command (from the repository root; ~2-4 min on the 2-core VM):
 What it measures: every strategy (``supervised``, ``semi-supervised``, ``multitask``,
 ``ssmdmt``) trains the ``quick`` preset for E epochs (default 3) with propagation in them
 (warm-up 1, every 1, so rounds at epochs 1..E-1) on the built-in synthetic two-hospital
-data, each strategy in a fresh subprocess, through the real ``lymphdx.training.trainer
+data, each strategy in a fresh subprocess, through the real ``lymphdx.engine.trainer
 .train``; the benchmark only wraps ``_Trainer.train_step / train_epoch / propagation /
 validate / epoch_end`` and ``VolumeSet.batch`` with timers. The preprocessing cache is
 filled once before the strategies run (its fill time is reported as
@@ -79,7 +79,7 @@ class Probe:
 
     def install(self) -> None:
         from lymphdx.data.datasets import VolumeSet
-        from lymphdx.training.trainer import _Trainer
+        from lymphdx.engine.trainer import _Trainer
 
         probe = self
 
@@ -137,11 +137,11 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch.utils.tensorboard  # noqa: F401  (the trainer imports it; count it as an import)
 
-    from lymphdx.config import load_config
-    from lymphdx.training.distributed import resolve_device
-    from lymphdx.training.propagation import is_propagation_epoch
-    from lymphdx.training.strategies import get_strategy
-    from lymphdx.training.trainer import train
+    from lymphdx.core.config import load_config
+    from lymphdx.core.strategies import get_strategy
+    from lymphdx.engine.distributed import resolve_device
+    from lymphdx.engine.propagation import is_propagation_epoch
+    from lymphdx.engine.trainer import train
 
     rss_imports = rss_kib()
     probe = Probe()
@@ -251,7 +251,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 def warm_cache(weak_csv: Path, strong_csv: Path, cache: Path) -> float:
     """Preprocess every image and mask into ``cache`` (no-op when already there)."""
-    from lymphdx.config import load_config
+    from lymphdx.core.config import load_config
     from lymphdx.data.manifest import load_manifests
     from lymphdx.data.preprocess import PreprocessCache
 

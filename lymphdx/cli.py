@@ -15,8 +15,8 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from lymphdx import __version__
-from lymphdx.errors import LymphdxError
-from lymphdx.fileutil import check_folder, dumps_json, folder_problem
+from lymphdx.core.errors import LymphdxError
+from lymphdx.core.files import check_folder, dumps_json, folder_problem
 
 # numpy seeds are unsigned 32-bit words: seeds are in [0, SEED_LIMIT)
 SEED_LIMIT = 2**32
@@ -112,7 +112,7 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _config(config: Path | None, preset: str | None, overrides: dict[str, Any]):
-    from lymphdx.config import load_config
+    from lymphdx.core.config import load_config
 
     return load_config(
         config, preset=preset, overrides={k: v for k, v in overrides.items() if v is not None}
@@ -253,8 +253,8 @@ def train_cmd(
     ] = False,
 ) -> None:
     """Train one strategy (under torchrun: one process per rank, see the README)."""
-    from lymphdx.training.distributed import is_main_process
-    from lymphdx.training.trainer import train
+    from lymphdx.engine.distributed import is_main_process
+    from lymphdx.engine.trainer import train
 
     # the command line's own values first, so that a refusal names the option, not the
     # config file, and comes before the run folder exists
@@ -288,7 +288,7 @@ def evaluate(
     split: Annotated[Split, typer.Option(help="Weak-set split to score.")] = "test",
 ) -> None:
     """Score the run's best model on a split; writes RUN/metrics.json."""
-    from lymphdx.evaluation.evaluate import evaluate_run, load_run_config
+    from lymphdx.workflows.evaluate import evaluate_run, load_run_config
 
     _check_cache(load_run_config(run).data.cache_dir)
     typer.echo(dumps_json(evaluate_run(run, split)))
@@ -311,7 +311,7 @@ def predict(
     ] = "weak",
 ) -> None:
     """Predict metastasis probability and ROI maps; writes OUT/<name>/..."""
-    from lymphdx.inference import predict as run_predict
+    from lymphdx.workflows.predict import predict as run_predict
 
     for r in run_predict(model, images, out, domain=domain):
         typer.echo(f"{r['image']}: probability {r['probability']:.3f} label {r['label']}")
@@ -377,7 +377,7 @@ def compare_cmd(
 ) -> None:
     """Train and evaluate every strategy and seed; writes results.json, results.md, roc.png
     (with --ablation: ablation.json, ablation.md, recommended.yaml)."""
-    from lymphdx.evaluation.report import compare, format_table
+    from lymphdx.workflows.compare import compare, format_table
 
     _check_at_least(epochs, "--epochs")
     _check_at_least(seeds, "--seeds")
@@ -388,8 +388,8 @@ def compare_cmd(
     cfg = _config(config, preset, {"training": {"epochs": epochs}} if epochs else {})
     _check_cache(cfg.data.cache_dir)
     if ablation:
-        from lymphdx.evaluation.ablation import ablation as run_ablation
-        from lymphdx.evaluation.ablation import format_ablation
+        from lymphdx.workflows.ablation import ablation as run_ablation
+        from lymphdx.workflows.ablation import format_ablation
 
         found = run_ablation(
             cfg,
@@ -433,9 +433,9 @@ def demo(
     ] = None,
 ) -> None:
     """Synthetic data + compare of the four strategies with the quick preset."""
-    from lymphdx.config import load_config
+    from lymphdx.core.config import load_config
     from lymphdx.data.synthetic import SynthSpec, write_synthetic
-    from lymphdx.evaluation.report import compare, format_table
+    from lymphdx.workflows.compare import compare, format_table
 
     _check_at_least(seeds, "--seeds")
     _check_at_least(epochs, "--epochs")
@@ -472,7 +472,7 @@ def report(
     folder: Annotated[Path, typer.Argument(help="A run folder or a compare folder.")],
 ) -> None:
     """Write FOLDER/report.html (self-contained) and FOLDER/report_predictions.csv."""
-    from lymphdx.evaluation.html_report import write_report
+    from lymphdx.workflows.report import write_report
 
     typer.echo(str(write_report(folder)))
 
@@ -493,7 +493,7 @@ def prepare_tcia_cmd(
     ] = "abd",
 ) -> None:
     """Write a strong-set manifest for the TCIA "CT Lymph Nodes" download."""
-    from lymphdx.data.tcia import prepare_tcia, report_path
+    from lymphdx.io.tcia import prepare_tcia, report_path
 
     report = prepare_tcia(root, out, region)
     for line in report.lines():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lymphdx.config import Config, load_config
+from lymphdx.core.config import Config, load_config
 from lymphdx.data.synthetic import SynthSpec, write_synthetic
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lymphdx.config import Config
+from lymphdx.core.config import Config
 
 # Every option of issue 8 on at once (the ablation tries them one by one): the tests of
 # their wiring train ssmdmt with these, whatever ssmdmt-plus adopts.

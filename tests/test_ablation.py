@@ -14,19 +14,20 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from lymphdx.cli import app
-from lymphdx.config import validate
-from lymphdx.errors import LymphdxError
-from lymphdx.evaluation.ablation import (
+from lymphdx.core.config import validate
+from lymphdx.core.domains import WEAK
+from lymphdx.core.errors import LymphdxError
+from lymphdx.engine.propagation import predict_probabilities
+from lymphdx.engine.selection import pooled_best_epoch
+from lymphdx.engine.trainer import load_run_data
+from lymphdx.workflows.ablation import (
     ARMS,
     REFERENCE,
     ablation,
     recommend,
     recommended_yaml,
 )
-from lymphdx.evaluation.evaluate import load_model, load_run_config, read_predictions
-from lymphdx.training.propagation import WEAK, predict_probabilities
-from lymphdx.training.selection import pooled_best_epoch
-from lymphdx.training.trainer import load_run_data
+from lymphdx.workflows.evaluate import load_model, load_run_config, read_predictions
 from tests.conftest import tiny_config
 
 runner = CliRunner()
@@ -280,8 +281,8 @@ def test_ablation_refuses_unknown_arms_and_arms_without_ablation(
 
 
 def test_compare_cv_pooled_selection(tiny_data: Path, tmp_path: Path) -> None:
-    from lymphdx.evaluation.html_report import write_report
-    from lymphdx.evaluation.report import compare
+    from lymphdx.workflows.compare import compare
+    from lymphdx.workflows.report import write_report
 
     weak, strong = tiny_data / "weak" / "manifest.csv", tiny_data / "strong" / "manifest.csv"
     config = tiny_config(tmp_path)

@@ -2,7 +2,7 @@
 
 Each row builds its fault in a temporary folder, calls the entry point a real run goes
 through (the library function that training or prediction calls, or the command line),
-and checks three things: the error is a :class:`~lymphdx.errors.LymphdxError` (exit
+and checks three things: the error is a :class:`~lymphdx.core.errors.LymphdxError` (exit
 status 2 on the command line, no traceback); its message names the file, the patient
 (where there is one) and the problem; and nothing half-written is left behind (no
 ``splits.csv`` or cache entry for refused data, no temporary files, no partial outputs).
@@ -29,11 +29,11 @@ import yaml
 from typer.testing import CliRunner
 
 from lymphdx.cli import app
-from lymphdx.config import DataConfig, load_config
-from lymphdx.data.io import Geometry, write_volume
+from lymphdx.core.config import DataConfig, load_config
+from lymphdx.core.errors import ConfigError, InputError, LymphdxError
 from lymphdx.data.manifest import load_manifests, resolve_splits
 from lymphdx.data.preprocess import PreprocessCache
-from lymphdx.errors import ConfigError, InputError, LymphdxError
+from lymphdx.io.volumes import Geometry, write_volume
 from tests.conftest import tiny_config
 from tests.helpers import make_dicom_series, write_csv
 
@@ -602,7 +602,7 @@ def assert_cli_error(code: int, output: str, file, patient, *words: str) -> str:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-epoch supervised run on six small scans (seconds)."""
-    from lymphdx.training.trainer import train
+    from lymphdx.engine.trainer import train
 
     tmp = tmp_path_factory.mktemp("bad_input_run")
     weak, strong = manifests(tmp)

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from lymphdx import __version__
+from lymphdx.core.files import dumps_json, folder_problem, write_json
 from lymphdx.data.synthetic import SynthSpec, default_n_pos
-from lymphdx.fileutil import dumps_json, folder_problem, write_json
 from tests.conftest import tiny_config
 from tests.helpers import cli, one_error
 
@@ -82,7 +82,7 @@ def data(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
 @pytest.fixture(scope="module")
 def tiny_run(data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One supervised epoch; its test split holds one positive and one negative."""
-    from lymphdx.training.trainer import train
+    from lymphdx.engine.trainer import train
 
     tmp = tmp_path_factory.mktemp("cli_run")
     config = tiny_config(tmp, strategy="supervised", training={"epochs": 1})
@@ -381,9 +381,9 @@ def test_a_choice_outside_the_list_is_refused(args, tmp_path):
 
 def test_cli_choices_are_lymphdx_choices():
     from lymphdx import cli as cli_module
-    from lymphdx.config import PRESETS, STRATEGIES
+    from lymphdx.core.config import PRESETS, STRATEGIES
     from lymphdx.data.manifest import SPLITS
-    from lymphdx.data.tcia import REGIONS
+    from lymphdx.io.tcia import REGIONS
 
     assert typing.get_args(cli_module.Split) == tuple(SPLITS)
     assert typing.get_args(cli_module.Strategy) == tuple(STRATEGIES)
@@ -403,8 +403,8 @@ def test_version():
     [([0, 0, 0], "positive share"), ([90, -10, 23], ">= 0")],
 )
 def test_split_proportions_name_the_key(tmp_path: Path, weak: list[int], problem: str) -> None:
-    from lymphdx.config import load_config
-    from lymphdx.errors import ConfigError
+    from lymphdx.core.config import load_config
+    from lymphdx.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=rf"data\.split\.weak.*{re.escape(problem)}"):
         load_config(overrides={"data": {"split": {"weak": weak}}})

@@ -24,9 +24,8 @@ import numpy as np
 import pytest
 import yaml
 
-from lymphdx.config import DataConfig, load_config
-from lymphdx.data import io
-from lymphdx.data.io import Geometry, write_volume
+from lymphdx.core.config import DataConfig, load_config
+from lymphdx.core.errors import ConfigError, InputError, LymphdxError
 from lymphdx.data.manifest import check_duplicate_scans, load_manifests
 from lymphdx.data.preprocess import (
     Normalizer,
@@ -37,7 +36,8 @@ from lymphdx.data.preprocess import (
     resample_image,
     settings_key,
 )
-from lymphdx.errors import ConfigError, InputError, LymphdxError
+from lymphdx.io import volumes as io
+from lymphdx.io.volumes import Geometry, write_volume
 from tests.conftest import tiny_config
 from tests.helpers import cli, one_error, write_csv, write_ct_series
 
@@ -180,7 +180,7 @@ def test_default_settings_key_and_arrays_are_unchanged(tmp_path: Path) -> None:
 def test_raw_ct_numbers_are_corrected_with_a_warning_naming_set_and_patients(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from lymphdx.training.trainer import load_run_data
+    from lymphdx.engine.trainer import load_run_data
 
     weak, strong = dataset(tmp_path / "raw", strong_offset=RAW)
     dataset(tmp_path / "hu")  # the same scans in HU
@@ -234,7 +234,7 @@ def test_hu_offset_key_applies_to_every_scan_and_is_recorded(
     hu = write_volume(tmp_path / "hu.nii.gz", ct_phantom(0), GEOMETRY)
     np.testing.assert_array_equal(cache.image(sets["weak"][0][1]), reference.image(hu))
     # recorded in config.yaml (dump_config) and read back
-    from lymphdx.config import dump_config
+    from lymphdx.core.config import dump_config
 
     config = tiny_config(tmp_path, data={"hu_offset": -1024})
     assert yaml.safe_load(dump_config(config))["data"]["hu_offset"] == -1024
@@ -297,7 +297,7 @@ def test_fp16_on_cpu_leaves_no_run_folder_and_the_fixed_command_works(tmp_path: 
 def test_a_refusal_inside_the_first_epoch_leaves_no_run_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lymphdx.training import trainer
+    from lymphdx.engine import trainer
 
     def refuse(self):  # what a scan read only during the epoch would raise
         raise InputError("cannot read: truncated", tmp_path / "weak" / "w2.nii.gz", "W2")
@@ -387,7 +387,7 @@ def test_the_same_scan_in_both_sets_is_refused(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-epoch supervised run on the small phantoms (seconds)."""
-    from lymphdx.training.trainer import train
+    from lymphdx.engine.trainer import train
 
     tmp = tmp_path_factory.mktemp("issue14_run")
     weak, strong = dataset(tmp)
@@ -399,7 +399,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_predict_warns_on_a_scan_far_smaller_than_the_field_of_view(
     run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from lymphdx.inference import predict
+    from lymphdx.workflows.predict import predict
 
     caplog.set_level(logging.WARNING, logger="lymphdx")
     small = write_volume(
@@ -424,7 +424,7 @@ def test_predict_warns_on_a_scan_far_smaller_than_the_field_of_view(
 
 
 def test_predict_corrects_raw_ct_numbers_and_records_it(run: Path, tmp_path: Path) -> None:
-    from lymphdx.inference import predict
+    from lymphdx.workflows.predict import predict
 
     hu = write_volume(tmp_path / "hu.nii.gz", ct_phantom(9, (32, 64, 64)), PLAIN)
     raw = write_volume(tmp_path / "raw.nii.gz", ct_phantom(9, (32, 64, 64)) + RAW, PLAIN)
@@ -474,7 +474,7 @@ def test_predict_rerun_into_the_same_out_keeps_only_the_new_outputs(
 
 def test_refused_runs_raise_lymphdx_errors_only(tmp_path: Path) -> None:
     """The library path (no command line) raises the same one-line errors."""
-    from lymphdx.training.trainer import train
+    from lymphdx.engine.trainer import train
 
     weak, strong = dataset(tmp_path, strong_masks="empty")
     config = tiny_config(tmp_path, strategy="multitask", training={"epochs": 1, "device": "cpu"})

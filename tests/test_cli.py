@@ -188,7 +188,7 @@ def test_compare_cross_validation_pools_out_of_fold_predictions(
     tiny_data: Path, tmp_path: Path
 ) -> None:
     from lymphdx.data.manifest import load_weak_manifest
-    from lymphdx.evaluation.report import cv_assignments
+    from lymphdx.workflows.compare import cv_assignments
 
     weak_csv, strong = tiny_data / "weak" / "manifest.csv", tiny_data / "strong" / "manifest.csv"
     weak = load_weak_manifest(weak_csv)
@@ -235,7 +235,7 @@ def test_compare_cross_validation_pools_out_of_fold_predictions(
     # the pooled AUC is the AUC of the pooled out-of-fold predictions
     import csv as _csv
 
-    from lymphdx.evaluation.metrics import auc
+    from lymphdx.stats.metrics import auc
 
     with open(out / "test_predictions.csv") as f:
         rows = [r for r in _csv.DictReader(f) if r["strategy"] == "supervised"]

@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from lymphdx.training.trainer import load_checkpoint
+from lymphdx.engine.trainer import load_checkpoint
 from tests.conftest import tiny_config
 
 EPOCHS = 5
@@ -45,7 +45,7 @@ def die_on_nth(fn, before=None):
     return wrapped
 
 import torch
-from lymphdx.training import trainer
+from lymphdx.engine import trainer
 if stage == "checkpoint":
     real_save = torch.save
     def half_write(obj, f, *a, **k):  # leave half a file at the temporary name

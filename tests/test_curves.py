@@ -1,4 +1,4 @@
-"""Learning curves (``lymphdx.evaluation.curves``) from hand-written ``history.csv`` files."""
+"""Learning curves (``lymphdx.reporting.curves``) from hand-written ``history.csv`` files."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
-from lymphdx.errors import LymphdxError
-from lymphdx.evaluation.curves import (
+from lymphdx.core.errors import LymphdxError
+from lymphdx.reporting.curves import (
     find_runs,
     has_dice,
     learning_curves_figure,
@@ -248,7 +248,7 @@ def _fake_compare(root: Path) -> Path:
 
 
 def test_report_has_a_learning_curves_section(tmp_path: Path) -> None:
-    from lymphdx.evaluation.html_report import _learning_curves_section, write_report
+    from lymphdx.workflows.report import _learning_curves_section, write_report
 
     page = write_report(_fake_compare(tmp_path / "cmp")).read_text()
     section = re.search(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from monai.metrics import compute_fp_tp_probs_nd
 
-from lymphdx.evaluation.detection import (
+from lymphdx.workflows.detection import (
     FP_RATES,
     Candidate,
     candidates,
@@ -218,7 +218,7 @@ def test_perfect_map_gives_full_sensitivity_and_dice_one() -> None:
 
 
 def test_evaluate_detection_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
-    from lymphdx.training.trainer import train
+    from lymphdx.engine.trainer import train
 
     config = tiny_config(tmp_path, training={"epochs": 1})
     run_dir = tmp_path / "run"

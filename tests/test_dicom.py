@@ -12,9 +12,9 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from lymphdx.data.dicom import read_dicom_series
-from lymphdx.data.io import read_image, read_volume
-from lymphdx.errors import InputError
+from lymphdx.core.errors import InputError
+from lymphdx.io.dicom import read_dicom_series
+from lymphdx.io.volumes import read_image, read_volume
 from tests.helpers import write_compressed_mr_series, write_ct_series
 
 OBLIQUE = (
@@ -334,7 +334,7 @@ def test_folder_with_slices_in_subfolders_says_so(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1-epoch tiny multitask run (seconds)."""
-    from lymphdx.training.trainer import train
+    from lymphdx.engine.trainer import train
     from tests.conftest import tiny_config
 
     tmp = tmp_path_factory.mktemp("run")
@@ -352,7 +352,7 @@ def tiny_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("orientation", ["axial", "oblique"])
 def test_predict_on_dicom_writes_outputs_in_the_series_geometry(tiny_run, tmp_path, orientation):
-    from lymphdx.inference import predict
+    from lymphdx.workflows.predict import predict
 
     kw = {"orientation": OBLIQUE} if orientation == "oblique" else {}
     ct = write_ct_series(tmp_path / "scan", 7, step=3.0, **kw)

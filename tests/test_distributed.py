@@ -19,10 +19,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lymphdx.config import dump_config
-from lymphdx.errors import LymphdxError
-from lymphdx.models.multitask import build_model
-from lymphdx.training.distributed import (
+from lymphdx.core.config import dump_config
+from lymphdx.core.errors import LymphdxError
+from lymphdx.engine.distributed import (
     DistContext,
     batch_classification_loss,
     batch_masked_roi_loss,
@@ -31,9 +30,10 @@ from lymphdx.training.distributed import (
     roi_loss_from_sums,
     roi_loss_sums,
 )
-from lymphdx.training.losses import RoiLoss, classification_loss
-from lymphdx.training.pseudo_masks import masked_roi_loss
-from lymphdx.training.trainer import load_checkpoint, train
+from lymphdx.engine.losses import RoiLoss, classification_loss
+from lymphdx.engine.pseudo_masks import masked_roi_loss
+from lymphdx.engine.trainer import load_checkpoint, train
+from lymphdx.models.multitask import build_model
 from tests.conftest import tiny_config
 from tests.helpers import ALL_OPTIONS
 

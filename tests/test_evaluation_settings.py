@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from lymphdx.errors import LymphdxError
-from lymphdx.evaluation import detection as detection_module
-from lymphdx.evaluation.evaluate import load_model, read_predictions
-from lymphdx.evaluation.report import compare
-from lymphdx.inference import predict
-from lymphdx.training.trainer import load_run_data
+from lymphdx.core.errors import LymphdxError
+from lymphdx.engine.trainer import load_run_data
+from lymphdx.workflows import detection as detection_module
+from lymphdx.workflows.compare import compare
+from lymphdx.workflows.evaluate import load_model, read_predictions
+from lymphdx.workflows.predict import predict
 from tests.conftest import tiny_config
 
 

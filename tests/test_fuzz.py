@@ -1,6 +1,6 @@
 """Fuzzing the readers: manifests, volume geometry and mutated volume files.
 
-Every input either works or ends in a :class:`~lymphdx.errors.LymphdxError` that names
+Every input either works or ends in a :class:`~lymphdx.core.errors.LymphdxError` that names
 the file; never another exception, a crash (segfault) or a hang.
 
 (a) manifests and (b) geometry are hypothesis property tests: random CSV text; spacing,
@@ -34,15 +34,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lymphdx.config import DataConfig
-from lymphdx.data.io import (
-    SPACING_RANGE_MM,
-    Geometry,
-    check_geometry,
-    read_volume,
-    to_sitk,
-    write_volume,
-)
+from lymphdx.core.config import DataConfig
+from lymphdx.core.errors import InputError, LymphdxError
 from lymphdx.data.manifest import (
     SPLITS,
     load_strong_manifest,
@@ -50,7 +43,14 @@ from lymphdx.data.manifest import (
     read_splits_csv,
 )
 from lymphdx.data.preprocess import canonical_grid, check_coverage
-from lymphdx.errors import InputError, LymphdxError
+from lymphdx.io.volumes import (
+    SPACING_RANGE_MM,
+    Geometry,
+    check_geometry,
+    read_volume,
+    to_sitk,
+    write_volume,
+)
 from tests.helpers import OBLIQUE_DIRECTION, make_dicom_series
 
 REPO = Path(__file__).resolve().parents[1]
@@ -663,8 +663,8 @@ def serve() -> None:
     # A mutated header may promise terabytes: allocation must fail, not swamp the machine.
     limit = 3 * 2**30
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    import lymphdx.data.dicom  # noqa: F401 - import once, before the first timed read
-    import lymphdx.data.io  # noqa: F401
+    import lymphdx.io.dicom  # noqa: F401 - import once, before the first timed read
+    import lymphdx.io.volumes  # noqa: F401
 
     for line in sys.stdin:
         start = time.perf_counter()

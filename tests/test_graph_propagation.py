@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from lymphdx.errors import LymphdxError
-from lymphdx.training.graph_propagation import (
+from lymphdx.core.errors import LymphdxError
+from lymphdx.engine.graph_propagation import (
     GraphLPResult,
     graph_label_propagation,
     inverse_frequency_weights,

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from lymphdx.data.io import (
+from lymphdx.core.errors import InputError
+from lymphdx.io.volumes import (
     Geometry,
     dicom_series_ids,
     read_image,
@@ -17,7 +18,6 @@ from lymphdx.data.io import (
     read_volume,
     write_volume,
 )
-from lymphdx.errors import InputError
 from tests.helpers import OBLIQUE_DIRECTION, make_dicom_series
 
 SHAPE = (4, 6, 8)  # (z, y, x): unequal, so a transposed axis would show

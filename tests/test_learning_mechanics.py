@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lymphdx.config import AugmentationConfig, Config, ModelConfig, load_config
+from lymphdx.core.config import AugmentationConfig, Config, ModelConfig, load_config
+from lymphdx.core.errors import ConfigError
 from lymphdx.data.augment import Augmenter
 from lymphdx.data.sampling import crop, patch_corner, stream_batches
-from lymphdx.errors import ConfigError
+from lymphdx.engine import trainer as trainer_module
+from lymphdx.engine.trainer import load_checkpoint, train
 from lymphdx.models.multitask import Classifier, MultiTaskNet, build_model
-from lymphdx.training import trainer as trainer_module
-from lymphdx.training.trainer import load_checkpoint, train
 from tests.helpers import cache, one_thread  # noqa: F401  (fixtures)
 from tests.helpers import history as _history
 from tests.helpers import manifests as _manifests
@@ -650,7 +650,7 @@ def test_domain_batch_norm_with_roi_patches_is_refused_with_a_clear_error() -> N
 def test_compare_with_two_jobs_predicts_as_one_job(
     tiny_data: Path, cache: Path, tmp_path: Path
 ) -> None:
-    from lymphdx.evaluation.report import compare
+    from lymphdx.workflows.compare import compare
 
     weak, strong = _manifests(tiny_data)
     config = _mechanics(
@@ -696,7 +696,7 @@ def test_latched_dice_gate_opens_once_reached(
     """``propagation.dice_gate_latch``: strong-validation Dice 0.5 after epoch 0, then 0.2
     (scripted), gate 0.4, first due epoch 2. Latched, the gate stays open from epoch 0's
     Dice on; unlatched, it reads epoch 1's 0.2 and waits."""
-    from lymphdx.training import trainer as trainer_module
+    from lymphdx.engine import trainer as trainer_module
 
     script = iter([0.5, 0.2, 0.2])
     calls: list[float] = []

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from lymphdx.training.losses import RoiLoss, classification_loss
+from lymphdx.engine.losses import RoiLoss, classification_loss
 
 
 def test_bce_hand_worked() -> None:

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lymphdx.core.errors import ConfigError, InputError
 from lymphdx.data.manifest import (
     SPLITS,
     StrongRecord,
@@ -26,7 +27,6 @@ from lymphdx.data.manifest import (
     split_counts,
     write_splits_csv,
 )
-from lymphdx.errors import ConfigError, InputError
 from tests.helpers import make_dicom_series, touch_images, write_csv
 
 PAPER_WEAK = (90, 10, 23)

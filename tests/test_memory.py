@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lymphdx.config import load_config
-from lymphdx.errors import LymphdxError
+from lymphdx.core.config import load_config
+from lymphdx.core.errors import LymphdxError
+from lymphdx.engine.memory import PeakTracker, check_memory, estimate_step_memory
 from lymphdx.models.multitask import build_model
-from lymphdx.training.memory import PeakTracker, check_memory, estimate_step_memory
 
 
 def test_peak_tracker_follows_storages_by_hand() -> None:
@@ -64,7 +64,7 @@ def test_checkpointing_lowers_the_peak_at_the_paper_size() -> None:
 
 def test_traced_peak_matches_a_hand_count_for_a_conv() -> None:
     """One 3×3×3 conv, no bias, 1→4 channels on a 16³ input, eval, no grad."""
-    from lymphdx.training.memory import PeakTracker
+    from lymphdx.engine.memory import PeakTracker
 
     with torch.device("meta"):
         conv = torch.nn.Conv3d(1, 4, 3, padding=1, bias=False)

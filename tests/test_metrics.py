@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lymphdx.errors import LymphdxError
-from lymphdx.evaluation.metrics import (
+from lymphdx.core.errors import LymphdxError
+from lymphdx.stats.metrics import (
     auc,
     bootstrap_auc_ci,
     delong,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lymphdx.config import load_config
+from lymphdx.core.config import load_config
 from lymphdx.models.multitask import build_model
 
 
@@ -47,7 +47,7 @@ def test_indivisible_input_is_refused() -> None:
 
 
 def test_config_refuses_shape_not_divisible_by_downsampling() -> None:
-    from lymphdx.errors import ConfigError
+    from lymphdx.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="divisible"):
         load_config(overrides={"data": {"shape": [50, 48, 32]}})
@@ -163,7 +163,7 @@ def test_roi_evidence_gradient_reaches_the_decoder_only_when_trained(
 
 
 def test_roi_evidence_needs_attention_pooling() -> None:
-    from lymphdx.errors import ConfigError
+    from lymphdx.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="roi_evidence.*pool: attention"):
         load_config(
@@ -218,8 +218,8 @@ def test_malignancy_map_is_what_the_classifier_reads() -> None:
 def test_malignancy_map_keeps_the_label_gradient_off_the_roi_output() -> None:
     """The scan label reaches the malignancy map's output weights, never the ROI map's;
     the ROI loss through ``maps_and_targets`` reaches both."""
-    from lymphdx.training.losses import RoiLoss
-    from lymphdx.training.trainer import maps_and_targets
+    from lymphdx.engine.losses import RoiLoss
+    from lymphdx.engine.trainer import maps_and_targets
 
     model = _malignancy_model().train()
     with torch.no_grad():
@@ -252,7 +252,7 @@ def test_malignancy_map_keeps_the_label_gradient_off_the_roi_output() -> None:
     ],
 )
 def test_malignancy_map_config_is_checked(model_cfg: dict, match: str) -> None:
-    from lymphdx.errors import ConfigError
+    from lymphdx.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=match):
         load_config(overrides={"model": model_cfg})
@@ -336,7 +336,7 @@ def test_node_volume_evidence_sends_no_gradient_into_the_decoder() -> None:
 
 
 def test_node_volume_evidence_needs_attention_pooling() -> None:
-    from lymphdx.errors import ConfigError
+    from lymphdx.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="node_volume_evidence.*pool: attention"):
         load_config(

@@ -18,19 +18,19 @@ import pytest
 import torch
 import yaml
 
-from lymphdx import inference
-from lymphdx.config import PAPER_STRATEGIES, Config, load_config, validate
-from lymphdx.config import STRATEGIES as CONFIG_STRATEGIES
-from lymphdx.errors import ConfigError
-from lymphdx.evaluation.evaluate import evaluate_run
-from lymphdx.evaluation.report import _for_strategy
+from lymphdx.core.config import PAPER_STRATEGIES, Config, load_config, validate
+from lymphdx.core.config import STRATEGIES as CONFIG_STRATEGIES
+from lymphdx.core.errors import ConfigError
+from lymphdx.core.strategies import STRATEGIES, STRATEGY_DEFAULTS
+from lymphdx.engine import distributed, propagation
+from lymphdx.engine import trainer as trainer_module
+from lymphdx.engine.pseudo_masks import curriculum_keep
+from lymphdx.engine.trainer import load_checkpoint, load_run_data, train
 from lymphdx.models.domain_norm import DomainBatchNorm3d
 from lymphdx.models.multitask import build_model
-from lymphdx.training import distributed, propagation
-from lymphdx.training import trainer as trainer_module
-from lymphdx.training.pseudo_masks import curriculum_keep
-from lymphdx.training.strategies import STRATEGIES, STRATEGY_DEFAULTS
-from lymphdx.training.trainer import load_checkpoint, load_run_data, train
+from lymphdx.workflows import predict as inference
+from lymphdx.workflows.compare import _for_strategy
+from lymphdx.workflows.evaluate import evaluate_run
 from tests.helpers import ALL_OPTIONS, cache, one_thread  # noqa: F401  (fixtures)
 from tests.helpers import history as _history
 from tests.helpers import manifests as _manifests

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lymphdx.errors import LymphdxError
-from lymphdx.evaluation import power
-from lymphdx.evaluation.metrics import delong, delong_paired
-from lymphdx.evaluation.power import (
+from lymphdx.core.errors import LymphdxError
+from lymphdx.stats import power
+from lymphdx.stats.metrics import delong, delong_paired
+from lymphdx.stats.power import (
     analytic_patients_for_power,
     auc_ci_halfwidth,
     binormal_scores,
@@ -232,7 +232,7 @@ def test_power_statement_large_table() -> None:
 def test_power_statement_of_a_perfect_auc() -> None:
     """A test split that a model separates perfectly (AUC 1.0) is a result, not an error:
     it is simulated as the nearest AUC that this many patients can tell apart."""
-    from lymphdx.evaluation.power import power_statement
+    from lymphdx.stats.power import power_statement
 
     out = power_statement(11, 12, 1.0, 0.6, 0.5, p_value=0.01, n_sim=200)
     assert 0.0 < out["power"] <= 1.0 and out["ci95_width"] > 0
@@ -241,7 +241,7 @@ def test_power_statement_of_a_perfect_auc() -> None:
 
 
 def test_small_test_split_note_by_hand() -> None:
-    from lymphdx.evaluation.power import auc_ci_halfwidth, small_test_split_note
+    from lymphdx.stats.power import auc_ci_halfwidth, small_test_split_note
 
     assert small_test_split_note(11, 12, 0.8) is None  # the demo's 23 patients: wide, not void
     note = small_test_split_note(2, 1, 0.8)

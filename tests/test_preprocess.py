@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from lymphdx.config import DataConfig
-from lymphdx.data import io, preprocess
-from lymphdx.data.io import Geometry
+from lymphdx.core.config import DataConfig
+from lymphdx.core.errors import InputError
+from lymphdx.data import preprocess
 from lymphdx.data.preprocess import (
     Grid,
     Normalizer,
@@ -25,7 +25,8 @@ from lymphdx.data.preprocess import (
     settings_key,
     to_original,
 )
-from lymphdx.errors import InputError
+from lymphdx.io import volumes as io
+from lymphdx.io.volumes import Geometry
 from tests.helpers import OBLIQUE_DIRECTION, make_dicom_series
 
 # Input: 20 x 16 x 12 voxels (x, y, z), anisotropic, off-origin, x and y flipped.

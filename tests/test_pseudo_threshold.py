@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lymphdx.training.propagation import prevalence_shift
+from lymphdx.engine.propagation import prevalence_shift
 
 
 def test_symmetric_scores_at_half_prevalence_are_unchanged() -> None:

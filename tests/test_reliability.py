@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lymphdx.errors import LymphdxError
-from lymphdx.evaluation.evaluate import load_model
-from lymphdx.fileutil import run_lock
-from lymphdx.training import trainer as trainer_mod
-from lymphdx.training.trainer import TrainingError, load_checkpoint, train
+from lymphdx.core.errors import LymphdxError
+from lymphdx.core.files import run_lock
+from lymphdx.engine import trainer as trainer_mod
+from lymphdx.engine.trainer import TrainingError, load_checkpoint, train
+from lymphdx.workflows.evaluate import load_model
 from tests.conftest import tiny_config
 
 
@@ -152,7 +152,7 @@ def test_two_processes_cannot_write_one_run(one_epoch_run, tmp_path: Path) -> No
 def test_a_step_that_will_not_fit_is_refused_before_training(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lymphdx.training import memory
+    from lymphdx.engine import memory
 
     monkeypatch.setattr(memory, "available_memory", lambda: 64 << 20)  # a 64 MiB machine
     monkeypatch.setattr(memory, "SMALL_STEP_VOXELS", 0)  # trace even tiny steps

@@ -17,9 +17,9 @@ from sklearn.metrics import brier_score_loss, roc_curve
 from typer.testing import CliRunner
 
 from lymphdx.cli import app
-from lymphdx.errors import LymphdxError
-from lymphdx.evaluation.html_report import FPR_GRID, roc_band, tpr_at_fpr, write_report
-from lymphdx.evaluation.report import LABELS, compare
+from lymphdx.core.errors import LymphdxError
+from lymphdx.workflows.compare import LABELS, compare
+from lymphdx.workflows.report import FPR_GRID, roc_band, tpr_at_fpr, write_report
 from tests.conftest import tiny_config
 
 runner = CliRunner()

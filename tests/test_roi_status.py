@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lymphdx.evaluation.report import format_table
-from lymphdx.training.roi_status import (
+from lymphdx.engine.roi_status import (
     MIN_NODE_VOXELS,
     ROI_LEARNED_DICE,
     node_size_status,
     roi_decoder_status,
 )
+from lymphdx.workflows.compare import format_table
 
 
 def _rows(*dice: float | None) -> list[dict[str, str]]:

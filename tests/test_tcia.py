@@ -16,10 +16,10 @@ import yaml
 from typer.testing import CliRunner
 
 from lymphdx.cli import app
-from lymphdx.data.io import read_mask, read_volume
+from lymphdx.core.errors import InputError
 from lymphdx.data.manifest import load_strong_manifest
-from lymphdx.data.tcia import prepare_tcia, report_path
-from lymphdx.errors import InputError
+from lymphdx.io.tcia import prepare_tcia, report_path
+from lymphdx.io.volumes import read_mask, read_volume
 from tests.conftest import tiny_config
 from tests.helpers import make_tcia_tree, write_ct_series, write_tcia_mask
 

@@ -9,16 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from lymphdx.config import load_config
-from lymphdx.models.domain_norm import DomainBatchNorm3d, convert_to_domain_bn, domains
-from lymphdx.models.multitask import build_model
-from lymphdx.training.losses import RoiLoss
-from lymphdx.training.pseudo_masks import (
+from lymphdx.core.config import load_config
+from lymphdx.engine.losses import RoiLoss
+from lymphdx.engine.pseudo_masks import (
     curriculum_keep,
     masked_roi_loss,
     pseudo_mask_targets,
 )
-from lymphdx.training.teacher import EmaTeacher, SwaAverager, predict_with_tta, update_bn
+from lymphdx.engine.teacher import EmaTeacher, SwaAverager, predict_with_tta, update_bn
+from lymphdx.models.domain_norm import DomainBatchNorm3d, convert_to_domain_bn, domains
+from lymphdx.models.multitask import build_model
 
 TINY = {
     "data": {"shape": [32, 32, 16]},

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
+from lymphdx.core.errors import LymphdxError
+from lymphdx.core.strategies import STRATEGIES
 from lymphdx.data import preprocess
-from lymphdx.data.io import read_volume
-from lymphdx.errors import LymphdxError
-from lymphdx.evaluation.evaluate import evaluate_run
-from lymphdx.inference import predict
+from lymphdx.engine import propagation
+from lymphdx.engine.propagation import is_propagation_epoch, propagate_labels, propagate_masks
+from lymphdx.engine.trainer import load_checkpoint, load_run_data, train
+from lymphdx.io.volumes import read_volume
 from lymphdx.models.multitask import build_model
-from lymphdx.training import propagation
-from lymphdx.training.propagation import is_propagation_epoch, propagate_labels, propagate_masks
-from lymphdx.training.strategies import STRATEGIES
-from lymphdx.training.trainer import load_checkpoint, load_run_data, train
+from lymphdx.workflows.evaluate import evaluate_run
+from lymphdx.workflows.predict import predict
 from tests.conftest import tiny_config
 
 
@@ -90,7 +90,7 @@ def test_strategy_routes_only_its_losses(
 
 
 def test_propagation_schedule() -> None:
-    from lymphdx.config import PropagationConfig
+    from lymphdx.core.config import PropagationConfig
 
     cfg = PropagationConfig(warmup_epochs=3, every=2)
     assert [e for e in range(10) if is_propagation_epoch(e, cfg)] == [3, 5, 7, 9]

@@ -26,7 +26,7 @@ from monai.transforms import (
     RandShiftIntensityd,
 )
 
-from lymphdx.config import AugmentationConfig
+from lymphdx.core.config import AugmentationConfig
 
 __all__ = ["Augmenter", "IMAGE", "GRID_KEYS"]
 

@@ -3,7 +3,7 @@
 A weak (classification) manifest has columns ``patient_id,image,label``; a strong (ROI)
 manifest ``patient_id,image,mask``; either may add ``split`` (``train``/``val``/``test``).
 Paths are relative to the CSV's own folder (absolute paths are allowed). Every problem
-is an :class:`~lymphdx.errors.InputError` that names the CSV, the patient and the fault.
+is an :class:`~lymphdx.core.errors.InputError` that names the CSV, the patient and the fault.
 
 Splits: a run folder's ``splits.csv`` wins (so a resumed run keeps its split), then a
 manifest's ``split`` column, then a seeded patient-wise split (stratified by label for
@@ -24,8 +24,8 @@ from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
-from lymphdx.errors import ConfigError, InputError
-from lymphdx.fileutil import atomic_path
+from lymphdx.core.errors import ConfigError, InputError
+from lymphdx.core.files import atomic_path
 
 __all__ = [
     "SPLITS",

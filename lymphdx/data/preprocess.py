@@ -63,11 +63,11 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from lymphdx.config import DataConfig
-from lymphdx.data import io
-from lymphdx.data.io import Geometry
-from lymphdx.errors import InputError, LymphdxError
-from lymphdx.fileutil import atomic_path, folder_problem, write_json
+from lymphdx.core.config import DataConfig
+from lymphdx.core.errors import InputError, LymphdxError
+from lymphdx.core.files import atomic_path, folder_problem, write_json
+from lymphdx.io import volumes as io
+from lymphdx.io.volumes import Geometry
 
 __all__ = [
     "PREPROCESS_VERSION",

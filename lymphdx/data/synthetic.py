@@ -57,8 +57,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from lymphdx.data.io import Geometry, write_volume
-from lymphdx.fileutil import ensure_writable_dir, write_json, write_text
+from lymphdx.core.files import ensure_writable_dir, write_json, write_text
+from lymphdx.io.volumes import Geometry, write_volume
 
 __all__ = [
     "HOSPITALS",

@@ -24,7 +24,7 @@ from monai.networks.layers.factories import Conv
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
 
-from lymphdx.config import ModelConfig
+from lymphdx.core.config import ModelConfig
 from lymphdx.models.densenet3d import DenseBlock, Transition, norm_spec
 from lymphdx.models.domain_norm import convert_to_domain_bn
 

@@ -6,7 +6,7 @@ ITK order ``(x, y, z)`` (mm, LPS world frame) and the direction cosines as a row
 3×3 matrix whose *columns* are the world directions of the x, y and z index axes.
 Intensities come out in Hounsfield units: DICOM RescaleSlope/Intercept and NIfTI
 ``scl_slope``/``scl_inter`` are applied by SimpleITK's readers. DICOM series folders
-go through :mod:`lymphdx.data.dicom` (slices sorted along their normal, gaps and gantry
+go through :mod:`lymphdx.io.dicom` (slices sorted along their normal, gaps and gantry
 tilt resampled with a warning, several series or non-CT refused).
 """
 
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from lymphdx.errors import InputError
-from lymphdx.fileutil import atomic_path
+from lymphdx.core.errors import InputError
+from lymphdx.core.files import atomic_path
 
 __all__ = [
     "Geometry",
@@ -118,12 +118,12 @@ def dicom_series_ids(folder: str | Path) -> list[str]:
 
 
 def _read_dicom_folder(folder: Path, patient: str | None) -> sitk.Image:
-    """Read the one DICOM series in ``folder`` (see :mod:`lymphdx.data.dicom`).
+    """Read the one DICOM series in ``folder`` (see :mod:`lymphdx.io.dicom`).
 
     Slices are sorted along their normal; gaps and gantry tilt are resampled with a
     warning; a folder with several series and non-CT series are refused.
     """
-    from lymphdx.data.dicom import read_dicom_series
+    from lymphdx.io.dicom import read_dicom_series
 
     return read_dicom_series(folder, patient).image
 

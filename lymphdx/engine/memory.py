@@ -24,8 +24,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lymphdx.config import Config, ModelConfig
-from lymphdx.errors import LymphdxError
+from lymphdx.core.config import Config, ModelConfig
+from lymphdx.core.errors import LymphdxError
 
 __all__ = [
     "PeakTracker",
@@ -99,7 +99,7 @@ class MemoryEstimate:
 
 def _step_batch(config: Config) -> tuple[int, bool | slice]:
     """Volumes per forward and which of them are decoded, as the trainer does it."""
-    from lymphdx.training.strategies import get_strategy
+    from lymphdx.core.strategies import get_strategy
 
     s = get_strategy(config.strategy)
     nw = config.training.batch_size
@@ -124,8 +124,8 @@ def estimate_step_memory(
     ``train``: forward, loss, backward and an Adam step (its state included); else a
     forward under ``no_grad`` in eval mode (inference).
     """
+    from lymphdx.engine.losses import RoiLoss
     from lymphdx.models.multitask import build_model
-    from lymphdx.training.losses import RoiLoss
 
     with torch.device("meta"):
         model = build_model(model_cfg)

@@ -13,10 +13,10 @@ patient: label and the seed-averaged probability of every strategy). The page ho
    (``sklearn.metrics.brier_score_loss``) of the seed-averaged scores;
 4. FROC curves from the runs' ``detection.json`` (when the strategy trains the decoder);
 5. the per-patient predictions (``report_predictions.csv``, linked and shown);
-6. overlays (``lymphdx.inference.predict``) of the best-AUC strategy's first run on its
+6. overlays (``lymphdx.workflows.predict.predict``) of the best-AUC strategy's first run on its
    highest-probability test patient and its most wrong one (largest |label − p|);
 7. training curves (``history.csv``) per strategy, seeds overlaid;
-8. learning curves (``lymphdx.evaluation.curves``): weak-validation AUC and strong-validation
+8. learning curves (``lymphdx.reporting.curves``): weak-validation AUC and strong-validation
    Dice of every run against training steps, one colour per strategy;
 9. the items a CLAIM / TRIPOD+AI reviewer asks for (data, splits, seeds, sample sizes,
    model selection, preprocessing, model, training, software, dates).
@@ -44,13 +44,13 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lymphdx.config import STRATEGIES
-from lymphdx.errors import LymphdxError
-from lymphdx.evaluation.curves import learning_curves_figure, read_curves
-from lymphdx.evaluation.evaluate import read_predictions
-from lymphdx.evaluation.metrics import _stratified_resamples, auc
-from lymphdx.evaluation.report import data_sets, label, test_split_note
-from lymphdx.fileutil import write_text
+from lymphdx.core.config import STRATEGIES
+from lymphdx.core.errors import LymphdxError
+from lymphdx.core.files import write_text
+from lymphdx.reporting.curves import learning_curves_figure, read_curves
+from lymphdx.stats.metrics import _stratified_resamples, auc
+from lymphdx.workflows.compare import data_sets, label, test_split_note
+from lymphdx.workflows.evaluate import read_predictions
 
 __all__ = [
     "write_report",
@@ -265,7 +265,7 @@ def roc_band(
     grid: np.ndarray = FPR_GRID,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pointwise percentile band of the TPR at ``grid`` over a class-stratified patient
-    bootstrap (the resampling of :func:`lymphdx.evaluation.metrics.bootstrap_auc_ci`)."""
+    bootstrap (the resampling of :func:`lymphdx.stats.metrics.bootstrap_auc_ci`)."""
     y = np.asarray(y).astype(int)
     s = np.asarray(scores, dtype=float)
     auc(y, s)
@@ -578,7 +578,7 @@ def _overlay(run: Run, patient_id: str) -> tuple[str | None, str]:
         return None, f"no overlay: {err}"
     if not image.exists():
         return None, f"no overlay: the image {image} is missing"
-    from lymphdx.inference import predict
+    from lymphdx.workflows.predict import predict
 
     with tempfile.TemporaryDirectory(prefix="lymphdx-report-") as tmp:
         try:
@@ -587,7 +587,7 @@ def _overlay(run: Run, patient_id: str) -> tuple[str | None, str]:
             return None, f"no overlay: predicting {image} failed: {err}"
         png = next(Path(tmp).rglob("overlay.png"), None)
         if png is None:
-            return None, "no overlay: lymphdx.inference.predict wrote no overlay.png"
+            return None, "no overlay: lymphdx.workflows.predict.predict wrote no overlay.png"
         uri = _data_uri(png.read_bytes())
     note = (
         f"image {image}; probability recomputed now {result['probability']:.3f}, "
@@ -1007,7 +1007,7 @@ def _parameter_count(run: Run) -> int | None:
     if not path.is_file():
         return None
     try:
-        from lymphdx.training.trainer import load_checkpoint
+        from lymphdx.engine.trainer import load_checkpoint
 
         state = load_checkpoint(path)
         return int(
@@ -1254,7 +1254,7 @@ def write_report(path: str | Path) -> Path:
 
 def _learning_curves_section(by_strategy: dict[str, list[Run]]) -> str:
     """The body of the "Learning curves" section: the figure of
-    :func:`lymphdx.evaluation.curves.learning_curves_figure` over the runs' ``history.csv``
+    :func:`lymphdx.reporting.curves.learning_curves_figure` over the runs' ``history.csv``
     and how to read it."""
     curves = read_curves({s: [r.path for r in runs] for s, runs in by_strategy.items()})
     if not curves:
@@ -1317,7 +1317,7 @@ def _overlay_section(inp: Inputs, by_strategy: dict[str, list[Run]]) -> str:
             )
         else:
             figs.append(f'<figure><p class="warn">{_e(caption)} {_e(note)}</p></figure>')
-    from lymphdx.training.strategies import get_strategy
+    from lymphdx.core.strategies import get_strategy
 
     try:
         decoder = get_strategy(best).trains_decoder

@@ -35,8 +35,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from lymphdx.config import DataConfig
-from lymphdx.data import io
+from lymphdx.core.config import DataConfig
+from lymphdx.core.domains import STRONG, WEAK
+from lymphdx.core.errors import InputError, LymphdxError
+from lymphdx.core.files import atomic_dir, atomic_path, ensure_writable_dir, write_json
 from lymphdx.data.preprocess import (
     Normalizer,
     check_coverage,
@@ -48,12 +50,10 @@ from lymphdx.data.preprocess import (
     preprocess_image,
     to_original,
 )
-from lymphdx.errors import InputError, LymphdxError
-from lymphdx.evaluation.evaluate import load_model
-from lymphdx.fileutil import atomic_dir, atomic_path, ensure_writable_dir, write_json
+from lymphdx.engine.teacher import predict_with_tta
+from lymphdx.io import volumes as io
 from lymphdx.models.domain_norm import domains
-from lymphdx.training.propagation import STRONG, WEAK
-from lymphdx.training.teacher import predict_with_tta
+from lymphdx.workflows.evaluate import load_model
 
 __all__ = ["predict", "output_name", "save_overlay"]
 

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from lymphdx.errors import LymphdxError
+from lymphdx.core.errors import LymphdxError
 
 __all__ = [
     "auc",

@@ -29,14 +29,15 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lymphdx.config import Config, merge, validate
+from lymphdx.core.config import Config, merge, validate
+from lymphdx.core.errors import LymphdxError
+from lymphdx.core.files import write_json, write_text
 from lymphdx.data.manifest import (
     WeakRecord,
     write_splits_csv,
 )
-from lymphdx.errors import LymphdxError
-from lymphdx.evaluation.evaluate import predict_checkpoint, read_predictions
-from lymphdx.evaluation.report import (
+from lymphdx.engine.trainer import split_manifests
+from lymphdx.workflows.compare import (
     cv_folds,
     paired_cells,
     pooled_fold_aucs,
@@ -45,8 +46,7 @@ from lymphdx.evaluation.report import (
     run_one,
     summarise,
 )
-from lymphdx.fileutil import write_json, write_text
-from lymphdx.training.trainer import split_manifests
+from lymphdx.workflows.evaluate import predict_checkpoint, read_predictions
 
 __all__ = [
     "ARMS",

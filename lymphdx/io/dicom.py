@@ -36,8 +36,8 @@ from typing import Any, Literal
 import numpy as np
 import SimpleITK as sitk
 
-from lymphdx.data.io import MAX_VOXELS, Geometry, to_sitk
-from lymphdx.errors import InputError
+from lymphdx.core.errors import InputError
+from lymphdx.io.volumes import MAX_VOXELS, Geometry, to_sitk
 
 __all__ = [
     "DicomReport",

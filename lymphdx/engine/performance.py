@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from lymphdx.config import TrainingConfig
-from lymphdx.errors import ConfigError
+from lymphdx.core.config import TrainingConfig
+from lymphdx.core.errors import ConfigError
 
 __all__ = ["autocast", "grad_scaler", "optimizer_step", "prepare_model", "prepare_input"]
 

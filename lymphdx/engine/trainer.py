@@ -45,7 +45,17 @@ import yaml
 from tqdm import tqdm
 
 import lymphdx
-from lymphdx.config import Config, dump_config, validate
+from lymphdx.core.config import Config, dump_config, validate
+from lymphdx.core.domains import STRONG, WEAK
+from lymphdx.core.errors import InputError, LymphdxError
+from lymphdx.core.files import (
+    atomic_path,
+    folder_problem,
+    remove_stale_temporaries,
+    run_lock,
+    write_text,
+)
+from lymphdx.core.strategies import Strategy, get_strategy
 from lymphdx.data.augment import Augmenter
 from lymphdx.data.datasets import VolumeSet, epoch_order
 from lymphdx.data.manifest import (
@@ -64,31 +74,18 @@ from lymphdx.data.preprocess import (
     save_normalizers,
 )
 from lymphdx.data.sampling import crop, patch_corner, stream_batches
-from lymphdx.errors import InputError, LymphdxError
-from lymphdx.evaluation.metrics import auc as compute_auc
-from lymphdx.fileutil import (
-    atomic_path,
-    folder_problem,
-    remove_stale_temporaries,
-    run_lock,
-    write_text,
-)
-from lymphdx.models.domain_norm import domains
-from lymphdx.models.multitask import MultiTaskNet, build_model
-from lymphdx.training import selection
-from lymphdx.training.distributed import (
+from lymphdx.engine import selection
+from lymphdx.engine.distributed import (
     DistContext,
     batch_classification_loss,
     batch_masked_roi_loss,
     batch_roi_loss,
     distributed,
 )
-from lymphdx.training.losses import RoiLoss
-from lymphdx.training.memory import check_memory
-from lymphdx.training.performance import autocast, grad_scaler, optimizer_step, prepare_input
-from lymphdx.training.propagation import (
-    STRONG,
-    WEAK,
+from lymphdx.engine.losses import RoiLoss
+from lymphdx.engine.memory import check_memory
+from lymphdx.engine.performance import autocast, grad_scaler, optimizer_step, prepare_input
+from lymphdx.engine.propagation import (
     PseudoLabels,
     is_propagation_epoch,
     predict_probabilities,
@@ -97,9 +94,11 @@ from lymphdx.training.propagation import (
     propagate_mask_targets,
     propagation_round,
 )
-from lymphdx.training.roi_status import node_size_status, roi_decoder_status
-from lymphdx.training.strategies import Strategy, get_strategy
-from lymphdx.training.teacher import EmaTeacher, SwaAverager, update_bn
+from lymphdx.engine.roi_status import node_size_status, roi_decoder_status
+from lymphdx.engine.teacher import EmaTeacher, SwaAverager, update_bn
+from lymphdx.models.domain_norm import domains
+from lymphdx.models.multitask import MultiTaskNet, build_model
+from lymphdx.stats.metrics import auc as compute_auc
 
 __all__ = [
     "config_differences",

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lymphdx.config import STRATEGIES
-from lymphdx.errors import LymphdxError
-from lymphdx.fileutil import atomic_path
+from lymphdx.core.config import STRATEGIES
+from lymphdx.core.errors import LymphdxError
+from lymphdx.core.files import atomic_path
 
 __all__ = [
     "read_curves",

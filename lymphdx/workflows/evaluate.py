@@ -18,20 +18,21 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lymphdx.config import Config, validate
-from lymphdx.errors import LymphdxError
-from lymphdx.evaluation.metrics import auc, bootstrap_auc_ci, delong
-from lymphdx.fileutil import write_json, write_text
-from lymphdx.models.multitask import MultiTaskNet, build_model
-from lymphdx.training.propagation import WEAK, predict_probabilities
-from lymphdx.training.roi_status import roi_decoder_status
-from lymphdx.training.strategies import get_strategy
-from lymphdx.training.trainer import (
+from lymphdx.core.config import Config, validate
+from lymphdx.core.domains import WEAK
+from lymphdx.core.errors import LymphdxError
+from lymphdx.core.files import write_json, write_text
+from lymphdx.core.strategies import get_strategy
+from lymphdx.engine.propagation import predict_probabilities
+from lymphdx.engine.roi_status import roi_decoder_status
+from lymphdx.engine.trainer import (
     load_checkpoint,
     load_run_data,
     read_history,
     verify_checkpoint,
 )
+from lymphdx.models.multitask import MultiTaskNet, build_model
+from lymphdx.stats.metrics import auc, bootstrap_auc_ci, delong
 
 __all__ = [
     "load_run_config",
@@ -175,7 +176,7 @@ def evaluate_run(
         run_dir / f"predictions_{split}.csv", list(volumes.patient_ids), labels, probs
     )
     if detection and split == "test" and get_strategy(config.strategy).trains_decoder:
-        from lymphdx.evaluation.detection import evaluate_detection  # imports this module
+        from lymphdx.workflows.detection import evaluate_detection  # imports this module
 
         with _quiet_numpy():
             detection = evaluate_detection(run_dir)

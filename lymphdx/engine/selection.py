@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from lymphdx.core.files import write_text
 from lymphdx.data.datasets import VolumeSet
-from lymphdx.evaluation.metrics import auc
-from lymphdx.fileutil import write_text
+from lymphdx.stats.metrics import auc
 
 __all__ = [
     "VAL_PREDICTIONS",

@@ -53,7 +53,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import cg
 
-from lymphdx.errors import LymphdxError
+from lymphdx.core.errors import LymphdxError
 
 __all__ = [
     "GraphLPResult",

@@ -37,9 +37,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lymphdx.errors import LymphdxError
-from lymphdx.training.losses import RoiLoss, classification_loss
-from lymphdx.training.pseudo_masks import masked_roi_loss
+from lymphdx.core.errors import LymphdxError
+from lymphdx.engine.losses import RoiLoss, classification_loss
+from lymphdx.engine.pseudo_masks import masked_roi_loss
 
 __all__ = [
     "DistContext",

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from lymphdx.errors import LymphdxError
+from lymphdx.core.errors import LymphdxError
 
 __all__ = [
     "binormal_scores",

@@ -23,32 +23,32 @@ from typing import Any
 
 import numpy as np
 
-from lymphdx.config import PAPER_STRATEGIES, STRATEGIES, Config, dump_config, validate
+from lymphdx.core.config import PAPER_STRATEGIES, STRATEGIES, Config, dump_config, validate
+from lymphdx.core.errors import LymphdxError
+from lymphdx.core.files import atomic_path, write_json, write_text
 from lymphdx.data.manifest import WeakRecord, load_manifests, write_splits_csv
 from lymphdx.data.preprocess import PreprocessCache
-from lymphdx.errors import LymphdxError
-from lymphdx.evaluation.evaluate import (
-    evaluate_run,
-    load_run_config,
-    predict_checkpoint,
-    read_predictions,
-)
-from lymphdx.evaluation.metrics import (
-    auc,
-    bootstrap_auc_ci,
-    delong_paired,
-    paired_bootstrap_delta_ci,
-)
-from lymphdx.evaluation.power import estimate_rho, power_statement, small_test_split_note
-from lymphdx.fileutil import atomic_path, write_json, write_text
-from lymphdx.training.roi_status import ROI_LEARNED_DICE
-from lymphdx.training.selection import VAL_PREDICTIONS, pooled_best_epoch, read_val_predictions
-from lymphdx.training.trainer import (
+from lymphdx.engine.roi_status import ROI_LEARNED_DICE
+from lymphdx.engine.selection import VAL_PREDICTIONS, pooled_best_epoch, read_val_predictions
+from lymphdx.engine.trainer import (
     cache_dir_of,
     config_differences,
     resolve_manifests,
     split_manifests,
     train,
+)
+from lymphdx.stats.metrics import (
+    auc,
+    bootstrap_auc_ci,
+    delong_paired,
+    paired_bootstrap_delta_ci,
+)
+from lymphdx.stats.power import estimate_rho, power_statement, small_test_split_note
+from lymphdx.workflows.evaluate import (
+    evaluate_run,
+    load_run_config,
+    predict_checkpoint,
+    read_predictions,
 )
 
 __all__ = ["compare", "summarise", "format_table", "PAPER_AUC"]

@@ -36,8 +36,10 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from lymphdx.data import io
-from lymphdx.data.dicom import (
+from lymphdx.core.errors import InputError
+from lymphdx.core.files import atomic_path, write_json
+from lymphdx.io import volumes as io
+from lymphdx.io.dicom import (
     DicomSeries,
     SeriesSummary,
     SliceStack,
@@ -45,8 +47,6 @@ from lymphdx.data.dicom import (
     read_dicom_series,
     scan_folder,
 )
-from lymphdx.errors import InputError
-from lymphdx.fileutil import atomic_path, write_json
 
 __all__ = [
     "REGIONS",

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from lymphdx.errors import ConfigError
+from lymphdx.core.errors import ConfigError
 
 __all__ = ["Config", "load_config", "PRESETS", "STRATEGIES", "PAPER_STRATEGIES", "dump_config"]
 
@@ -364,7 +364,7 @@ class TrainingConfig(_Section):
     flip_augment: bool = True
     num_threads: int | None = None  # default: all cores, shared by the processes of a node
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
-    # speed options (lymphdx.training.performance; measured in BENCHMARKS.md)
+    # speed options (lymphdx.engine.performance; measured in BENCHMARKS.md)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 = CUDA AMP
     channels_last: bool = False  # channels-last-3d memory format
     compile: bool = False  # torch.compile the model
@@ -466,7 +466,7 @@ class Config(_Section):
         gets its own defaults; ``dump_config`` writes it, so ``config.yaml`` holds the
         resolved value and reproduces the run alone.
         """
-        from lymphdx.training.strategies import STRATEGY_DEFAULTS  # no torch import
+        from lymphdx.core.strategies import STRATEGY_DEFAULTS  # no torch import
 
         for section_name, values in STRATEGY_DEFAULTS.get(self.strategy, {}).items():
             section = getattr(self, section_name)

@@ -22,17 +22,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lymphdx.config import PropagationConfig
+from lymphdx.core.config import PropagationConfig
+from lymphdx.core.domains import STRONG, WEAK
 from lymphdx.data.datasets import VolumeSet
+from lymphdx.engine.distributed import DistContext
+from lymphdx.engine.graph_propagation import graph_label_propagation, pseudo_labels_for
+from lymphdx.engine.pseudo_masks import curriculum_keep, pseudo_mask_targets
+from lymphdx.engine.teacher import predict_with_tta
 from lymphdx.models.domain_norm import domains
-from lymphdx.training.distributed import DistContext
-from lymphdx.training.graph_propagation import graph_label_propagation, pseudo_labels_for
-from lymphdx.training.pseudo_masks import curriculum_keep, pseudo_mask_targets
-from lymphdx.training.teacher import predict_with_tta
 
 __all__ = [
-    "WEAK",
-    "STRONG",
     "predict_probabilities",
     "predict_embeddings",
     "PseudoLabels",
@@ -43,8 +42,6 @@ __all__ = [
     "is_propagation_epoch",
     "propagation_round",
 ]
-
-WEAK, STRONG = 0, 1  # domain ids of the two sets (domain-specific batch norm)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lymphdx.errors import LymphdxError
+from lymphdx.core.errors import LymphdxError
 
 
 @contextlib.contextmanager

@@ -34,15 +34,15 @@ import torch
 from monai.metrics import compute_froc_curve_data
 from scipy import ndimage
 
+from lymphdx.core.domains import STRONG, WEAK
+from lymphdx.core.errors import LymphdxError
+from lymphdx.core.files import write_json
 from lymphdx.data.datasets import VolumeSet
-from lymphdx.errors import LymphdxError
-from lymphdx.evaluation.evaluate import load_model
-from lymphdx.evaluation.metrics import dice as _dice
-from lymphdx.fileutil import write_json
+from lymphdx.engine.teacher import predict_with_tta
+from lymphdx.engine.trainer import load_run_data
 from lymphdx.models.domain_norm import domains
-from lymphdx.training.propagation import STRONG, WEAK
-from lymphdx.training.teacher import predict_with_tta
-from lymphdx.training.trainer import load_run_data
+from lymphdx.stats.metrics import dice as _dice
+from lymphdx.workflows.evaluate import load_model
 
 __all__ = [
     "FP_RATES",

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# This module is imported by lymphdx.config: it must not import torch or lymphdx.config.
+# This module is imported by lymphdx.core.config: it must not import torch or lymphdx.core.config.
 
 __all__ = ["Strategy", "STRATEGIES", "STRATEGY_DEFAULTS", "get_strategy"]
 
