@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from lymphdx.core.domains import STRONG
-from lymphdx.engine.trainer import load_run_data
+from lymphdx.engine.run_data import load_run_data
+from lymphdx.engine.run_folder import load_model
 from lymphdx.models.domain_norm import domains
 from lymphdx.models.multitask import MultiTaskNet
-from lymphdx.workflows.evaluate import load_model
 
 
 def dice(model: MultiTaskNet, volumes, threshold: float) -> float:  # type: ignore[no-untyped-def]

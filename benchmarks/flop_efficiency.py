@@ -10,7 +10,7 @@ What it measures, in one process (``--device cuda`` runs the same on a GPU):
   preset's model (``build_model(load_config(preset="quick").model)``) at the quick
   preset's step shape: ``batch_size`` 4 weak scans + ``strong_batch_size`` 2 strong
   scans of ``data.shape`` 48×48×32 (tensor ``(6, 1, 32, 48, 48)``). The step kinds are the
-  trainer's (``_Trainer.train_step``): ``ssmdmt`` after the first propagation decodes all
+  trainer's (``Trainer.train_step``): ``ssmdmt`` after the first propagation decodes all
   6 scans (``roi=True``: real masks on the strong ones, pseudo masks on the weak ones);
   ``multitask`` (and ``ssmdmt`` before propagation) decodes the 2 strong ones
   (``roi=slice(4, None)``); ``semi_supervised`` classifies 6 (``roi=False``);
@@ -27,7 +27,7 @@ What it measures, in one process (``--device cuda`` runs the same on a GPU):
   copies, other), so that conv GFLOP/s = conv FLOPs / conv time can be read off;
 - conv3d-only GFLOP/s (forward, and forward + backward) of the most expensive layer of
   the model (first dense block's 3×3×3 conv, 16→8 channels at (6, 16, 16, 24, 24)) and of
-  DESIGN.md's reference layer (32→32, k3, batch 2 at 64³; skipped with ``--quick``).
+  a reference layer (32→32, k3, batch 2 at 64³; skipped with ``--quick``).
 
 Prints one JSON object to stdout; progress goes to stderr.
 """
@@ -65,7 +65,7 @@ STEPS: dict[str, tuple[str, str]] = {
 
 
 def roi_argument(decode: str, n_weak: int) -> bool | slice:
-    """``MultiTaskNet.forward``'s ``roi`` for a step kind, as ``_Trainer.train_step`` sets it."""
+    """``MultiTaskNet.forward``'s ``roi`` for a step kind, as ``Trainer.train_step`` sets it."""
     return {"none": False, "strong": slice(n_weak, None), "all": True}[decode]
 
 

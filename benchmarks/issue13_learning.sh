@@ -42,7 +42,7 @@ import csv, sys
 from pathlib import Path
 from lymphdx.core.config import load_config
 from lymphdx.workflows.ablation import write_development_manifest
-from lymphdx.engine.trainer import split_manifests
+from lymphdx.engine.run_data import split_manifests
 out, src, dest, split = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 weak, _ = split_manifests(load_config(), out / src / "weak/manifest.csv", out / src / "strong/manifest.csv", out / split)
 for d in ("weak", "strong"):

@@ -9,7 +9,7 @@ Command (from the repository root; ~8 min on the idle 2-core VM at 16 epochs):
 
 What it measures, both models in one run of the script, each in its own subprocess (so
 each peak RSS is its own):
-(a) lymphdx: ``lymphdx.engine.trainer.train`` with the ``quick`` preset, strategy
+(a) lymphdx: ``lymphdx.engine.train.train`` with the ``quick`` preset, strategy
     ``ssmdmt`` (its default 16 epochs unless ``--epochs``), then
     ``lymphdx.workflows.evaluate.evaluate_run`` (test AUC of the model chosen on
     validation AUC, 95 % stratified bootstrap CI);
@@ -81,8 +81,9 @@ def child_lymphdx(args: argparse.Namespace) -> dict[str, Any]:
     import torch.utils.tensorboard  # noqa: F401  (imported by the trainer; count it as an import)
 
     from lymphdx.core.config import load_config
-    from lymphdx.engine import trainer as tr
     from lymphdx.engine.distributed import resolve_device
+    from lymphdx.engine.train import train
+    from lymphdx.engine.trainer import Trainer
     from lymphdx.models.multitask import build_model
     from lymphdx.workflows.evaluate import evaluate_run, read_predictions
 
@@ -90,7 +91,7 @@ def child_lymphdx(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     train_epoch_s: list[float] = []
-    original = tr._Trainer.train_epoch
+    original = Trainer.train_epoch
 
     def train_epoch(self):
         t0 = time.perf_counter()
@@ -99,7 +100,7 @@ def child_lymphdx(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             train_epoch_s.append(time.perf_counter() - t0)
 
-    tr._Trainer.train_epoch = train_epoch
+    Trainer.train_epoch = train_epoch
     over: dict[str, Any] = {"strategy": "ssmdmt", "seed": args.seed}
     over["data"] = {"cache_dir": str(args.cache)}
     over["training"] = {"device": args.device}
@@ -107,7 +108,7 @@ def child_lymphdx(args: argparse.Namespace) -> dict[str, Any]:
         over["training"]["epochs"] = args.epochs
     cfg = load_config(preset="quick", overrides=over)
     t0 = time.perf_counter()
-    tr.train(cfg, args.run, args.weak, args.strong, progress=False)
+    train(cfg, args.run, args.weak, args.strong, progress=False)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     metrics = evaluate_run(args.run)
@@ -156,9 +157,9 @@ def child_monai(args: argparse.Namespace) -> dict[str, Any]:
     from lymphdx.data.datasets import VolumeSet, epoch_order
     from lymphdx.engine.distributed import resolve_device
     from lymphdx.engine.losses import classification_loss
-    from lymphdx.engine.trainer import load_run_data
+    from lymphdx.engine.run_data import load_run_data
+    from lymphdx.engine.run_folder import load_run_config
     from lymphdx.stats.metrics import auc, bootstrap_auc_ci
-    from lymphdx.workflows.evaluate import load_run_config
 
     rss_imports = rss_kib()
     if args.threads:
@@ -329,7 +330,7 @@ def main() -> None:
         b = run_child(Path(__file__), ["monai", *common])
         log(f"(b) test AUC {b['test']['auc']} {b['test']['auc_ci95']}, {b['epoch_s_mean']} s/epoch")
 
-        from lymphdx.workflows.evaluate import load_run_config
+        from lymphdx.engine.run_folder import load_run_config
 
         cfg = load_run_config(run)
         test = paired(a, b, cfg.seed, cfg.evaluation.bootstrap)

@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from lymphdx.workflows.evaluate import load_run_config
+from lymphdx.engine.run_folder import load_run_config
 from lymphdx.workflows.predict import predict
 
 

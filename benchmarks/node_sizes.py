@@ -20,7 +20,7 @@ from lymphdx.core.config import load_config
 from lymphdx.data.manifest import load_manifests
 from lymphdx.data.preprocess import PreprocessCache
 from lymphdx.engine.roi_status import node_size_status
-from lymphdx.engine.trainer import cache_dir_of
+from lymphdx.engine.run_data import cache_dir_of
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lymphdx.engine.trainer import load_checkpoint, load_run_data
-from lymphdx.workflows.evaluate import load_run_config
+from lymphdx.engine.run_data import load_run_data
+from lymphdx.engine.run_folder import load_checkpoint, load_run_config
 
 
 def main() -> None:

@@ -28,9 +28,9 @@ from sklearn.metrics import roc_auc_score
 from lymphdx.core.domains import WEAK
 from lymphdx.engine.distributed import DistContext
 from lymphdx.engine.propagation import _my_batches
+from lymphdx.engine.run_data import load_run_data
+from lymphdx.engine.run_folder import load_model
 from lymphdx.engine.teacher import predict_with_tta
-from lymphdx.engine.trainer import load_run_data
-from lymphdx.workflows.evaluate import load_model
 
 
 @torch.no_grad()

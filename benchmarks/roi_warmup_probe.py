@@ -22,7 +22,7 @@ import torch
 from lymphdx.core.config import load_config, validate
 from lymphdx.data.sampling import crop, patch_corner
 from lymphdx.engine.losses import RoiLoss
-from lymphdx.engine.trainer import load_run_data
+from lymphdx.engine.run_data import load_run_data
 from lymphdx.models.multitask import build_model
 from lymphdx.stats.metrics import auc
 

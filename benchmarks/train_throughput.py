@@ -10,7 +10,7 @@ What it measures: every strategy (``supervised``, ``semi-supervised``, ``multita
 ``ssmdmt``) trains the ``quick`` preset for E epochs (default 3) with propagation in them
 (warm-up 1, every 1, so rounds at epochs 1..E-1) on the built-in synthetic two-hospital
 data, each strategy in a fresh subprocess, through the real ``lymphdx.engine.trainer
-.train``; the benchmark only wraps ``_Trainer.train_step / train_epoch / propagation /
+.train``; the benchmark only wraps ``Trainer.train_step / train_epoch / propagation /
 validate / epoch_end`` and ``VolumeSet.batch`` with timers. The preprocessing cache is
 filled once before the strategies run (its fill time is reported as
 ``cache_fill_seconds``), so every run starts with a warm on-disk cache; volumes enter
@@ -79,7 +79,7 @@ class Probe:
 
     def install(self) -> None:
         from lymphdx.data.datasets import VolumeSet
-        from lymphdx.engine.trainer import _Trainer
+        from lymphdx.engine.trainer import Trainer
 
         probe = self
 
@@ -97,7 +97,7 @@ class Probe:
 
             return wrapper
 
-        step = _Trainer.train_step
+        step = Trainer.train_step
 
         def train_step(trainer, step_no, weak_index, strong_index):
             probe.epoch = trainer.epoch
@@ -123,9 +123,9 @@ class Probe:
             finally:
                 probe.epochs[probe.epoch][f"{probe.phase}_batch_s"] += time.perf_counter() - t0
 
-        _Trainer.train_step = train_step
+        Trainer.train_step = train_step
         for name in ("train_epoch", "propagation", "validate", "epoch_end"):
-            setattr(_Trainer, name, timed(name, getattr(_Trainer, name)))
+            setattr(Trainer, name, timed(name, getattr(Trainer, name)))
         VolumeSet.batch = timed_batch
 
 
@@ -141,7 +141,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from lymphdx.core.strategies import get_strategy
     from lymphdx.engine.distributed import resolve_device
     from lymphdx.engine.propagation import is_propagation_epoch
-    from lymphdx.engine.trainer import train
+    from lymphdx.engine.train import train
 
     rss_imports = rss_kib()
     probe = Probe()

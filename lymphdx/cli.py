@@ -142,7 +142,7 @@ def _check_out_folder(out: Path, option: str = "--out") -> None:
 
 def _check_cache(cache_dir: str | None) -> None:
     """The preprocessing cache folder (``data.cache_dir``, else ``$LYMPHDX_CACHE``, else
-    ``~/.cache/lymphdx``, as ``trainer.cache_dir_of``) must be a folder or makeable, named
+    ``~/.cache/lymphdx``, as ``run_data.cache_dir_of``) must be a folder or makeable, named
     by where it was set."""
     if cache_dir:
         check_folder(cache_dir, "preprocessing cache folder (config key data.cache_dir)")
@@ -254,7 +254,7 @@ def train_cmd(
 ) -> None:
     """Train one strategy (under torchrun: one process per rank, see the README)."""
     from lymphdx.engine.distributed import is_main_process
-    from lymphdx.engine.trainer import train
+    from lymphdx.engine.train import train
 
     # the command line's own values first, so that a refusal names the option, not the
     # config file, and comes before the run folder exists
@@ -288,7 +288,8 @@ def evaluate(
     split: Annotated[Split, typer.Option(help="Weak-set split to score.")] = "test",
 ) -> None:
     """Score the run's best model on a split; writes RUN/metrics.json."""
-    from lymphdx.workflows.evaluate import evaluate_run, load_run_config
+    from lymphdx.engine.run_folder import load_run_config
+    from lymphdx.workflows.evaluate import evaluate_run
 
     _check_cache(load_run_config(run).data.cache_dir)
     typer.echo(dumps_json(evaluate_run(run, split)))
@@ -350,7 +351,9 @@ def compare_cmd(
         bool,
         typer.Option(
             "--ablation",
-            help="Issue 8's options one at a time on top of ssmdmt, by repeated CV on the "
+            help="The options beyond the paper (EMA teacher, graph propagation, curriculum, "
+            "soft pseudo masks, domain batch norm, selection rules) one at a time on top of "
+            "ssmdmt, by repeated CV on the "
             "fixed split's train + val patients (test held out); --cv defaults to 3.",
         ),
     ] = False,
@@ -377,7 +380,8 @@ def compare_cmd(
 ) -> None:
     """Train and evaluate every strategy and seed; writes results.json, results.md, roc.png
     (with --ablation: ablation.json, ablation.md, recommended.yaml)."""
-    from lymphdx.workflows.compare import compare, format_table
+    from lymphdx.reporting.table import format_table
+    from lymphdx.workflows.compare import compare
 
     _check_at_least(epochs, "--epochs")
     _check_at_least(seeds, "--seeds")
@@ -435,7 +439,8 @@ def demo(
     """Synthetic data + compare of the four strategies with the quick preset."""
     from lymphdx.core.config import load_config
     from lymphdx.data.synthetic import SynthSpec, write_synthetic
-    from lymphdx.workflows.compare import compare, format_table
+    from lymphdx.reporting.table import format_table
+    from lymphdx.workflows.compare import compare
 
     _check_at_least(seeds, "--seeds")
     _check_at_least(epochs, "--epochs")

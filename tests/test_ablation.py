@@ -18,8 +18,9 @@ from lymphdx.core.config import validate
 from lymphdx.core.domains import WEAK
 from lymphdx.core.errors import LymphdxError
 from lymphdx.engine.propagation import predict_probabilities
+from lymphdx.engine.run_data import load_run_data
+from lymphdx.engine.run_folder import load_model, load_run_config
 from lymphdx.engine.selection import pooled_best_epoch
-from lymphdx.engine.trainer import load_run_data
 from lymphdx.workflows.ablation import (
     ARMS,
     REFERENCE,
@@ -27,7 +28,7 @@ from lymphdx.workflows.ablation import (
     recommend,
     recommended_yaml,
 )
-from lymphdx.workflows.evaluate import load_model, load_run_config, read_predictions
+from lymphdx.workflows.evaluate import read_predictions
 from tests.conftest import tiny_config
 
 runner = CliRunner()

@@ -31,9 +31,11 @@ from typer.testing import CliRunner
 from lymphdx.cli import app
 from lymphdx.core.config import DataConfig, load_config
 from lymphdx.core.errors import ConfigError, InputError, LymphdxError
-from lymphdx.data.manifest import load_manifests, resolve_splits
+from lymphdx.data.manifest import load_manifests
 from lymphdx.data.preprocess import PreprocessCache
-from lymphdx.io.volumes import Geometry, write_volume
+from lymphdx.data.splits import resolve_splits
+from lymphdx.io.geometry import Geometry
+from lymphdx.io.volumes import write_volume
 from tests.conftest import tiny_config
 from tests.helpers import make_dicom_series, write_csv
 
@@ -602,7 +604,7 @@ def assert_cli_error(code: int, output: str, file, patient, *words: str) -> str:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-epoch supervised run on six small scans (seconds)."""
-    from lymphdx.engine.trainer import train
+    from lymphdx.engine.train import train
 
     tmp = tmp_path_factory.mktemp("bad_input_run")
     weak, strong = manifests(tmp)

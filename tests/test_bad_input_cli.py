@@ -82,7 +82,7 @@ def data(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
 @pytest.fixture(scope="module")
 def tiny_run(data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One supervised epoch; its test split holds one positive and one negative."""
-    from lymphdx.engine.trainer import train
+    from lymphdx.engine.train import train
 
     tmp = tmp_path_factory.mktemp("cli_run")
     config = tiny_config(tmp, strategy="supervised", training={"epochs": 1})

@@ -26,18 +26,18 @@ import yaml
 
 from lymphdx.core.config import DataConfig, load_config
 from lymphdx.core.errors import ConfigError, InputError, LymphdxError
+from lymphdx.data.calibration import intensity_calibration
+from lymphdx.data.grid import canonical_grid, resample_image
 from lymphdx.data.manifest import check_duplicate_scans, load_manifests
 from lymphdx.data.preprocess import (
     Normalizer,
     PreprocessCache,
-    canonical_grid,
     check_calibration,
-    intensity_calibration,
-    resample_image,
     settings_key,
 )
 from lymphdx.io import volumes as io
-from lymphdx.io.volumes import Geometry, write_volume
+from lymphdx.io.geometry import Geometry, to_sitk
+from lymphdx.io.volumes import write_volume
 from tests.conftest import tiny_config
 from tests.helpers import cli, one_error, write_csv, write_ct_series
 
@@ -173,14 +173,14 @@ def test_default_settings_key_and_arrays_are_unchanged(tmp_path: Path) -> None:
     image = PreprocessCache(tmp_path / "cache", cfg).image(path, "P1")
     volume = io.read_volume(path)
     grid = canonical_grid(volume.geometry, volume.shape_xyz, cfg)
-    direct = resample_image(io.to_sitk(volume.array, volume.geometry), grid, cfg)
+    direct = resample_image(to_sitk(volume.array, volume.geometry), grid, cfg)
     np.testing.assert_array_equal(image, direct)
 
 
 def test_raw_ct_numbers_are_corrected_with_a_warning_naming_set_and_patients(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from lymphdx.engine.trainer import load_run_data
+    from lymphdx.engine.run_data import load_run_data
 
     weak, strong = dataset(tmp_path / "raw", strong_offset=RAW)
     dataset(tmp_path / "hu")  # the same scans in HU
@@ -297,23 +297,24 @@ def test_fp16_on_cpu_leaves_no_run_folder_and_the_fixed_command_works(tmp_path: 
 def test_a_refusal_inside_the_first_epoch_leaves_no_run_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lymphdx.engine import trainer
+    from lymphdx.engine.train import train
+    from lymphdx.engine.trainer import Trainer
 
     def refuse(self):  # what a scan read only during the epoch would raise
         raise InputError("cannot read: truncated", tmp_path / "weak" / "w2.nii.gz", "W2")
 
-    monkeypatch.setattr(trainer._Trainer, "train_epoch", refuse)
+    monkeypatch.setattr(Trainer, "train_epoch", refuse)
     weak, strong = dataset(tmp_path)
     config = tiny_config(tmp_path, strategy="supervised", training={"epochs": 1})
     run = tmp_path / "run"
     with pytest.raises(InputError, match="W2"):
-        trainer.train(config, run, weak, strong, progress=False)
+        train(config, run, weak, strong, progress=False)
     assert not run.exists()
     # an existing folder given as --out is emptied of the run's files, not removed
     run.mkdir()
     (run / "notes.txt").write_text("mine")
     with pytest.raises(InputError):
-        trainer.train(config, run, weak, strong, progress=False)
+        train(config, run, weak, strong, progress=False)
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 
@@ -387,7 +388,7 @@ def test_the_same_scan_in_both_sets_is_refused(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-epoch supervised run on the small phantoms (seconds)."""
-    from lymphdx.engine.trainer import train
+    from lymphdx.engine.train import train
 
     tmp = tmp_path_factory.mktemp("issue14_run")
     weak, strong = dataset(tmp)
@@ -474,7 +475,7 @@ def test_predict_rerun_into_the_same_out_keeps_only_the_new_outputs(
 
 def test_refused_runs_raise_lymphdx_errors_only(tmp_path: Path) -> None:
     """The library path (no command line) raises the same one-line errors."""
-    from lymphdx.engine.trainer import train
+    from lymphdx.engine.train import train
 
     weak, strong = dataset(tmp_path, strong_masks="empty")
     config = tiny_config(tmp_path, strategy="multitask", training={"epochs": 1, "device": "cpu"})

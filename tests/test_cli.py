@@ -1,4 +1,4 @@
-"""The command line as DESIGN.md fixes it: commands, output files, clear errors."""
+"""The command line as the README documents it: commands, output files, clear errors."""
 
 from __future__ import annotations
 
@@ -188,7 +188,7 @@ def test_compare_cross_validation_pools_out_of_fold_predictions(
     tiny_data: Path, tmp_path: Path
 ) -> None:
     from lymphdx.data.manifest import load_weak_manifest
-    from lymphdx.workflows.compare import cv_assignments
+    from lymphdx.workflows.folds import cv_assignments
 
     weak_csv, strong = tiny_data / "weak" / "manifest.csv", tiny_data / "strong" / "manifest.csv"
     weak = load_weak_manifest(weak_csv)

@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from lymphdx.engine.trainer import load_checkpoint
+from lymphdx.engine.run_folder import load_checkpoint
 from tests.conftest import tiny_config
 
 EPOCHS = 5
@@ -45,7 +45,7 @@ def die_on_nth(fn, before=None):
     return wrapped
 
 import torch
-from lymphdx.engine import trainer
+from lymphdx.engine.trainer import Trainer
 if stage == "checkpoint":
     real_save = torch.save
     def half_write(obj, f, *a, **k):  # leave half a file at the temporary name
@@ -55,9 +55,9 @@ if stage == "checkpoint":
             out.write(buf.getvalue()[: len(buf.getvalue()) // 2]); out.flush()
     torch.save = die_on_nth(real_save, half_write)
 elif stage == "propagation":
-    trainer._Trainer.propagation = die_on_nth(trainer._Trainer.propagation)
+    Trainer.propagation = die_on_nth(Trainer.propagation)
 elif stage == "step":
-    trainer._Trainer.train_step = die_on_nth(trainer._Trainer.train_step)
+    Trainer.train_step = die_on_nth(Trainer.train_step)
 from lymphdx.cli import main
 sys.argv = ["lymphdx"] + sys.argv[3:]
 main()

@@ -248,7 +248,8 @@ def _fake_compare(root: Path) -> Path:
 
 
 def test_report_has_a_learning_curves_section(tmp_path: Path) -> None:
-    from lymphdx.workflows.report import _learning_curves_section, write_report
+    from lymphdx.reporting.sections import learning_curves_section
+    from lymphdx.workflows.report import write_report
 
     page = write_report(_fake_compare(tmp_path / "cmp")).read_text()
     section = re.search(
@@ -262,7 +263,7 @@ def test_report_has_a_learning_curves_section(tmp_path: Path) -> None:
     assert uri and base64.b64decode(uri.group(1), validate=True).startswith(PNG_MAGIC)
     assert "4 run(s)" in body
 
-    assert _learning_curves_section({}) == "<p>No history.csv found.</p>"
+    assert learning_curves_section({}) == "<p>No history.csv found.</p>"
 
 
 def test_history_rows_written_by_csv_module_round_trip(tmp_path: Path) -> None:

@@ -218,7 +218,7 @@ def test_perfect_map_gives_full_sensitivity_and_dice_one() -> None:
 
 
 def test_evaluate_detection_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
-    from lymphdx.engine.trainer import train
+    from lymphdx.engine.train import train
 
     config = tiny_config(tmp_path, training={"epochs": 1})
     run_dir = tmp_path / "run"

@@ -334,7 +334,7 @@ def test_folder_with_slices_in_subfolders_says_so(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1-epoch tiny multitask run (seconds)."""
-    from lymphdx.engine.trainer import train
+    from lymphdx.engine.train import train
     from tests.conftest import tiny_config
 
     tmp = tmp_path_factory.mktemp("run")

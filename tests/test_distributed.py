@@ -32,7 +32,8 @@ from lymphdx.engine.distributed import (
 )
 from lymphdx.engine.losses import RoiLoss, classification_loss
 from lymphdx.engine.pseudo_masks import masked_roi_loss
-from lymphdx.engine.trainer import load_checkpoint, train
+from lymphdx.engine.run_folder import load_checkpoint
+from lymphdx.engine.train import train
 from lymphdx.models.multitask import build_model
 from tests.conftest import tiny_config
 from tests.helpers import ALL_OPTIONS

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from lymphdx.core.errors import LymphdxError
-from lymphdx.engine.trainer import load_run_data
+from lymphdx.engine.run_data import load_run_data
+from lymphdx.engine.run_folder import load_model
 from lymphdx.workflows import detection as detection_module
 from lymphdx.workflows.compare import compare
-from lymphdx.workflows.evaluate import load_model, read_predictions
+from lymphdx.workflows.evaluate import read_predictions
 from lymphdx.workflows.predict import predict
 from tests.conftest import tiny_config
 

@@ -36,19 +36,18 @@ from hypothesis import strategies as st
 
 from lymphdx.core.config import DataConfig
 from lymphdx.core.errors import InputError, LymphdxError
+from lymphdx.data.grid import canonical_grid, check_coverage
 from lymphdx.data.manifest import (
     SPLITS,
     load_strong_manifest,
     load_weak_manifest,
-    read_splits_csv,
 )
-from lymphdx.data.preprocess import canonical_grid, check_coverage
+from lymphdx.data.splits import read_splits_csv
+from lymphdx.io.geometry import Geometry, to_sitk
 from lymphdx.io.volumes import (
     SPACING_RANGE_MM,
-    Geometry,
     check_geometry,
     read_volume,
-    to_sitk,
     write_volume,
 )
 from tests.helpers import OBLIQUE_DIRECTION, make_dicom_series

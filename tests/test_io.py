@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from lymphdx.core.errors import InputError
+from lymphdx.io.geometry import Geometry
 from lymphdx.io.volumes import (
-    Geometry,
     dicom_series_ids,
     read_image,
     read_mask,

@@ -17,8 +17,9 @@ from lymphdx.core.config import AugmentationConfig, Config, ModelConfig, load_co
 from lymphdx.core.errors import ConfigError
 from lymphdx.data.augment import Augmenter
 from lymphdx.data.sampling import crop, patch_corner, stream_batches
-from lymphdx.engine import trainer as trainer_module
-from lymphdx.engine.trainer import load_checkpoint, train
+from lymphdx.engine import batches, propagation
+from lymphdx.engine.run_folder import load_checkpoint
+from lymphdx.engine.train import train
 from lymphdx.models.multitask import Classifier, MultiTaskNet, build_model
 from tests.helpers import cache, one_thread  # noqa: F401  (fixtures)
 from tests.helpers import history as _history
@@ -424,7 +425,7 @@ def test_steps_and_roi_warmup_in_history(
         keys.append(tuple(key))
         return real_call(self, key, volumes)
 
-    monkeypatch.setattr(trainer_module, "crop", crop_spy)
+    monkeypatch.setattr(batches, "crop", crop_spy)
     monkeypatch.setattr(Augmenter, "__call__", augment_spy)
     weak, strong = _manifests(tiny_data)
     run = tmp_path / "multitask"
@@ -560,7 +561,7 @@ def test_one_class_pseudo_labels_are_reported_and_optionally_skipped(
         weights[0] = 0.0
         return targets, weights
 
-    monkeypatch.setattr(trainer_module, "propagate_labels", one_class)
+    monkeypatch.setattr(propagation, "propagate_labels", one_class)
     weak, strong = _manifests(tiny_data)
     run = tmp_path / "one"
     config = _mechanics(
@@ -588,7 +589,7 @@ def test_pseudo_labels_of_both_classes_raise_no_one_class_note(
         n = len(strong)
         return (np.arange(n) % 2).astype(np.float32), np.ones(n, dtype=np.float32)
 
-    monkeypatch.setattr(trainer_module, "propagate_labels", both)
+    monkeypatch.setattr(propagation, "propagate_labels", both)
     weak, strong = _manifests(tiny_data)
     run = tmp_path / "both"
     config = _mechanics(cache, "semi-supervised", 2, propagation={"warmup_epochs": 1, "every": 1})

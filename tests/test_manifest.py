@@ -17,11 +17,13 @@ from lymphdx.data.manifest import (
     SPLITS,
     StrongRecord,
     WeakRecord,
-    assign_splits,
     check_disjoint,
     load_manifests,
     load_strong_manifest,
     load_weak_manifest,
+)
+from lymphdx.data.splits import (
+    assign_splits,
     read_splits_csv,
     resolve_splits,
     split_counts,

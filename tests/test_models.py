@@ -219,7 +219,7 @@ def test_malignancy_map_keeps_the_label_gradient_off_the_roi_output() -> None:
     """The scan label reaches the malignancy map's output weights, never the ROI map's;
     the ROI loss through ``maps_and_targets`` reaches both."""
     from lymphdx.engine.losses import RoiLoss
-    from lymphdx.engine.trainer import maps_and_targets
+    from lymphdx.engine.steps import maps_and_targets
 
     model = _malignancy_model().train()
     with torch.no_grad():

@@ -18,14 +18,18 @@ import pytest
 import torch
 import yaml
 
-from lymphdx.core.config import PAPER_STRATEGIES, Config, load_config, validate
+from lymphdx.core.config import PAPER_STRATEGIES, Config, dump_config, load_config, validate
 from lymphdx.core.config import STRATEGIES as CONFIG_STRATEGIES
 from lymphdx.core.errors import ConfigError
 from lymphdx.core.strategies import STRATEGIES, STRATEGY_DEFAULTS
 from lymphdx.engine import distributed, propagation
+from lymphdx.engine import steps as steps_module
 from lymphdx.engine import trainer as trainer_module
 from lymphdx.engine.pseudo_masks import curriculum_keep
-from lymphdx.engine.trainer import load_checkpoint, load_run_data, train
+from lymphdx.engine.run_data import load_run_data
+from lymphdx.engine.run_folder import load_checkpoint
+from lymphdx.engine.train import train
+from lymphdx.engine.trainer import Trainer
 from lymphdx.models.domain_norm import DomainBatchNorm3d
 from lymphdx.models.multitask import build_model
 from lymphdx.workflows import predict as inference
@@ -93,7 +97,7 @@ def test_strategy_defaults_fill_only_the_keys_left_unset(
             expected = False if key == "curriculum" else value  # the user's value wins
             assert getattr(getattr(plus, section), key) == expected, key
     # config.yaml (dump_config) holds the resolved values and reloads to the same config
-    again = validate(yaml.safe_load(trainer_module.dump_config(plus)))
+    again = validate(yaml.safe_load(dump_config(plus)))
     assert again == plus and again.propagation.method == "graph"
     # compare re-validates with another strategy: that strategy's defaults, not plus's
     other = validate({**_for_strategy(plus), "strategy": "ssmdmt"})
@@ -210,9 +214,9 @@ def plus_run(tiny_data: Path, cache: Path, tmp_path_factory: pytest.TempPathFact
     and 2), with its calls recorded."""
     run = tmp_path_factory.mktemp("plus") / "run"
     seen: dict[str, list] = {"trainer": [], "graph": [], "masks": [], "lp": [], "masked": []}
-    real_propagation = trainer_module._Trainer.propagation
-    real_graph = trainer_module.propagate_labels_graph
-    real_masks = trainer_module.propagate_mask_targets
+    real_propagation = Trainer.propagation
+    real_graph = propagation.propagate_labels_graph
+    real_masks = propagation.propagate_mask_targets
     real_lp = propagation.pseudo_labels_for
     real_masked = distributed.masked_roi_loss
 
@@ -239,9 +243,9 @@ def plus_run(tiny_data: Path, cache: Path, tmp_path_factory: pytest.TempPathFact
         return real_masked(logits, targets, weights, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer_module._Trainer, "propagation", propagation_spy)
-        mp.setattr(trainer_module, "propagate_labels_graph", graph_spy)
-        mp.setattr(trainer_module, "propagate_mask_targets", masks_spy)
+        mp.setattr(Trainer, "propagation", propagation_spy)
+        mp.setattr(propagation, "propagate_labels_graph", graph_spy)
+        mp.setattr(propagation, "propagate_mask_targets", masks_spy)
         mp.setattr(propagation, "pseudo_labels_for", lp_spy)
         mp.setattr(distributed, "masked_roi_loss", masked_spy)
         train(_plus_config(cache, PLUS_EPOCHS), run, *_manifests(tiny_data), progress=False)
@@ -352,7 +356,8 @@ def test_domain_batch_norm_routes_weak_to_0_and_strong_to_1(
 
         monkeypatch.setattr(module, "domains", spy)
 
-    recorder(trainer_module)
+    recorder(trainer_module)  # strong-validation Dice
+    recorder(steps_module)  # the training steps
     recorder(propagation)
     config = _config(cache, model={"norm": "domain_batch"})
     run = tmp_path / "run"

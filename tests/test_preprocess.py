@@ -12,21 +12,17 @@ import SimpleITK as sitk
 from lymphdx.core.config import DataConfig
 from lymphdx.core.errors import InputError
 from lymphdx.data import preprocess
+from lymphdx.data.grid import Grid, canonical_grid, resample_image, resample_mask, to_original
 from lymphdx.data.preprocess import (
-    Grid,
     Normalizer,
     PreprocessCache,
-    canonical_grid,
     fit_normalizers,
     load_normalizers,
-    resample_image,
-    resample_mask,
     save_normalizers,
     settings_key,
-    to_original,
 )
 from lymphdx.io import volumes as io
-from lymphdx.io.volumes import Geometry
+from lymphdx.io.geometry import Geometry, to_sitk
 from tests.helpers import OBLIQUE_DIRECTION, make_dicom_series
 
 # Input: 20 x 16 x 12 voxels (x, y, z), anisotropic, off-origin, x and y flipped.
@@ -74,7 +70,7 @@ RESIZE = DataConfig(shape=(16, 12, 10), fit="resize")
 
 @pytest.mark.parametrize("cfg", [CROP, RESIZE], ids=["crop", "resize"])
 def test_sphere_lands_at_world_position(cfg: DataConfig) -> None:
-    image = io.to_sitk(phantom(), GEOM)
+    image = to_sitk(phantom(), GEOM)
     grid = canonical_grid(GEOM, SIZE_XYZ, cfg)
     out = resample_image(image, grid, cfg)
     assert out.shape == tuple(reversed(cfg.shape)) and out.dtype == np.float32
@@ -100,7 +96,7 @@ def test_crop_pads_with_window_low_and_keeps_background(shape) -> None:
     36 mm input; (16, 10, 8) = 40 x 20 x 28 mm crops y and z."""
     cfg = CROP.model_copy(update={"shape": shape})
     grid = canonical_grid(GEOM, SIZE_XYZ, cfg)
-    out = resample_image(io.to_sitk(phantom(), GEOM), grid, cfg)
+    out = resample_image(to_sitk(phantom(), GEOM), grid, cfg)
     world = world_coords(grid.geometry, shape)
     index = (
         np.c_[world.reshape(-1, 3), np.ones(world[..., 0].size)]
@@ -125,7 +121,7 @@ def test_resize_identity_is_a_pure_reorientation() -> None:
     x and y flipped to the canonical (L, P) directions."""
     cfg = DataConfig(shape=SIZE_XYZ, fit="resize", hu_window=(-2000.0, 2000.0))
     array = phantom() + np.random.default_rng(0).normal(0, 10, size=(12, 16, 20)).astype("f4")
-    out = resample_image(io.to_sitk(array, GEOM), canonical_grid(GEOM, SIZE_XYZ, cfg), cfg)
+    out = resample_image(to_sitk(array, GEOM), canonical_grid(GEOM, SIZE_XYZ, cfg), cfg)
     np.testing.assert_allclose(out, array[:, ::-1, ::-1], atol=1e-3)
 
 
@@ -156,12 +152,12 @@ def test_mask_binarised_and_aligned(cfg: DataConfig) -> None:
     ids[10:12, 2:4, 2:4] = 3
     ids[5, 14, 17:19] = 1
     grid = canonical_grid(GEOM, SIZE_XYZ, cfg)
-    out = resample_mask(io.to_sitk(ids, GEOM), grid)
+    out = resample_mask(to_sitk(ids, GEOM), grid)
     assert out.dtype == np.uint8 and out.shape == grid.shape_zyx
     assert set(np.unique(out)) <= {0, 1}
-    image = resample_image(io.to_sitk(phantom(), GEOM), grid, cfg)
+    image = resample_image(to_sitk(phantom(), GEOM), grid, cfg)
     bright = image > cfg.hu_window[1] / 2
-    only_sphere = resample_mask(io.to_sitk((ids == 2).astype(np.uint8), GEOM), grid)
+    only_sphere = resample_mask(to_sitk((ids == 2).astype(np.uint8), GEOM), grid)
     np.testing.assert_allclose(centroid_xyz(only_sphere), centroid_xyz(bright), atol=0.5)
     assert np.count_nonzero(out) > np.count_nonzero(only_sphere)
 
@@ -176,7 +172,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     ids=["crop", "resize"],
 )
 def test_to_original_round_trip(cfg: DataConfig) -> None:
-    reference = io.to_sitk(phantom(), GEOM)
+    reference = to_sitk(phantom(), GEOM)
     grid = canonical_grid(GEOM, SIZE_XYZ, cfg)
     canonical = (resample_image(reference, grid, cfg) > 175).astype(np.float32)
     back = to_original(canonical, grid, reference)
@@ -242,7 +238,7 @@ def test_cache_reads_once_and_survives_new_instances(tmp_path: Path, counters) -
     assert counters == {"read_volume": 1, "read_mask": 1, "hash": 2}
     assert image.shape == mask.shape == (12, 20, 24)
     assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
-    direct = resample_image(io.to_sitk(phantom(), GEOM), canonical_grid(GEOM, SIZE_XYZ, CROP), CROP)
+    direct = resample_image(to_sitk(phantom(), GEOM), canonical_grid(GEOM, SIZE_XYZ, CROP), CROP)
     np.testing.assert_allclose(image, direct, atol=1e-3)  # NIfTI stores geometry as float32
 
     for _ in range(2):  # later epochs

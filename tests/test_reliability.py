@@ -15,9 +15,9 @@ import torch
 
 from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import run_lock
-from lymphdx.engine import trainer as trainer_mod
-from lymphdx.engine.trainer import TrainingError, load_checkpoint, train
-from lymphdx.workflows.evaluate import load_model
+from lymphdx.engine import steps
+from lymphdx.engine.run_folder import TrainingError, load_checkpoint, load_model
+from lymphdx.engine.train import train
 from tests.conftest import tiny_config
 
 
@@ -123,12 +123,12 @@ def test_nan_loss_stops_naming_term_and_batch_and_keeps_last_checkpoint(
 ) -> None:
     run, weak, strong = one_epoch_run
     before = load_checkpoint(run / "checkpoints" / "last.pt")
-    real = trainer_mod.batch_classification_loss
+    real = steps.batch_classification_loss
 
     def nan_loss(*args, **kwargs):  # type: ignore[no-untyped-def]
         return real(*args, **kwargs) * float("nan")
 
-    monkeypatch.setattr(trainer_mod, "batch_classification_loss", nan_loss)
+    monkeypatch.setattr(steps, "batch_classification_loss", nan_loss)
     cfg = tiny_config(tmp_path, training={"epochs": 2})
     with pytest.raises(TrainingError) as err:
         train(cfg, run, weak, strong, resume=True, progress=False)

@@ -18,8 +18,10 @@ from typer.testing import CliRunner
 
 from lymphdx.cli import app
 from lymphdx.core.errors import LymphdxError
-from lymphdx.workflows.compare import LABELS, compare
-from lymphdx.workflows.report import FPR_GRID, roc_band, tpr_at_fpr, write_report
+from lymphdx.reporting.table import LABELS
+from lymphdx.stats.roc import FPR_GRID, roc_band, tpr_at_fpr
+from lymphdx.workflows.compare import compare
+from lymphdx.workflows.report import write_report
 from tests.conftest import tiny_config
 
 runner = CliRunner()

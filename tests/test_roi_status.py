@@ -11,7 +11,7 @@ from lymphdx.engine.roi_status import (
     node_size_status,
     roi_decoder_status,
 )
-from lymphdx.workflows.compare import format_table
+from lymphdx.reporting.table import format_table
 
 
 def _rows(*dice: float | None) -> list[dict[str, str]]:

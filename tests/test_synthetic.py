@@ -15,25 +15,29 @@ from typer.testing import CliRunner
 
 from lymphdx.cli import app
 from lymphdx.data.synthetic import (
-    BENIGN_DIAMETER,
-    HOSPITALS,
-    METASTATIC_DIAMETER,
-    MIN_SPACING_MM,
     NODE_COLUMNS,
+    Scan,
+    SynthSpec,
+    make_scan,
+    patient_rng,
+    weak_labels,
+    write_synthetic,
+)
+from lymphdx.data.synthetic_anatomy import (
+    BENIGN_DIAMETER,
+    METASTATIC_DIAMETER,
     NODE_XY_RANGE_MM,
     NODE_Z_RANGE_MM,
+    Tissue,
+)
+from lymphdx.data.synthetic_hospitals import (
+    HOSPITALS,
+    MIN_SPACING_MM,
     SHIFT_FIELDS,
     SHIFT_FLOORS,
     SHIFT_HU_FIELDS,
     SHIFT_HU_RANGE,
-    Scan,
-    SynthSpec,
-    Tissue,
-    make_scan,
-    patient_rng,
     shifted_hospital,
-    weak_labels,
-    write_synthetic,
 )
 
 SPEC = SynthSpec(n_weak=6, n_pos=3, n_strong=4, seed=11)

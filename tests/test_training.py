@@ -15,8 +15,14 @@ from lymphdx.core.errors import LymphdxError
 from lymphdx.core.strategies import STRATEGIES
 from lymphdx.data import preprocess
 from lymphdx.engine import propagation
-from lymphdx.engine.propagation import is_propagation_epoch, propagate_labels, propagate_masks
-from lymphdx.engine.trainer import load_checkpoint, load_run_data, train
+from lymphdx.engine.propagation import (
+    is_propagation_epoch,
+    propagate_labels,
+    propagate_mask_targets,
+)
+from lymphdx.engine.run_data import load_run_data
+from lymphdx.engine.run_folder import load_checkpoint
+from lymphdx.engine.train import train
 from lymphdx.io.volumes import read_volume
 from lymphdx.models.multitask import build_model
 from lymphdx.workflows.evaluate import evaluate_run
@@ -130,9 +136,11 @@ def test_propagated_labels_come_from_the_model_and_zeta_is_applied(
         head = model.decoder.head[-1]
         head.weight.zero_()
         head.bias.fill_(float(np.log(0.85 / 0.15)))  # p = 0.85 everywhere
-    assert propagate_masks(model, weak_volumes, config.propagation).min() == 1  # 0.85 > ζ = 0.8
+    assert (
+        propagate_mask_targets(model, weak_volumes, config.propagation)[0].min() == 1
+    )  # 0.85 > ζ = 0.8
     high = config.propagation.model_copy(update={"roi_threshold": 0.9})
-    assert propagate_masks(model, weak_volumes, high).max() == 0  # 0.85 < 0.9
+    assert propagate_mask_targets(model, weak_volumes, high)[0].max() == 0  # 0.85 < 0.9
 
 
 def test_propagation_masks_depend_on_the_model(tiny_data: Path, tmp_path: Path) -> None:
@@ -147,10 +155,10 @@ def test_propagation_masks_depend_on_the_model(tiny_data: Path, tmp_path: Path) 
     cfg = config.propagation.model_copy(update={"roi_threshold": 0.5})
     with torch.no_grad():
         model.decoder.head[-1].bias.fill_(0.0)
-    a = propagation.propagate_masks(model, volumes, cfg)
+    a = propagation.propagate_mask_targets(model, volumes, cfg)[0]
     with torch.no_grad():
         model.decoder.head[-1].bias.fill_(5.0)
-    b = propagation.propagate_masks(model, volumes, cfg)
+    b = propagation.propagate_mask_targets(model, volumes, cfg)[0]
     assert a.shape == (len(volumes), 16, 32, 32)
     assert b.mean() > a.mean()
 

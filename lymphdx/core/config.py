@@ -23,13 +23,14 @@ from pydantic import (
 )
 
 from lymphdx.core.errors import ConfigError
+from lymphdx.core.strategies import PAPER_STRATEGIES, STRATEGY_DEFAULTS
+from lymphdx.core.strategies import STRATEGIES as STRATEGY_FLAGS
 
 __all__ = ["Config", "load_config", "PRESETS", "STRATEGIES", "PAPER_STRATEGIES", "dump_config"]
 
 PRESETS = ("quick", "paper")
-# the paper's four (Table I, in order), then the strategies that add issue 8's options
-PAPER_STRATEGIES = ("supervised", "semi-supervised", "multitask", "ssmdmt")
-STRATEGIES = (*PAPER_STRATEGIES, "ssmdmt-plus")
+# the paper's four (Table I, in order), then the strategies that add options beyond the paper
+STRATEGIES = tuple(STRATEGY_FLAGS)
 
 
 # numpy seeds are unsigned 32-bit words; every seed of a config is in [0, SEED_MAX]
@@ -84,7 +85,7 @@ class DataConfig(_Section):
 
     Intensities: every scan must be in Hounsfield units before the fixed ``hu_window``
     clips it; ``hu_offset`` (None: checked and corrected per scan, see
-    ``lymphdx.data.preprocess.intensity_calibration``) is added first.
+    ``lymphdx.data.calibration.intensity_calibration``) is added first.
     """
 
     spacing: tuple[float, float, float] = (5.0, 5.0, 6.0)
@@ -262,7 +263,7 @@ class LossConfig(_Section):
 
 
 class PropagationConfig(_Section):
-    """Label propagation between the two sets (paper §3.2), and issue 8's options (all
+    """Label propagation between the two sets (paper §3.2), and the options beyond the paper (all
     off by default: the paper's method)."""
 
     warmup_epochs: int = 4
@@ -413,9 +414,7 @@ class Config(_Section):
     """The whole resolved configuration of a run."""
 
     preset: str = "quick"
-    strategy: Literal["supervised", "semi-supervised", "multitask", "ssmdmt", "ssmdmt-plus"] = (
-        "ssmdmt"
-    )
+    strategy: Literal[STRATEGIES] = "ssmdmt"  # type: ignore[valid-type]
     seed: int = 0
     manifests: ManifestConfig = Field(default_factory=ManifestConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -466,8 +465,6 @@ class Config(_Section):
         gets its own defaults; ``dump_config`` writes it, so ``config.yaml`` holds the
         resolved value and reproduces the run alone.
         """
-        from lymphdx.core.strategies import STRATEGY_DEFAULTS  # no torch import
-
         for section_name, values in STRATEGY_DEFAULTS.get(self.strategy, {}).items():
             section = getattr(self, section_name)
             for key, value in values.items():

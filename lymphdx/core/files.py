@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +132,38 @@ def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def csv_text(
+    header: Sequence[str], rows: Iterable[Sequence[Any]], lineterminator: str = "\n"
+) -> str:
+    """A CSV table as text: ``header``, then ``rows`` (``None`` cells written empty)."""
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf, lineterminator=lineterminator)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_csv(
+    path: str | Path,
+    header: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    lineterminator: str = "\n",
+) -> None:
+    """Write a CSV table (``csv_text``) to ``path`` atomically, as UTF-8."""
+    text = csv_text(header, rows, lineterminator)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="")
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    """A CSV file's rows as ``{column: text}``; none when the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -47,6 +47,10 @@ Cache layout (``PreprocessCache``)::
 
 Everything is written atomically (temporary name + rename), so concurrent writers are
 last-writer-wins and a reader never sees half a file.
+
+Where it lives: the grid, coverage checks and resampling in ``lymphdx.data.grid``; a scan's
+intensity calibration in ``lymphdx.data.calibration``; the set-level calibration check,
+cache and normalisation here.
 """
 
 from __future__ import annotations
@@ -61,32 +65,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 
 from lymphdx.core.config import DataConfig
 from lymphdx.core.errors import InputError, LymphdxError
 from lymphdx.core.files import atomic_path, folder_problem, write_json
+from lymphdx.data.calibration import Calibration, hu_offset, intensity_calibration
+from lymphdx.data.grid import Grid, canonical_grid, check_coverage, resample_image, resample_mask
 from lymphdx.io import volumes as io
-from lymphdx.io.volumes import Geometry
+from lymphdx.io.geometry import to_sitk
 
 __all__ = [
     "PREPROCESS_VERSION",
-    "Grid",
-    "canonical_grid",
-    "check_coverage",
-    "coverage",
-    "coverage_warning",
-    "COVERAGE_WARNING",
-    "MAX_STRETCH",
-    "Calibration",
-    "intensity_calibration",
     "check_calibration",
-    "hu_offset",
-    "RAW_CT_OFFSET",
-    "resample_image",
-    "resample_mask",
-    "preprocess_image",
-    "to_original",
     "settings_key",
     "content_hash",
     "source_files",
@@ -100,7 +90,6 @@ __all__ = [
 #: Bump when the preprocessing changes in a way that invalidates cached arrays.
 PREPROCESS_VERSION = 1
 
-_IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 _MMAP_BYTES = 64 * 2**20  # cached arrays larger than this are memory-mapped read-only
 _CHUNK = 1 << 20
 _MAX_LISTED = 10  # patients listed in one message
@@ -108,319 +97,7 @@ _MAX_LISTED = 10  # patients listed in one message
 log = logging.getLogger("lymphdx")
 
 
-# --------------------------------------------------------------------------- grid
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A canonical sampling grid: ``geometry`` (identity direction) and ``size_xyz`` voxels."""
-
-    geometry: Geometry
-    size_xyz: tuple[int, int, int]
-
-    @property
-    def shape_zyx(self) -> tuple[int, int, int]:
-        """Array shape ``(z, y, x)`` of data on this grid."""
-        x, y, z = self.size_xyz
-        return (z, y, x)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready mapping (lists of floats/ints)."""
-        return {
-            "spacing": list(self.geometry.spacing),
-            "origin": list(self.geometry.origin),
-            "direction": list(self.geometry.direction),
-            "size_xyz": list(self.size_xyz),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Grid:
-        """Inverse of ``to_dict``."""
-        geometry = Geometry(
-            tuple(float(v) for v in data["spacing"]),
-            tuple(float(v) for v in data["origin"]),
-            tuple(float(v) for v in data["direction"]),
-        )
-        size = tuple(int(v) for v in data["size_xyz"])
-        return cls(geometry, size)  # type: ignore[arg-type]
-
-
-def canonical_grid(
-    image_geometry: Geometry,
-    image_size_xyz: tuple[int, int, int] | tuple[int, ...],
-    cfg: DataConfig,
-) -> Grid:
-    """The canonical grid of an image with ``image_geometry`` and ``image_size_xyz`` voxels.
-
-    Identity direction, ``cfg.shape`` voxels, centred on the centre of the input's field of
-    view; spacing ``cfg.spacing`` (``fit="crop"``) or the input's world bounding-box extent
-    divided by ``cfg.shape`` (``fit="resize"``).
-    """
-    size = np.asarray(image_size_xyz, dtype=np.float64)
-    spacing = np.asarray(image_geometry.spacing, dtype=np.float64)
-    direction = np.asarray(image_geometry.direction, dtype=np.float64).reshape(3, 3)
-    origin = np.asarray(image_geometry.origin, dtype=np.float64)
-    shape = np.asarray(cfg.shape, dtype=np.float64)
-    # Centre of the field of view = world position of the continuous index (size - 1) / 2.
-    centre = origin + direction @ (spacing * (size - 1.0) / 2.0)
-    if cfg.fit == "crop":
-        out_spacing = np.asarray(cfg.spacing, dtype=np.float64)
-    else:
-        # World-axis bounding box of the voxel-edge box (exact for axis-aligned scans).
-        extent = np.abs(direction) @ (spacing * size)
-        out_spacing = extent / shape
-    out_origin = centre - out_spacing * (shape - 1.0) / 2.0
-    geometry = Geometry(
-        tuple(float(v) for v in out_spacing),
-        tuple(float(v) for v in out_origin),
-        _IDENTITY,
-    )
-    return Grid(geometry, tuple(int(v) for v in cfg.shape))  # type: ignore[arg-type]
-
-
-#: With ``fit="resize"``, the canonical grid may be at most this many times finer than the
-#: scan along an axis; a scan with fewer voxels is stretched into interpolation, not anatomy.
-MAX_STRETCH = 16
-
-
-def check_coverage(
-    geometry: Geometry,
-    size_xyz: tuple[int, ...],
-    cfg: DataConfig,
-    path: str | Path | None = None,
-    patient: str | None = None,
-) -> None:
-    """Refuse a scan far too small for the canonical grid (a localizer, a crop, a bad header).
-
-    ``fit="crop"``: the scan must span at least one grid voxel (``cfg.spacing``) along each
-    world axis; a thinner scan would be a slab of at most one slice of the model's input,
-    the rest padding. ``fit="resize"``: the grid may be at most ``MAX_STRETCH`` times finer
-    than the scan along each axis.
-
-    Raises:
-        InputError: naming the file, the patient, the scan's extent and the grid's.
-    """
-    size = np.asarray(size_xyz, dtype=np.float64)
-    direction = np.abs(np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3))
-    extent = direction @ (np.asarray(geometry.spacing, dtype=np.float64) * size)  # world mm
-    mm = " x ".join(f"{v:.3g}" for v in extent)
-    if cfg.fit == "crop":
-        grid = np.asarray(cfg.spacing, dtype=np.float64)
-        short = [axis for axis, e, g in zip("xyz", extent, grid, strict=True) if e < g]
-        if short:
-            raise InputError(
-                f"the scan is far too small for the model: it spans {mm} mm (x, y, z), less "
-                f"than one voxel of the model's input grid ({' x '.join(map(str, cfg.spacing))}"
-                f" mm, data.spacing) along {', '.join(short)}; is it a localizer, a crop or "
-                "a file with a wrong voxel size?",
-                path,
-                patient,
-            )
-        return
-    voxels = direction @ size  # voxels along each world axis (exact when axis-aligned)
-    stretch = np.asarray(cfg.shape, dtype=np.float64) / np.maximum(voxels, 1e-9)
-    short = [axis for axis, s in zip("xyz", stretch, strict=True) if s > MAX_STRETCH]
-    if short:
-        have = " x ".join(f"{v:.3g}" for v in voxels)
-        raise InputError(
-            f"the scan is far too small for the model: it has {have} voxels (x, y, z), and "
-            f"resizing it onto the model's input ({' x '.join(map(str, cfg.shape))}, "
-            f"data.shape) would stretch it more than {MAX_STRETCH} times along "
-            f"{', '.join(short)}; is it a localizer or a crop?",
-            path,
-            patient,
-        )
-
-
-#: ``coverage_warning`` warns when a scan fills less than this share of the model's input.
-COVERAGE_WARNING = 0.5
-
-
-def coverage(
-    geometry: Geometry, size_xyz: tuple[int, ...], cfg: DataConfig
-) -> tuple[float, tuple[float, float, float]]:
-    """How much of the model's input a scan fills: ``(overall, (x, y, z))``, each in [0, 1].
-
-    ``fit="crop"``: the scan's world extent over the input's field of view
-    (``spacing × shape``) along each axis; ``fit="resize"``: the scan's voxels over the
-    input's (what is not covered is interpolation). Overall: the product of the axes.
-    """
-    size = np.asarray(size_xyz, dtype=np.float64)
-    direction = np.abs(np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3))
-    shape = np.asarray(cfg.shape, dtype=np.float64)
-    if cfg.fit == "crop":
-        extent = direction @ (np.asarray(geometry.spacing, dtype=np.float64) * size)
-        share = extent / (np.asarray(cfg.spacing, dtype=np.float64) * shape)
-    else:
-        share = (direction @ size) / shape
-    axes = tuple(float(min(1.0, max(0.0, v))) for v in share)
-    return float(np.prod(axes)), axes  # type: ignore[return-value]
-
-
-def coverage_warning(geometry: Geometry, size_xyz: tuple[int, ...], cfg: DataConfig) -> str | None:
-    """A one-line warning when the scan fills far less than the model's input
-    (``COVERAGE_WARNING``), else None: the rest of the input is padding, and a probability
-    computed mostly from padding looks like any other."""
-    overall, axes = coverage(geometry, size_xyz, cfg)
-    if overall >= COVERAGE_WARNING:
-        return None
-    per_axis = ", ".join(f"{a * 100:.0f} %" for a in axes)
-    if cfg.fit == "crop":
-        fov = " x ".join(f"{s * n:g}" for s, n in zip(cfg.spacing, cfg.shape, strict=True))
-        what = f"its field of view of {fov} mm (data.spacing x data.shape)"
-    else:
-        what = f"its {' x '.join(map(str, cfg.shape))} voxels (data.shape)"
-    return (
-        f"the scan fills only {overall * 100:.1f} % of the model's input ({per_axis} of "
-        f"{what} along x, y, z); the rest is padding, so the probability means little: "
-        "give the whole scan, not a crop or a few slices"
-    )
-
-
-#: Raw CT numbers are HU + this (the rescale intercept that some converters drop).
-RAW_CT_OFFSET = 1024.0
-_HIST_RANGE = (-1200.0, 1400.0)  # raw values summarised (padding and dense bone left out)
-_HIST_BIN = 10.0
-_AIR_HU = (-1200.0, -700.0)  # air / background (or lung) mode, in HU
-_BODY_HU = (-200.0, 150.0)  # the body's mode: fat (about -100) or soft tissue (0 to 100)
-_MIN_SEPARATION = 600.0  # air and body modes at least this far apart to count as two
-_MIN_CLASS = 0.02  # share of the voxels each of the two clusters needs
-_RAW_NEGATIVE = 0.01  # raw CT numbers: at most this share of the voxels in [-1150, -200)
-_MIN_SPREAD = 20.0  # CT values spread over far more (air, fat, soft tissue, noise)
-_SAMPLE = 4_000_000  # voxels summarised at most (an even stride through the scan)
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """A scan's intensity calibration as told by its raw values.
-
-    ``air_mode``: the mode of the air/background cluster (None when the scan has no such
-    cluster, e.g. a crop inside the body); ``body_mode``: the mode of the rest (fat or
-    soft tissue); both in the file's own units. ``verdict``: ``hu`` (air near -1000 HU,
-    body within -200..150 HU), ``raw`` (the same + 1024, and nothing below -200) or
-    ``unknown``; so is a scan whose values spread over less than 20 between their 5th
-    and 95th percentiles (normalised or rescaled values, a constant).
-    """
-
-    verdict: str
-    air_mode: float | None
-    body_mode: float | None
-    spread: float | None = None  # 5th to 95th percentile of the summarised values
-
-    @property
-    def offset(self) -> float | None:
-        """What maps the scan to HU: 0, -1024, or None when it cannot be told."""
-        return {"hu": 0.0, "raw": -RAW_CT_OFFSET}.get(self.verdict)
-
-    def describe(self) -> str:
-        def shown(v: float | None) -> str:
-            return "none" if v is None else f"{v:g}"
-
-        text = (
-            f"air/background mode {shown(self.air_mode)}, fat/soft-tissue mode "
-            f"{shown(self.body_mode)}"
-        )
-        if self.spread is not None and self.spread < _MIN_SPREAD:
-            text += f", values spread over only {self.spread:.3g}"
-        return text
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "verdict": self.verdict,
-            "air_mode": self.air_mode,
-            "body_mode": self.body_mode,
-            "spread": self.spread,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Calibration:
-        def number(v: Any) -> float | None:
-            return None if v is None else float(v)
-
-        return cls(
-            str(data["verdict"]),
-            number(data["air_mode"]),
-            number(data["body_mode"]),
-            number(data.get("spread")),
-        )
-
-
-def _otsu(hist: np.ndarray) -> int:
-    """Index that splits ``hist`` into two classes of maximal between-class variance."""
-    h = hist.astype(np.float64)
-    index = np.arange(h.size, dtype=np.float64)
-    w0 = np.cumsum(h)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(h * index)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = (m0[-1] * w0 - m0 * w0[-1]) ** 2 / (w0 * w1)
-    between[~np.isfinite(between)] = -1.0
-    return int(np.argmax(between[:-1])) + 1
-
-
-def intensity_calibration(array: np.ndarray) -> Calibration:
-    """Tell a scan in HU from one in raw CT numbers (HU + 1024) by its histogram.
-
-    Values in [-1200, 1400) (padding such as -2000 or -3024 and dense bone left out) are
-    binned by 10 and split in two by Otsu's threshold; when the two clusters are each at
-    least 2 % of the voxels and their modes at least 600 apart, the lower is the
-    air/background mode and the upper the body's mode, else the scan has no air cluster
-    and its overall mode is the body's. HU: body mode within -200..150 (fat to soft
-    tissue) and air mode (if any) within -1200..-700; raw: both + 1024, and under 1 % of
-    the voxels in [-1150, -200) (raw CT numbers are not negative). Anything else, and
-    values that spread over less than 20 (5th to 95th percentile), is ``unknown``. A scan
-    without air whose mode is near 0 reads as HU (soft tissue): a raw scan would be all
-    air.
-    """
-    values = np.asarray(array).reshape(-1)
-    values = values[:: max(1, values.size // _SAMPLE)]
-    lo, hi = _HIST_RANGE
-    inside = values[(values >= lo) & (values < hi)]  # NaN is neither
-    if inside.size == 0:
-        return Calibration("unknown", None, None, None)
-    hist, edges = np.histogram(inside, bins=int((hi - lo) / _HIST_BIN), range=(lo, hi))
-    centres = edges[:-1] + _HIST_BIN / 2
-    smooth = np.convolve(hist, np.ones(5), mode="same")
-
-    def mode(start: int, stop: int) -> float:
-        peak = start + int(np.argmax(smooth[start:stop]))  # robust to noise...
-        near = max(start, peak - 2)
-        return float(centres[near + int(np.argmax(hist[near : min(stop, peak + 3)]))])  # ...exact
-
-    split = _otsu(hist)
-    air: float | None = None
-    body = mode(0, hist.size)
-    if min(hist[:split].sum(), hist[split:].sum()) >= _MIN_CLASS * inside.size:
-        low, high = mode(0, split), mode(split, hist.size)
-        if high - low >= _MIN_SEPARATION:
-            air, body = low, high
-
-    def fits(shift: float) -> bool:
-        body_ok = _BODY_HU[0] + shift <= body <= _BODY_HU[1] + shift
-        air_ok = air is None or _AIR_HU[0] + shift <= air <= _AIR_HU[1] + shift
-        return body_ok and air_ok
-
-    negative = np.count_nonzero((inside >= -1150.0) & (inside < -200.0)) / inside.size
-    p5, p95 = np.percentile(inside, [5.0, 95.0])
-    spread = float(p95 - p5)
-    if spread < _MIN_SPREAD:
-        verdict = "unknown"
-    elif fits(0.0):
-        verdict = "hu"
-    elif fits(RAW_CT_OFFSET) and negative <= _RAW_NEGATIVE:
-        verdict = "raw"
-    else:
-        verdict = "unknown"
-    return Calibration(verdict, air, body, round(spread, 3))
-
-
-def hu_offset(calibration: Calibration, cfg: DataConfig) -> float:
-    """What is added to a scan's values: ``cfg.hu_offset`` when set, else -1024 for raw
-    CT numbers and 0 otherwise (an ``unknown`` scan is refused by ``check_calibration``
-    where a set is trained on, and warned about by ``predict``)."""
-    if cfg.hu_offset is not None:
-        return float(cfg.hu_offset)
-    return calibration.offset or 0.0
+# --------------------------------------------------------------------------- calibration of a set
 
 
 def _who(patient: str | None, path: Path) -> str:
@@ -493,67 +170,6 @@ def check_calibration(
             )
             corrected[name] = raw
     return corrected
-
-
-def _resample(
-    image: sitk.Image, grid: Grid, interpolator: int, default: float, pixel_type: int
-) -> np.ndarray:
-    g = grid.geometry
-    out = sitk.Resample(
-        image,
-        [int(v) for v in grid.size_xyz],
-        sitk.Transform(),
-        interpolator,
-        g.origin,
-        g.spacing,
-        g.direction,
-        float(default),
-        pixel_type,
-    )
-    return sitk.GetArrayFromImage(out)
-
-
-def resample_image(image: sitk.Image, grid: Grid, cfg: DataConfig) -> np.ndarray:
-    """Image → ``grid.shape_zyx`` float32 array in HU, linear, outside = low, clipped to window."""
-    lo, hi = (float(v) for v in cfg.hu_window)
-    array = _resample(image, grid, sitk.sitkLinear, lo, sitk.sitkFloat32)
-    array = np.asarray(array, dtype=np.float32)
-    np.clip(array, lo, hi, out=array)
-    return array
-
-
-def resample_mask(mask: sitk.Image, grid: Grid) -> np.ndarray:
-    """Mask (nonzero = node; instance ids allowed) → ``grid.shape_zyx`` uint8 0/1, nearest."""
-    pixel_type = mask.GetPixelID()
-    array = _resample(mask, grid, sitk.sitkNearestNeighbor, 0.0, pixel_type)
-    return (array != 0).astype(np.uint8)
-
-
-def preprocess_image(image: sitk.Image, cfg: DataConfig) -> tuple[np.ndarray, Grid]:
-    """Canonical grid of ``image`` and the image resampled onto it (``(z, y, x)`` float32)."""
-    grid = canonical_grid(Geometry.of(image), tuple(image.GetSize()), cfg)
-    return resample_image(image, grid, cfg), grid
-
-
-def to_original(
-    array_zyx: np.ndarray, grid: Grid, reference: sitk.Image, nearest: bool = False
-) -> sitk.Image:
-    """Map a ``grid.shape_zyx`` array (e.g. ROI probabilities) back onto ``reference``'s grid.
-
-    Linear interpolation (float32 output) by default; ``nearest=True`` keeps the input's
-    dtype (use it for label maps). Outside the canonical grid → 0. The result has exactly
-    ``reference``'s size, spacing, origin and direction.
-    """
-    array = np.asarray(array_zyx)
-    if tuple(array.shape) != grid.shape_zyx:
-        raise ValueError(f"array shape {array.shape} (z, y, x) differs from grid {grid.shape_zyx}")
-    if array.dtype == np.bool_:
-        array = array.astype(np.uint8)
-    if not nearest:
-        array = array.astype(np.float32, copy=False)
-    source = io.to_sitk(array, grid.geometry)
-    interpolator = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
-    return sitk.Resample(source, reference, sitk.Transform(), interpolator, 0.0)
 
 
 # --------------------------------------------------------------------------- keys and hashing
@@ -753,7 +369,7 @@ class PreprocessCache:
         offset = hu_offset(calibration, self.cfg)
         grid = canonical_grid(volume.geometry, volume.shape_xyz, self.cfg)
         source = volume.array if offset == 0.0 else volume.array + np.float32(offset)
-        array = resample_image(io.to_sitk(source, volume.geometry), grid, self.cfg)
+        array = resample_image(to_sitk(source, volume.geometry), grid, self.cfg)
         meta = {
             "kind": "image",
             "source": str(path),
@@ -815,7 +431,7 @@ class PreprocessCache:
         source = Grid.from_dict(meta["source_geometry"])
         grid = Grid.from_dict(meta["grid"])
         volume = io.read_mask(mask_path, source.geometry, source.shape_zyx, patient)
-        array = resample_mask(io.to_sitk(volume.array, source.geometry), grid)
+        array = resample_mask(to_sitk(volume.array, source.geometry), grid)
         voxel_mm3 = float(np.prod(source.geometry.spacing))
         grid_mm3 = float(np.prod(grid.geometry.spacing))
         self._store(

@@ -3,7 +3,7 @@
 The current model (or its EMA teacher) labels the other set's training volumes:
     strong set: ỹ = σ(f(v))            → pseudo class labels (hard or soft, with weights)
     weak set:   s̃_ζ = [g(f(v)) > ζ]    → pseudo ROI masks
-Issue 8's options (``PropagationConfig``; all off by default, the paper's method):
+Options beyond the paper (``PropagationConfig``; all off by default, the paper's method):
     method graph      ỹ by label propagation over a k-NN graph of pooled embeddings of
                       the weak (labelled) and strong (unlabelled) training scans
     tta_flip          predictions averaged over the scan and its left-right flip
@@ -16,14 +16,17 @@ A model with domain-specific batch norm sees each set in its own domain (``domai
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from lymphdx.core.config import PropagationConfig
+from lymphdx.core.config import Config, PropagationConfig
 from lymphdx.core.domains import STRONG, WEAK
+from lymphdx.core.strategies import Strategy
 from lymphdx.data.datasets import VolumeSet
 from lymphdx.engine.distributed import DistContext
 from lymphdx.engine.graph_propagation import graph_label_propagation, pseudo_labels_for
@@ -31,13 +34,15 @@ from lymphdx.engine.pseudo_masks import curriculum_keep, pseudo_mask_targets
 from lymphdx.engine.teacher import predict_with_tta
 from lymphdx.models.domain_norm import domains
 
+log = logging.getLogger("lymphdx")
+
 __all__ = [
+    "PropagationMixin",
     "predict_probabilities",
     "predict_embeddings",
     "PseudoLabels",
     "propagate_labels",
     "propagate_labels_graph",
-    "propagate_masks",
     "propagate_mask_targets",
     "is_propagation_epoch",
     "propagation_round",
@@ -294,14 +299,120 @@ def propagate_mask_targets(
     return all_masks, ctx.all_gather_array(np.concatenate(weights)) if weighted else None
 
 
-@torch.no_grad()
-def propagate_masks(
-    model: torch.nn.Module,
-    volumes: VolumeSet,
-    cfg: PropagationConfig,
-    batch_size: int = 4,
-    ctx: DistContext | None = None,
-    domain: int = WEAK,
-) -> np.ndarray:
-    """Pseudo ROI masks ``(N, D, H, W)`` uint8: g(f(v)) > ζ (``cfg.roi_threshold``)."""
-    return propagate_mask_targets(model, volumes, cfg, batch_size, ctx, domain)[0]
+class PropagationMixin:
+    """``Trainer``'s propagation: when it is due (``propagation_due``, a hook) and one
+    round of pseudo class labels for the strong set and pseudo ROI masks for the weak set
+    (``propagation``, a hook), made by the teacher."""
+
+    config: Config
+    ctx: DistContext
+    strategy: Strategy
+    epoch: int
+    roi_warmup: int
+    history: list[dict[str, Any]]
+    pseudo: PseudoLabels
+    propagation_start: int | None
+    propagation_note: str
+    weak_train: VolumeSet
+    strong_train: VolumeSet | None
+    teacher: torch.nn.Module
+
+    # -- the named steps ---------------------------------------------------------------
+    def propagation_due(self) -> bool:
+        """Whether this epoch starts with a propagation; sets ``propagation_note`` to why
+        (not). The first waits for ``propagation.warmup_epochs`` (and the ROI warm-up),
+        and, with ``propagation.dice_gate``, for the decoder: the last epoch's
+        strong-validation Dice must have reached the gate."""
+        cfg = self.config.propagation
+        self.propagation_note = ""
+        if not self.strategy.propagates:
+            return False
+        if self.propagation_start is not None:
+            return is_propagation_epoch(self.epoch, cfg, self.propagation_start)
+        first = max(cfg.warmup_epochs, self.roi_warmup)
+        if self.epoch < first:
+            self.propagation_note = f"warm-up until epoch {first}"
+            return False
+        gate = cfg.dice_gate if self.strategy.roi_strong else None
+        if gate is None:
+            self.propagation_note = f"started at epoch {first} (propagation.warmup_epochs)"
+        else:
+            # the epochs the gate reads: the last one, or (latched) all so far; a resumed
+            # history holds strings, and "" where an epoch had no strong validation
+            rows = self.history if cfg.dice_gate_latch else self.history[-1:]
+            dices = [
+                float(r["strong_val_dice"])
+                for r in rows
+                if r.get("strong_val_dice") not in (None, "")
+            ]
+            dice = max(dices) if dices else None
+            what = "best strong-val Dice so far" if cfg.dice_gate_latch else "strong-val Dice"
+            if dice is None or dice < gate:
+                shown = "none" if dice is None else f"{dice:.3f}"
+                self.propagation_note = f"waiting: {what} {shown} < gate {gate:g}"
+                return False
+            self.propagation_note = f"started: {what} {dice:.3f} >= gate {gate:g}"
+        self.propagation_start = self.epoch
+        log.info("epoch %d: propagation %s", self.epoch, self.propagation_note)
+        return True
+
+    def propagation(self) -> None:
+        cfg, ctx = self.config.propagation, self.ctx
+        teacher = self.teacher
+        round_index = propagation_round(self.epoch, cfg, self.propagation_start)
+        if self.strategy.pseudo_cls_strong:
+            assert self.strong_train is not None
+            if cfg.method == "graph":
+                targets, weights = propagate_labels_graph(
+                    teacher,
+                    self.weak_train,
+                    self.strong_train,
+                    cfg,
+                    ctx=ctx,
+                    round_index=round_index,
+                )
+            else:
+                targets, weights = propagate_labels(
+                    teacher,
+                    self.strong_train,
+                    cfg,
+                    ctx=ctx,
+                    domain=STRONG,
+                    round_index=round_index,
+                    prevalence=float(np.mean(self.weak_train.labels)),
+                )
+            if self._one_class(targets, weights) and cfg.skip_one_class:
+                weights = np.zeros_like(weights)
+            self.pseudo.strong_targets, self.pseudo.strong_weights = targets, weights
+        if self.strategy.pseudo_roi_weak:
+            self.pseudo.weak_masks, self.pseudo.weak_mask_weights = propagate_mask_targets(
+                teacher, self.weak_train, cfg, ctx=ctx, domain=WEAK
+            )
+            if not self.pseudo.weak_masks.any():
+                note = (
+                    f"every pseudo ROI mask is empty (no voxel above ζ = {cfg.roi_threshold:g}): "
+                    "the pseudo ROI loss teaches 'no node' everywhere"
+                )
+                log.warning("epoch %d propagation: %s", self.epoch, note)
+                self.propagation_note = "; ".join(filter(None, [self.propagation_note, note]))
+        self.pseudo.epoch = self.epoch
+        log.info("epoch %d propagation: %s", self.epoch, self.pseudo.summary())
+
+    def _one_class(self, targets: np.ndarray, weights: np.ndarray) -> bool:
+        """Whether every kept pseudo class label ``(N_strong,)`` falls on one side of 0.5
+        (typically a classifier still at chance on the other hospital); if so, warn in
+        ``train.log`` and ``propagation_note``, saying whether the round's pseudo class
+        loss is skipped (``propagation.skip_one_class``) or teaches that one class."""
+        kept = targets[weights > 0]
+        if kept.size < 2 or 0 < int((kept > 0.5).sum()) < kept.size:
+            return False
+        side = "positive" if bool(kept[0] > 0.5) else "negative"
+        what = (
+            "this round's pseudo class loss is skipped (propagation.skip_one_class)"
+            if self.config.propagation.skip_one_class
+            else "the pseudo class loss teaches one class"
+        )
+        note = f"every pseudo class label is {side} ({kept.size} strong scans): {what}"
+        log.warning("epoch %d propagation: %s", self.epoch, note)
+        self.propagation_note = "; ".join(filter(None, [self.propagation_note, note]))
+        return True

@@ -16,8 +16,7 @@ With ten-odd validation patients the best-AUC epoch is close to a coin toss; ``s
 
 from __future__ import annotations
 
-import csv
-import io as _io
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from lymphdx.core.files import write_text
+from lymphdx.core.config import Config
+from lymphdx.core.domains import STRONG, WEAK
+from lymphdx.core.files import read_csv, write_csv
 from lymphdx.data.datasets import VolumeSet
+from lymphdx.engine.teacher import SwaAverager, update_bn
+from lymphdx.models.multitask import MultiTaskNet
 from lymphdx.stats.metrics import auc
 
+log = logging.getLogger("lymphdx")
+
 __all__ = [
+    "SelectionMixin",
     "VAL_PREDICTIONS",
     "swa_first_epoch",
     "bn_batches",
@@ -65,19 +71,12 @@ def bn_batches(
 
 def write_val_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
     """``val_predictions.csv``: one row per epoch and validation patient."""
-    buf = _io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buf.getvalue())
+    write_csv(path, _FIELDS, ([r.get(k) for k in _FIELDS] for r in rows), "\r\n")
 
 
 def read_val_predictions(path: Path) -> list[dict[str, Any]]:
     """The rows of a ``val_predictions.csv`` (strings), or none if it does not exist."""
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return read_csv(path)
 
 
 def pooled_best_epoch(
@@ -105,3 +104,73 @@ def pooled_best_epoch(
         bce = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
         ranked.append((-scores[epoch], bce, epoch))
     return min(ranked)[2], scores
+
+
+class SelectionMixin:
+    """``Trainer``'s choice of the weights in ``best.pt`` after each epoch
+    (``training.selection``) and its SWA average."""
+
+    config: Config
+    epoch: int
+    roi_warmup: int
+    best: dict[str, float]
+    model: torch.nn.Module
+    swa: SwaAverager | None
+    swa_first: int
+    domain_bn: bool
+    weak_train: VolumeSet
+    strong_train: VolumeSet | None
+
+    def _average_epoch(self) -> None:
+        """Add this epoch's weights to the SWA average when the epoch is in its window."""
+        tcfg = self.config.training
+        first = swa_first_epoch(tcfg.epochs, tcfg.swa_epochs)
+        if tcfg.selection != "swa" or self.epoch < first:
+            return
+        if self.swa is None or self.epoch == first:
+            self.swa = SwaAverager(self.model)
+            self.swa_first = self.epoch
+        elif self.swa_first != first:
+            log.warning(
+                "the SWA window moved (training.epochs changed): averaging epochs %d..%d",
+                self.swa_first,
+                self.epoch,
+            )
+        self.swa.add(self.model)
+
+    def _select(self, row: dict[str, Any]) -> MultiTaskNet | None:
+        """Update ``best`` after this epoch; returns the model ``best.pt`` then holds, or
+        None when it does not change (see ``selection``)."""
+        tcfg = self.config.training
+        final = self.epoch == tcfg.epochs - 1
+        if tcfg.selection in ("best_val", "ema"):
+            if self.epoch < self.roi_warmup:  # the classifier has not trained yet
+                return None
+            better = row["val_auc"] > self.best["val_auc"] or (
+                row["val_auc"] == self.best["val_auc"] and row["val_loss"] < self.best["val_loss"]
+            )
+            if not better:
+                return None
+            chosen = self.selected_model
+        elif not final:
+            return None
+        elif tcfg.selection in ("last", "ema_last"):
+            chosen = self.selected_model
+        else:  # swa: the average, with batch-norm statistics of its own weights
+            assert self.swa is not None
+            chosen = self.swa.module  # type: ignore[assignment]
+            sets = [(self.weak_train, WEAK)]
+            if self.domain_bn and self.strong_train is not None:
+                sets.append((self.strong_train, STRONG))
+            update_bn(chosen, bn_batches(sets, tcfg.batch_size))
+            scored, _ = self.score(chosen)
+            log.info("SWA of epochs %d..%d: validation %s", self.swa_first, self.epoch, scored)
+            row = {**row, **scored}
+        self.best = {"val_auc": row["val_auc"], "val_loss": row["val_loss"], "epoch": row["epoch"]}
+        if tcfg.selection == "swa":
+            self.best["swa_first_epoch"] = self.swa_first
+        return chosen
+
+    def _checkpoint_of(self, model: MultiTaskNet, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` with ``model``'s weights (what evaluate and predict load)."""
+        return {**state, "model": model.state_dict()} if model is not self.model else state

@@ -216,7 +216,7 @@ class RoiDecoder(nn.Module):
     Input ``o`` ``(B, C_o, d, h, w)`` (and skips when enabled); output logits
     ``(B, 1, d·s, h·s, w·s)``. The last ``stem_stride`` factor is a trilinear upsampling
     of the logits, so no layer runs at full resolution (full-resolution layers would
-    dominate the cost, see DESIGN.md's compute budget).
+    dominate the cost: BENCHMARKS.md §5.3).
     """
 
     def __init__(self, cfg: ModelConfig, encoder: DenseEncoder) -> None:

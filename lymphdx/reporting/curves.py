@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from lymphdx.core.config import STRATEGIES
 from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import atomic_path
+from lymphdx.reporting.figures import pyplot, strategy_colors
+from lymphdx.reporting.runs import float_or_nan, natural_key, strategy_order
 
 __all__ = [
     "read_curves",
@@ -45,15 +45,6 @@ _RUN_PART = re.compile(r"(repeat|fold|seed)\d+")
 
 
 # --------------------------------------------------------------------------- finding runs
-
-
-def _natural_key(text: str) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
-
-
-def _strategy_order(names: Sequence[str]) -> list[str]:
-    order = list(STRATEGIES)
-    return sorted(set(names), key=lambda s: (order.index(s) if s in order else len(order), s))
 
 
 def _config_strategy(run: Path) -> str:
@@ -93,19 +84,12 @@ def find_runs(folder: Path) -> dict[str, list[Path]]:
             "cv/repeat<r>/fold<f>/<strategy>/seed<k>/)"
         )
     return {
-        s: sorted(found[s], key=lambda p: _natural_key(p.as_posix()))
-        for s in _strategy_order(list(found))
+        s: sorted(found[s], key=lambda p: natural_key(p.as_posix()))
+        for s in strategy_order(list(found))
     }
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def _float(text: str | None) -> float:
-    try:
-        return float(text) if text not in (None, "") else float("nan")
-    except ValueError:
-        return float("nan")
 
 
 def _run_name(run: Path) -> str:
@@ -134,11 +118,11 @@ def read_history_curve(run: Path) -> dict[str, Any]:
         raise LymphdxError(f"cannot read {path}: {err.strerror or err}") from None
     by_epoch: dict[int, dict[str, str]] = {}
     for i, row in enumerate(rows):
-        e = _float(row.get("epoch"))
+        e = float_or_nan(row.get("epoch"))
         by_epoch[int(e) if np.isfinite(e) else i] = row
     epochs = sorted(by_epoch)
     rows = [by_epoch[e] for e in epochs]
-    raw_step = np.array([_float(r.get("step")) for r in rows], dtype=float)
+    raw_step = np.array([float_or_nan(r.get("step")) for r in rows], dtype=float)
     step_is_epoch = bool(np.isnan(raw_step).any())
     step = np.where(np.isnan(raw_step), np.asarray(epochs, dtype=float) + 1, raw_step)
     warm = [r.get("phase") == WARMUP_PHASE for r in rows]
@@ -149,7 +133,7 @@ def read_history_curve(run: Path) -> dict[str, Any]:
             warmup_end = float(step[last])
     first_prop = None
     for i, r in enumerate(rows):
-        if _float(r.get("propagated")) == 1:
+        if float_or_nan(r.get("propagated")) == 1:
             first_prop = float(step[i - 1]) if i > 0 else 0.0
             break
     return {
@@ -157,8 +141,10 @@ def read_history_curve(run: Path) -> dict[str, Any]:
         "path": run,
         "epoch": np.asarray(epochs, dtype=float),
         "step": step,
-        "val_auc": np.array([_float(r.get("val_auc")) for r in rows], dtype=float),
-        "strong_val_dice": np.array([_float(r.get("strong_val_dice")) for r in rows], dtype=float),
+        "val_auc": np.array([float_or_nan(r.get("val_auc")) for r in rows], dtype=float),
+        "strong_val_dice": np.array(
+            [float_or_nan(r.get("strong_val_dice")) for r in rows], dtype=float
+        ),
         "step_is_epoch": step_is_epoch,
         "warmup_end_step": warmup_end,
         "first_propagation_step": first_prop,
@@ -260,23 +246,6 @@ def markdown_table(curves: dict[str, list[dict]]) -> str:
 # --------------------------------------------------------------------------- figure
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _colors(strategies: Sequence[str]) -> dict[str, Any]:
-    """The report's colours: tab10 by the strategy's place in ``STRATEGIES``."""
-    cmap = _plt().get_cmap("tab10")
-    fixed = {s: cmap(i) for i, s in enumerate(STRATEGIES)}
-    extra = iter(cmap(i) for i in range(len(STRATEGIES), 10))
-    return {s: fixed.get(s) or next(extra, "black") for s in strategies}
-
-
 def _draw(ax: Any, curves: dict[str, list[dict]], key: str, colors: dict[str, Any]) -> None:
     for strategy, runs in curves.items():
         color = colors[strategy]
@@ -320,10 +289,10 @@ def _draw(ax: Any, curves: dict[str, list[dict]], key: str, colors: dict[str, An
 def learning_curves_figure(curves: dict[str, list[dict]]) -> Any:
     """The two-panel matplotlib figure (weak-validation AUC | strong-validation Dice)
     against training steps; strategies without Dice are left out of the right panel."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
-    colors = _colors(list(curves))
+    colors = strategy_colors(list(curves))
     fig, (ax_auc, ax_dice) = plt.subplots(1, 2, figsize=(11.0, 4.0))
     _draw(ax_auc, curves, "val_auc", colors)
     dice = {s: runs for s, runs in curves.items() if has_dice(runs)}
@@ -377,5 +346,5 @@ def plot_learning_curves(curves: dict[str, list[dict]], path: Path) -> Path:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     finally:
-        _plt().close(fig)
+        pyplot().close(fig)
     return path

@@ -50,7 +50,7 @@ def auc(y: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(y, s))
 
 
-def _stratified_resamples(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+def stratified_resamples(y: np.ndarray, n: int, seed: int) -> np.ndarray:
     """``(n, len(y))`` indices resampling positives and negatives separately."""
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
@@ -93,7 +93,7 @@ def bootstrap_auc_ci(
     of their mean AUC, every resample scoring all runs on the same resampled patients.
     """
     y, rows = _score_rows(y, scores)
-    return _interval(_mean_auc(y, rows, _stratified_resamples(y, n, seed)), ci)
+    return _interval(_mean_auc(y, rows, stratified_resamples(y, n, seed)), ci)
 
 
 def paired_bootstrap_delta_ci(
@@ -108,7 +108,7 @@ def paired_bootstrap_delta_ci(
     (``(N,)`` scores, or ``(S, N)``: the difference of mean AUCs over S runs each)."""
     y, a = _score_rows(y, scores_a)
     _, b = _score_rows(y, scores_b)
-    idx = _stratified_resamples(y, n, seed)
+    idx = stratified_resamples(y, n, seed)
     return _interval(_mean_auc(y, a, idx) - _mean_auc(y, b, idx), ci)
 
 

@@ -1,5 +1,5 @@
-"""``compare --ablation``: issue 8's options, each switched on alone on top of the paper's
-``ssmdmt``, scored by repeated stratified cross-validation on the development data only.
+"""``compare --ablation``: the options beyond the paper, each switched on alone on top of
+the paper's ``ssmdmt``, scored by repeated stratified cross-validation on the development data only.
 
 * Development data: the weak set's ``train`` + ``val`` patients of the fixed split
   (``out/splits.csv``, the split every other command uses). Its ``test`` patients are
@@ -20,33 +20,28 @@
 
 from __future__ import annotations
 
-import csv
-import io
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from lymphdx.core.config import Config, merge, validate
 from lymphdx.core.errors import LymphdxError
-from lymphdx.core.files import write_json, write_text
-from lymphdx.data.manifest import (
-    WeakRecord,
-    write_splits_csv,
-)
-from lymphdx.engine.trainer import split_manifests
-from lymphdx.workflows.compare import (
+from lymphdx.core.files import write_csv, write_json, write_text
+from lymphdx.data.manifest import WeakRecord
+from lymphdx.engine.run_data import split_manifests
+from lymphdx.reporting.table import paired_cells
+from lymphdx.workflows.compare import run_one, summarise
+from lymphdx.workflows.evaluate import predict_checkpoint
+from lymphdx.workflows.folds import (
+    add_fold_aucs,
     cv_folds,
-    paired_cells,
+    fold_runs,
+    out_of_fold,
     pooled_fold_aucs,
     pooled_val_predictions,
     rows_auc,
-    run_one,
-    summarise,
 )
-from lymphdx.workflows.evaluate import predict_checkpoint, read_predictions
 
 __all__ = [
     "ARMS",
@@ -119,12 +114,9 @@ def arm_config(config: Config, arm: str, seed: int) -> Config:
 
 def write_development_manifest(weak: list[WeakRecord], path: Path) -> Path:
     """A weak manifest (``patient_id,image,label``, absolute image paths) of ``weak``."""
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["patient_id", "image", "label"])
-    for r in sorted(weak, key=lambda r: r.patient_id):
-        w.writerow([r.patient_id, str(Path(r.image).resolve()), int(r.label)])
-    write_text(path, buf.getvalue())
+    rows = sorted(weak, key=lambda r: r.patient_id)
+    rows_out = ([r.patient_id, str(Path(r.image).resolve()), int(r.label)] for r in rows)
+    write_csv(path, ["patient_id", "image", "label"], rows_out)
     return path
 
 
@@ -162,26 +154,26 @@ def ablation(
     development = [w for w in weak if w.split != "test"]  # the test split is held out
     dev_csv = write_development_manifest(development, out / "development_weak.csv")
     folds = cv_folds(config, development, k, repeats)
-    oof: dict[str, dict[str, dict[str, tuple[int, float]]]] = {}
-    fold_aucs: dict[str, list[float]] = {}
-    reference_runs: dict[tuple[int, int, int], Path] = {}
     trained = [a for a in arms if a in ARMS]
-    for arm in trained:  # arm by arm: an interrupted ablation has whole arms to show
-        for r, f, assignment in folds:
-            for seed in seeds:
-                run_dir = out / "cv" / f"repeat{r}" / f"fold{f}" / arm / f"seed{seed}"
-                if not (run_dir / "splits.csv").exists():
-                    fold_weak = [replace(w, split=assignment[w.patient_id]) for w in development]
-                    write_splits_csv(run_dir / "splits.csv", fold_weak, strong)
-                if progress and not (run_dir / "metrics.json").exists():
-                    print(f"[ablation] {arm}: repeat {r} fold {f} seed {seed}", flush=True)
-                cfg = arm_config(config, arm, seed)
-                run_one(cfg, run_dir, dev_csv, Path(strong_csv), progress, detection=False)
-                rows = read_predictions(run_dir / "predictions_test.csv")
-                oof.setdefault(arm, {}).setdefault(f"r{r}s{seed}", {}).update(rows)
-                fold_aucs.setdefault(arm, []).append(rows_auc(rows))
-                if arm == REFERENCE:
-                    reference_runs[(r, f, seed)] = run_dir
+    runs = fold_runs(
+        out,
+        folds,
+        development,
+        strong,
+        trained,
+        seeds,
+        lambda a, s: arm_config(config, a, s),
+        name_major=True,  # arm by arm: an interrupted ablation has whole arms to show
+    )
+    for run in runs:
+        if progress and not (run.run_dir / "metrics.json").exists():
+            print(
+                f"[ablation] {run.name}: repeat {run.repeat} fold {run.fold} seed {run.seed}",
+                flush=True,
+            )
+        run_one(run.config, run.run_dir, dev_csv, Path(strong_csv), progress, detection=False)
+    oof, fold_aucs = out_of_fold(runs)
+    reference_runs = {(r.repeat, r.fold, r.seed): r.run_dir for r in runs if r.name == REFERENCE}
     choices: dict[str, Any] = {}
     if "last" in arms:
         epochs = arm_config(config, REFERENCE, 0).training.epochs
@@ -206,17 +198,11 @@ def ablation(
         arms={a: ARMS[a][0] if a in ARMS else POST_HOC[a] for a in arms},
         overrides={a: ARMS[a][1] for a in arms if a in ARMS},
     )
-    for arm, aucs in fold_aucs.items():
-        results["strategies"][arm].update(
-            fold_auc=aucs,
-            fold_auc_mean=float(np.mean(aucs)),
-            fold_auc_sd=float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
-        )
+    add_fold_aucs(results, fold_aucs)
     results["recommended"] = recommend(results)
     write_json(out / "ablation.json", results)
-    write_text(
-        out / "ablation.md", "# Ablation of issue 8's options\n\n" + format_ablation(results)
-    )
+    title = "# Ablation of the options beyond the paper\n\n"
+    write_text(out / "ablation.md", title + format_ablation(results))
     base = config.model_dump(mode="json", exclude_unset=True)
     write_text(out / "recommended.yaml", recommended_yaml(results["recommended"], base))
     return results

@@ -12,12 +12,10 @@ Statistics over seeds on one fixed test split:
 
 from __future__ import annotations
 
-import csv
 import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,54 +23,34 @@ import numpy as np
 
 from lymphdx.core.config import PAPER_STRATEGIES, STRATEGIES, Config, dump_config, validate
 from lymphdx.core.errors import LymphdxError
-from lymphdx.core.files import atomic_path, write_json, write_text
-from lymphdx.data.manifest import WeakRecord, load_manifests, write_splits_csv
+from lymphdx.core.files import write_csv, write_json, write_text
+from lymphdx.core.strategies import STRATEGIES as STRATEGY_FLAGS
+from lymphdx.core.strategies import get_strategy
+from lymphdx.data.manifest import load_manifests
 from lymphdx.data.preprocess import PreprocessCache
-from lymphdx.engine.roi_status import ROI_LEARNED_DICE
-from lymphdx.engine.selection import VAL_PREDICTIONS, pooled_best_epoch, read_val_predictions
-from lymphdx.engine.trainer import (
-    cache_dir_of,
-    config_differences,
-    resolve_manifests,
-    split_manifests,
-    train,
-)
+from lymphdx.engine.run_data import cache_dir_of, resolve_manifests, split_manifests
+from lymphdx.engine.run_folder import config_differences, load_run_config
+from lymphdx.engine.train import train
+from lymphdx.reporting.figures import write_roc_png
+from lymphdx.reporting.table import format_table
 from lymphdx.stats.metrics import (
     auc,
     bootstrap_auc_ci,
     delong_paired,
     paired_bootstrap_delta_ci,
 )
-from lymphdx.stats.power import estimate_rho, power_statement, small_test_split_note
-from lymphdx.workflows.evaluate import (
-    evaluate_run,
-    load_run_config,
-    predict_checkpoint,
-    read_predictions,
+from lymphdx.stats.power import estimate_rho, power_statement
+from lymphdx.workflows.evaluate import evaluate_run, read_predictions
+from lymphdx.workflows.folds import (
+    add_fold_aucs,
+    cv_folds,
+    fold_runs,
+    out_of_fold,
+    pooled_fold_aucs,
+    pooled_val_predictions,
 )
 
-__all__ = ["compare", "summarise", "format_table", "PAPER_AUC"]
-
-PAPER_AUC = {"supervised": 0.81, "semi-supervised": 0.84, "multitask": 0.82, "ssmdmt": 0.86}
-LABELS = {
-    "supervised": "Supervised Baseline",
-    "semi-supervised": "Semi-Supervised",
-    "multitask": "Supervised Multi-domain Multi-Task",
-    "ssmdmt": "Semi-Supervised Multi-domain Multi-Task",
-    "ssmdmt-plus": "SSMDMT + issue 8 options",
-}
-
-
-def label(strategy: str) -> str:
-    """The table's name of a strategy (``<s>@pooled-val``: selected on pooled folds)."""
-    base, _, selection = strategy.partition("@")
-    name = LABELS.get(base, base)
-    return f"{name} ({selection} selection)" if selection else name
-
-
-def data_sets(strategy: str) -> str:
-    """Which sets a strategy trains on."""
-    return "weak" if strategy.partition("@")[0] == "supervised" else "weak + strong"
+__all__ = ["compare", "summarise"]
 
 
 def _for_strategy(config: Config) -> dict[str, Any]:
@@ -146,6 +124,15 @@ def _warm_cache(config: Config, weak_csv: Path, strong_csv: Path) -> None:
         cache.mask(s.mask, s.image, s.patient_id)
 
 
+def expected_cost(config: Config) -> float:
+    """A run's training time relative to a supervised run of as many epochs (measured on
+    the demo, BENCHMARKS.md §2: supervised 1, semi-supervised and multitask about 1.3,
+    ssmdmt about 1.6): each extra loss on the strong set adds about 0.3."""
+    strategy = get_strategy(config.strategy)
+    extra = 0.3 * strategy.roi_strong + 0.3 * strategy.pseudo_cls_strong
+    return config.training.epochs * (1.0 + extra)
+
+
 def run_all(
     runs: list[tuple[Config, Path, str]],
     weak_csv: Path,
@@ -154,8 +141,9 @@ def run_all(
     jobs: int = 1,
 ) -> None:
     """``run_one`` for every ``(config, run folder, description)``; with ``jobs`` > 1 as
-    that many processes at once, each with its share of the cores (runs are independent;
-    the preprocessing cache is filled first, so they only read it)."""
+    that many processes at once, each with its share of the cores, the longest expected
+    first (``expected_cost``; runs are independent, so the order changes no result; the
+    preprocessing cache is filled first, so they only read it)."""
     for config, run_dir, what in runs:
         if (run_dir / "metrics.json").exists() and reuse_finished(
             config, run_dir, weak_csv, strong_csv
@@ -170,6 +158,8 @@ def run_all(
             run_one(config, run_dir, weak_csv, strong_csv, progress)
         return
     _warm_cache(todo[0][0], weak_csv, strong_csv)
+    # longest first, so that no long run starts last while the other worker idles
+    todo.sort(key=lambda r: -expected_cost(r[0]))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = max(1, (cores or 1) // jobs)
     with ProcessPoolExecutor(
@@ -263,7 +253,7 @@ def summarise(
             "test_auc_mean": float(np.mean(aucs)),
             "test_auc_sd": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
             "test_auc_ci95": list(bootstrap_auc_ci(y, scores[s], n_boot, ci, seed)),
-            "paper_auc": PAPER_AUC.get(s),
+            "paper_auc": STRATEGY_FLAGS[s].paper_auc if s in STRATEGY_FLAGS else None,
         }
     if reference is not None:
         pairs = [(s, reference) for s in strategies if s != reference]
@@ -283,191 +273,6 @@ def summarise(
             y, scores[a], scores[b], n_boot, ci, seed, names=(a, b)
         )
     return out
-
-
-def paired_cells(test: dict[str, Any] | None) -> tuple[str, str]:
-    """Table cells "ΔAUC [CI]" and "p" of a paired test (dashes when there is none)."""
-    if not test:
-        return "—", "—"
-    lo, hi = test["delta_ci95"]
-    return f"{test['delta_auc']:+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{test['p_delong']:.3f}"
-
-
-def rows_auc(rows: dict[str, tuple[int, float]]) -> float:
-    """AUC of ``{patient: (label, probability)}``."""
-    return auc(np.array([v[0] for v in rows.values()]), np.array([v[1] for v in rows.values()]))
-
-
-def test_split_note(results: dict[str, Any]) -> str | None:
-    """``power.small_test_split_note`` for a results mapping (at the strategies' mean AUC)."""
-    aucs = [r["test_auc_mean"] for r in results["strategies"].values()]
-    n_pos = int(results["n_test_pos"])
-    return small_test_split_note(
-        n_pos, int(results["n_test"]) - n_pos, float(np.nanmean(aucs)) if aucs else 0.75
-    )
-
-
-def format_table(results: dict[str, Any]) -> str:
-    """Markdown laid out like the paper's Table I, with intervals and paired tests."""
-    seeds = results["seeds"]
-    if results.get("mode") == "cv":
-        head = (
-            f"Pooled out-of-fold AUC over all {results['n_test']} labelled weak-set patients "
-            f"({results['n_test_pos']} positive): stratified {results['cv']}-fold "
-            f"cross-validation × {results['repeats']} repeat(s), training seeds "
-            f"{results['training_seeds']}; mean ± sd over the {len(seeds)} pooled AUCs "
-            "(one per repeat × seed); per-fold AUCs in results.json."
-        )
-    else:
-        head = (
-            f"Classification AUC on the weak set's test split (n = {results['n_test']}, "
-            f"{results['n_test_pos']} positive), {len(seeds)} seed(s) {seeds}."
-        )
-    lines = [
-        head,
-        "",
-        "| Training method for the classifier | Data sets | AUC mean ± sd | 95% CI | "
-        "ΔAUC vs supervised [95% CI] | p (DeLong) | paper |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for s, r in results["strategies"].items():
-        data = data_sets(s)
-        delta, p = paired_cells(results["paired_tests"].get(f"{s} vs supervised"))
-        paper = f"{r['paper_auc']:.2f}" if r.get("paper_auc") is not None else ""
-        lines.append(
-            f"| {label(s)} | {data} | {r['test_auc_mean']:.3f} ± {r['test_auc_sd']:.3f} "
-            f"| [{r['test_auc_ci95'][0]:.3f}, {r['test_auc_ci95'][1]:.3f}] | {delta} | {p} "
-            f"| {paper} |"
-        )
-    detected = {s: r["detection"] for s, r in results["strategies"].items() if r.get("detection")}
-    if detected:
-        lines += [
-            "",
-            "Detection (the paper's future work): Dice of the ROI mask (> ζ) and lesion-level "
-            "FROC mean sensitivity at 1/8–8 false positives per volume, mean over runs:",
-            "",
-            "| Strategy | strong test Dice | strong test FROC | weak test Dice | weak test FROC |",
-            "|---|---|---|---|---|",
-        ]
-        for s, d in detected.items():
-            cells = [
-                f"{d[k]:.3f}" if k in d else "—"
-                for k in (
-                    "strong_test_dice_mean",
-                    "strong_test_froc_mean_sensitivity_mean",
-                    "weak_test_dice_mean",
-                    "weak_test_froc_mean_sensitivity_mean",
-                )
-            ]
-            lines.append(f"| {label(s)} | " + " | ".join(cells) + " |")
-    others = {k: v for k, v in results["paired_tests"].items() if not k.endswith("vs supervised")}
-    if others:
-        lines += ["", "| Paired test | ΔAUC [95% CI] | p (DeLong) |", "|---|---|---|"]
-        for name, t in others.items():
-            lines.append(
-                f"| {name} | {t['delta_auc']:+.3f} [{t['delta_ci95'][0]:+.3f}, "
-                f"{t['delta_ci95'][1]:+.3f}] | {t['p_delong']:.3f} |"
-            )
-    for s, r in results["strategies"].items():
-        if r.get("roi_not_learned"):
-            n_runs = len(r.get("test_auc", [])) if results.get("mode") != "cv" else None
-            of = f" of {n_runs}" if n_runs else ""
-            lines += [
-                "",
-                f"**{label(s)}: the ROI decoder found no node at the end of training "
-                f"(strong-validation Dice < {ROI_LEARNED_DICE}: it never learned, or lost "
-                f"what it had learned) in {len(r['roi_not_learned'])}{of} run(s), "
-                "listed in results.json. Its AUC above is that of a classifier without the "
-                "ROI task, not the strategy's.**",
-            ]
-    widths = [r["test_auc_ci95"][1] - r["test_auc_ci95"][0] for r in results["strategies"].values()]
-    lines += [
-        "",
-        f"The 95% intervals are {min(widths):.2f}–{max(widths):.2f} wide: with "
-        f"{results['n_test']} test patients, AUC differences smaller than that are not "
-        "distinguishable from chance; read ΔAUC by its interval and p, not by its sign.",
-    ]
-    note = test_split_note(results)
-    if note:
-        lines += ["", f"**{note}**"]
-    tests = results["paired_tests"]
-    if tests:
-        lines += [
-            "",
-            "Power (binormal simulation, ρ estimated from the two strategies' scores):",
-            "",
-        ]
-        for name, t in tests.items():
-            lines.append(f"- {name}: {t['power_text']}")
-    return "\n".join(lines) + "\n"
-
-
-def _roc_plot(path: Path, predictions: dict[str, dict[int, dict[str, tuple[int, float]]]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for s, by_seed in predictions.items():
-        patients = sorted(next(iter(by_seed.values())))
-        y = np.array([next(iter(by_seed.values()))[p][0] for p in patients])
-        score = np.mean([[by_seed[k][p][1] for p in patients] for k in by_seed], axis=0)
-        fpr, tpr, _ = roc_curve(y, score)
-        ax.plot(fpr, tpr, label=f"{label(s)} (AUC {auc(y, score):.2f})")
-    ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set_xlabel("1 − specificity")
-    ax.set_ylabel("sensitivity")
-    ax.set_title("ROC on the test split (scores averaged over seeds)", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
-
-
-def cv_assignments(
-    weak: list[WeakRecord], k: int, repeats: int, seed: int, val_fraction: float
-) -> list[tuple[int, int, dict[str, str]]]:
-    """Repeated stratified patient-wise k-fold splits of the weak set.
-
-    Returns ``(repeat, fold, {patient_id: split})``: the fold is ``test``; of the rest a
-    stratified ``val_fraction`` (the paper's 10 of 100) is ``val`` for model selection.
-    Depends only on the patients, ``k``, ``repeats`` and ``seed``, so every strategy
-    sees the same folds.
-    """
-    from sklearn.model_selection import StratifiedKFold, train_test_split
-
-    records = sorted(weak, key=lambda r: r.patient_id)
-    ids = np.array([r.patient_id for r in records])
-    y = np.array([r.label for r in records])
-    if min(int(y.sum()), int((1 - y).sum())) < k:
-        raise LymphdxError(
-            f"{k}-fold cross-validation needs at least {k} patients of each class; the weak "
-            f"set has {int(y.sum())} positive and {int((1 - y).sum())} negative"
-        )
-    out = []
-    for r in range(repeats):
-        folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed + r)
-        for f, (rest, test) in enumerate(folds.split(ids, y)):
-            n_val = max(2, round(val_fraction * len(rest)))
-            train_idx, val_idx = train_test_split(
-                rest, test_size=n_val, stratify=y[rest], random_state=seed * 7919 + r * 101 + f
-            )
-            assignment = {str(ids[i]): "train" for i in train_idx}
-            assignment |= {str(ids[i]): "val" for i in val_idx}
-            assignment |= {str(ids[i]): "test" for i in test}
-            out.append((r, f, assignment))
-    return out
-
-
-def cv_folds(
-    config: Config, weak: list[WeakRecord], k: int, repeats: int
-) -> list[tuple[int, int, dict[str, str]]]:
-    """``cv_assignments`` of ``weak`` with the config's split seed and validation share
-    (val / (train + val) of ``data.split.weak``)."""
-    train_w, val_w = config.data.split.weak[0], config.data.split.weak[1]
-    return cv_assignments(weak, k, repeats, config.data.split_seed, val_w / (train_w + val_w))
 
 
 def _compare_cv(
@@ -490,97 +295,41 @@ def _compare_cv(
     folds (``pooled_val_predictions``)."""
     weak, strong = split_manifests(config, weak_csv, strong_csv, out)
     folds = cv_folds(config, weak, k, repeats)
-    oof: dict[str, dict[str, dict[str, tuple[int, float]]]] = {}
-    fold_aucs: dict[str, list[float]] = {}
-    run_dirs: dict[str, list[Path]] = {}
-    by_fold: dict[str, dict[tuple[int, int, int], Path]] = {}
-    runs: list[tuple[Config, Path, str]] = []
-    for r, f, assignment in folds:
-        fold_weak = [replace(w, split=assignment[w.patient_id]) for w in weak]
-        for strategy in strategies:
-            for seed in seeds:
-                run_dir = out / "cv" / f"repeat{r}" / f"fold{f}" / strategy / f"seed{seed}"
-                if not (run_dir / "splits.csv").exists():
-                    write_splits_csv(run_dir / "splits.csv", fold_weak, strong)
-                data = _for_strategy(config)
-                data.update(strategy=strategy, seed=seed)
-                if pooled_selection:
-                    data["training"] = {**data.get("training", {}), "keep_epochs": True}
-                what = f"cv repeat {r} fold {f}: {strategy} seed {seed}"
-                runs.append((validate(data), run_dir, what))
-    run_all(runs, weak_csv, strong_csv, progress, jobs)
-    for r, f, _ in folds:
-        for strategy in strategies:
-            for seed in seeds:
-                run_dir = out / "cv" / f"repeat{r}" / f"fold{f}" / strategy / f"seed{seed}"
-                run_dirs.setdefault(strategy, []).append(run_dir)
-                by_fold.setdefault(strategy, {})[(r, f, seed)] = run_dir
-                rows = read_predictions(run_dir / "predictions_test.csv")
-                oof.setdefault(strategy, {}).setdefault(f"r{r}s{seed}", {}).update(rows)
-                fold_aucs.setdefault(strategy, []).append(rows_auc(rows))
+
+    def config_of(strategy: str, seed: int) -> Config:
+        data = _for_strategy(config)
+        data.update(strategy=strategy, seed=seed)
+        if pooled_selection:
+            data["training"] = {**data.get("training", {}), "keep_epochs": True}
+        return validate(data)
+
+    runs = fold_runs(out, folds, weak, strong, strategies, seeds, config_of)
+    described = [
+        (
+            run.config,
+            run.run_dir,
+            f"cv repeat {run.repeat} fold {run.fold}: {run.name} seed {run.seed}",
+        )
+        for run in runs
+    ]
+    run_all(described, weak_csv, strong_csv, progress, jobs)
+    oof, fold_aucs = out_of_fold(runs)
     choices = {}
     if pooled_selection:
         for strategy in strategies:
+            by_fold = {(r.repeat, r.fold, r.seed): r.run_dir for r in runs if r.name == strategy}
             oof[f"{strategy}@pooled-val"], choices[strategy] = pooled_val_predictions(
-                by_fold[strategy], folds
+                by_fold, folds
             )
             fold_aucs[f"{strategy}@pooled-val"] = pooled_fold_aucs(choices[strategy])
     results = summarise(oof, config.evaluation.bootstrap, config.evaluation.ci, config.seed)
     results.update(mode="cv", cv=k, repeats=repeats, training_seeds=seeds)
     if choices:
         results["pooled_val_choices"] = choices
+    run_dirs = {s: [r.run_dir for r in runs if r.name == s] for s in strategies}
     _add_detection(results, run_dirs)
-    for strategy, aucs in fold_aucs.items():
-        results["strategies"][strategy].update(
-            fold_auc=aucs,
-            fold_auc_mean=float(np.mean(aucs)),
-            fold_auc_sd=float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
-        )
+    add_fold_aucs(results, fold_aucs)
     return results, oof
-
-
-def pooled_val_predictions(
-    runs: dict[tuple[int, int, int], Path], folds: list[tuple[int, int, dict[str, str]]]
-) -> tuple[dict[str, dict[str, tuple[int, float]]], dict[str, Any]]:
-    """Selection on pooled validation folds: ``runs`` maps ``(repeat, fold, seed)`` to a
-    run folder trained with ``training.keep_epochs``. For each repeat × seed, the epoch
-    of best validation AUC over all its folds' validation patients pooled
-    (``selection.pooled_best_epoch``), then each fold's weights of that epoch scored on
-    the fold's test patients. Returns the out-of-fold predictions ``{"r<r>s<s>":
-    {patient: (label, p)}}`` and the choices ``{"r<r>s<s>": {"epoch", "pooled_val_auc",
-    "fold_auc"}}`` (``fold_auc``: each fold's test AUC at that epoch)."""
-    keys = sorted({(r, s) for r, _, s in runs})
-    oof: dict[str, dict[str, tuple[int, float]]] = {}
-    chosen: dict[str, Any] = {}
-    for r, s in keys:
-        fold_runs = [runs[(r, f, s)] for rr, f, _ in folds if rr == r]
-        epoch, scores = pooled_best_epoch(
-            [read_val_predictions(d / VAL_PREDICTIONS) for d in fold_runs]
-        )
-        fold_auc = []
-        for d in fold_runs:
-            which = f"epoch_{epoch:03d}"
-            cached = d / f"predictions_test@{which}.csv"  # predict_checkpoint's cache
-            if not (d / "checkpoints" / f"{which}.pt").exists() and not cached.exists():
-                raise LymphdxError(
-                    f"{d} has no checkpoints/{which}.pt: selection on pooled "
-                    "validation folds needs every epoch's weights (training.keep_epochs), and "
-                    "this run was trained without them; use a new output folder"
-                )
-            rows = predict_checkpoint(d, which)
-            oof.setdefault(f"r{r}s{s}", {}).update(rows)
-            fold_auc.append(rows_auc(rows))
-        chosen[f"r{r}s{s}"] = {
-            "epoch": epoch,
-            "pooled_val_auc": scores[epoch],
-            "fold_auc": fold_auc,
-        }
-    return oof, chosen
-
-
-def pooled_fold_aucs(choices: dict[str, Any]) -> list[float]:
-    """Every fold AUC of ``pooled_val_predictions``'s choices, repeat by repeat."""
-    return [a for key in sorted(choices) for a in choices[key]["fold_auc"]]
 
 
 def compare(
@@ -692,12 +441,13 @@ def _write_results(out: Path, config: Config, results: dict[str, Any], predictio
     write_json(out / "results.json", results)
     table = format_table(results)
     write_text(out / "results.md", "# Table I on this data\n\n" + table)
-    _roc_plot(out / "roc.png", predictions)
-    with atomic_path(out / "test_predictions.csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["strategy", "seed", "patient_id", "label", "probability"])
-        for s, by_seed in predictions.items():
-            for k, rows in by_seed.items():
-                for pid, (lab, p) in sorted(rows.items()):
-                    w.writerow([s, k, pid, lab, f"{p:.6f}"])
+    write_roc_png(out / "roc.png", predictions)
+    rows = (
+        [s, k, pid, lab, f"{p:.6f}"]
+        for s, by_seed in predictions.items()
+        for k, by_patient in by_seed.items()
+        for pid, (lab, p) in sorted(by_patient.items())
+    )
+    header = ["strategy", "seed", "patient_id", "label", "probability"]
+    write_csv(out / "test_predictions.csv", header, rows, "\r\n")
     return results

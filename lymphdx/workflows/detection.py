@@ -38,11 +38,11 @@ from lymphdx.core.domains import STRONG, WEAK
 from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import write_json
 from lymphdx.data.datasets import VolumeSet
+from lymphdx.engine.run_data import load_run_data
+from lymphdx.engine.run_folder import load_model
 from lymphdx.engine.teacher import predict_with_tta
-from lymphdx.engine.trainer import load_run_data
 from lymphdx.models.domain_norm import domains
 from lymphdx.stats.metrics import dice as _dice
-from lymphdx.workflows.evaluate import load_model
 
 __all__ = [
     "FP_RATES",

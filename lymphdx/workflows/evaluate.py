@@ -8,75 +8,40 @@ feeds back into any choice.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io as _io
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from lymphdx.core.config import Config, validate
 from lymphdx.core.domains import WEAK
 from lymphdx.core.errors import LymphdxError
-from lymphdx.core.files import write_json, write_text
+from lymphdx.core.files import read_csv, write_csv, write_json
 from lymphdx.core.strategies import get_strategy
 from lymphdx.engine.propagation import predict_probabilities
 from lymphdx.engine.roi_status import roi_decoder_status
-from lymphdx.engine.trainer import (
-    load_checkpoint,
-    load_run_data,
-    read_history,
-    verify_checkpoint,
-)
-from lymphdx.models.multitask import MultiTaskNet, build_model
+from lymphdx.engine.run_data import load_run_data
+from lymphdx.engine.run_folder import load_model, read_history
 from lymphdx.stats.metrics import auc, bootstrap_auc_ci, delong
 
 __all__ = [
-    "load_run_config",
-    "load_model",
     "evaluate_run",
     "read_predictions",
     "predict_checkpoint",
 ]
 
 
-def load_run_config(run_dir: str | Path) -> Config:
-    """The resolved ``config.yaml`` of a run folder."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise LymphdxError(f"{run_dir} is not a lymphdx run folder (no config.yaml)")
-    return validate(yaml.safe_load(path.read_text()), str(path))
-
-
-def load_model(run_dir: str | Path, which: str = "best") -> tuple[Config, MultiTaskNet, dict]:
-    """Config, model (eval mode) and checkpoint state of a run."""
-    config = load_run_config(run_dir)
-    state = load_checkpoint(Path(run_dir) / "checkpoints" / f"{which}.pt")
-    verify_checkpoint(state, config, Path(run_dir), f"cannot use the {which} model of {run_dir}")
-    model = build_model(config.model)
-    model.load_state_dict(state["model"])
-    model.eval()
-    return config, model, state
-
-
 def read_predictions(path: str | Path) -> dict[str, tuple[int, float]]:
     """``patient_id -> (label, probability)`` from a ``predictions_<split>.csv``."""
-    with open(path, newline="") as f:
-        return {
-            r["patient_id"]: (int(r["label"]), float(r["probability"])) for r in csv.DictReader(f)
-        }
+    if not Path(path).is_file():
+        raise LymphdxError(f"no predictions at {path}")
+    return {r["patient_id"]: (int(r["label"]), float(r["probability"])) for r in read_csv(path)}
 
 
 def _write_predictions(path: Path, ids: list[str], labels: np.ndarray, probs: np.ndarray) -> None:
-    buf = _io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["patient_id", "label", "probability"])
-    for pid, y, p in zip(ids, labels, probs, strict=True):
-        w.writerow([pid, int(y), f"{float(p):.6f}"])
-    write_text(path, buf.getvalue())
+    rows = ([pid, int(y), f"{float(p):.6f}"] for pid, y, p in zip(ids, labels, probs, strict=True))
+    write_csv(path, ["patient_id", "label", "probability"], rows, "\r\n")
 
 
 def predict_checkpoint(

@@ -39,21 +39,20 @@ from lymphdx.core.config import DataConfig
 from lymphdx.core.domains import STRONG, WEAK
 from lymphdx.core.errors import InputError, LymphdxError
 from lymphdx.core.files import atomic_dir, atomic_path, ensure_writable_dir, write_json
-from lymphdx.data.preprocess import (
-    Normalizer,
+from lymphdx.data.calibration import hu_offset, intensity_calibration
+from lymphdx.data.grid import (
     check_coverage,
     coverage,
     coverage_warning,
-    hu_offset,
-    intensity_calibration,
-    load_normalizers,
     preprocess_image,
     to_original,
 )
+from lymphdx.data.preprocess import Normalizer, load_normalizers
+from lymphdx.engine.run_folder import load_model
 from lymphdx.engine.teacher import predict_with_tta
 from lymphdx.io import volumes as io
+from lymphdx.io.geometry import Volume, to_sitk
 from lymphdx.models.domain_norm import domains
-from lymphdx.workflows.evaluate import load_model
 
 __all__ = ["predict", "output_name", "save_overlay"]
 
@@ -215,7 +214,7 @@ def _remove_previous(out_dir: Path, names: set[str]) -> None:
         )
 
 
-def _calibration_note(volume: io.Volume, cfg: DataConfig) -> tuple[float, str | None]:
+def _calibration_note(volume: Volume, cfg: DataConfig) -> tuple[float, str | None]:
     """The offset that maps the scan to HU and a warning when it is not 0 or not known
     (``intensity_calibration``; none when ``data.hu_offset`` says what scans hold)."""
     calibration = intensity_calibration(volume.array)
@@ -247,13 +246,13 @@ def _predict_one(
     check_coverage(volume.geometry, volume.shape_xyz, cfg, image_path)
     offset, calibration_note = _calibration_note(volume, cfg)
     if offset != 0.0:
-        volume = io.Volume(volume.array + np.float32(offset), volume.geometry)
+        volume = Volume(volume.array + np.float32(offset), volume.geometry)
     covered, _ = coverage(volume.geometry, volume.shape_xyz, cfg)
     coverage_note = coverage_warning(volume.geometry, volume.shape_xyz, cfg)
     for note in (calibration_note, coverage_note):
         if note is not None:
             log.warning("%s: %s", image_path, note)
-    original = io.to_sitk(volume.array, volume.geometry)
+    original = to_sitk(volume.array, volume.geometry)
     array, grid = preprocess_image(original, cfg)
     out = predict_with_tta(
         model, torch.from_numpy(norm(array))[None, None], flips=common["tta_flip"]
@@ -282,7 +281,7 @@ def _predict_one(
 def _write_outputs(
     folder: Path,
     name: str,
-    volume: io.Volume,
+    volume: Volume,
     prob_zyx: np.ndarray,
     zeta: float,
     result: dict[str, Any],

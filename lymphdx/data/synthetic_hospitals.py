@@ -1,0 +1,164 @@
+"""The two synthetic hospitals' acquisition and population parameters, and ``shift``.
+
+``HOSPITALS`` holds hospital A (the weak set) and B (the strong set); ``shifted_hospital``
+moves B's acquisition along the line from A's (``SynthSpec.shift``). See
+``lymphdx.data.synthetic`` for the phantom as a whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+__all__ = [
+    "HOSPITALS",
+    "Hospital",
+    "MIN_SPACING_MM",
+    "SHIFT_FIELDS",
+    "SHIFT_FLOORS",
+    "SHIFT_HU_FIELDS",
+    "SHIFT_HU_RANGE",
+    "hospital_by_name",
+    "shifted_hospital",
+]
+
+
+@dataclass(frozen=True)
+class Hospital:
+    """Acquisition and population parameters of one synthetic hospital.
+
+    ``spacing`` and ``size`` are ``(x, y, z)``; HU values are ``(mean, sd between
+    patients)`` before calibration (``gain * hu + offset``). Noise and texture sigmas are
+    in voxels.
+    """
+
+    name: str
+    spacing: tuple[float, float, float]
+    size: tuple[int, int, int]
+    gain: float
+    offset: float
+    noise_sd: float
+    noise_sigma: float
+    texture_gain: float
+    texture_sigma: float
+    psf_sigma: float
+    aorta_hu: tuple[float, float]
+    vein_hu: tuple[float, float]
+    liver_hu: tuple[float, float]
+    spleen_hu: tuple[float, float]
+    kidney_hu: tuple[float, float]
+    bowel_wall_hu: tuple[float, float]
+    n_nodes: tuple[int, int]  # inclusive range of nodes per scan
+    p_metastatic: float  # used when make_scan(metastatic=None)
+
+
+HOSPITALS: dict[str, Hospital] = {
+    # "Hospital A" (weak set, like the paper's RAH): portal-venous phase, smooth noise.
+    "A": Hospital(
+        name="A",
+        spacing=(4.0, 4.0, 5.0),
+        size=(80, 80, 48),
+        gain=1.0,
+        offset=0.0,
+        noise_sd=12.0,
+        noise_sigma=1.0,
+        texture_gain=1.0,
+        texture_sigma=2.5,
+        psf_sigma=0.5,
+        aorta_hu=(150.0, 15.0),
+        vein_hu=(135.0, 12.0),
+        liver_hu=(110.0, 10.0),
+        spleen_hu=(120.0, 10.0),
+        kidney_hu=(165.0, 15.0),
+        bowel_wall_hu=(55.0, 6.0),
+        n_nodes=(3, 9),
+        p_metastatic=57 / 123,
+    ),
+    # "Hospital B" (strong set, like TCIA CT Lymph Nodes): arterial phase, finer noise.
+    "B": Hospital(
+        name="B",
+        spacing=(3.5, 3.5, 4.0),
+        size=(96, 96, 56),
+        gain=1.05,
+        offset=15.0,
+        noise_sd=25.0,
+        noise_sigma=0.5,
+        texture_gain=1.3,
+        texture_sigma=1.5,
+        psf_sigma=0.45,
+        aorta_hu=(250.0, 25.0),
+        vein_hu=(85.0, 12.0),
+        liver_hu=(70.0, 8.0),
+        spleen_hu=(115.0, 15.0),
+        kidney_hu=(190.0, 20.0),
+        bowel_wall_hu=(45.0, 6.0),
+        n_nodes=(5, 9),
+        p_metastatic=0.4,
+    ),
+}
+_ALIASES = {"A": "A", "WEAK": "A", "B": "B", "STRONG": "B"}
+
+# SynthSpec.shift: B' = A + shift * (B - A) for these acquisition parameters ...
+SHIFT_FIELDS = (
+    "gain",
+    "offset",
+    "noise_sd",
+    "noise_sigma",
+    "texture_gain",
+    "texture_sigma",
+    "psf_sigma",
+)
+# ... for the means of these contrast-phase HU (mean, sd) pairs (the sd stays B's) ...
+SHIFT_HU_FIELDS = ("aorta_hu", "vein_hu", "liver_hu", "spleen_hu", "kidney_hu", "bowel_wall_hu")
+# ... and for the voxel spacing (B's field of view in mm is kept), clamped to valid values:
+SHIFT_FLOORS = {
+    "gain": 0.05,
+    "noise_sd": 1.0,  # HU
+    "noise_sigma": 0.25,  # voxels (0.25 is already practically white noise)
+    "texture_gain": 0.0,
+    "texture_sigma": 0.25,
+    "psf_sigma": 0.25,
+}
+SHIFT_HU_RANGE = (20.0, 1000.0)  # enhanced soft tissue / blood: above water, below bone
+MIN_SPACING_MM = 0.5
+
+
+def hospital_by_name(name: str) -> Hospital:
+    """Hospital ``name``: ``"A"``/``"weak"`` or ``"B"``/``"strong"`` (any case)."""
+    key = _ALIASES.get(str(name).upper())
+    if key is None:
+        raise ValueError(f"unknown hospital {name!r}; expected one of A, B, weak, strong")
+    return HOSPITALS[key]
+
+
+def _lerp(a: float, b: float, t: float) -> float:
+    """``a + t * (b - a)``, written so that t = 0 gives exactly ``a`` and t = 1 exactly ``b``."""
+    return (1.0 - t) * a + t * b
+
+
+def shifted_hospital(shift: float) -> Hospital:
+    """Hospital B with its acquisition moved to ``A + shift * (B - A)``.
+
+    Applies to ``SHIFT_FIELDS``, the means of ``SHIFT_HU_FIELDS`` (their between-patient sd
+    stays B's) and the voxel spacing; values are clamped to ``SHIFT_FLOORS``,
+    ``SHIFT_HU_RANGE`` and ``MIN_SPACING_MM``. ``size`` is chosen so that B's field of view
+    in mm stays (to the nearest voxel) as it is. The population (``n_nodes``,
+    ``p_metastatic``) stays B's. ``shift=1`` returns exactly ``HOSPITALS["B"]``.
+    """
+    a, b = HOSPITALS["A"], HOSPITALS["B"]
+    changes: dict = {}
+    for f in SHIFT_FIELDS:
+        v = _lerp(getattr(a, f), getattr(b, f), shift)
+        changes[f] = max(v, SHIFT_FLOORS[f]) if f in SHIFT_FLOORS else v
+    for f in SHIFT_HU_FIELDS:
+        (ma, _), (mb, sd) = getattr(a, f), getattr(b, f)
+        changes[f] = (float(np.clip(_lerp(ma, mb, shift), *SHIFT_HU_RANGE)), sd)
+    spacing = tuple(
+        max(_lerp(sa, sb, shift), MIN_SPACING_MM)
+        for sa, sb in zip(a.spacing, b.spacing, strict=True)
+    )
+    size = tuple(
+        max(1, round(n * sb / s)) for n, sb, s in zip(b.size, b.spacing, spacing, strict=True)
+    )
+    return replace(b, spacing=spacing, size=size, **changes)

@@ -1,0 +1,278 @@
+"""A run folder on disk: its ``config.yaml`` (and how two configs differ), checkpoints
+(written atomically, loaded safely, verified against the run's config, manifests and
+splits), ``history.csv``, ``train.log``, and the model a finished run holds."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+import lymphdx
+from lymphdx.core.config import Config, dump_config, validate
+from lymphdx.core.errors import LymphdxError
+from lymphdx.core.files import (
+    atomic_path,
+    read_csv,
+    remove_stale_temporaries,
+    write_csv,
+    write_text,
+)
+from lymphdx.engine import selection
+from lymphdx.engine.propagation import PseudoLabels
+from lymphdx.models.multitask import MultiTaskNet, build_model
+
+log = logging.getLogger("lymphdx")
+
+HISTORY_FIELDS = [
+    "epoch",
+    "loss",
+    "loss_cls",
+    "loss_roi",
+    "loss_pseudo_cls",
+    "loss_pseudo_roi",
+    "val_auc",
+    "val_loss",
+    "strong_val_dice",
+    "propagated",
+    "pseudo_pos_fraction",
+    "pseudo_kept_fraction",
+    "pseudo_weight_mean",
+    "pseudo_mask_voxel_fraction",
+    "pseudo_mask_weighted_fraction",
+    "lr",
+    "seconds",
+    "step",
+    "phase",
+    "pseudo_mask_nonempty",
+    "propagation_note",
+]
+
+
+class TrainingError(LymphdxError):
+    """Training cannot go on (e.g. a loss became NaN); the last good checkpoint is kept."""
+
+
+def config_differences(saved: Config, new: Config, weights_only: bool = False) -> list[str]:
+    """Keys whose values differ between two configs, ignoring ``training.epochs`` (a run may
+    be extended), ``data.cache_dir`` (where the cache lives changes no result) and
+    ``training.device`` (a run may go on on another machine); with ``weights_only`` also
+    the ``evaluation`` section, which changes how a model is scored, not the model."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(saved.model_dump(mode="json")), flat(new.model_dump(mode="json"))
+    ignore = {"training.epochs", "data.cache_dir", "training.device"}
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if k not in ignore
+        and not (weights_only and k.startswith("evaluation."))
+        and a.get(k) != b.get(k)
+    ]
+
+
+def checkpoint_path(run_dir: Path, name: str) -> Path:
+    return run_dir / "checkpoints" / f"{name}.pt"
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to a temporary name and rename it onto ``path``; a failed write
+    (full disk, lost mount) leaves the previous checkpoint intact and says so."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except OSError as err:
+        raise TrainingError(
+            f"cannot write checkpoint {path}: {err.strerror or err}; training stopped, the "
+            f"previous {path.name} (if any) is intact; free space and --resume"
+        ) from None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint safely (tensors and plain data only: ``weights_only=True``)."""
+    if not path.exists():
+        raise LymphdxError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors of many kinds
+        raise LymphdxError(f"cannot load checkpoint {path}: {err}") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_fingerprint(config: Config, run_dir: Path) -> dict[str, str]:
+    """SHA-256 of what a checkpoint was trained from: both manifests and ``splits.csv``."""
+    out: dict[str, str] = {}
+    for key, path in (
+        ("weak manifest", config.manifests.weak),
+        ("strong manifest", config.manifests.strong),
+        ("splits.csv", run_dir / "splits.csv"),
+    ):
+        if path is not None and Path(path).exists():
+            out[key] = _sha256(Path(path))
+    return out
+
+
+def verify_checkpoint(
+    state: dict[str, Any], config: Config, run_dir: Path, action: str, resume: bool = False
+) -> None:
+    """Refuse a checkpoint whose config, lymphdx version (major.minor), manifests or splits
+    differ from the run's, saying what differs. ``resume``: also the manifests' content
+    (evaluation and prediction may run where the training data is not)."""
+    problems: list[str] = []
+    saved_version = str(state.get("lymphdx_version", "unknown"))
+    if saved_version.split(".")[:2] != lymphdx.__version__.split(".")[:2]:
+        problems.append(
+            f"the checkpoint was written by lymphdx {saved_version}, this is {lymphdx.__version__}"
+        )
+    try:
+        saved = validate(yaml.safe_load(state.get("config_yaml", "")), "checkpoint config")
+    except LymphdxError as err:
+        problems.append(f"the checkpoint's recorded config is unreadable ({err})")
+    else:
+        differ = config_differences(saved, config, weights_only=True)
+        if differ:
+            problems.append(
+                f"the checkpoint's config differs from the run's config.yaml "
+                f"(checkpoint -> run: {'; '.join(differ)})"
+            )
+    recorded = state.get("fingerprint")
+    if recorded is None:
+        problems.append("the checkpoint records no fingerprint of its manifests and splits")
+    else:
+        now = run_fingerprint(config, run_dir)
+        for key, digest in recorded.items():
+            if key not in now:
+                if key == "splits.csv" or resume:
+                    problems.append(f"the run's {key} is missing")
+            elif now[key] != digest:
+                if key == "splits.csv" or resume:
+                    problems.append(
+                        f"the {key} changed since the checkpoint was written "
+                        f"(sha256 {digest[:12]}… → {now[key][:12]}…)"
+                    )
+    if problems:
+        raise LymphdxError(f"{action}: {'; '.join(problems)}")
+
+
+def pseudo_to_state(p: PseudoLabels) -> dict[str, Any]:
+    def t(a: np.ndarray | None) -> torch.Tensor | None:
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+
+    return {
+        "epoch": p.epoch,
+        "strong_targets": t(p.strong_targets),
+        "strong_weights": t(p.strong_weights),
+        "weak_masks": t(p.weak_masks),
+        "weak_mask_weights": t(p.weak_mask_weights),
+    }
+
+
+def pseudo_from_state(d: dict[str, Any]) -> PseudoLabels:
+    def a(x: torch.Tensor | None) -> np.ndarray | None:
+        return None if x is None else x.numpy()
+
+    return PseudoLabels(
+        a(d["strong_targets"]),
+        a(d["strong_weights"]),
+        a(d["weak_masks"]),
+        d["epoch"],
+        a(d.get("weak_mask_weights")),
+    )
+
+
+def setup_logging(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``history.csv``: one row per epoch (``HISTORY_FIELDS``; missing values empty)."""
+    write_csv(path, HISTORY_FIELDS, ([r.get(k) for k in HISTORY_FIELDS] for r in rows), "\r\n")
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``history.csv`` as strings (none when it does not exist)."""
+    return read_csv(path)
+
+
+def open_run_dir(config: Config, run_dir: Path, resume: bool) -> None:
+    """Check that ``run_dir`` may take this run (or resume it); write ``config.yaml``."""
+    config_path = run_dir / "config.yaml"
+    if resume:
+        if not config_path.exists():
+            raise LymphdxError(f"cannot resume: {run_dir} holds no run (no config.yaml)")
+        saved = validate(yaml.safe_load(config_path.read_text()), str(config_path))
+        differ = config_differences(saved, config)
+        if differ:
+            raise LymphdxError(
+                f"cannot resume {run_dir}: the config differs from the run's config.yaml "
+                f"({'; '.join(differ)}); resume without --config, or with the same one "
+                "(only training.epochs may change, to extend a run)"
+            )
+    elif config_path.exists():
+        raise LymphdxError(f"{run_dir} already holds a run; use --resume, or another --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(config_path, dump_config(config))
+    except OSError as err:
+        raise LymphdxError(f"cannot write to the run folder {run_dir}: {err.strerror}") from None
+
+
+def remove_new_run(run_dir: Path, created: bool) -> None:
+    """Undo a new run that was refused before its first epoch ended: the files it wrote,
+    and the folder if it made it (so the same command can be retried once the data or the
+    config is fixed, with no "already holds a run" and nothing for ``--resume`` to replay)."""
+    names = ("config.yaml", "splits.csv", "normalization.json", "train.log", "history.csv")
+    for name in (*names, selection.VAL_PREDICTIONS, ".lock"):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    checkpoints = run_dir / "checkpoints"
+    for name in ("best.pt", "last.pt", "epoch_000.pt"):  # the first epoch's, if any
+        (checkpoints / name).unlink(missing_ok=True)
+    remove_stale_temporaries(run_dir)
+    with contextlib.suppress(OSError):
+        checkpoints.rmdir()  # only if nothing else is in it
+    if created:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only if nothing else is in it
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The resolved ``config.yaml`` of a run folder."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise LymphdxError(f"{run_dir} is not a lymphdx run folder (no config.yaml)")
+    return validate(yaml.safe_load(path.read_text()), str(path))
+
+
+def load_model(run_dir: str | Path, which: str = "best") -> tuple[Config, MultiTaskNet, dict]:
+    """Config, model (eval mode) and checkpoint state of a run."""
+    config = load_run_config(run_dir)
+    state = load_checkpoint(Path(run_dir) / "checkpoints" / f"{which}.pt")
+    verify_checkpoint(state, config, Path(run_dir), f"cannot use the {which} model of {run_dir}")
+    model = build_model(config.model)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return config, model, state

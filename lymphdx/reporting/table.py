@@ -1,0 +1,325 @@
+"""Table I of a comparison: the paper's Table I with intervals, detection scores, paired
+tests and power. One model (``TableOne``, built by ``table_one`` from the results mapping
+of ``lymphdx compare``) rendered to Markdown (``format_table``: ``results.md`` and the
+command's output) and to HTML (``table_one_html``: ``lymphdx report``); also the names
+the tables give the strategies."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lymphdx.core.strategies import STRATEGIES
+from lymphdx.engine.roi_status import ROI_LEARNED_DICE
+from lymphdx.reporting.html import escape, fmt, interval, table
+from lymphdx.stats.power import small_test_split_note
+
+__all__ = [
+    "LABELS",
+    "label",
+    "data_sets",
+    "paired_cells",
+    "test_split_note",
+    "TableOne",
+    "table_one",
+    "format_table",
+    "table_one_html",
+]
+
+LABELS = {s.name: s.label for s in STRATEGIES.values()}
+DETECTION_KEYS = (
+    "strong_test_dice_mean",
+    "strong_test_froc_mean_sensitivity_mean",
+    "weak_test_dice_mean",
+    "weak_test_froc_mean_sensitivity_mean",
+)
+DETECTION_NOTE = (
+    "Dice of the ROI mask (> ζ) and lesion-level FROC mean sensitivity at 1/8–8 false "
+    "positives per volume, mean over runs"
+)
+
+
+def label(strategy: str) -> str:
+    """The table's name of a strategy (``<s>@pooled-val``: selected on pooled folds)."""
+    base, _, selection = strategy.partition("@")
+    name = LABELS.get(base, base)
+    return f"{name} ({selection} selection)" if selection else name
+
+
+def data_sets(strategy: str) -> str:
+    """Which sets a strategy trains on."""
+    base = STRATEGIES.get(strategy.partition("@")[0])
+    return "weak" if base is not None and not base.uses_strong else "weak + strong"
+
+
+def test_split_note(results: dict[str, Any]) -> str | None:
+    """``power.small_test_split_note`` for a results mapping (at the strategies' mean AUC)."""
+    aucs = [r["test_auc_mean"] for r in results["strategies"].values()]
+    n_pos = int(results["n_test_pos"])
+    return small_test_split_note(
+        n_pos, int(results["n_test"]) - n_pos, float(np.nanmean(aucs)) if aucs else 0.75
+    )
+
+
+@dataclass
+class PairedRow:
+    """One paired test (``"A vs B"``), its cells formatted."""
+
+    name: str
+    delta: str  # ΔAUC (A − B), signed
+    ci: str  # its 95% CI (paired bootstrap), signed
+    p: str  # DeLong on the seed-averaged scores
+    p_per_seed: str
+    power: str
+    n_for_80_power: str
+    supports_claim: str  # "yes" or "no"
+    power_text: str | None
+
+    @property
+    def delta_ci(self) -> str:
+        """The cell "ΔAUC [95% CI]"."""
+        return f"{self.delta} {self.ci}"
+
+
+@dataclass
+class StrategyRow:
+    """One strategy's row of Table I, its cells formatted."""
+
+    label: str
+    data_sets: str
+    auc: str  # mean ± sd over seeds (pooled AUCs under cross-validation)
+    per_run: str  # the per-seed AUCs, or the folds' mean ± sd under cross-validation
+    ci: str
+    delta: str  # ΔAUC vs supervised [95% CI], "—" without that test
+    p: str
+    paper: float | None  # the paper's AUC
+
+
+@dataclass
+class TableOne:
+    """Table I built once from a results mapping; ``format_table`` and
+    ``table_one_html`` lay it out."""
+
+    cv: bool
+    caption: str  # what was measured; each layout ends the sentence its own way
+    strategies: list[StrategyRow]
+    detection: list[tuple[str, list[str]]]  # strategy label, DETECTION_KEYS' cells
+    paired: list[PairedRow]
+    roi_not_learned: list[str]  # warnings: strategies whose ROI decoder found no node
+    widths_note: str | None  # how wide the intervals are, and what that means
+    split_note: str | None  # ``test_split_note``
+
+
+def paired_row(name: str, test: dict[str, Any]) -> PairedRow:
+    """The cells of one entry of ``results["paired_tests"]``."""
+    return PairedRow(
+        name=name,
+        delta=f"{test['delta_auc']:+.3f}",
+        ci=interval(test.get("delta_ci95"), True),
+        p=f"{test['p_delong']:.3f}",
+        p_per_seed=", ".join(f"{p:.3f}" for p in test.get("p_delong_per_seed", [])),
+        power=fmt(test.get("power"), 2),
+        n_for_80_power=fmt(test.get("n_for_80_power")),
+        supports_claim="yes" if test.get("supports_claim") else "no",
+        power_text=test.get("power_text"),
+    )
+
+
+def paired_cells(test: dict[str, Any] | None) -> tuple[str, str]:
+    """Table cells "ΔAUC [CI]" and "p" of a paired test (dashes when there is none)."""
+    if not test:
+        return "—", "—"
+    row = paired_row("", test)
+    return row.delta_ci, row.p
+
+
+def table_one(results: dict[str, Any]) -> TableOne:
+    """The model of Table I from ``results.json``'s mapping (``lymphdx compare``)."""
+    strategies = results.get("strategies", {})
+    tests = results.get("paired_tests", {})
+    cv = results.get("mode") == "cv"
+    n_seeds = len(results.get("seeds", []))
+    if cv:
+        caption = (
+            f"Pooled out-of-fold AUC over all {results['n_test']} labelled weak-set patients "
+            f"({results['n_test_pos']} positive): stratified {results.get('cv')}-fold "
+            f"cross-validation × {results.get('repeats')} repeat(s), training seeds "
+            f"{results.get('training_seeds')}; mean ± sd over the {n_seeds} pooled AUCs"
+        )
+    else:
+        caption = (
+            f"Classification AUC on the weak set's test split (n = {results.get('n_test')}, "
+            f"{results.get('n_test_pos')} positive), {n_seeds} seed(s) {results.get('seeds')}."
+        )
+    rows = []
+    for s, r in strategies.items():
+        delta, p = paired_cells(tests.get(f"{s} vs supervised"))
+        per_run = (
+            f"folds {r['fold_auc_mean']:.3f} ± {r['fold_auc_sd']:.3f}"
+            if cv and "fold_auc_mean" in r
+            else ", ".join(f"{a:.3f}" for a in r.get("test_auc", []))
+        )
+        rows.append(
+            StrategyRow(
+                label=label(s),
+                data_sets=data_sets(s),
+                auc=f"{r['test_auc_mean']:.3f} ± {r['test_auc_sd']:.3f}",
+                per_run=per_run,
+                ci=interval(r.get("test_auc_ci95")),
+                delta=delta,
+                p=p,
+                paper=r.get("paper_auc"),
+            )
+        )
+    detection = [
+        (label(s), [fmt(r["detection"].get(k)) for k in DETECTION_KEYS])
+        for s, r in strategies.items()
+        if r.get("detection")
+    ]
+    roi_not_learned = []
+    for s, r in strategies.items():
+        if r.get("roi_not_learned"):
+            n_runs = len(r.get("test_auc", [])) if not cv else None
+            of = f" of {n_runs}" if n_runs else ""
+            roi_not_learned.append(
+                f"{label(s)}: the ROI decoder found no node at the end of training "
+                f"(strong-validation Dice < {ROI_LEARNED_DICE}: it never learned, or lost "
+                f"what it had learned) in {len(r['roi_not_learned'])}{of} run(s), "
+                "listed in results.json. Its AUC above is that of a classifier without the "
+                "ROI task, not the strategy's."
+            )
+    widths = [c[1] - c[0] for r in strategies.values() if (c := r.get("test_auc_ci95"))]
+    widths_note = (
+        f"The 95% intervals are {min(widths):.2f}–{max(widths):.2f} wide: with "
+        f"{results.get('n_test')} test patients, AUC differences smaller than that are not "
+        "distinguishable from chance; read ΔAUC by its interval and p, not by its sign."
+        if widths
+        else None
+    )
+    has_counts = strategies and results.get("n_test_pos") is not None
+    return TableOne(
+        cv=cv,
+        caption=caption,
+        strategies=rows,
+        detection=detection,
+        paired=[paired_row(name, t) for name, t in tests.items()],
+        roi_not_learned=roi_not_learned,
+        widths_note=widths_note,
+        split_note=test_split_note(results) if has_counts else None,
+    )
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown laid out like the paper's Table I, with intervals and paired tests."""
+    t = table_one(results)
+    tail = " (one per repeat × seed); per-fold AUCs in results.json." if t.cv else ""
+    lines = [
+        t.caption + tail,
+        "",
+        "| Training method for the classifier | Data sets | AUC mean ± sd | 95% CI | "
+        "ΔAUC vs supervised [95% CI] | p (DeLong) | paper |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in t.strategies:
+        paper = f"{r.paper:.2f}" if r.paper is not None else ""
+        lines.append(
+            f"| {r.label} | {r.data_sets} | {r.auc} | {r.ci} | {r.delta} | {r.p} | {paper} |"
+        )
+    if t.detection:
+        lines += [
+            "",
+            f"Detection (the paper's future work): {DETECTION_NOTE}:",
+            "",
+            "| Strategy | strong test Dice | strong test FROC | weak test Dice | weak test FROC |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in t.detection]
+    others = [p for p in t.paired if not p.name.endswith("vs supervised")]
+    if others:
+        lines += ["", "| Paired test | ΔAUC [95% CI] | p (DeLong) |", "|---|---|---|"]
+        lines += [f"| {p.name} | {p.delta_ci} | {p.p} |" for p in others]
+    for warning in t.roi_not_learned:
+        lines += ["", f"**{warning}**"]
+    if t.widths_note:
+        lines += ["", t.widths_note]
+    if t.split_note:
+        lines += ["", f"**{t.split_note}**"]
+    if t.paired:
+        lines += [
+            "",
+            "Power (binormal simulation, ρ estimated from the two strategies' scores):",
+            "",
+        ]
+        lines += [f"- {p.name}: {p.power_text}" for p in t.paired]
+    return "\n".join(lines) + "\n"
+
+
+def table_one_html(results: dict[str, Any]) -> str:
+    """Table I as HTML: the table (with each run's AUCs), detection, the paired tests in
+    full and the power statements."""
+    t = table_one(results)
+    # the caption's fixed words hold no markup; quotes stay as they are
+    caption = html.escape(t.caption, quote=False)
+    if t.cv:
+        caption += "."
+    else:
+        caption += " 95% CI: stratified patient bootstrap of the seed-mean AUC."
+    parts = [f"<p>{caption}</p>"]
+    header = [
+        "Training method for the classifier",
+        "Data sets",
+        "AUC mean ± sd",
+        "per-fold" if t.cv else "per-seed AUC",
+        "95% CI",
+        "ΔAUC vs supervised [95% CI]",
+        "p (DeLong)",
+        "paper",
+    ]
+    rows = [
+        [r.label, r.data_sets, r.auc, r.per_run, r.ci, r.delta, r.p, fmt(r.paper, 2)]
+        for r in t.strategies
+    ]
+    parts.append(table(header, rows, "tableone"))
+    if t.detection:
+        parts.append(
+            f"<p>Detection: {html.escape(DETECTION_NOTE, quote=False)} (seeds, or folds × "
+            "seeds under cross-validation).</p>"
+        )
+        header = [
+            "Strategy",
+            "ROI-set test Dice",
+            "ROI-set FROC",
+            "label-set Dice",
+            "label-set FROC",
+        ]
+        parts.append(table(header, [[name, *cells] for name, cells in t.detection]))
+    if t.paired:
+        parts.append("<h3>Paired tests</h3>")
+        header = [
+            "Comparison (A vs B)",
+            "ΔAUC (A − B)",
+            "95% CI (paired bootstrap)",
+            "p (DeLong, seed-averaged scores)",
+            "p per seed",
+            "power",
+            "n for 80% power",
+            "supports a claim",
+        ]
+        rows = [
+            [p.name, p.delta, p.ci, p.p, p.p_per_seed, p.power, p.n_for_80_power, p.supports_claim]
+            for p in t.paired
+        ]
+        parts.append(table(header, rows))
+        texts = [p for p in t.paired if p.power_text]
+        if texts:
+            parts.append("<h3>Power</h3><ul>")
+            parts += [f"<li><b>{escape(p.name)}</b>: {escape(p.power_text)}</li>" for p in texts]
+            parts.append("</ul>")
+    if t.widths_note:
+        parts.append(f'<p class="note">{t.widths_note}</p>')
+    if t.split_note:
+        parts.append(f'<p class="warn">{escape(t.split_note)}</p>')
+    return "\n".join(parts)
