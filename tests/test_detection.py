@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from monai.metrics import compute_fp_tp_probs_nd
 
+from lymphdx.stats.metrics import dice
 from lymphdx.workflows.detection import (
     FP_RATES,
     Candidate,
     candidates,
-    dice,
     evaluate_detection,
     froc,
     instances,

@@ -16,6 +16,8 @@ from lymphdx.stats.metrics import (
     delong,
     delong_paired,
     dice,
+    dice_counts,
+    dice_of,
     paired_bootstrap_delta_ci,
 )
 
@@ -130,3 +132,19 @@ def test_dice_hand_worked() -> None:
     b[1:3] = True  # 8 voxels, 4 shared
     assert dice(a, b) == 0.5
     assert dice(np.zeros(3), np.zeros(3)) == 1.0
+
+
+def test_pooled_dice_sums_counts_over_volumes() -> None:
+    """Volume 1: 8 + 8 voxels, 4 shared; volume 2: 2 predicted, none true. Pooled:
+    2·4 / (16 + 2) = 4/9; the mean of per-volume Dice would be (0.5 + 0) / 2."""
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    a[:2], b[1:3] = True, True
+    c = np.zeros((4, 4), bool)
+    c[0, :2] = True
+    counts = [dice_counts(a, b), dice_counts(c, np.zeros((4, 4)))]
+    assert counts == [(4, 16), (0, 2)]
+    assert dice_of(*np.sum(counts, axis=0)) == pytest.approx(4 / 9)
+    assert dice_of(0, 0) == 1.0  # nothing predicted, nothing true
+    with pytest.raises(ValueError, match="shapes differ"):
+        dice_counts(np.zeros((2, 3)), np.zeros((3, 2)))

@@ -73,6 +73,7 @@ from lymphdx.engine.teacher import EmaTeacher, SwaAverager
 from lymphdx.models.domain_norm import domains
 from lymphdx.models.multitask import MultiTaskNet, build_model
 from lymphdx.stats.metrics import auc as compute_auc
+from lymphdx.stats.metrics import dice_counts, dice_of
 
 __all__ = ["Trainer"]
 
@@ -92,12 +93,11 @@ def _strong_dice(
         for start in range(0, len(index), 4):
             batch = volumes.batch(index[start : start + 4])
             pred = torch.sigmoid(model(batch.images.to(device))["roi"]).cpu() > threshold
-            target = batch.masks > 0
-            inter += float((pred & target).sum())
-            total += float(pred.sum() + target.sum())
+            counts = dice_counts(pred.numpy(), batch.masks.numpy())
+            inter, total = inter + counts[0], total + counts[1]
     model.train(was_training)
-    inter, total = ctx.all_gather_array(np.array([[inter, total]])).sum(axis=0)
-    return 1.0 if total == 0 else float(2 * inter / total)
+    inter, total = ctx.all_gather_array(np.array([[inter, total]], dtype=float)).sum(axis=0)
+    return dice_of(inter, total)
 
 
 class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):

@@ -174,8 +174,22 @@ def delong_paired(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> 
     )
 
 
-def dice(pred: np.ndarray, target: np.ndarray) -> float:
-    """Dice overlap of two binary arrays; 1.0 when both are empty."""
+# Dice by hand, not monai.metrics.compute_dice: MONAI sums in float32, which would move
+# the reported values in the 8th digit; these are exact counts.
+def dice_counts(pred: np.ndarray, target: np.ndarray) -> tuple[int, int]:
+    """``(|P ∩ T|, |P| + |T|)`` of two binary arrays of one shape (nonzero = in the set):
+    sums of these over volumes, batches or ranks give the pooled Dice (``dice_of``)."""
+    if np.shape(pred) != np.shape(target):
+        raise ValueError(f"shapes differ: {np.shape(pred)} vs {np.shape(target)}")
     p, t = np.asarray(pred) > 0, np.asarray(target) > 0
-    denom = p.sum() + t.sum()
-    return 1.0 if denom == 0 else float(2 * np.logical_and(p, t).sum() / denom)
+    return int(np.logical_and(p, t).sum()), int(p.sum() + t.sum())
+
+
+def dice_of(intersection: float, total: float) -> float:
+    """Dice from ``dice_counts`` (summed): 2|P ∩ T| / (|P| + |T|), 1.0 when both are empty."""
+    return 1.0 if total == 0 else float(2 * intersection / total)
+
+
+def dice(pred: np.ndarray, target: np.ndarray) -> float:
+    """Dice overlap of two binary arrays of one shape; 1.0 when both are empty."""
+    return dice_of(*dice_counts(pred, target))

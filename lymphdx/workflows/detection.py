@@ -42,7 +42,7 @@ from lymphdx.engine.run_data import load_run_data
 from lymphdx.engine.run_folder import load_model
 from lymphdx.engine.teacher import predict_with_tta
 from lymphdx.models.domain_norm import domains
-from lymphdx.stats.metrics import dice as _dice
+from lymphdx.stats.metrics import dice_counts, dice_of
 
 __all__ = [
     "FP_RATES",
@@ -52,7 +52,6 @@ __all__ = [
     "instances",
     "match",
     "froc",
-    "dice",
     "evaluate_detection",
 ]
 
@@ -226,13 +225,6 @@ def froc(
     }
 
 
-def dice(pred: np.ndarray, target: np.ndarray) -> float:
-    """Dice of two binary arrays of one shape (1.0 when both are empty)."""
-    if np.shape(pred) != np.shape(target):
-        raise ValueError(f"shapes differ: {np.shape(pred)} vs {np.shape(target)}")
-    return _dice(pred, target)
-
-
 # --------------------------------------------------------------------------- run level
 
 
@@ -274,15 +266,14 @@ def _score_split(
         per_volume.append((np.array([c.score for c in cands]), m.is_tp, m.ignored))
         n_nodes += m.n_nodes
         n_cands += len(cands)
-        pred, target = prob > roi_threshold, truth > 0
-        per_dice.append(dice(pred, target))
-        inter += int(np.logical_and(pred, target).sum())
-        total += int(pred.sum() + target.sum())
+        counts = dice_counts(prob > roi_threshold, truth)
+        per_dice.append(dice_of(*counts))
+        inter, total = inter + counts[0], total + counts[1]
     return {
         "n_volumes": len(probs),
         "n_nodes": n_nodes,
         "n_candidates": n_cands,
-        "dice": 1.0 if total == 0 else 2 * inter / total,
+        "dice": dice_of(inter, total),
         "dice_mean_per_volume": float(np.mean(per_dice)) if per_dice else None,
         "froc": froc(per_volume, n_nodes, max(1, len(probs))),
     }

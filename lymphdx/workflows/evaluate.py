@@ -24,6 +24,7 @@ from lymphdx.engine.roi_status import roi_decoder_status
 from lymphdx.engine.run_data import load_run_data
 from lymphdx.engine.run_folder import load_model, read_history
 from lymphdx.stats.metrics import auc, bootstrap_auc_ci, delong
+from lymphdx.workflows.detection import evaluate_detection
 
 __all__ = [
     "evaluate_run",
@@ -141,8 +142,6 @@ def evaluate_run(
         run_dir / f"predictions_{split}.csv", list(volumes.patient_ids), labels, probs
     )
     if detection and split == "test" and get_strategy(config.strategy).trains_decoder:
-        from lymphdx.workflows.detection import evaluate_detection  # imports this module
-
         with _quiet_numpy():
             detection = evaluate_detection(run_dir)
         for name in ("strong_test", "weak_test"):
