@@ -9,6 +9,7 @@
 #   cv0    all four strategies, --cv 5 --repeats 2, default data (seed 0)
 #   seeds  supervised and the best ROI strategy, --cv 5 --repeats 1, synth seeds 1 and 2
 #   shift  supervised and both ROI strategies on the fixed split of harder data
+#          (SHIFT_DATA="d0_shift2" to run one of the two data sets)
 #   dev_small  propagation.skip_one_class by 3-fold CV on the small-node data's train + val
 #   dev_tta    evaluation.tta_flip, read from the dev phase's runs (no training)
 #   dev_budget multitask and ssmdmt with 14 epochs instead of 10 on seed 0's dev folds
@@ -111,7 +112,7 @@ seeds)
     for s in 1 2; do cmp "cv_seed$s" "$out/d$s" --cv 5 --repeats 1 --strategies supervised --strategies "$best"; done
     ;;
 shift)
-    for d in d0_shift2 d0_small; do cmp "split_$d" "$out/$d" --seeds 1 --strategies supervised --strategies multitask --strategies ssmdmt; done
+    for d in ${SHIFT_DATA:-d0_shift2 d0_small}; do cmp "split_$d" "$out/$d" --seeds 1 --strategies supervised --strategies multitask --strategies ssmdmt; done
     ;;
 dev_small)
     # propagation.skip_one_class, chosen by 3-fold CV of ssmdmt on the small-node data's
