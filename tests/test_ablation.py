@@ -17,7 +17,7 @@ from lymphdx.cli import app
 from lymphdx.core.config import validate
 from lymphdx.core.domains import WEAK
 from lymphdx.core.errors import LymphdxError
-from lymphdx.engine.propagation import predict_probabilities
+from lymphdx.engine.propagation import predict_volumes
 from lymphdx.engine.run_data import load_run_data
 from lymphdx.engine.run_folder import load_model, load_run_config
 from lymphdx.engine.selection import pooled_best_epoch
@@ -204,9 +204,7 @@ def test_last_arm_scores_the_final_weights(ablated: tuple[Path, dict]) -> None:
     config, model, _ = load_model(run, "last")  # the trainer's own final state
     volumes = load_run_data(config, run, need_strong=False).volumes("weak", "test")
     with torch.no_grad():
-        expected = predict_probabilities(
-            model, volumes, domain=WEAK, tta=config.evaluation.tta_flip
-        )
+        expected = predict_volumes(model, volumes, domain=WEAK, tta=config.evaluation.tta_flip)
     got = read_predictions(run / f"predictions_test@epoch_{config.training.epochs - 1:03d}.csv")
     assert list(got) == list(volumes.patient_ids)
     np.testing.assert_allclose([got[p][1] for p in volumes.patient_ids], expected, atol=1e-6)

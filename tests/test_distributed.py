@@ -21,17 +21,8 @@ import torch.multiprocessing as mp
 
 from lymphdx.core.config import dump_config
 from lymphdx.core.errors import LymphdxError
-from lymphdx.engine.distributed import (
-    DistContext,
-    batch_classification_loss,
-    batch_masked_roi_loss,
-    batch_roi_loss,
-    distributed,
-    roi_loss_from_sums,
-    roi_loss_sums,
-)
+from lymphdx.engine.distributed import DistContext, distributed
 from lymphdx.engine.losses import RoiLoss, classification_loss
-from lymphdx.engine.pseudo_masks import masked_roi_loss
 from lymphdx.engine.run_folder import load_checkpoint
 from lymphdx.engine.train import train
 from lymphdx.models.multitask import build_model
@@ -80,22 +71,6 @@ def test_shards_cover_the_items_in_order(world: int) -> None:
         assert sum(blocks, []) == list(range(n))
         sizes = [len(b) for b in blocks]
         assert max(sizes) - min(sizes) <= 1
-
-
-def test_roi_loss_from_sums_is_roi_loss() -> None:
-    """The global ROI loss is built from per-rank sums: summing the sums of two halves of
-    a batch gives the loss (and gradient) of the whole batch."""
-    torch.manual_seed(0)
-    logits = torch.randn(3, 1, 4, 6, 6, requires_grad=True)
-    masks = (torch.rand(3, 1, 4, 6, 6) > 0.8).to(torch.uint8)
-    loss = RoiLoss()
-    expected = loss(logits, masks)
-    (g_expected,) = torch.autograd.grad(expected, logits)
-    sums = roi_loss_sums(logits[:1], masks[:1]) + roi_loss_sums(logits[1:], masks[1:])
-    got = roi_loss_from_sums(loss, sums, logits.numel())
-    (g_got,) = torch.autograd.grad(got, logits)
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(g_got, g_expected, rtol=1e-5, atol=1e-8)
 
 
 def test_an_error_raised_on_every_rank_leaves_no_reference_cycle(
@@ -190,11 +165,9 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         out = ddp(torch.cat([weak[w], strong[s]]), roi=slice(len(w), None))
         nw = len(w)
         loss = (
-            batch_classification_loss(ctx, out["cls"][:nw], labels[w], total_weight=3)
-            + batch_roi_loss(ctx, roi_loss, out["roi"], masks[s], total_items=2)
-            + batch_classification_loss(
-                ctx, out["cls"][nw:], labels[:2][s], pseudo_w[s], total_weight=1.0
-            )
+            classification_loss(out["cls"][:nw], labels[w], total=3, ctx=ctx)
+            + roi_loss(out["roi"], masks[s], total_items=2, ctx=ctx)
+            + classification_loss(out["cls"][nw:], labels[:2][s], pseudo_w[s], total=2, ctx=ctx)
         )
         loss.backward()
         torch.testing.assert_close(loss, loss1, rtol=1e-5, atol=1e-6)
@@ -210,16 +183,16 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         targets = (torch.rand(3, 1, 16, 32, 32, generator=g) > 0.8).float()
         voxel_w = (torch.rand(3, 1, 16, 32, 32, generator=g) > 0.3).float()
         torch.testing.assert_close(
-            batch_masked_roi_loss(ctx, logits[w], targets[w], voxel_w[w]),
-            masked_roi_loss(logits, targets, voxel_w),
+            roi_loss(logits[w], targets[w], voxel_w[w], total_items=3, ctx=ctx),
+            roi_loss(logits, targets, voxel_w),
             rtol=1e-5,
             atol=1e-6,
         )
         scores, item_w = torch.randn(3, generator=g), torch.rand(3, generator=g)
         bce = torch.nn.functional.binary_cross_entropy_with_logits(scores, labels, reduction="none")
         torch.testing.assert_close(
-            batch_classification_loss(
-                ctx, scores[w], labels[w], item_w[w], total_weight=3.0, scale_items=True
+            classification_loss(
+                scores[w], labels[w], item_w[w], total=3, scale_items=True, ctx=ctx
             ),
             (bce * item_w).sum() / 3,
         )

@@ -42,3 +42,33 @@ def test_roi_loss_is_near_zero_for_a_confident_correct_map_and_handles_empty_mas
     # all-empty target and all-negative prediction: no 0/0
     empty = torch.zeros(2, 1, 4, 4, 4)
     assert math.isfinite(float(RoiLoss()(-20 * torch.ones_like(empty), empty)))
+
+
+def test_roi_loss_is_monai_dice_ce_bit_for_bit() -> None:
+    """One process is the trivial case of the global-batch sums: value and gradient are
+    those of MONAI's ``DiceCELoss(sigmoid=True, batch=True)`` to the last bit, so training
+    in one process did not change when the losses were written once for DDP."""
+    from monai.losses import DiceCELoss
+
+    g = torch.Generator().manual_seed(0)
+    for shape, lambdas in [((2, 1, 6, 10, 10), (1.0, 1.0)), ((3, 1, 5, 7, 9), (0.5, 2.0))]:
+        logits = torch.randn(shape, generator=g) * 3
+        target = (torch.rand(shape, generator=g) > 0.9).float()
+        a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        ld, lc = lambdas
+        expected = DiceCELoss(sigmoid=True, batch=True, lambda_dice=ld, lambda_ce=lc)(a, target)
+        got = RoiLoss(lambda_dice=ld, lambda_ce=lc)(b, target, total_items=shape[0])
+        expected.backward()
+        got.backward()
+        assert torch.equal(got, expected)
+        assert a.grad is not None and b.grad is not None and torch.equal(b.grad, a.grad)
+
+
+def test_classification_loss_item_scaled_weights_average_over_the_batch() -> None:
+    # Iscen et al.: Σ w·ℓ / n, not Σ w·ℓ / Σ w; ℓ = ln 2 for logit 0 whatever the target
+    logits, targets = torch.zeros(4), torch.tensor([1.0, 0.0, 1.0, 0.0])
+    w = torch.tensor([1.0, 0.5, 0.0, 0.5])
+    got = classification_loss(logits, targets, w, total=4, scale_items=True)
+    assert math.isclose(float(got), 2.0 * math.log(2) / 4, rel_tol=1e-6)
+    # weights that select scans: the mean over the selected ones
+    assert math.isclose(float(classification_loss(logits, targets, w)), math.log(2), rel_tol=1e-6)

@@ -22,9 +22,10 @@ from lymphdx.core.config import PAPER_STRATEGIES, Config, dump_config, load_conf
 from lymphdx.core.config import STRATEGIES as CONFIG_STRATEGIES
 from lymphdx.core.errors import ConfigError
 from lymphdx.core.strategies import STRATEGIES, STRATEGY_DEFAULTS
-from lymphdx.engine import distributed, propagation
+from lymphdx.engine import propagation
 from lymphdx.engine import steps as steps_module
 from lymphdx.engine import trainer as trainer_module
+from lymphdx.engine.losses import RoiLoss
 from lymphdx.engine.pseudo_masks import curriculum_keep
 from lymphdx.engine.run_data import load_run_data
 from lymphdx.engine.run_folder import load_checkpoint
@@ -178,7 +179,7 @@ def test_curriculum_admits_a_growing_most_confident_share(run_data: Any) -> None
     torch.manual_seed(1)
     model = build_model(config.model)
     cfg = config.propagation.model_copy(update={"curriculum": True})
-    p = propagation.predict_probabilities(model, volumes)
+    p = propagation.predict_volumes(model, volumes)
     n, kept = len(volumes), []
     for round_index in range(5):
         _, weights = propagation.propagate_labels(model, volumes, cfg, round_index=round_index)
@@ -218,7 +219,7 @@ def plus_run(tiny_data: Path, cache: Path, tmp_path_factory: pytest.TempPathFact
     real_graph = propagation.propagate_labels_graph
     real_masks = propagation.propagate_mask_targets
     real_lp = propagation.pseudo_labels_for
-    real_masked = distributed.masked_roi_loss
+    real_roi_loss = RoiLoss.forward
 
     def propagation_spy(self: Any) -> None:
         seen["trainer"].append(self)
@@ -238,16 +239,17 @@ def plus_run(tiny_data: Path, cache: Path, tmp_path_factory: pytest.TempPathFact
         seen["lp"].append((result, index, soft))
         return real_lp(result, index, soft)
 
-    def masked_spy(logits: Any, targets: Any, weights: Any, **kwargs: Any) -> Any:
-        seen["masked"].append(weights.detach().cpu().numpy().copy())
-        return real_masked(logits, targets, weights, **kwargs)
+    def masked_spy(self: Any, logits: Any, targets: Any, weights: Any = None, **kw: Any) -> Any:
+        if weights is not None:  # the pseudo masks' voxel weights
+            seen["masked"].append(weights.detach().cpu().numpy().copy())
+        return real_roi_loss(self, logits, targets, weights, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Trainer, "propagation", propagation_spy)
         mp.setattr(propagation, "propagate_labels_graph", graph_spy)
         mp.setattr(propagation, "propagate_mask_targets", masks_spy)
         mp.setattr(propagation, "pseudo_labels_for", lp_spy)
-        mp.setattr(distributed, "masked_roi_loss", masked_spy)
+        mp.setattr(RoiLoss, "forward", masked_spy)
         train(_plus_config(cache, PLUS_EPOCHS), run, *_manifests(tiny_data), progress=False)
     return run, seen
 
@@ -295,7 +297,7 @@ def test_the_pseudo_mask_loss_gets_the_stored_voxel_weights(plus_run: Any) -> No
     _, seen = plus_run
     stored = seen["masks"][-1]["stored"]
     assert stored is not None and stored.dtype == np.uint8
-    assert seen["masked"], "masked_roi_loss was never called"
+    assert seen["masked"], "the ROI loss never got voxel weights"
     flat = {w.tobytes() for w in stored} | {
         np.ascontiguousarray(w[..., ::-1]).tobytes() for w in stored
     }

@@ -123,12 +123,12 @@ def test_nan_loss_stops_naming_term_and_batch_and_keeps_last_checkpoint(
 ) -> None:
     run, weak, strong = one_epoch_run
     before = load_checkpoint(run / "checkpoints" / "last.pt")
-    real = steps.batch_classification_loss
+    real = steps.classification_loss
 
     def nan_loss(*args, **kwargs):  # type: ignore[no-untyped-def]
         return real(*args, **kwargs) * float("nan")
 
-    monkeypatch.setattr(steps, "batch_classification_loss", nan_loss)
+    monkeypatch.setattr(steps, "classification_loss", nan_loss)
     cfg = tiny_config(tmp_path, training={"epochs": 2})
     with pytest.raises(TrainingError) as err:
         train(cfg, run, weak, strong, resume=True, progress=False)

@@ -13,7 +13,6 @@ from lymphdx.core.config import load_config
 from lymphdx.engine.losses import RoiLoss
 from lymphdx.engine.pseudo_masks import (
     curriculum_keep,
-    masked_roi_loss,
     pseudo_mask_targets,
 )
 from lymphdx.engine.teacher import EmaTeacher, SwaAverager, predict_with_tta, update_bn
@@ -400,39 +399,39 @@ def roi_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, targets
 
 
-def test_masked_roi_loss_with_all_ones_equals_roi_loss() -> None:
+def test_roi_loss_with_all_ones_weights_equals_the_unweighted_loss() -> None:
     logits, targets = roi_batch()
     ones = torch.ones_like(logits)
     for ld, lc in [(1.0, 1.0), (0.5, 2.0), (0.0, 1.0), (1.0, 0.0)]:
         expected = RoiLoss(lambda_dice=ld, lambda_ce=lc)(logits, targets)
-        got = masked_roi_loss(logits, targets, ones, lambda_dice=ld, lambda_ce=lc)
+        got = RoiLoss(lambda_dice=ld, lambda_ce=lc)(logits, targets, ones)
         assert abs(float(got) - float(expected)) < 1e-6
     empty = torch.zeros_like(targets)  # a batch without any node
-    assert abs(float(masked_roi_loss(logits, empty, ones)) - float(RoiLoss()(logits, empty))) < 1e-6
+    assert abs(float(RoiLoss()(logits, empty, ones)) - float(RoiLoss()(logits, empty))) < 1e-6
 
 
-def test_masked_roi_loss_ignores_weighted_out_voxels() -> None:
+def test_roi_loss_ignores_weighted_out_voxels() -> None:
     logits, targets = roi_batch(1)
     g = torch.Generator().manual_seed(5)
     weights = (torch.rand(logits.shape, generator=g) > 0.4).float()
     ignored = weights == 0
     a = logits.clone().requires_grad_(True)
-    loss = masked_roi_loss(a, targets, weights)
+    loss = RoiLoss()(a, targets, weights)
     loss.backward()
     assert a.grad is not None
     assert torch.all(a.grad[ignored] == 0) and a.grad[~ignored].abs().sum() > 0
     changed = logits.clone()
     changed[ignored] = torch.randn(int(ignored.sum()), generator=g) * 10
-    assert torch.equal(masked_roi_loss(changed, targets, weights), loss.detach())
+    assert torch.equal(RoiLoss()(changed, targets, weights), loss.detach())
     # weighting out a whole scan is the loss of the other scan alone
     only_first = torch.zeros_like(weights)
     only_first[0] = 1
     expected = RoiLoss()(logits[:1], targets[:1])
-    assert abs(float(masked_roi_loss(logits, targets, only_first)) - float(expected)) < 1e-6
-    nothing = masked_roi_loss(logits, targets, torch.zeros_like(weights))
+    assert abs(float(RoiLoss()(logits, targets, only_first)) - float(expected)) < 1e-6
+    nothing = RoiLoss()(logits, targets, torch.zeros_like(weights))
     assert float(nothing) == 0.0
     with pytest.raises(ValueError, match="same shape"):
-        masked_roi_loss(logits, targets, weights[:1])
+        RoiLoss()(logits, targets, weights[:1])
 
 
 def test_pseudo_mask_targets_hand_example() -> None:

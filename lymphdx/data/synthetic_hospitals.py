@@ -53,49 +53,31 @@ class Hospital:
     p_metastatic: float  # used when make_scan(metastatic=None)
 
 
+# Hospital A (the weak set, like the paper's RAH): portal-venous phase, smooth noise.
+# Hospital B (the strong set, like TCIA CT Lymph Nodes): arterial phase, finer noise.
+# One row a parameter, the two hospitals side by side: (A, B).
+_SIDE_BY_SIDE: dict[str, tuple[object, object]] = {
+    "spacing": ((4.0, 4.0, 5.0), (3.5, 3.5, 4.0)),
+    "size": ((80, 80, 48), (96, 96, 56)),
+    "gain": (1.0, 1.05),
+    "offset": (0.0, 15.0),
+    "noise_sd": (12.0, 25.0),
+    "noise_sigma": (1.0, 0.5),
+    "texture_gain": (1.0, 1.3),
+    "texture_sigma": (2.5, 1.5),
+    "psf_sigma": (0.5, 0.45),
+    "aorta_hu": ((150.0, 15.0), (250.0, 25.0)),
+    "vein_hu": ((135.0, 12.0), (85.0, 12.0)),
+    "liver_hu": ((110.0, 10.0), (70.0, 8.0)),
+    "spleen_hu": ((120.0, 10.0), (115.0, 15.0)),
+    "kidney_hu": ((165.0, 15.0), (190.0, 20.0)),
+    "bowel_wall_hu": ((55.0, 6.0), (45.0, 6.0)),
+    "n_nodes": ((3, 9), (5, 9)),
+    "p_metastatic": (57 / 123, 0.4),
+}
 HOSPITALS: dict[str, Hospital] = {
-    # "Hospital A" (weak set, like the paper's RAH): portal-venous phase, smooth noise.
-    "A": Hospital(
-        name="A",
-        spacing=(4.0, 4.0, 5.0),
-        size=(80, 80, 48),
-        gain=1.0,
-        offset=0.0,
-        noise_sd=12.0,
-        noise_sigma=1.0,
-        texture_gain=1.0,
-        texture_sigma=2.5,
-        psf_sigma=0.5,
-        aorta_hu=(150.0, 15.0),
-        vein_hu=(135.0, 12.0),
-        liver_hu=(110.0, 10.0),
-        spleen_hu=(120.0, 10.0),
-        kidney_hu=(165.0, 15.0),
-        bowel_wall_hu=(55.0, 6.0),
-        n_nodes=(3, 9),
-        p_metastatic=57 / 123,
-    ),
-    # "Hospital B" (strong set, like TCIA CT Lymph Nodes): arterial phase, finer noise.
-    "B": Hospital(
-        name="B",
-        spacing=(3.5, 3.5, 4.0),
-        size=(96, 96, 56),
-        gain=1.05,
-        offset=15.0,
-        noise_sd=25.0,
-        noise_sigma=0.5,
-        texture_gain=1.3,
-        texture_sigma=1.5,
-        psf_sigma=0.45,
-        aorta_hu=(250.0, 25.0),
-        vein_hu=(85.0, 12.0),
-        liver_hu=(70.0, 8.0),
-        spleen_hu=(115.0, 15.0),
-        kidney_hu=(190.0, 20.0),
-        bowel_wall_hu=(45.0, 6.0),
-        n_nodes=(5, 9),
-        p_metastatic=0.4,
-    ),
+    name: Hospital(name=name, **{k: v[i] for k, v in _SIDE_BY_SIDE.items()})  # type: ignore[arg-type]
+    for i, name in enumerate("AB")
 }
 _ALIASES = {"A": "A", "WEAK": "A", "B": "B", "STRONG": "B"}
 

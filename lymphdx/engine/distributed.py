@@ -9,8 +9,8 @@ How a run is split across ranks (see ``trainer``):
     - every rank draws the same global batches (``epoch_order``: seed, epoch, stream) and
       trains on its block of each (``shard``), so N ranks with global batch B replay the
       one-process run with batch B;
-    - the loss terms are those of the whole global batch (``global_sum`` of per-rank sums,
-      differentiable), so the gradient DDP averages is the one-process gradient; only
+    - the loss terms are those of the whole global batch (``losses``: ``global_sum`` of
+      per-rank sums, differentiable), so the gradient DDP averages is the one-process gradient; only
       batch-norm statistics are per rank (``SyncBatchNorm`` on CUDA makes them global;
       it does not run on CPU, see ``DistContext.wrap``);
     - propagation and validation: each rank predicts its block of the volumes and
@@ -34,12 +34,9 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from lymphdx.core.errors import LymphdxError
-from lymphdx.engine.losses import RoiLoss, classification_loss
-from lymphdx.engine.pseudo_masks import masked_roi_loss
 
 __all__ = [
     "DistContext",
@@ -47,9 +44,6 @@ __all__ = [
     "is_main_process",
     "resolve_device",
     "state_checksum",
-    "batch_classification_loss",
-    "batch_roi_loss",
-    "batch_masked_roi_loss",
 ]
 
 T = TypeVar("T")
@@ -343,97 +337,3 @@ def distributed(device: str = "auto", init_method: str | None = None) -> Iterato
             # objects destroyed then can abort the process (SIGABRT) after a good run.
             gc.collect()
             dist.destroy_process_group()
-
-
-# -- loss terms of the global batch -------------------------------------------------------
-# A rank holds a block of each global batch. Plain per-rank means would weight blocks of
-# unequal size equally and compute the batch Dice of ``RoiLoss`` over a block only, so
-# these build each term from sums over all ranks instead (``global_sum``). In a single
-# process they call ``losses`` directly, so that path is unchanged.
-
-
-def batch_classification_loss(
-    ctx: DistContext,
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    weights: torch.Tensor | None = None,
-    *,
-    total_weight: float,
-    scale_items: bool = False,
-) -> torch.Tensor:
-    """``classification_loss`` of the global batch from this rank's block.
-
-    ``logits``/``targets``/``weights`` ``(b,)`` are this rank's items; ``total_weight`` is
-    the global batch's item count (or its weights' sum when ``weights`` are given).
-    ``scale_items``: the weights scale each item's loss and ``total_weight`` is the item
-    count (Σ w·ℓ / n, Iscen et al.'s weighted pseudo-label loss) instead of selecting
-    items for a weighted mean (Σ w·ℓ / Σ w).
-    """
-    if not ctx.is_distributed and not scale_items:
-        return classification_loss(logits, targets, weights)
-    logits = logits.float()  # sums in float32 even when the forward ran in lower precision
-    loss = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none")
-    if weights is not None:
-        loss = loss * weights
-    return ctx.global_sum(loss.sum()) / max(total_weight, 1e-8)
-
-
-def batch_roi_loss(
-    ctx: DistContext,
-    roi_loss: RoiLoss,
-    logits: torch.Tensor,
-    masks: torch.Tensor,
-    *,
-    total_items: int,
-) -> torch.Tensor:
-    """``roi_loss`` (voxel BCE + batch Dice) of the global batch from this rank's block.
-
-    ``logits`` ``(b, 1, D, H, W)`` and ``masks`` are this rank's items of a global batch of
-    ``total_items`` scans.
-    """
-    if not ctx.is_distributed:
-        return roi_loss(logits, masks)
-    sums = ctx.global_sum(roi_loss_sums(logits, masks))
-    return roi_loss_from_sums(roi_loss, sums, total_items * logits[0].numel())
-
-
-def batch_masked_roi_loss(
-    ctx: DistContext,
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    weights: torch.Tensor,
-) -> torch.Tensor:
-    """``pseudo_masks.masked_roi_loss`` (voxel-weighted BCE + batch Dice) of the global
-    batch from this rank's block ``(b, 1, D, H, W)`` of logits, targets and weights."""
-    if not ctx.is_distributed:
-        return masked_roi_loss(logits, targets, weights)
-    x, t, w = logits.float(), targets.float(), weights.float()
-    p = torch.sigmoid(x)
-    bce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
-    sums = ctx.global_sum(
-        torch.stack([(w * bce).sum(), (w * p * t).sum(), (w * p).sum(), (w * t).sum(), w.sum()])
-    )
-    weighted_bce, tp, predicted, target, total = sums.unbind()
-    smooth = 1e-5  # masked_roi_loss's smooth_nr = smooth_dr
-    dice = 1.0 - (2.0 * tp + smooth) / (predicted + target + smooth)
-    return dice + weighted_bce / total.clamp_min(1e-8)
-
-
-def roi_loss_sums(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """``(4,)``: BCE summed over voxels, Σ p·t, Σ p, Σ t, with p = σ(logits)."""
-    logits, target = logits.float(), masks.float()  # float32 sums, whatever the forward ran in
-    p = torch.sigmoid(logits)
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
-    return torch.stack([bce, (p * target).sum(), p.sum(), target.sum()])
-
-
-def roi_loss_from_sums(roi_loss: RoiLoss, sums: torch.Tensor, voxels: int) -> torch.Tensor:
-    """``RoiLoss`` from ``roi_loss_sums`` over ``voxels`` voxels (MONAI's Dice formula:
-    1 − (2tp + smooth_nr) / (2tp + fp + fn + smooth_dr))."""
-    dice_ce = roi_loss.loss
-    bce_sum, tp, predicted, target = sums.unbind()
-    fp, fn = predicted - tp, target - tp
-    numerator = 2 * tp + dice_ce.dice.smooth_nr
-    denominator = 2 * (tp + 0.5 * fp + 0.5 * fn) + dice_ce.dice.smooth_dr
-    dice = 1 - numerator / denominator
-    return dice_ce.lambda_dice * dice + dice_ce.lambda_ce * (bce_sum / voxels)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -38,8 +38,7 @@ log = logging.getLogger("lymphdx")
 
 __all__ = [
     "PropagationMixin",
-    "predict_probabilities",
-    "predict_embeddings",
+    "predict_volumes",
     "PseudoLabels",
     "propagate_labels",
     "propagate_labels_graph",
@@ -112,54 +111,39 @@ def _my_batches(
 
 
 @torch.no_grad()
-def predict_probabilities(
+def predict_volumes(
     model: torch.nn.Module,
     volumes: VolumeSet,
+    output: Literal["probability", "embedding"] = "probability",
     batch_size: int = 4,
     ctx: DistContext | None = None,
     domain: int = WEAK,
     tta: bool = False,
 ) -> np.ndarray:
-    """σ(f(v)) for every volume, ``(N,)`` float32, with the model in eval mode.
+    """Every volume's σ(f(v)), ``(N,)`` float32, or with ``output="embedding"`` the
+    classifier's pooled embedding, ``(N, C)`` float32 (what σ's fully connected layers
+    see), with the model in eval mode (restored after).
 
     With a distributed ``ctx`` each rank predicts its block of the volumes and every rank
-    gets all ``N`` results, in order. ``tta``: averaged with the left-right flip.
+    gets all ``N`` results, in order. ``tta``: averaged with the left-right flip's.
     """
     ctx = ctx or DistContext()
-    out = [np.zeros(0, dtype=np.float32)]
-    for images in _my_batches(model, volumes, batch_size, ctx, domain):
-        out.append(predict_with_tta(model, images, roi=False, flips=tta)["cls"].cpu().numpy())
-    return ctx.all_gather_array(np.concatenate(out))
-
-
-@torch.no_grad()
-def predict_embeddings(
-    model: torch.nn.Module,
-    volumes: VolumeSet,
-    batch_size: int = 4,
-    ctx: DistContext | None = None,
-    domain: int = WEAK,
-    tta: bool = False,
-) -> np.ndarray:
-    """The classifier's pooled embedding of every volume, ``(N, C)`` float32 (what σ's
-    fully connected layers see); ``tta``: averaged with the left-right flip's."""
-    ctx = ctx or DistContext()
+    embed = output == "embedding"
+    out = [np.zeros((0, model.classifier.fc1.in_features) if embed else 0, dtype=np.float32)]
     was_training = model.training
     model.eval()
-    views = [False, True] if tta else [False]
-    out = []
     try:
         for images in _my_batches(model, volumes, batch_size, ctx, domain):
-            pooled = sum(
-                model.pooled(torch.flip(images, dims=(-1,)) if f else images).float() for f in views
-            )
-            out.append((pooled / len(views)).cpu().numpy())
+            if embed:
+                views = [images, torch.flip(images, dims=(-1,))] if tta else [images]
+                pooled = sum(model.pooled(v).float() for v in views)
+                out.append((pooled / len(views)).cpu().numpy())
+            else:
+                cls = predict_with_tta(model, images, roi=False, flips=tta)["cls"]
+                out.append(cls.cpu().numpy())
     finally:
         model.train(was_training)
-    width = model.classifier.fc1.in_features
-    return ctx.all_gather_array(
-        np.concatenate(out) if out else np.zeros((0, width), dtype=np.float32)
-    )
+    return ctx.all_gather_array(np.concatenate(out))
 
 
 def _curriculum(
@@ -201,7 +185,7 @@ def propagate_labels(
     ``cfg.threshold`` "prevalence": p is first ``prevalence_shift``ed to ``prevalence``
     (the labelled set's share of positives).
     """
-    p = predict_probabilities(model, volumes, batch_size, ctx, domain, cfg.tta_flip)
+    p = predict_volumes(model, volumes, "probability", batch_size, ctx, domain, cfg.tta_flip)
     p = p.astype(np.float32)
     if cfg.threshold == "prevalence":
         if prevalence is None:
@@ -226,8 +210,8 @@ def propagate_labels_graph(
     """Pseudo class labels for ``unlabelled`` (the strong set) by graph label propagation
     (Iscen et al. 2019) from the true labels of ``labelled`` (the weak training set).
 
-    The nodes are the pooled embeddings (``predict_embeddings``) of both sets, each in its
-    own domain; ``k`` is ``cfg.graph_k`` capped at the node count − 1. Returns
+    The nodes are the pooled embeddings (``predict_volumes(..., "embedding")``) of both
+    sets, each in its own domain; ``k`` is ``cfg.graph_k`` capped at the node count − 1. Returns
     ``(targets, weights)`` ``(N_unlabelled,)`` float32: ``probs[:, 1]`` (soft) or the
     argmax (hard), and weight = ω / max ω (the certainty relative to the surest of all
     nodes, as Iscen et al.'s code) × class weight ζ, times the ``cfg.confidence`` cut on
@@ -235,8 +219,8 @@ def propagate_labels_graph(
     solves the propagation from the gathered embeddings; rank 0's result is used.
     """
     ctx = ctx or DistContext()
-    weak = predict_embeddings(model, labelled, batch_size, ctx, WEAK, cfg.tta_flip)
-    strong = predict_embeddings(model, unlabelled, batch_size, ctx, STRONG, cfg.tta_flip)
+    weak = predict_volumes(model, labelled, "embedding", batch_size, ctx, WEAK, cfg.tta_flip)
+    strong = predict_volumes(model, unlabelled, "embedding", batch_size, ctx, STRONG, cfg.tta_flip)
     labels = labelled.labels
     assert labels is not None, "the labelled set must be a weak (labelled) set"
     embeddings = np.concatenate([weak, strong]).astype(np.float64)

@@ -10,7 +10,7 @@ Here each pseudo mask comes with voxel weights:
 * a curriculum (``curriculum_keep``): the most confident share of pseudo-labels first,
   growing every propagation round (Cascante-Bonilla et al., AAAI 2021).
 
-``masked_roi_loss`` is ``RoiLoss`` (BCE + batch soft Dice) with those weights.
+``RoiLoss`` (BCE + batch soft Dice, ``losses``) takes those weights.
 """
 
 from __future__ import annotations
@@ -19,51 +19,10 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-__all__ = ["masked_roi_loss", "pseudo_mask_targets", "curriculum_keep"]
+__all__ = ["pseudo_mask_targets", "curriculum_keep"]
 
 Array = np.ndarray | torch.Tensor
-
-
-def masked_roi_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    weights: torch.Tensor,
-    lambda_dice: float = 1.0,
-    lambda_ce: float = 1.0,
-    smooth_nr: float = 1e-5,
-    smooth_dr: float = 1e-5,
-) -> torch.Tensor:
-    """Weighted voxel-wise BCE + batch soft Dice on logits ``(B, C, D, H, W)`` (C = 1).
-
-    ``targets`` ``(B, C, D, H, W)`` in [0, 1]; ``weights`` of the same shape, ≥ 0. A voxel
-    of weight 0 counts nowhere (neither in the BCE mean nor in the Dice sums) and gets an
-    exactly-zero gradient; other weights scale a voxel's share. With all-ones weights this
-    is ``RoiLoss`` (MONAI ``DiceCELoss(sigmoid=True, batch=True)``, same smoothing):
-
-        BCE  = Σ w·bce(x, t) / Σ w
-        Dice = 1 − (2 Σ w·p·t + smooth_nr) / (Σ w·p + Σ w·t + smooth_dr),  p = σ(x)
-
-    Sums run over batch and space, per channel; Dice is then averaged over channels.
-    With all weights 0 the loss is 0 (and so are its gradients). Computed in float32.
-    """
-    if not logits.shape == targets.shape == weights.shape:
-        raise ValueError(
-            f"logits {tuple(logits.shape)}, targets {tuple(targets.shape)} and weights "
-            f"{tuple(weights.shape)} must have the same shape (B, C, D, H, W)"
-        )
-    x = logits.float()
-    t = targets.float()
-    w = weights.float()
-    bce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
-    ce = (bce * w).sum() / w.sum().clamp_min(1e-8)
-    p = torch.sigmoid(x)
-    dims = [0, *range(2, x.dim())]
-    intersection = (w * p * t).sum(dims)
-    denominator = (w * p).sum(dims) + (w * t).sum(dims)
-    dice = (1.0 - (2.0 * intersection + smooth_nr) / (denominator + smooth_dr)).mean()
-    return lambda_dice * dice + lambda_ce * ce
 
 
 def pseudo_mask_targets(

@@ -13,13 +13,8 @@ import torch
 from lymphdx.core.config import Config
 from lymphdx.core.domains import STRONG, WEAK
 from lymphdx.core.strategies import Strategy
-from lymphdx.engine.distributed import (
-    DistContext,
-    batch_classification_loss,
-    batch_masked_roi_loss,
-    batch_roi_loss,
-)
-from lymphdx.engine.losses import RoiLoss
+from lymphdx.engine.distributed import DistContext
+from lymphdx.engine.losses import RoiLoss, classification_loss
 from lymphdx.engine.performance import autocast, prepare_input
 from lymphdx.engine.propagation import PseudoLabels
 from lymphdx.engine.run_folder import TrainingError
@@ -121,8 +116,8 @@ class LossesMixin:
                 )
         terms: dict[str, torch.Tensor] = {}
         if weak is not None:
-            terms["cls"] = batch_classification_loss(
-                ctx, out["cls"][:nw], weak["labels"].to(device), total_weight=n_weak
+            terms["cls"] = classification_loss(
+                out["cls"][:nw], weak["labels"].to(device), total=n_weak, ctx=ctx
             )
         # with model.malignancy_map the masks teach both maps: one loss over both, as one
         # batch of twice the items (maps_and_targets)
@@ -130,17 +125,13 @@ class LossesMixin:
             logits, masks, m = maps_and_targets(
                 out, "_patch", slice(None), patches["mask"].to(device)
             )
-            terms["roi"] = batch_roi_loss(
-                ctx, self.roi_loss, logits, masks, total_items=m * n_patch
-            )
+            terms["roi"] = self.roi_loss(logits, masks, total_items=m * n_patch, ctx=ctx)
         elif strong_masks:
             assert strong is not None
             logits, masks, m = maps_and_targets(
                 out, "", slice(nw, None) if roi is True else slice(None), strong["mask"].to(device)
             )
-            terms["roi"] = batch_roi_loss(
-                ctx, self.roi_loss, logits, masks, total_items=m * n_strong
-            )
+            terms["roi"] = self.roi_loss(logits, masks, total_items=m * n_strong, ctx=ctx)
         pseudo = self.pseudo
         if (
             strong is not None
@@ -151,33 +142,26 @@ class LossesMixin:
             index = strong["index"]
             t = torch.from_numpy(pseudo.strong_targets[index]).to(device)
             w = torch.from_numpy(pseudo.strong_weights[index]).to(device)
-            weight_sum = float(pseudo.strong_weights[strong["global"]].sum())
             # graph weights (certainty x class weight) scale each scan's loss, averaged
             # over the batch (Iscen et al.); the paper's 0/1 weights select scans
             graph = self.config.propagation.method == "graph"
-            if weight_sum > 0:
-                terms["pseudo_cls"] = batch_classification_loss(
-                    ctx,
-                    out["cls"][nw:],
-                    t,
-                    w,
-                    total_weight=float(n_strong) if graph else weight_sum,
-                    scale_items=graph,
+            if pseudo.strong_weights[strong["global"]].sum() > 0:
+                terms["pseudo_cls"] = classification_loss(
+                    out["cls"][nw:], t, w, total=n_strong, scale_items=graph, ctx=ctx
                 )
         if pseudo_roi:
             assert weak is not None
             weak_roi, target, m = maps_and_targets(
                 out, "", slice(0, nw), weak["pseudo_mask"].to(device)
             )
-            if "pseudo_weight" not in weak:
-                terms["pseudo_roi"] = batch_roi_loss(
-                    ctx, self.roi_loss, weak_roi, target, total_items=m * n_weak
-                )
-            else:
-                weight = weak["pseudo_weight"].to(device)
-                terms["pseudo_roi"] = batch_masked_roi_loss(
-                    ctx, weak_roi, target, torch.cat([weight] * m)
-                )
+            weight = weak.get("pseudo_weight")  # voxel weights: ignore bands and gates
+            terms["pseudo_roi"] = self.roi_loss(
+                weak_roi,
+                target,
+                None if weight is None else torch.cat([weight.to(device)] * m),
+                total_items=m * n_weak,
+                ctx=ctx,
+            )
         for k, v in terms.items():
             if not torch.isfinite(v):  # a global value: every rank stops here together
                 who = [

@@ -54,7 +54,7 @@ from lymphdx.engine.batches import BatchesMixin
 from lymphdx.engine.distributed import DistContext
 from lymphdx.engine.losses import RoiLoss
 from lymphdx.engine.performance import grad_scaler, optimizer_step
-from lymphdx.engine.propagation import PropagationMixin, PseudoLabels, predict_probabilities
+from lymphdx.engine.propagation import PropagationMixin, PseudoLabels, predict_volumes
 from lymphdx.engine.roi_status import roi_decoder_status
 from lymphdx.engine.run_data import RunData
 from lymphdx.engine.run_folder import (
@@ -352,7 +352,7 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
     def score(self, model: MultiTaskNet) -> tuple[dict[str, float], np.ndarray]:
         """``model``'s validation row (AUC, BCE, strong-set Dice) and its probabilities
         ``(N_val,)`` for the weak set's validation split."""
-        probs = predict_probabilities(model, self.weak_val, ctx=self.ctx, domain=WEAK)
+        probs = predict_volumes(model, self.weak_val, ctx=self.ctx, domain=WEAK)
         labels = self.weak_val.labels
         p = np.clip(probs, 1e-7, 1 - 1e-7)
         row = {

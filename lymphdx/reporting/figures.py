@@ -219,40 +219,15 @@ def history_figure(strategy: str, runs: list[Run]) -> str | None:
     for i, r in enumerate(runs):
         color = cmap(i % 10)
         ep = np.array([float_or_nan(h.get("epoch")) for h in r.history])
-        marker = "o" if len(ep) < 30 else None
-        show = i < 10
-        lx.plot(
-            ep,
-            [float_or_nan(h.get("loss")) for h in r.history],
-            "-",
-            marker=marker,
-            ms=3,
-            color=color,
-        )
-        lx.plot(
-            ep,
-            [float_or_nan(h.get("loss_cls")) for h in r.history],
-            ":",
-            lw=1.2,
-            color=color,
-        )
-        lx.plot(
-            ep,
-            [float_or_nan(h.get("val_loss")) for h in r.history],
-            "--",
-            marker=marker,
-            ms=3,
-            color=color,
-        )
-        ax.plot(
-            ep,
-            [float_or_nan(h.get("val_auc")) for h in r.history],
-            "-",
-            marker=marker,
-            ms=3,
-            color=color,
-            label=r.name if show else None,
-        )
+        dots = {"marker": "o" if len(ep) < 30 else None, "ms": 3}
+        for axis, column, style, extra in (
+            (lx, "loss", "-", dots),
+            (lx, "loss_cls", ":", {"lw": 1.2}),
+            (lx, "val_loss", "--", dots),
+            (ax, "val_auc", "-", {**dots, "label": r.name if i < 10 else None}),
+        ):
+            values = [float_or_nan(h.get(column)) for h in r.history]
+            axis.plot(ep, values, style, color=color, **extra)
         if r.metrics and "best_epoch" in r.metrics:
             ax.plot(
                 [r.metrics["best_epoch"]],

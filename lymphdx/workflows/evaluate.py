@@ -19,7 +19,7 @@ from lymphdx.core.domains import WEAK
 from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import read_csv, write_csv, write_json
 from lymphdx.core.strategies import get_strategy
-from lymphdx.engine.propagation import predict_probabilities
+from lymphdx.engine.propagation import predict_volumes
 from lymphdx.engine.roi_status import roi_decoder_status
 from lymphdx.engine.run_data import load_run_data
 from lymphdx.engine.run_folder import load_model, read_history
@@ -60,7 +60,7 @@ def predict_checkpoint(
     volumes = load_run_data(config, run_dir, need_strong=False).volumes("weak", split)
     if len(volumes) == 0:
         raise LymphdxError(f"the weak set of {run_dir} has no patients in split {split!r}")
-    probs = predict_probabilities(model, volumes, domain=WEAK, tta=config.evaluation.tta_flip)
+    probs = predict_volumes(model, volumes, domain=WEAK, tta=config.evaluation.tta_flip)
     _write_predictions(path, list(volumes.patient_ids), volumes.labels, probs)
     return read_predictions(path)
 
@@ -100,7 +100,7 @@ def evaluate_run(
     volumes = data.volumes("weak", split)
     if len(volumes) == 0:
         raise LymphdxError(f"the weak set has no patients in split {split!r}")
-    probs = predict_probabilities(model, volumes, domain=WEAK, tta=config.evaluation.tta_flip)
+    probs = predict_volumes(model, volumes, domain=WEAK, tta=config.evaluation.tta_flip)
     labels = volumes.labels
     threshold = config.evaluation.threshold
     pred = (probs > threshold).astype(int)
