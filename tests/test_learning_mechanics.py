@@ -552,8 +552,8 @@ def test_one_class_pseudo_labels_are_reported_and_optionally_skipped(
     no pseudo class loss, without it the loss is there."""
     calls: list[int] = []
 
-    def one_class(model, strong, cfg, **kwargs):  # type: ignore[no-untyped-def]
-        n = len(strong)
+    def one_class(p, cfg, *args):  # type: ignore[no-untyped-def]
+        n = len(p)
         calls.append(n)
         targets = np.full(n, label, dtype=np.float32)
         targets[0] = 1.0 - label  # weight 0 below: not a kept label
@@ -561,7 +561,7 @@ def test_one_class_pseudo_labels_are_reported_and_optionally_skipped(
         weights[0] = 0.0
         return targets, weights
 
-    monkeypatch.setattr(propagation, "propagate_labels", one_class)
+    monkeypatch.setattr(propagation, "pseudo_labels", one_class)
     weak, strong = _manifests(tiny_data)
     run = tmp_path / "one"
     config = _mechanics(
@@ -585,11 +585,11 @@ def test_one_class_pseudo_labels_are_reported_and_optionally_skipped(
 def test_pseudo_labels_of_both_classes_raise_no_one_class_note(
     tiny_data: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def both(model, strong, cfg, **kwargs):  # type: ignore[no-untyped-def]
-        n = len(strong)
+    def both(p, cfg, *args):  # type: ignore[no-untyped-def]
+        n = len(p)
         return (np.arange(n) % 2).astype(np.float32), np.ones(n, dtype=np.float32)
 
-    monkeypatch.setattr(propagation, "propagate_labels", both)
+    monkeypatch.setattr(propagation, "pseudo_labels", both)
     weak, strong = _manifests(tiny_data)
     run = tmp_path / "both"
     config = _mechanics(cache, "semi-supervised", 2, propagation={"warmup_epochs": 1, "every": 1})

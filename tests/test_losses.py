@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from lymphdx.engine.losses import RoiLoss, classification_loss
@@ -72,3 +73,11 @@ def test_classification_loss_item_scaled_weights_average_over_the_batch() -> Non
     assert math.isclose(float(got), 2.0 * math.log(2) / 4, rel_tol=1e-6)
     # weights that select scans: the mean over the selected ones
     assert math.isclose(float(classification_loss(logits, targets, w)), math.log(2), rel_tol=1e-6)
+
+
+def test_roi_mask_is_strictly_above_zeta_for_numpy_and_torch() -> None:
+    from lymphdx.core.zeta import roi_mask
+
+    prob = [0.0, 0.49, 0.5, 0.51, 1.0]
+    assert roi_mask(np.array(prob), 0.5).tolist() == [False, False, False, True, True]
+    assert roi_mask(torch.tensor(prob), 0.5).tolist() == [False, False, False, True, True]

@@ -148,3 +148,24 @@ def test_pooled_dice_sums_counts_over_volumes() -> None:
     assert dice_of(0, 0) == 1.0  # nothing predicted, nothing true
     with pytest.raises(ValueError, match="shapes differ"):
         dice_counts(np.zeros((2, 3)), np.zeros((3, 2)))
+
+
+def test_binary_log_loss_hand_worked() -> None:
+    from lymphdx.stats.metrics import binary_log_loss
+
+    # −(ln 0.8 + ln 0.5) / 2; a probability of exactly 0 on a positive is clipped to 1e-7
+    assert math.isclose(
+        binary_log_loss(np.array([0, 1]), np.array([0.2, 0.5])),
+        -(math.log(0.8) + math.log(0.5)) / 2,
+        rel_tol=1e-12,
+    )
+    assert math.isclose(binary_log_loss(np.array([1]), np.array([0.0])), -math.log(1e-7))
+
+
+def test_sensitivity_specificity_hand_worked() -> None:
+    from lymphdx.stats.metrics import sensitivity_specificity
+
+    y = np.array([1, 1, 1, 0, 0])
+    pred = np.array([1, 0, 1, 0, 1])  # 2 of 3 positives, 1 of 2 negatives
+    assert sensitivity_specificity(y, pred) == (2 / 3, 1 / 2)
+    assert sensitivity_specificity(np.array([1, 1]), np.array([1, 0])) == (0.5, 0.0)

@@ -182,7 +182,7 @@ def test_curriculum_admits_a_growing_most_confident_share(run_data: Any) -> None
     p = propagation.predict_volumes(model, volumes)
     n, kept = len(volumes), []
     for round_index in range(5):
-        _, weights = propagation.propagate_labels(model, volumes, cfg, round_index=round_index)
+        _, weights = propagation.pseudo_labels(p, cfg, round_index=round_index)
         kept.append(int((weights > 0).sum()))
         share = min(1.0, 0.2 + 0.2 * round_index)
         assert kept[-1] == math.ceil(share * n)

@@ -17,8 +17,9 @@ from lymphdx.data import preprocess
 from lymphdx.engine import propagation
 from lymphdx.engine.propagation import (
     is_propagation_epoch,
-    propagate_labels,
+    predict_volumes,
     propagate_mask_targets,
+    pseudo_labels,
 )
 from lymphdx.engine.run_data import load_run_data
 from lymphdx.engine.run_folder import load_checkpoint
@@ -116,18 +117,18 @@ def test_propagated_labels_come_from_the_model_and_zeta_is_applied(
     model = build_model(config.model)
     with torch.no_grad():
         model.classifier.fc2.bias.fill_(20.0)
-    targets, weights = propagate_labels(model, volumes, config.propagation)
+    targets, weights = pseudo_labels(predict_volumes(model, volumes), config.propagation)
     assert targets.tolist() == [1.0] * len(volumes)
     with torch.no_grad():
         model.classifier.fc2.bias.fill_(-20.0)
-    targets, _ = propagate_labels(model, volumes, config.propagation)
+    targets, _ = pseudo_labels(predict_volumes(model, volumes), config.propagation)
     assert targets.tolist() == [0.0] * len(volumes)  # change the model, labels change
     # soft labels and the confidence cut-off
     soft_cfg = config.propagation.model_copy(update={"pseudo_labels": "soft", "confidence": 0.5})
     with torch.no_grad():
         model.classifier.fc2.bias.fill_(0.0)
         model.classifier.fc2.weight.zero_()
-    targets, weights = propagate_labels(model, volumes, soft_cfg)
+    targets, weights = pseudo_labels(predict_volumes(model, volumes), soft_cfg)
     assert np.allclose(targets, 0.5) and weights.sum() == 0  # p = 0.5 is not confident
 
     # ζ: a decoder whose output probability is exactly known

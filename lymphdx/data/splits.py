@@ -141,6 +141,9 @@ def assign_splits(
     splits as proportionally as possible, with at least one patient of each class in val
     and test whenever the class has 3 or more patients. The result depends only on the
     set of patients (sorted by id), their labels, the proportions and ``seed``.
+
+    Not sklearn's ``train_test_split``: it neither keeps counts such as ``(90, 10, 23)``
+    exactly nor promises both classes in a small val split (and would re-draw every seed).
     """
     records = sorted(records, key=lambda r: r.patient_id)
     ids = [r.patient_id for r in records]

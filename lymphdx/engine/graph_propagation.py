@@ -41,8 +41,9 @@ labelled points of class ``j``) and the rest ``U`` is unlabelled (label ``-1``):
    The authors' code also divides ``ω`` by its maximum; that is *not* done here.
 
 The values for labelled points are the diffused ones too (the caller uses the true labels
-for those). Affinity search is an exact chunked dense dot product (``O(N² C)`` time,
-``O(chunk · N)`` memory), and everything else is sparse, so ``N ≈ 10⁵`` is feasible.
+for those). Affinity search is sklearn's exact brute-force ``kneighbors_graph`` (in chunks
+of its ``working_memory``: ``O(N² C)`` time), and everything else is sparse, so ``N ≈ 10⁵``
+is feasible.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.sparse.csgraph import laplacian
 from scipy.sparse.linalg import cg
+from sklearn.neighbors import kneighbors_graph
 
 from lymphdx.core.errors import LymphdxError
 
@@ -63,9 +66,6 @@ __all__ = [
     "inverse_frequency_weights",
     "pseudo_labels_for",
 ]
-
-# Elements of one chunk of the dense similarity matrix (float64: 64 MiB).
-_CHUNK_ELEMENTS = 1 << 23
 
 
 @dataclass
@@ -86,11 +86,6 @@ class GraphLPResult:
     class_weights: np.ndarray
     iterations: int
     converged: bool = True
-
-
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 
 def _check_embeddings(embeddings: np.ndarray) -> np.ndarray:
@@ -141,44 +136,33 @@ def knn_affinity(embeddings: np.ndarray, k: int = 10, gamma: float = 3.0) -> sp.
     x = _check_embeddings(embeddings)
     n = x.shape[0]
     _check_k_gamma(n, k, gamma)
-    v = _l2_normalise(x)
-    chunk = max(1, _CHUNK_ELEMENTS // n)
-    rows, cols, vals = [], [], []
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        sim = v[start:stop] @ v.T  # (chunk, N)
-        local = np.arange(stop - start)
-        sim[local, start + local] = -np.inf  # exclude self
-        nbr = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # (chunk, k), unordered
-        s = np.take_along_axis(sim, nbr, axis=1)
-        a = np.maximum(s, 0.0) ** gamma
-        keep = a > 0
-        rows.append(np.broadcast_to((start + local)[:, None], nbr.shape)[keep])
-        cols.append(nbr[keep])
-        vals.append(a[keep])
-    A = sp.csr_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)
-    )
-    A.sum_duplicates()
-    return A
+    # cosine distance 1 − v_iᵀv_j ranks neighbours as the inner product of the normalised
+    # embeddings does (a zero embedding is at distance 1 from all: no edge)
+    A = kneighbors_graph(x, k, mode="distance", metric="cosine", include_self=False)
+    A.data = np.maximum(1.0 - A.data, 0.0) ** gamma
+    A.eliminate_zeros()
+    return A.tocsr()
 
 
 def normalised_adjacency(A: sp.spmatrix) -> sp.csr_matrix:
     """``W_n = D^{-1/2} (A + Aᵀ) D^{-1/2}`` with ``D = diag((A + Aᵀ) 1)``; zero-degree
     nodes get ``D^{-1/2}_ii = 0``. Returns a symmetric CSR matrix."""
-    W = (A + A.T).tocsr()
-    deg = np.asarray(W.sum(axis=1)).ravel()
-    inv_sqrt = np.zeros_like(deg)
-    np.divide(1.0, np.sqrt(deg), out=inv_sqrt, where=deg > 0)
-    D = sp.diags(inv_sqrt)
-    return (D @ W @ D).tocsr()
+    # csgraph's normalised Laplacian is I − W_n off the isolated nodes (and 0 on them);
+    # W has no self-loops, so W_n's diagonal is 0
+    Wn = -laplacian((A + A.T).tocsr(), normed=True)
+    Wn.setdiag(0.0)
+    Wn.eliminate_zeros()
+    return Wn.tocsr()
 
 
 def inverse_frequency_weights(pseudo: np.ndarray, n_classes: int) -> np.ndarray:
     """Class weights ``ζ_j = M / (n_classes · M_j)`` from the ``M`` pseudo-labels ``pseudo``
     of the unlabelled points (``M_j`` of them in class ``j``), as in Iscen et al.'s code:
     balanced classes give 1, a minority class more. ``ζ_j = 0`` where ``M_j = 0``;
-    ``ζ = 1`` when ``M = 0``. Returns float64 ``(n_classes,)``."""
+    ``ζ = 1`` when ``M = 0``. Returns float64 ``(n_classes,)``.
+
+    Not sklearn's ``compute_class_weight("balanced")``: it refuses a class absent from the
+    pseudo-labels (here ζ_j = 0) and would normalise by the present classes only."""
     pseudo = np.asarray(pseudo, dtype=np.int64).ravel()
     m = pseudo.size
     if m == 0:

@@ -40,7 +40,7 @@ __all__ = [
     "PropagationMixin",
     "predict_volumes",
     "PseudoLabels",
-    "propagate_labels",
+    "pseudo_labels",
     "propagate_labels_graph",
     "propagate_mask_targets",
     "is_propagation_epoch",
@@ -166,18 +166,14 @@ def prevalence_shift(p: np.ndarray, prevalence: float) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-(logit - cut)))).astype(np.float32)
 
 
-@torch.no_grad()
-def propagate_labels(
-    model: torch.nn.Module,
-    volumes: VolumeSet,
+def pseudo_labels(
+    p: np.ndarray,
     cfg: PropagationConfig,
-    batch_size: int = 4,
-    ctx: DistContext | None = None,
-    domain: int = WEAK,
     round_index: int = 0,
     prevalence: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pseudo class labels for ``volumes`` from σ(f(v)).
+    """Pseudo class labels from the classifier's probabilities ``p`` ``(N,)`` σ(f(v)) of
+    the unlabelled scans (``predict_volumes``).
 
     Returns ``(targets, weights)``, both ``(N,)``: hard (p > 0.5) or soft (p) targets, and
     weight 1 where the confidence |2p − 1| reaches ``cfg.confidence``, else 0; with
@@ -185,8 +181,7 @@ def propagate_labels(
     ``cfg.threshold`` "prevalence": p is first ``prevalence_shift``ed to ``prevalence``
     (the labelled set's share of positives).
     """
-    p = predict_volumes(model, volumes, "probability", batch_size, ctx, domain, cfg.tta_flip)
-    p = p.astype(np.float32)
+    p = np.asarray(p).astype(np.float32)
     if cfg.threshold == "prevalence":
         if prevalence is None:
             raise ValueError("propagation.threshold 'prevalence' needs the labelled prevalence")
@@ -356,15 +351,11 @@ class PropagationMixin:
                     round_index=round_index,
                 )
             else:
-                targets, weights = propagate_labels(
-                    teacher,
-                    self.strong_train,
-                    cfg,
-                    ctx=ctx,
-                    domain=STRONG,
-                    round_index=round_index,
-                    prevalence=float(np.mean(self.weak_train.labels)),
+                p = predict_volumes(
+                    teacher, self.strong_train, ctx=ctx, domain=STRONG, tta=cfg.tta_flip
                 )
+                prevalence = float(np.mean(self.weak_train.labels))
+                targets, weights = pseudo_labels(p, cfg, round_index, prevalence)
             if self._one_class(targets, weights) and cfg.skip_one_class:
                 weights = np.zeros_like(weights)
             self.pseudo.strong_targets, self.pseudo.strong_weights = targets, weights

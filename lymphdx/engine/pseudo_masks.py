@@ -20,6 +20,8 @@ import math
 import numpy as np
 import torch
 
+from lymphdx.core.zeta import roi_mask
+
 __all__ = ["pseudo_mask_targets", "curriculum_keep"]
 
 Array = np.ndarray | torch.Tensor
@@ -53,7 +55,7 @@ def pseudo_mask_targets(
     p = torch.as_tensor(prob)
     if p.dim() < 1:
         raise ValueError("prob must have shape (N, D, H, W)")
-    targets = (p > zeta).to(torch.uint8)
+    targets = roi_mask(p, zeta).to(torch.uint8)
     weights = torch.ones(p.shape, dtype=torch.float32, device=p.device)
     if ignore_low is not None:
         weights[(p >= ignore_low) & (p <= zeta)] = 0.0

@@ -30,7 +30,7 @@ from lymphdx.core.files import read_csv, write_csv
 from lymphdx.data.datasets import VolumeSet
 from lymphdx.engine.teacher import SwaAverager, update_bn
 from lymphdx.models.multitask import MultiTaskNet
-from lymphdx.stats.metrics import auc
+from lymphdx.stats.metrics import auc, binary_log_loss
 
 log = logging.getLogger("lymphdx")
 
@@ -99,10 +99,9 @@ def pooled_best_epoch(
     for epoch in sorted(epochs):
         rows = [r for run in runs for r in run if int(r["epoch"]) == epoch]
         y = np.array([int(r["label"]) for r in rows])
-        p = np.clip(np.array([float(r["probability"]) for r in rows]), 1e-7, 1 - 1e-7)
+        p = np.array([float(r["probability"]) for r in rows])
         scores[epoch] = auc(y, p)
-        bce = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-        ranked.append((-scores[epoch], bce, epoch))
+        ranked.append((-scores[epoch], binary_log_loss(y, p), epoch))
     return min(ranked)[2], scores
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.swa_utils import AveragedModel
 
 from lymphdx.models.domain_norm import DomainBatchNorm3d, domains
 
@@ -58,6 +59,9 @@ def _matching(source: nn.Module, target: nn.Module, what: str) -> list[tuple[Any
 
 class EmaTeacher:
     """Exponential moving average of a model's weights: the teacher network.
+
+    Not ``AveragedModel``: its first update copies the student instead of averaging with
+    the starting copy, and its decay cannot follow the optimiser step after a resume.
 
     ``update(student, step)`` after each optimiser step (``step`` = 0, 1, … counts steps):
 
@@ -175,7 +179,8 @@ def predict_with_tta(
 
 
 class SwaAverager:
-    """Uniform running average of a model's weights over chosen epochs (SWA).
+    """Uniform running average of a model's weights over chosen epochs (SWA), kept by
+    ``torch.optim.swa_utils.AveragedModel``.
 
     ``add(model)`` at the end of each chosen epoch; ``module`` is the average (eval mode).
     After averaging, the batch-norm running statistics of ``module`` belong to none of
@@ -184,34 +189,34 @@ class SwaAverager:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self._average = _frozen_copy(model)
-        self.count = 0
+        self._average = AveragedModel(_frozen_copy(model), use_buffers=False)
+
+    @property
+    def count(self) -> int:
+        """How many models are averaged in."""
+        return int(self._average.n_averaged)
 
     @property
     def module(self) -> nn.Module:
         """The averaged network, in eval mode (its BN statistics: see the class doc)."""
-        return self._average.eval()
+        return self._average.module.eval()
 
     @torch.no_grad()
     def add(self, model: nn.Module) -> int:
         """Average ``model``'s weights in (θ ← θ + (θ_model − θ)/n); returns ``n``."""
         model = unwrap(model)
-        self.count += 1
-        for t, s in _matching(model, self._average, "named_parameters"):
-            if t.is_floating_point() and self.count > 1:
-                t.add_((s.detach().to(t.dtype) - t) / self.count)
-            else:
-                t.copy_(s)
-        for t, s in _matching(model, self._average, "named_buffers"):
+        _matching(model, self._average.module, "named_parameters")  # same network
+        self._average.update_parameters(model)
+        for t, s in _matching(model, self._average.module, "named_buffers"):
             t.copy_(s)
         return self.count
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self._average.state_dict(), "count": self.count}
+        return {"model": self._average.module.state_dict(), "count": self.count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._average.load_state_dict(state["model"])
-        self.count = int(state["count"])
+        self._average.module.load_state_dict(state["model"])
+        self._average.n_averaged.fill_(int(state["count"]))
 
 
 @torch.no_grad()

@@ -47,6 +47,7 @@ from lymphdx.core.config import Config, dump_config
 from lymphdx.core.domains import STRONG, WEAK
 from lymphdx.core.errors import LymphdxError
 from lymphdx.core.strategies import Strategy, get_strategy
+from lymphdx.core.zeta import roi_mask
 from lymphdx.data.augment import Augmenter
 from lymphdx.data.datasets import VolumeSet
 from lymphdx.engine import selection
@@ -73,7 +74,7 @@ from lymphdx.engine.teacher import EmaTeacher, SwaAverager
 from lymphdx.models.domain_norm import domains
 from lymphdx.models.multitask import MultiTaskNet, build_model
 from lymphdx.stats.metrics import auc as compute_auc
-from lymphdx.stats.metrics import dice_counts, dice_of
+from lymphdx.stats.metrics import binary_log_loss, dice_counts, dice_of
 
 __all__ = ["Trainer"]
 
@@ -92,7 +93,7 @@ def _strong_dice(
     with domains(model, STRONG):
         for start in range(0, len(index), 4):
             batch = volumes.batch(index[start : start + 4])
-            pred = torch.sigmoid(model(batch.images.to(device))["roi"]).cpu() > threshold
+            pred = roi_mask(torch.sigmoid(model(batch.images.to(device))["roi"]).cpu(), threshold)
             counts = dice_counts(pred.numpy(), batch.masks.numpy())
             inter, total = inter + counts[0], total + counts[1]
     model.train(was_training)
@@ -354,11 +355,7 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
         ``(N_val,)`` for the weak set's validation split."""
         probs = predict_volumes(model, self.weak_val, ctx=self.ctx, domain=WEAK)
         labels = self.weak_val.labels
-        p = np.clip(probs, 1e-7, 1 - 1e-7)
-        row = {
-            "val_auc": compute_auc(labels, probs),
-            "val_loss": float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))),
-        }
+        row = {"val_auc": compute_auc(labels, probs), "val_loss": binary_log_loss(labels, probs)}
         if self.strong_val is not None and len(self.strong_val):
             row["strong_val_dice"] = _strong_dice(
                 model, self.strong_val, self.config.propagation.roi_threshold, self.ctx

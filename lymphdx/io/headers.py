@@ -1,6 +1,9 @@
 """Header checks run before SimpleITK reads a file: single-file NIfTI-1 (truncated or
 corrupt data, NaN/infinite voxels, NIfTI-2) and NRRD/MetaImage text headers (nonsense
 sizes, values that hang or crash ITK's readers, voxel data shorter than promised).
+
+Read by hand, not with SimpleITK's ``ReadImageInformation``: that runs the very ITK reader
+that these headers hang or crash, so they are read before ITK sees them.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ The transition is MONAI's (norm → ReLU → 1×1 conv → 2× average pooling).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.utils.checkpoint as cp
 from monai.networks.layers.factories import Conv
@@ -17,7 +19,7 @@ from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from monai.networks.nets.densenet import _Transition
 from torch import nn
 
-__all__ = ["DenseLayer", "DenseBlock", "Transition", "norm_spec"]
+__all__ = ["DenseLayer", "DenseBlock", "LayerSpec", "Transition", "norm_spec"]
 
 Transition = _Transition
 
@@ -34,38 +36,41 @@ def norm_spec(name: str, channels_hint: int = 8) -> str | tuple:
     return name
 
 
-class DenseLayer(nn.Module):
-    """norm → act → 1×1 conv (bn_size·growth) → norm → act → 3×3 conv (growth).
+@dataclass(frozen=True)
+class LayerSpec:
+    """How every dense layer of a block is built.
 
     Args:
-        in_channels: channels of the concatenated inputs.
-        growth_rate: channels this layer adds.
+        growth_rate: channels a layer adds.
         bn_size: bottleneck width as a multiple of ``growth_rate``.
         dropout: dropout probability after the 3×3 conv.
         norm: MONAI norm spec.
         checkpointing: recompute the bottleneck in backward (saves memory, ~20% time).
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        growth_rate: int,
-        bn_size: int,
-        dropout: float = 0.0,
-        norm: str | tuple = "batch",
-        checkpointing: bool = False,
-    ) -> None:
+    growth_rate: int
+    bn_size: int
+    dropout: float = 0.0
+    norm: str | tuple = "batch"
+    checkpointing: bool = False
+
+
+class DenseLayer(nn.Module):
+    """norm → act → 1×1 conv (bn_size·growth) → norm → act → 3×3 conv (growth), on the
+    concatenation of ``in_channels`` channels of earlier features (``spec``: the rest)."""
+
+    def __init__(self, in_channels: int, spec: LayerSpec) -> None:
         super().__init__()
         conv = Conv[Conv.CONV, 3]
-        mid = bn_size * growth_rate
-        self.norm1 = get_norm_layer(norm, spatial_dims=3, channels=in_channels)
+        mid = spec.bn_size * spec.growth_rate
+        self.norm1 = get_norm_layer(spec.norm, spatial_dims=3, channels=in_channels)
         self.act1 = get_act_layer(("relu", {"inplace": False}))
         self.conv1 = conv(in_channels, mid, kernel_size=1, bias=False)
-        self.norm2 = get_norm_layer(norm, spatial_dims=3, channels=mid)
+        self.norm2 = get_norm_layer(spec.norm, spatial_dims=3, channels=mid)
         self.act2 = get_act_layer(("relu", {"inplace": True}))
-        self.conv2 = conv(mid, growth_rate, kernel_size=3, padding=1, bias=False)
-        self.dropout = nn.Dropout3d(dropout) if dropout > 0 else nn.Identity()
-        self.checkpointing = checkpointing
+        self.conv2 = conv(mid, spec.growth_rate, kernel_size=3, padding=1, bias=False)
+        self.dropout = nn.Dropout3d(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.checkpointing = spec.checkpointing
 
     def _bottleneck(self, *features: torch.Tensor) -> torch.Tensor:
         return self.conv1(self.act1(self.norm1(torch.cat(features, dim=1))))
@@ -84,29 +89,18 @@ class DenseLayer(nn.Module):
 
 
 class DenseBlock(nn.Module):
-    """``num_layers`` dense layers; output is the concatenation of input and all layers.
+    """``num_layers`` dense layers built by ``spec``; output is the concatenation of input
+    and all layers.
 
     Input ``(B, C, D, H, W)`` → output ``(B, C + num_layers·growth, D, H, W)``.
     """
 
-    def __init__(
-        self,
-        num_layers: int,
-        in_channels: int,
-        growth_rate: int,
-        bn_size: int,
-        dropout: float = 0.0,
-        norm: str | tuple = "batch",
-        checkpointing: bool = False,
-    ) -> None:
+    def __init__(self, num_layers: int, in_channels: int, spec: LayerSpec) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            DenseLayer(
-                in_channels + i * growth_rate, growth_rate, bn_size, dropout, norm, checkpointing
-            )
-            for i in range(num_layers)
+            DenseLayer(in_channels + i * spec.growth_rate, spec) for i in range(num_layers)
         )
-        self.out_channels = in_channels + num_layers * growth_rate
+        self.out_channels = in_channels + num_layers * spec.growth_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = [x]

@@ -25,7 +25,7 @@ from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
 
 from lymphdx.core.config import ModelConfig
-from lymphdx.models.densenet3d import DenseBlock, Transition, norm_spec
+from lymphdx.models.densenet3d import DenseBlock, LayerSpec, Transition, norm_spec
 from lymphdx.models.domain_norm import convert_to_domain_bn
 
 
@@ -75,9 +75,8 @@ class DenseEncoder(nn.Module):
         self.transitions = nn.ModuleList()
         self.level_channels: list[int] = []
         for i, n in enumerate(cfg.block_layers):
-            block = DenseBlock(
-                n, channels, cfg.growth_rate, cfg.bn_size, cfg.dropout, norm, layer_ckpt
-            )
+            spec = LayerSpec(cfg.growth_rate, cfg.bn_size, cfg.dropout, norm, layer_ckpt)
+            block = DenseBlock(n, channels, spec)
             self.blocks.append(block)
             channels = block.out_channels
             self.level_channels.append(channels)
@@ -244,15 +243,8 @@ class RoiDecoder(nn.Module):
                     conv(in_ch, width, kernel_size=1, bias=False),
                 )
             )
-            block = DenseBlock(
-                layers[n - 1 - i],
-                width,
-                cfg.growth_rate,
-                cfg.bn_size,
-                0.0,
-                norm,
-                cfg.checkpointing != "off",
-            )
+            spec = LayerSpec(cfg.growth_rate, cfg.bn_size, 0.0, norm, cfg.checkpointing != "off")
+            block = DenseBlock(layers[n - 1 - i], width, spec)
             self.blocks.append(block)
             channels = block.out_channels
         # output channels: the ROI map, and with model.malignancy_map the malignancy map

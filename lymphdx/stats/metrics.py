@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import confusion_matrix, log_loss, roc_auc_score
 
 from lymphdx.core.errors import LymphdxError
 
@@ -25,6 +25,8 @@ __all__ = [
     "paired_bootstrap_delta_ci",
     "dice",
     "DeLongResult",
+    "binary_log_loss",
+    "sensitivity_specificity",
 ]
 
 
@@ -172,6 +174,20 @@ def delong_paired(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> 
     return DeLongResult(
         float(a10.mean()), float(b10.mean()), delta, se, float(z), p, (delta - half, delta + half)
     )
+
+
+def binary_log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean binary cross-entropy of probabilities ``p`` ``(N,)`` against labels ``y`` ``(N,)``
+    (sklearn's ``log_loss``), ``p`` clipped to [1e-7, 1 − 1e-7] first."""
+    clipped = np.clip(np.asarray(p, dtype=np.float64).ravel(), 1e-7, 1 - 1e-7)
+    return float(log_loss(np.asarray(y).astype(int).ravel(), clipped, labels=[0, 1]))
+
+
+def sensitivity_specificity(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+    """``(TP / positives, TN / negatives)`` of 0/1 predictions ``pred`` ``(N,)`` against
+    labels ``y`` ``(N,)`` (sklearn's ``confusion_matrix``); 0.0 for a class that is absent."""
+    tn, fp, fn, tp = confusion_matrix(np.asarray(y).astype(int), pred, labels=[0, 1]).ravel()
+    return tp / max(1, int(tp + fn)), tn / max(1, int(tn + fp))
 
 
 # Dice by hand, not monai.metrics.compute_dice: MONAI sums in float32, which would move

@@ -31,17 +31,9 @@ from lymphdx.core.files import write_csv, write_json, write_text
 from lymphdx.data.manifest import WeakRecord
 from lymphdx.engine.run_data import split_manifests
 from lymphdx.reporting.table import paired_cells
+from lymphdx.workflows import folds as cv
 from lymphdx.workflows.compare import run_one, summarise
 from lymphdx.workflows.evaluate import predict_checkpoint
-from lymphdx.workflows.folds import (
-    add_fold_aucs,
-    cv_folds,
-    fold_runs,
-    out_of_fold,
-    pooled_fold_aucs,
-    pooled_val_predictions,
-    rows_auc,
-)
 
 __all__ = [
     "ARMS",
@@ -153,9 +145,9 @@ def ablation(
     weak, strong = split_manifests(config, weak_csv, strong_csv, out)
     development = [w for w in weak if w.split != "test"]  # the test split is held out
     dev_csv = write_development_manifest(development, out / "development_weak.csv")
-    folds = cv_folds(config, development, k, repeats)
+    folds = cv.cv_folds(config, development, k, repeats)
     trained = [a for a in arms if a in ARMS]
-    runs = fold_runs(
+    runs = cv.fold_runs(
         out,
         folds,
         development,
@@ -172,7 +164,7 @@ def ablation(
                 flush=True,
             )
         run_one(run.config, run.run_dir, dev_csv, Path(strong_csv), progress, detection=False)
-    oof, fold_aucs = out_of_fold(runs)
+    oof, fold_aucs = cv.out_of_fold(runs)
     reference_runs = {(r.repeat, r.fold, r.seed): r.run_dir for r in runs if r.name == REFERENCE}
     choices: dict[str, Any] = {}
     if "last" in arms:
@@ -180,10 +172,10 @@ def ablation(
         for (r, _f, seed), run_dir in sorted(reference_runs.items()):
             rows = predict_checkpoint(run_dir, f"epoch_{epochs - 1:03d}")
             oof.setdefault("last", {}).setdefault(f"r{r}s{seed}", {}).update(rows)
-            fold_aucs.setdefault("last", []).append(rows_auc(rows))
+            fold_aucs.setdefault("last", []).append(cv.rows_auc(rows))
     if "pooled-val" in arms:
-        oof["pooled-val"], choices = pooled_val_predictions(reference_runs, folds)
-        fold_aucs["pooled-val"] = pooled_fold_aucs(choices)
+        oof["pooled-val"], choices = cv.pooled_val_predictions(reference_runs, folds)
+        fold_aucs["pooled-val"] = cv.pooled_fold_aucs(choices)
     oof = {REFERENCE: oof[REFERENCE], **oof}  # the reference row first
     results = summarise(
         oof, config.evaluation.bootstrap, config.evaluation.ci, config.seed, reference=REFERENCE
@@ -198,7 +190,7 @@ def ablation(
         arms={a: ARMS[a][0] if a in ARMS else POST_HOC[a] for a in arms},
         overrides={a: ARMS[a][1] for a in arms if a in ARMS},
     )
-    add_fold_aucs(results, fold_aucs)
+    cv.add_fold_aucs(results, fold_aucs)
     results["recommended"] = recommend(results)
     write_json(out / "ablation.json", results)
     title = "# Ablation of the options beyond the paper\n\n"

@@ -37,6 +37,7 @@ from scipy import ndimage
 from lymphdx.core.domains import STRONG, WEAK
 from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import write_json
+from lymphdx.core.zeta import roi_mask
 from lymphdx.data.datasets import VolumeSet
 from lymphdx.engine.run_data import load_run_data
 from lymphdx.engine.run_folder import load_model
@@ -266,7 +267,7 @@ def _score_split(
         per_volume.append((np.array([c.score for c in cands]), m.is_tp, m.ignored))
         n_nodes += m.n_nodes
         n_cands += len(cands)
-        counts = dice_counts(prob > roi_threshold, truth)
+        counts = dice_counts(roi_mask(prob, roi_threshold), truth)
         per_dice.append(dice_of(*counts))
         inter, total = inter + counts[0], total + counts[1]
     return {

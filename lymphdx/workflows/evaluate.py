@@ -23,7 +23,7 @@ from lymphdx.engine.propagation import predict_volumes
 from lymphdx.engine.roi_status import roi_decoder_status
 from lymphdx.engine.run_data import load_run_data
 from lymphdx.engine.run_folder import load_model, read_history
-from lymphdx.stats.metrics import auc, bootstrap_auc_ci, delong
+from lymphdx.stats.metrics import auc, bootstrap_auc_ci, delong, sensitivity_specificity
 from lymphdx.workflows.detection import evaluate_detection
 
 __all__ = [
@@ -110,8 +110,7 @@ def evaluate_run(
             labels, probs, config.evaluation.bootstrap, config.evaluation.ci, seed=config.seed
         )
         se = _delong_se(labels, probs)
-    tp = int(((pred == 1) & (labels == 1)).sum())
-    tn = int(((pred == 0) & (labels == 0)).sum())
+    sensitivity, specificity = sensitivity_specificity(labels, pred)
     metrics: dict[str, Any] = {
         "split": split,
         "n": int(len(labels)),
@@ -122,8 +121,8 @@ def evaluate_run(
         "auc_se_delong": se,
         "threshold": threshold,
         "tta_flip": bool(config.evaluation.tta_flip),
-        "sensitivity": tp / max(1, int(labels.sum())),
-        "specificity": tn / max(1, int((labels == 0).sum())),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
         "accuracy": float((pred == labels).mean()),
         "strategy": config.strategy,
         "seed": config.seed,

@@ -39,6 +39,7 @@ from lymphdx.core.config import DataConfig
 from lymphdx.core.domains import STRONG, WEAK
 from lymphdx.core.errors import InputError, LymphdxError
 from lymphdx.core.files import atomic_dir, atomic_path, ensure_writable_dir, write_json
+from lymphdx.core.zeta import roi_mask
 from lymphdx.data.calibration import hu_offset, intensity_calibration
 from lymphdx.data.grid import (
     check_coverage,
@@ -290,7 +291,7 @@ def _write_outputs(
 
     ``result`` holds the probability and the thresholds; the ROI summary is added to it.
     """
-    mask_zyx = (prob_zyx > zeta).astype(np.uint8)
+    mask_zyx = roi_mask(prob_zyx, zeta).astype(np.uint8)
     io.write_volume(folder / "roi_prob.nii.gz", prob_zyx, volume.geometry)
     io.write_volume(folder / "roi_mask.nii.gz", mask_zyx, volume.geometry)
     verdict = "positive" if result["label"] else "negative"
