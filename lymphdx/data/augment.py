@@ -27,6 +27,7 @@ from monai.transforms import (
 )
 
 from lymphdx.core.config import AugmentationConfig
+from lymphdx.core.seeding import seeded_rng
 
 __all__ = ["Augmenter", "IMAGE", "GRID_KEYS"]
 
@@ -85,9 +86,7 @@ class Augmenter:
         """Augment one scan's ``volumes`` (``image`` and any of ``GRID_KEYS``, each
         ``(D, H, W)``) with the draw seeded by ``key``; returns new arrays of the same
         shapes and dtypes (grid volumes keep their values, e.g. 0/1)."""
-        self.transform.set_random_state(
-            seed=int(np.random.default_rng(list(key)).integers(2**31 - 1))
-        )
+        self.transform.set_random_state(seed=int(seeded_rng(*key).integers(2**31 - 1)))
         data = {
             k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))[None]
             for k, v in volumes.items()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lymphdx.core.seeding import seeded_rng
 from lymphdx.data.manifest import StrongRecord, WeakRecord
 from lymphdx.data.preprocess import Normalizer, PreprocessCache
 
@@ -123,6 +124,6 @@ def epoch_order(n: int, batch_size: int, seed: int, epoch: int, stream: int = 0)
 
     Depends only on ``(seed, epoch, stream)``, so a resumed run draws the same batches.
     """
-    rng = np.random.default_rng([seed, epoch, stream])
+    rng = seeded_rng(seed, epoch, stream)
     order = rng.permutation(n).tolist()
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]

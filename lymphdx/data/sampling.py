@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lymphdx.core.seeding import seeded_rng
+
 __all__ = ["stream_batches", "patch_corner", "crop"]
 
 
@@ -31,7 +33,7 @@ def stream_batches(
     k, offset = divmod(start, n)
     items: list[int] = []
     while len(items) < offset + need:
-        items += np.random.default_rng([seed, stream, k]).permutation(n).tolist()
+        items += seeded_rng(seed, stream, k).permutation(n).tolist()
         k += 1
     items = items[offset : offset + need]
     return [items[i * size : (i + 1) * size] for i in range(steps)]

@@ -16,10 +16,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
-import numpy as np
-
 from lymphdx.core.errors import ConfigError, InputError
 from lymphdx.core.files import write_csv
+from lymphdx.core.seeding import seeded_rng
 from lymphdx.data.manifest import (
     MAX_LISTED,
     SPLITS,
@@ -161,7 +160,7 @@ def assign_splits(
     else:
         groups = [ids]
         counts = [totals]
-    rng = np.random.default_rng(seed)
+    rng = seeded_rng(seed)
     result: dict[str, str] = {}
     for group, group_counts in zip(groups, counts, strict=True):
         order = rng.permutation(len(group))

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,6 +59,7 @@ import numpy as np
 from scipy import ndimage
 
 from lymphdx.core.files import csv_text, ensure_writable_dir, write_json, write_text
+from lymphdx.core.seeding import name_key, seeded_rng
 from lymphdx.data.synthetic_anatomy import (
     NodeDraw,
     PhantomGrid,
@@ -297,13 +297,13 @@ def make_scan(
 
 def patient_rng(seed: int, set_name: str, index: int) -> np.random.Generator:
     """The generator of patient ``index`` (0-based) of set ``set_name`` ("weak"/"strong")."""
-    return np.random.default_rng([int(seed), zlib.crc32(set_name.encode()), int(index)])
+    return seeded_rng(seed, name_key(set_name), index)
 
 
 def weak_labels(spec: SynthSpec) -> np.ndarray:
     """Scan labels ``(n_weak,)`` int: ``n_pos`` ones in an order shuffled by the seed."""
     labels = np.zeros(spec.n_weak, dtype=int)
-    rng = np.random.default_rng([int(spec.seed), zlib.crc32(b"weak-labels")])
+    rng = seeded_rng(spec.seed, name_key("weak-labels"))
     labels[rng.permutation(spec.n_weak)[: spec.n_pos]] = 1
     return labels
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from lymphdx.core.config import Config
+from lymphdx.core.seeding import seeded_rng
 from lymphdx.core.strategies import Strategy
 from lymphdx.data.augment import Augmenter
 from lymphdx.data.datasets import VolumeSet, epoch_order
@@ -41,7 +42,7 @@ class BatchesMixin:
         probability 1/2 (``training.flip_augment``), else as they are."""
         if self.augmenter is not None:
             return self.augmenter(key, volumes)
-        if self.config.training.flip_augment and np.random.default_rng(list(key)).random() < 0.5:
+        if self.config.training.flip_augment and seeded_rng(*key).random() < 0.5:
             return {k: v[..., ::-1] for k, v in volumes.items()}
         return volumes
 
@@ -75,7 +76,7 @@ class BatchesMixin:
                 vols["mask"] = volumes.mask(i)
             if kind == "patch":
                 assert self.patch is not None
-                rng = np.random.default_rng([*key, 1])
+                rng = seeded_rng(*key, 1)
                 corner = patch_corner(
                     vols["mask"],
                     self.patch,

@@ -16,6 +16,7 @@ from scipy import stats
 from sklearn.metrics import confusion_matrix, log_loss, roc_auc_score
 
 from lymphdx.core.errors import LymphdxError
+from lymphdx.core.seeding import seeded_rng
 
 __all__ = [
     "auc",
@@ -54,7 +55,7 @@ def auc(y: np.ndarray, scores: np.ndarray) -> float:
 
 def stratified_resamples(y: np.ndarray, n: int, seed: int) -> np.ndarray:
     """``(n, len(y))`` indices resampling positives and negatives separately."""
-    rng = np.random.default_rng(seed)
+    rng = seeded_rng(seed)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     return np.concatenate([rng.choice(pos, (n, len(pos))), rng.choice(neg, (n, len(neg)))], axis=1)
 

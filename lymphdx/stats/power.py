@@ -24,6 +24,7 @@ import numpy as np
 from scipy import stats
 
 from lymphdx.core.errors import LymphdxError
+from lymphdx.core.seeding import seeded_rng
 
 __all__ = [
     "binormal_scores",
@@ -208,7 +209,7 @@ def simulate_auc_ci_width(
 ) -> float:
     """Mean width of the (unclipped) DeLong 95% CI of one AUC over binormal simulations."""
     n_pos, n_neg = _check_counts(n_pos, n_neg)
-    rng = np.random.default_rng(seed)
+    rng = seeded_rng(seed)
     z = stats.norm.ppf(0.975)
     total = 0.0
     for size in _chunks(n_sim):
@@ -233,7 +234,7 @@ def paired_power(
     correlation ``rho``). With ``auc_a == auc_b`` this is the test's type-I error rate.
     """
     n_pos, n_neg = _check_counts(n_pos, n_neg)
-    rng = np.random.default_rng(seed)
+    rng = seeded_rng(seed)
     hits = 0
     for size in _chunks(n_sim):
         y, a, b = binormal_scores(rng, n_pos, n_neg, auc_a, auc_b, rho, size)
