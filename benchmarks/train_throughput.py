@@ -77,7 +77,9 @@ class Probe:
             lambda: defaultdict(float, step_times=[])
         )
 
-    def install(self) -> None:
+    def install(self) -> type:
+        """A ``Trainer`` subclass whose named steps are timed, for ``train(trainer=...)``
+        (``VolumeSet.batch`` is not a hook: it is wrapped in place)."""
         from lymphdx.data.datasets import VolumeSet
         from lymphdx.engine.trainer import Trainer
 
@@ -123,10 +125,10 @@ class Probe:
             finally:
                 probe.epochs[probe.epoch][f"{probe.phase}_batch_s"] += time.perf_counter() - t0
 
-        Trainer.train_step = train_step
-        for name in ("train_epoch", "propagation", "validate", "epoch_end"):
-            setattr(Trainer, name, timed(name, getattr(Trainer, name)))
+        hooks = ("train_epoch", "propagation", "validate", "epoch_end")
+        timed_hooks = {name: timed(name, getattr(Trainer, name)) for name in hooks}
         VolumeSet.batch = timed_batch
+        return type("TimedTrainer", (Trainer,), {"train_step": train_step, **timed_hooks})
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -145,7 +147,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     rss_imports = rss_kib()
     probe = Probe()
-    probe.install()
+    timed_trainer = probe.install()
     overrides: dict[str, Any] = {
         "strategy": args.strategy,
         "data": {"cache_dir": str(args.cache)},
@@ -156,7 +158,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         overrides["training"]["num_threads"] = args.threads
     cfg = load_config(preset="quick", overrides=overrides)
     t0 = time.perf_counter()
-    train(cfg, args.run, args.weak, args.strong, progress=False)
+    train(cfg, args.run, args.weak, args.strong, progress=False, trainer=timed_trainer)
     total = time.perf_counter() - t0
     peak = peak_rss_kib()
 

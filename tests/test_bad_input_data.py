@@ -294,27 +294,25 @@ def test_fp16_on_cpu_leaves_no_run_folder_and_the_fixed_command_works(tmp_path: 
     assert (run / "checkpoints" / "last.pt").exists()
 
 
-def test_a_refusal_inside_the_first_epoch_leaves_no_run_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_refusal_inside_the_first_epoch_leaves_no_run_folder(tmp_path: Path) -> None:
     from lymphdx.engine.train import train
     from lymphdx.engine.trainer import Trainer
 
-    def refuse(self):  # what a scan read only during the epoch would raise
-        raise InputError("cannot read: truncated", tmp_path / "weak" / "w2.nii.gz", "W2")
+    class Refusing(Trainer):
+        def train_epoch(self) -> None:  # what a scan read only during the epoch would raise
+            raise InputError("cannot read: truncated", tmp_path / "weak" / "w2.nii.gz", "W2")
 
-    monkeypatch.setattr(Trainer, "train_epoch", refuse)
     weak, strong = dataset(tmp_path)
     config = tiny_config(tmp_path, strategy="supervised", training={"epochs": 1})
     run = tmp_path / "run"
     with pytest.raises(InputError, match="W2"):
-        train(config, run, weak, strong, progress=False)
+        train(config, run, weak, strong, progress=False, trainer=Refusing)
     assert not run.exists()
     # an existing folder given as --out is emptied of the run's files, not removed
     run.mkdir()
     (run / "notes.txt").write_text("mine")
     with pytest.raises(InputError):
-        train(config, run, weak, strong, progress=False)
+        train(config, run, weak, strong, progress=False, trainer=Refusing)
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 

@@ -692,21 +692,20 @@ def test_latched_dice_gate_opens_once_reached(
     tiny_data: Path,
     cache: Path,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``propagation.dice_gate_latch``: strong-validation Dice 0.5 after epoch 0, then 0.2
     (scripted), gate 0.4, first due epoch 2. Latched, the gate stays open from epoch 0's
     Dice on; unlatched, it reads epoch 1's 0.2 and waits."""
-    from lymphdx.engine import trainer as trainer_module
+    from lymphdx.engine.trainer import Trainer
 
     script = iter([0.5, 0.2, 0.2])
     calls: list[float] = []
 
-    def scripted(*args: object, **kwargs: object) -> float:
-        calls.append(next(script))
-        return calls[-1]
+    class Scripted(Trainer):
+        def strong_val_dice(self, model: object) -> float:
+            calls.append(next(script))
+            return calls[-1]
 
-    monkeypatch.setattr(trainer_module, "_strong_dice", scripted)
     weak, strong = _manifests(tiny_data)
     run = tmp_path / "run"
     config = _mechanics(
@@ -715,7 +714,7 @@ def test_latched_dice_gate_opens_once_reached(
         3,
         propagation={"warmup_epochs": 2, "every": 1, "dice_gate": 0.4, "dice_gate_latch": latch},
     )
-    train(config, run, weak, strong, progress=False)
+    train(config, run, weak, strong, progress=False, trainer=Scripted)
     assert len(calls) == 3  # one strong validation per epoch
     rows = _history(run)
     assert [float(r["strong_val_dice"]) for r in rows] == [0.5, 0.2, 0.2]

@@ -215,16 +215,16 @@ def plus_run(tiny_data: Path, cache: Path, tmp_path_factory: pytest.TempPathFact
     and 2), with its calls recorded."""
     run = tmp_path_factory.mktemp("plus") / "run"
     seen: dict[str, list] = {"trainer": [], "graph": [], "masks": [], "lp": [], "masked": []}
-    real_propagation = Trainer.propagation
     real_graph = propagation.propagate_labels_graph
     real_masks = propagation.propagate_mask_targets
     real_lp = propagation.pseudo_labels_for
     real_roi_loss = RoiLoss.forward
 
-    def propagation_spy(self: Any) -> None:
-        seen["trainer"].append(self)
-        real_propagation(self)
-        seen["masks"][-1]["stored"] = self.pseudo.weak_mask_weights
+    class SpyTrainer(Trainer):
+        def propagation(self) -> None:
+            seen["trainer"].append(self)
+            super().propagation()
+            seen["masks"][-1]["stored"] = self.pseudo.weak_mask_weights
 
     def graph_spy(model: Any, *args: Any, **kwargs: Any) -> Any:
         out = real_graph(model, *args, **kwargs)
@@ -245,12 +245,12 @@ def plus_run(tiny_data: Path, cache: Path, tmp_path_factory: pytest.TempPathFact
         return real_roi_loss(self, logits, targets, weights, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Trainer, "propagation", propagation_spy)
         mp.setattr(propagation, "propagate_labels_graph", graph_spy)
         mp.setattr(propagation, "propagate_mask_targets", masks_spy)
         mp.setattr(propagation, "pseudo_labels_for", lp_spy)
         mp.setattr(RoiLoss, "forward", masked_spy)
-        train(_plus_config(cache, PLUS_EPOCHS), run, *_manifests(tiny_data), progress=False)
+        config = _plus_config(cache, PLUS_EPOCHS)
+        train(config, run, *_manifests(tiny_data), progress=False, trainer=SpyTrainer)
     return run, seen
 
 

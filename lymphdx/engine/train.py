@@ -60,8 +60,12 @@ def train(
     strong_csv: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    trainer: type[Trainer] = Trainer,
 ) -> dict[str, Any]:
     """Train one run into ``run_dir``; returns ``{"best": {...}, "epochs": n}``.
+
+    ``trainer``: the ``Trainer`` class to run; a subclass overrides its named hooks
+    (``train_epoch``, ``train_step``, ``propagation``, ``validate``, ``epoch_end``, ...).
 
     ``run_dir`` gets ``config.yaml`` (fully resolved), ``splits.csv``,
     ``normalization.json``, ``history.csv``, ``checkpoints/{last,best}.pt``,
@@ -114,13 +118,13 @@ def train(
             if strategy.trains_decoder:
                 nodes = ctx.broadcast_object(ctx.on_main(lambda: log_node_sizes(data, config)))
                 config = budget_for_nodes(config, nodes, run_dir, ctx)
-            trainer = Trainer(config, run_dir, data, ctx)
+            loop = trainer(config, run_dir, data, ctx)
             last = checkpoint_path(run_dir, "last")
             state = ctx.on_main(lambda: load_checkpoint(last) if resume and last.exists() else None)
             state = ctx.broadcast_object(state)
             if state is not None:
-                trainer.restore(state)
-                log.info("resumed %s at epoch %d", run_dir, trainer.epoch)
+                loop.restore(state)
+                log.info("resumed %s at epoch %d", run_dir, loop.epoch)
         except BaseException:
             if handler is not None:
                 log.removeHandler(handler)
@@ -130,7 +134,7 @@ def train(
                 remove_new_run(run_dir, created)
             raise
         try:
-            return trainer.run(progress=progress)
+            return loop.run(progress=progress)
         except BaseException:
             # refused in the first epoch (e.g. a scan read only then): as above, unless an
             # epoch ended (its checkpoint makes the run resumable)
@@ -144,7 +148,7 @@ def train(
             raise
         finally:
             # the DDP wrapper holds the process group: let it go before the group does
-            del trainer
+            del loop
             if handler is not None:
                 log.removeHandler(handler)
                 handler.close()

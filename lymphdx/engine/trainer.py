@@ -357,10 +357,13 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
         labels = self.weak_val.labels
         row = {"val_auc": compute_auc(labels, probs), "val_loss": binary_log_loss(labels, probs)}
         if self.strong_val is not None and len(self.strong_val):
-            row["strong_val_dice"] = _strong_dice(
-                model, self.strong_val, self.config.propagation.roi_threshold, self.ctx
-            )
+            row["strong_val_dice"] = self.strong_val_dice(model)
         return row, probs
+
+    def strong_val_dice(self, model: MultiTaskNet) -> float:
+        """``model``'s Dice on the strong validation split at ζ, pooled over its scans."""
+        assert self.strong_val is not None
+        return _strong_dice(model, self.strong_val, self.config.propagation.roi_threshold, self.ctx)
 
     def validate(self) -> dict[str, float]:
         """Score the model that selection chooses among (the EMA under ``ema``)."""
