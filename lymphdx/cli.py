@@ -298,11 +298,21 @@ def evaluate(
 @app.command(cls=_Command)
 @_friendly
 def predict(
-    images: Annotated[
-        list[Path], typer.Argument(help="Scans: NIfTI/NRRD/MHA files or DICOM series folders.")
-    ],
     model: Annotated[Path, typer.Option("--model", help="Run folder of a trained model.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    images: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Scans: NIfTI/NRRD/MHA files, DICOM series folders, or folders of them."
+        ),
+    ] = None,
+    manifest: Annotated[
+        Path | None,
+        typer.Option(
+            "--manifest",
+            help="A CSV with patient_id and image columns (e.g. a weak manifest): its scans.",
+        ),
+    ] = None,
     domain: Annotated[
         Domain,
         typer.Option(
@@ -311,11 +321,21 @@ def predict(
         ),
     ] = "weak",
 ) -> None:
-    """Predict metastasis probability and ROI maps; writes OUT/<name>/..."""
+    """Predict metastasis probability, ROI maps and node findings; writes OUT/<name>/...
+    and OUT/summary.csv. A bad scan is reported and the others go on."""
     from lymphdx.workflows.predict import predict as run_predict
+    from lymphdx.workflows.predict import scan_inputs
 
-    for r in run_predict(model, images, out, domain=domain):
-        typer.echo(f"{r['image']}: probability {r['probability']:.3f} label {r['label']}")
+    scans = scan_inputs(images or [], manifest)
+    if not scans:
+        raise LymphdxError("no scans: give scan files or folders, or --manifest")
+    paths, patients = [p for p, _ in scans], [q for _, q in scans]
+    for r in run_predict(model, paths, out, domain=domain, patients=patients, progress=True):
+        nodes = len(r["findings"])
+        typer.echo(
+            f"{r['image']}: probability {r['probability']:.3f} label {r['label']}, "
+            f"{nodes} node candidate{'s' if nodes != 1 else ''}"
+        )
 
 
 @app.command("compare", cls=_Command)

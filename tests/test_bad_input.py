@@ -745,8 +745,10 @@ def test_cli_predict_corrupt_scan_leaves_only_complete_outputs(tiny_run, tmp_pat
     out = tmp_path / "out"
     code, output = cli("predict", "--model", tiny_run, good, bad, "--out", out)
     assert_cli_error(code, output, bad, None, "truncated")
-    assert sorted(p.name for p in out.iterdir()) == ["good"]  # no folder for the bad scan
+    assert sorted(p.name for p in out.iterdir()) == ["good", "summary.csv"]  # none for bad
     assert sorted(p.name for p in (out / "good").iterdir()) == [
+        "findings.csv",
+        "findings.mrk.json",
         "overlay.png",
         "prediction.json",
         "roi_mask.nii.gz",

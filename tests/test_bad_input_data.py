@@ -449,8 +449,10 @@ def test_predict_rerun_into_the_same_out_keeps_only_the_new_outputs(
 
     code, output = cli("predict", "--model", run, a, "--out", out)
     assert code == 0, output
-    assert sorted(p.name for p in out.iterdir()) == ["a", "mine", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["a", "mine", "notes.txt", "summary.csv"]
     assert sorted(p.name for p in (out / "a").iterdir()) == [
+        "findings.csv",
+        "findings.mrk.json",
         "overlay.png",
         "prediction.json",
         "roi_mask.nii.gz",
@@ -467,7 +469,42 @@ def test_predict_rerun_into_the_same_out_keeps_only_the_new_outputs(
     bad.write_bytes(b.read_bytes()[:200])
     code, output = cli("predict", "--model", run, a, bad, "--out", out)
     one_error(code, output, "truncated", str(bad))
-    assert sorted(p.name for p in out.iterdir()) == ["a", "mine", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["a", "mine", "notes.txt", "summary.csv"]
+    assert not leftovers(tmp_path)
+
+
+def test_predict_a_folder_and_a_manifest_reports_a_bad_scan_and_goes_on(
+    run: Path, tmp_path: Path
+) -> None:
+    """Many scans at once: a folder of scans (a DICOM series subfolder among them) and a
+    manifest. The truncated scan in the middle is reported in summary.csv and in one error
+    line at the end; the scans after it are predicted; no half-written folder is left."""
+    import csv
+
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    write_volume(batch / "a.nii.gz", ct_phantom(12, (16, 32, 32)), PLAIN)
+    good = write_volume(tmp_path / "c.nii.gz", ct_phantom(13, (16, 32, 32)), PLAIN)
+    (batch / "b.nii.gz").write_bytes(good.read_bytes()[:200])  # truncated
+    write_ct_series(batch / "d_series", n_slices=16)
+    (batch / "notes.txt").write_text("not a scan")  # ignored
+    manifest = write_csv(tmp_path / "more.csv", ["patient_id", "image"], [["P7", "c.nii.gz"]])
+    out = tmp_path / "out"
+    code, output = cli("predict", "--model", run, batch, "--manifest", manifest, "--out", out)
+    line = one_error(code, output, "1 of 4 scans failed", "truncated", str(batch / "b.nii.gz"))
+    assert "summary.csv" in line
+    assert sorted(p.name for p in out.iterdir()) == ["a", "c", "d_series", "summary.csv"]
+    with open(out / "summary.csv") as f:
+        rows = {Path(r["image"]).name: r for r in csv.DictReader(f)}
+    assert list(rows) == ["a.nii.gz", "b.nii.gz", "d_series", "c.nii.gz"]  # in order
+    assert rows["b.nii.gz"]["status"] == "failed" and "truncated" in rows["b.nii.gz"]["error"]
+    for name in ("a.nii.gz", "d_series", "c.nii.gz"):
+        row = rows[name]
+        assert row["status"] == "ok" and row["error"] == "" and int(row["nodes"]) >= 0
+        saved = json.loads((out / row["output"] / "prediction.json").read_text())
+        assert float(row["probability"]) == pytest.approx(saved["probability"], abs=1e-6)
+        assert int(row["nodes"]) == len(saved["findings"])
+    assert rows["c.nii.gz"]["patient_id"] == "P7"
     assert not leftovers(tmp_path)
 
 

@@ -132,3 +132,27 @@ def test_slicer_markups_have_the_schemas_required_keys() -> None:
     assert len(point["orientation"]) == 9
     assert point["positionStatus"] in ("undefined", "preview", "defined")
     np.testing.assert_allclose(point["position"], found[0].centre_lps, atol=1e-3)
+
+
+def test_overlay_edge_labels_follow_the_direction_cosines() -> None:
+    from lymphdx.workflows.predict import edge_labels
+
+    # LPS identity (NIfTI read by ITK from an RAS-stored file is usually this): the
+    # radiological view, patient's right on the left of the image, anterior at the top
+    assert edge_labels((1, 0, 0, 0, 1, 0, 0, 0, 1)) == {
+        "left": "R",
+        "right": "L",
+        "top": "A",
+        "bottom": "P",
+    }
+    # x index towards the patient's right, y index towards anterior (an RAS-like grid)
+    assert edge_labels((-1, 0, 0, 0, -1, 0, 0, 0, 1)) == {
+        "left": "L",
+        "right": "R",
+        "top": "P",
+        "bottom": "A",
+    }
+    # the permuted oblique grid of the findings tests: i ~ rotated y, j ~ superior
+    geometry, _ = GRIDS["permuted_oblique"]
+    labels = edge_labels(geometry.direction)
+    assert (labels["left"], labels["right"]) == ("A", "P") and labels["bottom"] == "S"

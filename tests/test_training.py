@@ -226,3 +226,16 @@ def test_end_to_end_train_evaluate_predict(tiny_data: Path, tmp_path: Path) -> N
     assert np.array_equal(mask > 0, prob > 0.8)
     assert (folder / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert read_volume(folder / "roi_prob.nii.gz").geometry.close_to(read_volume(image).geometry)
+    # one finding per connected component of the mask, in prediction.json, findings.csv
+    # and the Slicer point list alike
+    from scipy import ndimage
+
+    n_components = ndimage.label(mask > 0, structure=np.ones((3, 3, 3)))[1]
+    with open(folder / "findings.csv") as f:
+        rows = list(csv.DictReader(f))
+    markups = json.loads((folder / "findings.mrk.json").read_text())
+    assert len(rows) == len(pred["findings"]) == n_components
+    assert len(markups["markups"][0]["controlPoints"]) == n_components
+    assert (pred["findings_note"] is None) == (n_components > 0)
+    maxima = [float(r["max_probability"]) for r in rows]
+    assert maxima == sorted(maxima, reverse=True)

@@ -4,9 +4,22 @@ Per scan, into ``OUT/<name>/``:
     prediction.json   probability of metastatic lymph nodes, label, thresholds
     roi_prob.nii.gz   ROI probability map g(f(v)) on the scan's own grid (float32)
     roi_mask.nii.gz   ROI mask, probability > ζ (``roi_threshold``), same grid (uint8)
-    overlay.png       axial slice with the highest ROI probability, mask in red (Fig. 2)
+    findings.csv      one row per node candidate (connected component of the mask):
+                      centre (LPS mm), voxel index, box, volume, RECIST long and short
+                      axes, max and mean ROI probability (``findings``); also in
+                      prediction.json
+    findings.mrk.json the candidates' centres as a 3D Slicer point list
+    overlay.png       the axial slice through the most probable node and the central one:
+                      ROI probability with its colour bar, the mask's contour, R/L and
+                      A/P at the edges (Fig. 2)
 The outputs carry the input's spacing, origin and direction, so they overlay the scan in
 3D Slicer or ITK-SNAP.
+
+``OUT/summary.csv`` has one row per scan (``SUMMARY_COLUMNS``): its probability, label,
+number of node candidates and largest short axis, or why it failed. A scan that fails
+(a bad file) is reported there and in the error raised at the end; it stops neither the
+other scans nor leaves a half-written folder. ``scan_inputs`` turns folders of scans and
+manifests into the list of scans.
 
 Each scan's folder is written beside it under a temporary name and renamed over the old
 one, so it is complete or absent. ``OUT`` holds one run's outputs: the folders of an
@@ -34,11 +47,18 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 import torch
+from tqdm import tqdm
 
 from lymphdx.core.config import DataConfig
 from lymphdx.core.domains import STRONG, WEAK
 from lymphdx.core.errors import InputError, LymphdxError
-from lymphdx.core.files import atomic_dir, atomic_path, ensure_writable_dir, write_json
+from lymphdx.core.files import (
+    atomic_dir,
+    atomic_path,
+    ensure_writable_dir,
+    write_csv,
+    write_json,
+)
 from lymphdx.core.zeta import roi_mask
 from lymphdx.data.calibration import hu_offset, intensity_calibration
 from lymphdx.data.grid import (
@@ -48,20 +68,81 @@ from lymphdx.data.grid import (
     preprocess_image,
     to_original,
 )
+from lymphdx.data.manifest import read_rows
 from lymphdx.data.preprocess import Normalizer, load_normalizers
 from lymphdx.engine.run_folder import load_model
 from lymphdx.engine.teacher import predict_with_tta
 from lymphdx.io import volumes as io
 from lymphdx.io.geometry import Volume, to_sitk
 from lymphdx.models.domain_norm import domains
+from lymphdx.workflows.findings import find_nodes, findings_json, slicer_markups, write_findings
 
-__all__ = ["predict", "output_name", "save_overlay"]
+__all__ = [
+    "SUMMARY_COLUMNS",
+    "edge_labels",
+    "output_name",
+    "predict",
+    "save_overlay",
+    "scan_inputs",
+]
 
 _SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 #: What a scan's output folder holds (how an earlier run's folders are recognised).
-OUTPUT_FILES = frozenset({"prediction.json", "roi_prob.nii.gz", "roi_mask.nii.gz", "overlay.png"})
+OUTPUT_FILES = frozenset(
+    {
+        "prediction.json",
+        "roi_prob.nii.gz",
+        "roi_mask.nii.gz",
+        "findings.csv",
+        "findings.mrk.json",
+        "overlay.png",
+    }
+)
+
+SUMMARY_COLUMNS = (
+    "image",
+    "patient_id",
+    "output",
+    "status",
+    "probability",
+    "label",
+    "nodes",
+    "largest_short_axis_mm",
+    "error",
+)
 
 log = logging.getLogger("lymphdx")
+
+
+def scan_inputs(paths: list[Path], manifest: Path | None = None) -> list[tuple[Path, str | None]]:
+    """The scans to predict, ``(path, patient id or None)`` each, in order: every file of
+    ``paths``; a folder that holds a DICOM series as one scan; any other folder as its
+    volume files and DICOM series subfolders (sorted by name); then the ``image`` column
+    of ``manifest`` (a CSV with ``patient_id`` and ``image``, paths relative to it)."""
+    scans: list[tuple[Path, str | None]] = []
+    for path in map(Path, paths):
+        if not path.is_dir() or io.dicom_series_ids(path):
+            scans.append((path, None))
+            continue
+        found = [
+            entry
+            for entry in sorted(path.iterdir())
+            if (entry.is_file() and entry.name.lower().endswith(_SUFFIXES[:-1]))
+            or (entry.is_dir() and io.dicom_series_ids(entry))
+        ]
+        if not found:
+            raise InputError(
+                "folder holds no scans (NIfTI, NRRD or MetaImage files, or DICOM series folders)",
+                path,
+            )
+        scans.extend((entry, None) for entry in found)
+    if manifest is not None:
+        _, rows = read_rows(Path(manifest), ("patient_id", "image"), "predict manifest")
+        for row in rows:
+            image = Path(row.cells["image"]).expanduser()
+            image = image if image.is_absolute() else Path(manifest).parent / image
+            scans.append((image, row.cells["patient_id"] or None))
+    return scans
 
 
 def output_name(path: Path) -> str:
@@ -74,53 +155,81 @@ def output_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "scan"
 
 
+_WORLD_LETTERS = (("R", "L"), ("A", "P"), ("I", "S"))  # LPS: (−, +) end of each axis
+
+
+def edge_labels(direction: tuple[float, ...]) -> dict[str, str]:
+    """Which patient side lies at each edge of an axial array slice ``(y, x)`` shown with
+    row 0 at the top: ``{"left", "right", "top", "bottom"}`` → ``R``/``L``, ``A``/``P`` or
+    ``I``/``S``, from the world axis (LPS) nearest each index axis's direction."""
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    out = {}
+    for column, (low, high) in ((0, ("left", "right")), (1, ("top", "bottom"))):
+        axis = int(np.argmax(np.abs(d[:, column])))
+        minus, plus = _WORLD_LETTERS[axis]
+        towards_plus = d[axis, column] > 0  # index increases towards the + end (L, P, S)
+        out[low], out[high] = (minus, plus) if towards_plus else (plus, minus)
+    return out
+
+
 def save_overlay(
     path: Path,
     hu_zyx: np.ndarray,
     prob_zyx: np.ndarray,
     mask_zyx: np.ndarray,
-    spacing_xyz: tuple[float, float, float],
+    geometry: Any,
     title: str,
+    node_slice: int | None = None,
     window: tuple[float, float] = (-160, 240),
-) -> int:
-    """Write the axial slice with the highest ROI probability, mask in red; returns its z."""
+) -> list[int]:
+    """Write two axial slices: the one through the most probable node (``node_slice``;
+    default the slice with the highest ROI probability) and the central one. The ROI
+    probability is a colour map with its colour bar (hidden below 0.05), the mask a red
+    contour, and the patient's sides are marked at the edges. Returns the two slices."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    z = int(np.unravel_index(np.argmax(prob_zyx), prob_zyx.shape)[0])
-    sx, sy = spacing_xyz[0], spacing_xyz[1]
-    fig, ax = plt.subplots(figsize=(6, 6 * hu_zyx.shape[1] * sy / (hu_zyx.shape[2] * sx) + 0.4))
-    ax.imshow(
-        hu_zyx[z],
-        cmap="gray",
-        vmin=window[0],
-        vmax=window[1],
-        aspect=sy / sx,
-        interpolation="nearest",
-    )
-    # the probability map as a yellow haze (visible even where nothing passes ζ)
-    haze = np.zeros((*prob_zyx.shape[1:], 4), dtype=np.float32)
-    haze[..., 0], haze[..., 1] = 1.0, 0.85
-    haze[..., 3] = 0.6 * np.clip(prob_zyx[z], 0, 1)
-    ax.imshow(haze, aspect=sy / sx, interpolation="nearest")
-    red = np.zeros((*mask_zyx.shape[1:], 4), dtype=np.float32)
-    red[..., 0] = 1.0
-    red[..., 3] = 0.45 * (mask_zyx[z] > 0)
-    ax.imshow(red, aspect=sy / sx, interpolation="nearest")
-    if mask_zyx[z].any():
-        ax.contour(mask_zyx[z] > 0, levels=[0.5], colors="red", linewidths=1.0)
-    ax.set_title(
-        f"{title}\naxial slice {z}; ROI probability max {prob_zyx[z].max():.2f} (yellow), "
-        "mask in red",
-        fontsize=9,
-    )
-    ax.axis("off")
+    if node_slice is None:
+        node_slice = int(np.unravel_index(np.argmax(prob_zyx), prob_zyx.shape)[0])
+    slices = [int(node_slice), hu_zyx.shape[0] // 2]
+    sx, sy = geometry.spacing[0], geometry.spacing[1]
+    sides = edge_labels(geometry.direction)
+    height = 4.6 * hu_zyx.shape[1] * sy / (hu_zyx.shape[2] * sx)
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, height + 0.9))
+    shown = None
+    for ax, z, what in zip(axes, slices, ("most probable node", "central slice"), strict=True):
+        ax.imshow(hu_zyx[z], cmap="gray", vmin=window[0], vmax=window[1], aspect=sy / sx)
+        prob = np.ma.masked_less(prob_zyx[z], 0.05)
+        shown = ax.imshow(prob, cmap="autumn_r", vmin=0, vmax=1, alpha=0.5, aspect=sy / sx)
+        if mask_zyx[z].any():
+            ax.contour(mask_zyx[z] > 0, levels=[0.5], colors="red", linewidths=1.2)
+        for edge, (x, y, ha, va) in {
+            "left": (0.01, 0.5, "left", "center"),
+            "right": (0.99, 0.5, "right", "center"),
+            "top": (0.5, 0.99, "center", "top"),
+            "bottom": (0.5, 0.01, "center", "bottom"),
+        }.items():
+            ax.text(
+                x,
+                y,
+                sides[edge],
+                transform=ax.transAxes,
+                ha=ha,
+                va=va,
+                color="white",
+                fontsize=11,
+                fontweight="bold",
+            )
+        ax.set_title(f"{what}: slice {z}, ROI probability max {prob_zyx[z].max():.2f}", fontsize=9)
+        ax.axis("off")
+    fig.colorbar(shown, ax=list(axes), fraction=0.025, pad=0.02, label="ROI probability")
+    fig.suptitle(f"{title}\nred contour: ROI mask (p > ζ)", fontsize=9)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
     plt.close(fig)
-    return z
+    return slices
 
 
 @torch.no_grad()
@@ -130,20 +239,26 @@ def predict(
     out_dir: str | Path,
     domain: str = "weak",
     which: str = "best",
+    patients: list[str | None] | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Predict every scan in ``images`` with the run's ``which`` checkpoint.
+    """Predict every scan in ``images`` with the run's ``which`` checkpoint; returns the
+    results of the scans that succeeded and writes ``OUT/summary.csv``.
 
     ``domain`` picks the z-score of the hospital the scans come from (``weak``: the
     weakly-labelled set's hospital, the one the classifier is for) and, for a model with
     domain-specific batch norm (``model.norm: domain_batch``), that hospital's statistics.
+    ``patients``: each scan's patient id (named in errors and the summary). ``progress``:
+    a progress bar on stderr. Raises ``LymphdxError`` at the end when any scan failed.
     """
     config, model, _ = load_model(run_dir, which)
     normalizers = load_normalizers(Path(run_dir) / "normalization.json")
     if domain not in normalizers:
         raise LymphdxError(f"unknown domain {domain!r}; the run has {sorted(normalizers)}")
-    for image_path in map(Path, images):  # before any work: a typo fails at once
-        if not image_path.exists():
-            raise InputError("file does not exist", image_path)
+    patients = list(patients) if patients is not None else [None] * len(images)
+    for image_path, patient in zip(map(Path, images), patients, strict=True):
+        if not image_path.exists():  # before any work: a typo fails at once
+            raise InputError("file does not exist", image_path, patient)
     out_dir = ensure_writable_dir(out_dir)
     previous = _previous_outputs(out_dir)
     written: set[str] = set()
@@ -155,16 +270,55 @@ def predict(
         "roi_threshold": config.propagation.roi_threshold,
         "tta_flip": bool(config.evaluation.tta_flip),
     }
+    summary: list[list[Any]] = []
+    failed: list[LymphdxError] = []
+    scans = list(zip(map(Path, images), _output_names(images), patients, strict=True))
     try:
-        for image_path, name in zip(map(Path, images), _output_names(images), strict=True):
-            with domains(model, STRONG if domain == "strong" else WEAK):  # DSBN: the hospital's
-                result = _predict_one(
-                    config.data, model, normalizers[domain], image_path, out_dir / name, common
-                )
+        for image_path, name, patient in tqdm(
+            scans, desc="predict", unit="scan", disable=None if progress else True
+        ):
+            try:
+                with domains(model, STRONG if domain == "strong" else WEAK):  # DSBN
+                    result = _predict_one(
+                        config.data,
+                        model,
+                        normalizers[domain],
+                        image_path,
+                        out_dir / name,
+                        common,
+                        patient,
+                    )
+            except LymphdxError as err:  # a bad scan: reported, the others go on
+                log.error("%s", err)
+                failed.append(err)
+                summary.append([image_path, patient, "", "failed", "", "", "", "", str(err)])
+                continue
             results.append(result)
             written.add(name)
-    finally:  # also when a scan is refused: OUT holds this run's complete outputs only
+            short = [f["short_axis_mm"] for f in result["findings"]]
+            summary.append(
+                [
+                    image_path,
+                    patient,
+                    name,
+                    "ok",
+                    round(result["probability"], 6),
+                    result["label"],
+                    len(short),
+                    max(short, default=""),
+                    "",
+                ]
+            )
+    finally:  # also when stopped: OUT holds this run's complete outputs only
         _remove_previous(out_dir, previous - written)
+        write_csv(out_dir / "summary.csv", SUMMARY_COLUMNS, summary)
+    if failed:
+        raise LymphdxError(
+            f"{len(failed)} of {len(scans)} scans failed, the others are written "
+            f"(summary: {out_dir / 'summary.csv'}): "
+            + "; ".join(map(str, failed[:5]))
+            + ("; ..." if len(failed) > 5 else "")
+        )
     return results
 
 
@@ -241,9 +395,10 @@ def _predict_one(
     image_path: Path,
     folder: Path,
     common: dict[str, Any],
+    patient: str | None = None,
 ) -> dict[str, Any]:
     """Predict one scan and write its outputs to ``folder`` (complete, or not at all)."""
-    volume = io.read_volume(image_path)
+    volume = io.read_volume(image_path, patient)
     check_coverage(volume.geometry, volume.shape_xyz, cfg, image_path)
     offset, calibration_note = _calibration_note(volume, cfg)
     if offset != 0.0:
@@ -294,20 +449,26 @@ def _write_outputs(
     mask_zyx = roi_mask(prob_zyx, zeta).astype(np.uint8)
     io.write_volume(folder / "roi_prob.nii.gz", prob_zyx, volume.geometry)
     io.write_volume(folder / "roi_mask.nii.gz", mask_zyx, volume.geometry)
+    nodes = find_nodes(prob_zyx, zeta, volume.geometry)
+    write_findings(folder / "findings.csv", nodes)
+    write_json(folder / "findings.mrk.json", slicer_markups(nodes, name))
     verdict = "positive" if result["label"] else "negative"
-    slice_z = save_overlay(
+    node_slice, central_slice = save_overlay(
         folder / "overlay.png",
         volume.array,
         prob_zyx,
         mask_zyx,
-        volume.geometry.spacing,
+        volume.geometry,
         f"{name}: P(metastatic) = {result['probability']:.3f} -> {verdict}",
+        node_slice=nodes[0].index_k if nodes else None,
     )
     result = {
         **result,
         "roi_max_probability": float(prob_zyx.max()),
         "roi_voxels": int(mask_zyx.sum()),
-        "overlay_slice": slice_z,
+        "overlay_slice": node_slice,
+        "overlay_central_slice": central_slice,
+        **findings_json(nodes, zeta),
     }
     write_json(folder / "prediction.json", result)
     return result
