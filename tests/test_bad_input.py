@@ -764,7 +764,9 @@ def test_cli_predict_far_too_small_scan(tiny_run, tmp_path):
     out = tmp_path / "out"
     code, output = cli("predict", "--model", tiny_run, tiny, "--out", out)
     assert_cli_error(code, output, tiny, None, "far too small")
-    assert not any(out.iterdir())
+    # no scan folder; the summary says why
+    assert [p.name for p in out.iterdir()] == ["summary.csv"]
+    assert "far too small" in (out / "summary.csv").read_text()
 
 
 @needs_permissions

@@ -378,3 +378,98 @@ def test_predict_on_dicom_writes_outputs_in_the_series_geometry(tiny_run, tmp_pa
         np.testing.assert_allclose(
             image.header.get_zooms()[:3], (col_spacing, row_spacing, 3.0), rtol=1e-5
         )
+
+
+# --------------------------------------------------------------------------- DICOM SEG
+
+
+def _seg_frames(seg_path: Path, folder: Path) -> tuple[list[int], np.ndarray, pydicom.Dataset]:
+    """The SEG's frames read back with pydicom: each frame's source slice (index in the
+    series' order, from its referenced SOP Instance UID, its position checked against
+    the source's) and the frames."""
+    from lymphdx.io.dicom_seg import series_slices
+
+    seg = pydicom.dcmread(seg_path)
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in series_slices(folder)[0]]
+    index = {d.SOPInstanceUID: k for k, d in enumerate(sources)}
+    order = []
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        k = index[uid]
+        position = frame.PlanePositionSequence[0].ImagePositionPatient
+        np.testing.assert_allclose(
+            np.asarray(position, float), np.asarray(sources[k].ImagePositionPatient, float)
+        )
+        order.append(k)
+    return order, seg.pixel_array.reshape(len(order), *seg.pixel_array.shape[-2:]), seg
+
+
+@pytest.mark.parametrize("orientation", ["axial", "oblique"])
+def test_dicom_seg_references_the_series_and_holds_the_mask(tmp_path, orientation):
+    from lymphdx.io.dicom_seg import series_slices, write_dicom_seg
+
+    kw = {"orientation": OBLIQUE} if orientation == "oblique" else {}
+    ct = write_ct_series(tmp_path / "ct", 6, step=3.0, **kw)
+    volume = read_volume(ct.folder)
+    mask = np.zeros(volume.array.shape, np.uint8)  # not symmetric in z, y or x
+    mask[1, 40:60, 50:70] = 1
+    mask[4, 10:20, 5:9] = 1
+    assert write_dicom_seg(tmp_path / "seg.dcm", mask, ct.folder) is None
+    order, frames, seg = _seg_frames(tmp_path / "seg.dcm", ct.folder)
+    assert sorted(order) == list(range(6))  # one frame per source slice
+    for k, frame in zip(order, frames, strict=True):
+        np.testing.assert_array_equal(frame, mask[k])
+    # the volume's slice k (where the mask was drawn) lies where the series' slice k does
+    a = volume.geometry.affine_lps()
+    files = series_slices(ct.folder)[0]
+    for k, path in enumerate(files):
+        position = pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient
+        np.testing.assert_allclose(a[:3, 2] * k + a[:3, 3], np.asarray(position, float), atol=1e-3)
+    source = pydicom.dcmread(files[0])
+    refs = {
+        r.ReferencedSOPInstanceUID
+        for s in seg.ReferencedSeriesSequence
+        for r in s.ReferencedInstanceSequence
+    }
+    assert len(refs) == 6 and source.SOPInstanceUID in refs
+    for key in ("StudyInstanceUID", "PatientID", "FrameOfReferenceUID"):
+        assert getattr(seg, key) == getattr(source, key), key
+    assert seg.SeriesInstanceUID != source.SeriesInstanceUID and seg.Modality == "SEG"
+    (segment,) = seg.SegmentSequence
+    code = segment.SegmentedPropertyTypeCodeSequence[0]
+    assert (code.CodeValue, code.CodingSchemeDesignator) == ("59441001", "SCT")
+    assert segment.SegmentLabel == "lymph node"
+
+
+def test_predict_on_a_dicom_series_writes_a_seg_equal_to_the_nifti_mask(tiny_run, tmp_path):
+    from lymphdx.workflows.predict import predict
+
+    ct = write_ct_series(tmp_path / "scan", 7, step=3.0)
+    (result,) = predict(tiny_run, [ct.folder], tmp_path / "out")
+    folder = tmp_path / "out" / "scan"
+    assert result["dicom_seg"] == "roi_seg.dcm" and result["dicom_seg_warning"] is None
+    nifti = read_volume(folder / "roi_mask.nii.gz").array
+    order, frames, _ = _seg_frames(folder / "roi_seg.dcm", ct.folder)
+    for k, frame in zip(order, frames, strict=True):
+        np.testing.assert_array_equal(frame, nifti[k] > 0)
+
+
+def test_a_series_without_what_seg_needs_warns_and_keeps_the_nifti_outputs(
+    tiny_run, tmp_path, caplog
+):
+    from lymphdx.workflows.predict import predict
+
+    ct = write_ct_series(tmp_path / "scan", 7, step=3.0)
+    for path in ct.folder.iterdir():  # an anonymiser that dropped the frame of reference
+        ds = pydicom.dcmread(path)
+        del ds.FrameOfReferenceUID
+        ds.save_as(path)
+    with caplog.at_level(logging.WARNING, logger="lymphdx"):
+        (result,) = predict(tiny_run, [ct.folder], tmp_path / "out")
+    folder = tmp_path / "out" / "scan"
+    assert result["dicom_seg"] is None and "no DICOM SEG" in result["dicom_seg_warning"]
+    assert "Frame Of Reference" in result["dicom_seg_warning"]
+    assert any("no DICOM SEG" in r.getMessage() for r in caplog.records)
+    names = sorted(p.name for p in folder.iterdir())
+    assert "roi_seg.dcm" not in names and "roi_mask.nii.gz" in names
+    assert not [p for p in (tmp_path / "out").rglob(".tmp-*")]

@@ -9,6 +9,8 @@ Per scan, into ``OUT/<name>/``:
                       axes, max and mean ROI probability (``findings``); also in
                       prediction.json
     findings.mrk.json the candidates' centres as a 3D Slicer point list
+    roi_seg.dcm       for a DICOM series: the mask as a DICOM SEG referencing it
+                      (``io.dicom_seg``; why not, in ``dicom_seg_warning``)
     overlay.png       the axial slice through the most probable node and the central one:
                       ROI probability with its colour bar, the mask's contour, R/L and
                       A/P at the edges (Fig. 2)
@@ -73,6 +75,7 @@ from lymphdx.data.preprocess import Normalizer, load_normalizers
 from lymphdx.engine.run_folder import load_model
 from lymphdx.engine.teacher import predict_with_tta
 from lymphdx.io import volumes as io
+from lymphdx.io.dicom_seg import write_dicom_seg
 from lymphdx.io.geometry import Volume, to_sitk
 from lymphdx.models.domain_norm import domains
 from lymphdx.workflows.findings import find_nodes, findings_json, slicer_markups, write_findings
@@ -95,6 +98,7 @@ OUTPUT_FILES = frozenset(
         "roi_mask.nii.gz",
         "findings.csv",
         "findings.mrk.json",
+        "roi_seg.dcm",
         "overlay.png",
     }
 )
@@ -431,7 +435,16 @@ def _predict_one(
         "calibration_warning": calibration_note,
     }
     with atomic_dir(folder) as tmp:  # written beside, then renamed over the old folder
-        return _write_outputs(tmp, folder.name, volume, prob_zyx, common["roi_threshold"], result)
+        result = _write_outputs(tmp, folder.name, volume, prob_zyx, common["roi_threshold"], result)
+        if image_path.is_dir():  # a DICOM series: the mask as a DICOM SEG beside it
+            mask_zyx = roi_mask(prob_zyx, common["roi_threshold"])
+            note = write_dicom_seg(tmp / "roi_seg.dcm", mask_zyx, image_path, patient)
+            if note is not None:
+                log.warning("%s: %s", image_path, note)
+            result["dicom_seg"] = None if note else "roi_seg.dcm"
+            result["dicom_seg_warning"] = note
+            write_json(tmp / "prediction.json", result)
+        return result
 
 
 def _write_outputs(
