@@ -238,3 +238,36 @@ def test_page_renders_in_headless_chromium(compare_report: Path, tmp_path: Path)
     assert n >= 6 and len(IMG.findall(dom)) == n
     # the page's own script: every image complete with naturalWidth > 0
     assert 'data-images-ok="1"' in dom and f'data-images-count="{n}"' in dom
+
+
+def _findings_ids(page: str) -> list[str]:
+    return re.findall(r'<div class="findings" id="findings-([^"]+)">', page)
+
+
+def test_report_shows_the_overlay_patients_node_findings(compare_report: Path) -> None:
+    page = compare_report.read_text()
+    ids = _findings_ids(page)
+    assert ids and len(ids) == len(set(ids))  # one table per overlay patient
+    for pid in ids:
+        block = page.split(f'id="findings-{pid}">', 1)[1].split("</div>", 1)[0]
+        assert "short axis (mm)" in block or "No node candidate" in block
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium to render the page")
+def test_findings_table_screenshot_in_headless_chromium(
+    compare_report: Path, tmp_path: Path
+) -> None:
+    import matplotlib.image as mpimg
+
+    from lymphdx.reporting.screenshot import screenshot_element
+
+    pid = _findings_ids(compare_report.read_text())[0]
+    png = screenshot_element(compare_report, f"findings-{pid}", tmp_path / "t.png", CHROMIUM)
+    data = png.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    pixels = mpimg.imread(png)
+    assert pixels.shape[:2] == (260, 900)  # the window: --window-size 900,260
+    assert pixels[..., :3].std() > 0.01  # something drawn on the white page
+    with pytest.raises(LymphdxError, match="no element"):
+        screenshot_element(compare_report, "findings-nobody", tmp_path / "u.png", CHROMIUM)
+    assert not (tmp_path / "u.png").exists()

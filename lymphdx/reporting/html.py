@@ -81,6 +81,7 @@ figcaption{font-size:12px;color:#555;max-width:560px}
 .note{color:#555;font-size:12px}.warn{color:#a40}
 nav a{margin-right:12px}code{background:#f4f4f4;padding:0 3px}
 details{margin:6px 0}
+div.findings table{font-size:12px}div.findings td{white-space:nowrap}
 """
 
 _SCRIPT = """

@@ -5,6 +5,7 @@ curves. Each returns the HTML body of its section (figures inline)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,7 @@ __all__ = [
     "predictions_section",
     "training_section",
     "learning_curves_section",
+    "findings_table",
 ]
 
 
@@ -228,3 +230,33 @@ def learning_curves_section(run_dirs: dict[str, list[Path]]) -> str:
         "Strategies without an ROI loss log no Dice and are left out on the right."
         "</figcaption></figure></div>"
     )
+
+
+def findings_table(findings: list[dict[str, Any]], patient_id: str) -> str:
+    """The node findings of one scan (``prediction.json``'s ``findings``) as an HTML table
+    with ``id="findings-<patient>"``."""
+    rows = [
+        [
+            f["node"],
+            f"{f['max_probability']:.3f}",
+            f"{f['short_axis_mm']:.1f}",
+            f"{f['long_axis_mm']:.1f}",
+            f"{f['volume_mm3']:.0f}",
+            ", ".join(f"{f[f'centre_lps_{a}_mm']:.1f}" for a in "xyz"),
+            f"{f['index_i']}, {f['index_j']}, {f['index_k']}",
+        ]
+        for f in findings
+    ]
+    header = [
+        "node",
+        "max p",
+        "short axis (mm)",
+        "long axis (mm)",
+        "volume (mm³)",
+        "centre LPS (mm)",
+        "voxel (i, j, k)",
+    ]
+    body = (
+        table(header, rows, cls="findings") if rows else "<p>No node candidate (no voxel > ζ).</p>"
+    )
+    return f'<div class="findings" id="findings-{escape(patient_id)}">{body}</div>'

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,7 @@ from lymphdx.reporting.figures import data_uri
 from lymphdx.reporting.html import escape, img, page
 from lymphdx.reporting.runs import Run
 from lymphdx.reporting.sections import (
+    findings_table,
     froc_section,
     learning_curves_section,
     predictions_section,
@@ -141,38 +143,44 @@ def _image_of(manifest: Path, patient_id: str) -> Path:
         raise
 
 
-def _overlay(run: Run, patient_id: str) -> tuple[str | None, str]:
-    """``(data URI or None, note)`` of the run's overlay for one weak-set patient."""
+def _overlay(run: Run, patient_id: str) -> tuple[str | None, str, list[dict[str, Any]]]:
+    """``(data URI or None, note, findings)`` of the run's overlay for one weak-set
+    patient (the findings of ``lymphdx predict`` on its scan)."""
     if not (run.path / "checkpoints" / "best.pt").is_file():
-        return None, f"no overlay: the checkpoint {run.path / 'checkpoints' / 'best.pt'} is missing"
+        return (
+            None,
+            f"no overlay: the checkpoint {run.path / 'checkpoints' / 'best.pt'} is missing",
+            [],
+        )
     manifest = (run.config.get("manifests") or {}).get("weak")
     if not manifest:
-        return None, "no overlay: config.yaml names no weak manifest"
+        return None, "no overlay: config.yaml names no weak manifest", []
     manifest = Path(manifest)
     if not manifest.is_file():
-        return None, f"no overlay: the weak manifest {manifest} is missing"
+        return None, f"no overlay: the weak manifest {manifest} is missing", []
     try:
         image = _image_of(manifest, patient_id)
     except LymphdxError as err:
-        return None, f"no overlay: {err}"
+        return None, f"no overlay: {err}", []
     if not image.exists():
-        return None, f"no overlay: the image {image} is missing"
+        return None, f"no overlay: the image {image} is missing", []
     from lymphdx.workflows.predict import predict
 
     with tempfile.TemporaryDirectory(prefix="lymphdx-report-") as tmp:
         try:
             result = predict(run.path, [image], tmp)[0]
         except (LymphdxError, OSError, RuntimeError, KeyError, ValueError) as err:
-            return None, f"no overlay: predicting {image} failed: {err}"
+            return None, f"no overlay: predicting {image} failed: {err}", []
         png = next(Path(tmp).rglob("overlay.png"), None)
         if png is None:
-            return None, "no overlay: lymphdx.workflows.predict.predict wrote no overlay.png"
+            return None, "no overlay: lymphdx.workflows.predict.predict wrote no overlay.png", []
         uri = data_uri(png.read_bytes())
     note = (
         f"image {image}; probability recomputed now {result['probability']:.3f}, "
-        f"ROI voxels > ζ: {result['roi_voxels']}, axial slice {result['overlay_slice']}"
+        f"ROI voxels > ζ: {result['roi_voxels']}, {len(result['findings'])} node "
+        f"candidate(s), slice through the most probable node {result['overlay_slice']}"
     )
-    return uri, note
+    return uri, note, result["findings"]
 
 
 def _overlay_section(inp: Inputs, by_strategy: dict[str, list[Run]]) -> str:
@@ -194,7 +202,7 @@ def _overlay_section(inp: Inputs, by_strategy: dict[str, list[Run]]) -> str:
     cases.setdefault(wrong, []).append("most wrong (largest |label − p|)")
     figs = []
     for pid, why in cases.items():
-        uri, note = _overlay(run, pid)
+        uri, note, findings = _overlay(run, pid)
         lab, p = preds[pid]
         what = " and ".join(why)
         caption = f"{what}: patient {pid}, label {lab}, test probability {p:.3f}. " + (
@@ -203,7 +211,7 @@ def _overlay_section(inp: Inputs, by_strategy: dict[str, list[Run]]) -> str:
         if uri:
             figs.append(
                 f"<figure>{img(uri, f'overlay {pid}', 'overlay')}<figcaption>"
-                f"{escape(caption)}</figcaption></figure>"
+                f"{escape(caption)}</figcaption>{findings_table(findings, pid)}</figure>"
             )
         else:
             figs.append(f'<figure><p class="warn">{escape(caption)} {escape(note)}</p></figure>')
@@ -230,7 +238,9 @@ def _overlay_section(inp: Inputs, by_strategy: dict[str, list[Run]]) -> str:
     return (
         which + "its test patient with the highest probability and the one farthest from "
         "its label. "
-        "Axial slice with the highest ROI probability, ROI mask (&gt; ζ) in red, drawn by "
-        f"<code>lymphdx predict</code> on the original scan.{untrained}</p>"
+        "Axial slices through the most probable node and through the middle, ROI "
+        "probability in colour, ROI mask (&gt; ζ) as a red contour, drawn by "
+        "<code>lymphdx predict</code> on the original scan, with its node findings "
+        f"(<code>findings.csv</code>: RECIST axes in the axial plane, LPS mm).{untrained}</p>"
         f'<div class="figs">{"".join(figs)}</div>'
     )
