@@ -36,6 +36,7 @@ __all__ = [
     "load_weak_manifest",
     "parse_label",
     "read_rows",
+    "resolve_path",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -164,7 +165,8 @@ def read_rows(csv_path: Path, required: Sequence[str], what: str) -> tuple[list[
     return header, rows
 
 
-def _resolve_path(cell: str, base: Path) -> Path:
+def resolve_path(cell: str, base: Path) -> Path:
+    """A manifest cell's path: as written when absolute, else relative to ``base``."""
     path = Path(cell).expanduser()
     return path if path.is_absolute() else base / path
 
@@ -219,7 +221,7 @@ def _load(csv_path: str | Path, kind: str) -> list[WeakRecord] | list[StrongReco
                 problems.add(pid, row.line, f"empty {column} cell")
                 ok = False
                 continue
-            path = _resolve_path(cell, base)
+            path = resolve_path(cell, base)
             if not path.exists():
                 problems.add(
                     pid,

@@ -56,7 +56,7 @@ def write_dicom_seg(
             "spacing or gantry tilt), so the mask does not lie on its slices"
         )
     mask = np.asarray(mask_zyx) > 0
-    sources = [pydicom.dcmread(f) for f in files]
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]  # headers do
     if mask.shape != (len(sources), int(sources[0].Rows), int(sources[0].Columns)):
         raise InputError(
             f"mask {mask.shape} does not match the series' {len(sources)} slices of "

@@ -95,7 +95,7 @@ def _axial_axes(points_ijk: np.ndarray, geometry: Geometry) -> tuple[float, floa
     # a voxel's own width along each direction: Σ_c |u · step_c| over the in-plane axes
     in_plane = [c for c in range(3) if c != normal]
     voxel_width = sum(np.abs(u @ axes[:2, c]) for c in in_plane)  # (A,)
-    best = (-1.0, 0.0, 0)
+    best = (-1.0, 0.0)
     for s in np.unique(points_ijk[:, normal]):
         xy = (points_ijk[points_ijk[:, normal] == s] @ axes.T)[:, :2]  # (m, 2) mm
         proj = xy @ u.T  # (m, A)
@@ -103,7 +103,7 @@ def _axial_axes(points_ijk: np.ndarray, geometry: Geometry) -> tuple[float, floa
         a = int(np.argmax(width))
         if width[a] > best[0]:
             perpendicular = (a + len(_ANGLES) // 2) % len(_ANGLES)
-            best = (float(width[a]), float(width[perpendicular]), int(s))
+            best = (float(width[a]), float(width[perpendicular]))
     return best
 
 
@@ -125,7 +125,7 @@ def find_nodes(prob_zyx: np.ndarray, zeta: float, geometry: Geometry) -> list[Fi
         values = prob[box][local]
         centre_ijk = ijk.mean(axis=0)
         centre = affine[:3, :3] @ centre_ijk + affine[:3, 3]
-        long_axis, short_axis, _ = _axial_axes(ijk, geometry)
+        long_axis, short_axis = _axial_axes(ijk, geometry)
         lo, hi = zyx.min(axis=0)[::-1], zyx.max(axis=0)[::-1]
         rows.append(
             {
@@ -171,7 +171,7 @@ def findings_json(findings: list[Finding], zeta: float) -> dict[str, Any]:
 def write_findings(path: Path, findings: list[Finding]) -> Path:
     """``findings.csv``: one row per finding, ``FINDINGS_COLUMNS`` (a header alone when
     there is none)."""
-    rows = [[_rounded(f)[c] for c in FINDINGS_COLUMNS] for f in findings]
+    rows = [list(_rounded(f).values()) for f in findings]  # asdict: FINDINGS_COLUMNS' order
     write_csv(path, FINDINGS_COLUMNS, rows)
     return path
 

@@ -70,7 +70,7 @@ from lymphdx.data.grid import (
     preprocess_image,
     to_original,
 )
-from lymphdx.data.manifest import read_rows
+from lymphdx.data.manifest import read_rows, resolve_path
 from lymphdx.data.preprocess import Normalizer, load_normalizers
 from lymphdx.engine.run_folder import load_model
 from lymphdx.engine.teacher import predict_with_tta
@@ -143,8 +143,7 @@ def scan_inputs(paths: list[Path], manifest: Path | None = None) -> list[tuple[P
     if manifest is not None:
         _, rows = read_rows(Path(manifest), ("patient_id", "image"), "predict manifest")
         for row in rows:
-            image = Path(row.cells["image"]).expanduser()
-            image = image if image.is_absolute() else Path(manifest).parent / image
+            image = resolve_path(row.cells["image"], Path(manifest).parent)
             scans.append((image, row.cells["patient_id"] or None))
     return scans
 
@@ -434,17 +433,11 @@ def _predict_one(
         "hu_offset": offset,
         "calibration_warning": calibration_note,
     }
+    series = image_path if image_path.is_dir() else None  # a DICOM series: also a SEG
     with atomic_dir(folder) as tmp:  # written beside, then renamed over the old folder
-        result = _write_outputs(tmp, folder.name, volume, prob_zyx, common["roi_threshold"], result)
-        if image_path.is_dir():  # a DICOM series: the mask as a DICOM SEG beside it
-            mask_zyx = roi_mask(prob_zyx, common["roi_threshold"])
-            note = write_dicom_seg(tmp / "roi_seg.dcm", mask_zyx, image_path, patient)
-            if note is not None:
-                log.warning("%s: %s", image_path, note)
-            result["dicom_seg"] = None if note else "roi_seg.dcm"
-            result["dicom_seg_warning"] = note
-            write_json(tmp / "prediction.json", result)
-        return result
+        return _write_outputs(
+            tmp, folder.name, volume, prob_zyx, common["roi_threshold"], result, series, patient
+        )
 
 
 def _write_outputs(
@@ -454,12 +447,20 @@ def _write_outputs(
     prob_zyx: np.ndarray,
     zeta: float,
     result: dict[str, Any],
+    series: Path | None = None,
+    patient: str | None = None,
 ) -> dict[str, Any]:
-    """Write one scan's ROI maps, overlay and ``prediction.json`` into ``folder``.
+    """Write one scan's ROI maps, findings, overlay and ``prediction.json`` into ``folder``,
+    and for a DICOM ``series`` folder the mask as a DICOM SEG.
 
     ``result`` holds the probability and the thresholds; the ROI summary is added to it.
     """
     mask_zyx = roi_mask(prob_zyx, zeta).astype(np.uint8)
+    if series is not None:
+        note = write_dicom_seg(folder / "roi_seg.dcm", mask_zyx, series, patient)
+        if note is not None:
+            log.warning("%s: %s", series, note)
+        result = {**result, "dicom_seg": None if note else "roi_seg.dcm", "dicom_seg_warning": note}
     io.write_volume(folder / "roi_prob.nii.gz", prob_zyx, volume.geometry)
     io.write_volume(folder / "roi_mask.nii.gz", mask_zyx, volume.geometry)
     nodes = find_nodes(prob_zyx, zeta, volume.geometry)
