@@ -16,6 +16,8 @@
 #              (run dev first)
 #   dev_small_budget  small-node data's train + val: 20 epochs, or a 2.7x finer grid
 #              (training.small_node_epochs; run dev_small first for its manifests)
+#   dev_topk   multitask and ssmdmt, the preset against model.roi_evidence_topk: 4, on seed
+#              0's dev folds (run data first)
 # The dev phases pin what the quick preset did not yet have when they ran
 # (propagation.skip_one_class and evaluation.tta_flip off), so they repeat what was run.
 # Every phase uses two single-thread processes (--jobs 2) and is resumable; each prints
@@ -155,6 +157,15 @@ dev_budget)
         .venv/bin/python benchmarks/roi_readout_probe.py "$out/dev_$v/cv/repeat0" ssmdmt \
             --held-out-only --flip
     done
+    ;;
+dev_topk)
+    # the ROI-evidence skip reading the mean of the 4 largest malignancy logits on the
+    # decoder's grid instead of the largest one; the preset (topk 1) run beside it
+    [ -f "$out/dev_data/weak/manifest.csv" ] || dev_data d0 dev_data dev_split
+    printf 'model:\n  roi_evidence_topk: 4\n' >"$out/dev_top4.yaml"
+    cmp dev_top1 "$out/dev_data" --cv 3 --repeats 1 --strategies multitask --strategies ssmdmt
+    cmp dev_top4 "$out/dev_data" --cv 3 --repeats 1 --strategies multitask --strategies ssmdmt \
+        --config "$out/dev_top4.yaml"
     ;;
 dev_tta)
     # the flip read from the dev phase's multitask and ssmdmt runs (their folds only)

@@ -118,10 +118,9 @@ def test_attention_head_keeps_the_label_gradient_off_the_roi_map() -> None:
     assert model.decoder.attention_head.weight.grad.abs().sum() > 0
 
 
-def _evidence_model(mode: str) -> torch.nn.Module:
-    cfg = load_config(
-        overrides={"model": {"pool": "attention", "roi_evidence": mode, "classifier_dropout": 0}}
-    ).model
+def _evidence_model(mode: str, topk: int = 1) -> torch.nn.Module:
+    model = {"pool": "attention", "roi_evidence": mode, "classifier_dropout": 0}
+    cfg = load_config(overrides={"model": {**model, "roi_evidence_topk": topk}}).model
     torch.manual_seed(0)
     return build_model(cfg).eval()
 
@@ -143,6 +142,25 @@ def test_roi_evidence_adds_an_affine_term_of_the_largest_roi_logit() -> None:
         after = model(x, roi=False)["cls"]
     expected = EVIDENCE_GAIN * (0.05 * m - 0.1)
     torch.testing.assert_close(after - before, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_roi_evidence_topk_reads_the_mean_of_the_k_largest_decoder_logits() -> None:
+    """With roi_evidence_topk K, m is the mean of the K largest logits of the map the
+    attention reads, on the decoder's grid (not the embedding's), sorted here by NumPy."""
+    from lymphdx.models.multitask import EVIDENCE_GAIN
+
+    model = _evidence_model("trained", topk=4)
+    x = torch.randn(2, 1, 32, 48, 48)
+    with torch.no_grad():
+        before = model(x, roi=False)["cls"]
+        o, skips = model.encoder(x)
+        _, coarse = model.decoder(o, skips, (32, 48, 48), attention=True)
+        values = np.sort(coarse.flatten(1).numpy(), axis=1)[:, -4:]
+        model.classifier.evidence.copy_(torch.tensor([0.05, -0.1]))
+        after = model(x, roi=False)["cls"]
+    expected = EVIDENCE_GAIN * (0.05 * torch.from_numpy(values.mean(1)) - 0.1)
+    torch.testing.assert_close(after - before, expected, rtol=1e-4, atol=1e-4)
+    assert coarse.shape[2:] == (16, 24, 24)  # the decoder's grid: the stem's stride only
 
 
 @pytest.mark.parametrize("mode, reaches", [("detached", False), ("trained", True)])

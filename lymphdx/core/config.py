@@ -157,6 +157,10 @@ class ModelConfig(_Section):
     # BENCHMARKS.md section 7). off | detached (no label gradient into the decoder through
     # it) | trained (the label's gradient reaches the decoder through it too)
     roi_evidence: Literal["off", "detached", "trained"] = "off"
+    # the skip's reading: 1, the largest logit of the map the attention reads; K > 1, the
+    # mean of its K largest logits on the decoder's grid (the quick grid's decoder voxel
+    # is 10 x 10 x 12 mm = 1.2 mL): the strongest evidence's extent, less one voxel's noise
+    roi_evidence_topk: int = Field(1, ge=1)
     # attention pooling: the decoder gets a second output map, a malignancy map, that the
     # attention (and the ROI-evidence skip) read instead of the ROI map. The ROI masks
     # teach both maps, the scan label only this one (through the shared features, not the

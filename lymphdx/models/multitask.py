@@ -115,6 +115,9 @@ class Classifier(nn.Module):
     ``roi_evidence`` (attention only): the logit also gets ``a · m + b`` with ``m`` that
     largest attention logit and ``a``, ``b`` learnt (both start at 0), a skip past the FC
     layers; ``detached`` keeps the label's gradient out of the decoder on this path.
+    ``evidence_topk`` K > 1: ``m`` is instead the mean of the K largest attention logits
+    on the decoder's grid (before the pooling onto the embedding's grid), a reading of
+    the strongest evidence's extent rather than of one voxel.
     ``node_volume`` (attention only): the logit also gets ``c · v + d`` with ``v`` the
     scan's node volume evidence ``(B,)`` (``node_volume``), ``c``, ``d`` learnt from 0.
     """
@@ -128,10 +131,12 @@ class Classifier(nn.Module):
         downsampling: int = 1,
         roi_evidence: str = "off",
         node_volume: bool = False,
+        evidence_topk: int = 1,
     ) -> None:
         super().__init__()
         self.pool = pool
         self.roi_evidence = roi_evidence
+        self.evidence_topk = evidence_topk
         # logit += EVIDENCE_GAIN · (scale · m + shift), m the largest attention logit: the
         # gain makes Adam move these two scalars EVIDENCE_GAIN times faster than the FC
         # weights (its steps are ~lr in the raw parameter), so that the calibration of the
@@ -186,7 +191,11 @@ class Classifier(nn.Module):
         h = F.relu(self.fc1(self.dropout(pooled)))
         logit = self.fc2(self.dropout(h)).squeeze(1)
         if self.evidence is not None:
-            m = pooled[:, -1].float()  # the scan's largest attention logit (B,)
+            if self.evidence_topk > 1 and roi_logits is not None:
+                flat = roi_logits.float().flatten(1)  # (B, d'·h'·w')
+                m = flat.topk(min(self.evidence_topk, flat.shape[1]), dim=1).values.mean(1)
+            else:
+                m = pooled[:, -1].float()  # the scan's largest attention logit (B,)
             if self.roi_evidence == "detached":
                 m = m.detach()
             scale, shift = (EVIDENCE_GAIN * self.evidence).unbind()
@@ -341,6 +350,7 @@ class MultiTaskNet(nn.Module):
             cfg.downsampling,
             cfg.roi_evidence,
             cfg.node_volume_evidence > 0,
+            cfg.roi_evidence_topk,
         )
         self.decoder = RoiDecoder(cfg, self.encoder)
 
