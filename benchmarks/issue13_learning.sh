@@ -18,6 +18,8 @@
 #              (training.small_node_epochs; run dev_small first for its manifests)
 #   dev_topk   multitask and ssmdmt, the preset against model.roi_evidence_topk: 4, on seed
 #              0's dev folds (run data first)
+#   dev_swa    multitask and ssmdmt with training.selection: swa (the last 5 epochs) against
+#              dev_topk's dev_top1 (the preset's ema_last)
 # The dev phases pin what the quick preset did not yet have when they ran
 # (propagation.skip_one_class and evaluation.tta_flip off), so they repeat what was run.
 # Every phase uses two single-thread processes (--jobs 2) and is resumable; each prints
@@ -166,6 +168,14 @@ dev_topk)
     cmp dev_top1 "$out/dev_data" --cv 3 --repeats 1 --strategies multitask --strategies ssmdmt
     cmp dev_top4 "$out/dev_data" --cv 3 --repeats 1 --strategies multitask --strategies ssmdmt \
         --config "$out/dev_top4.yaml"
+    ;;
+dev_swa)
+    # the uniform average of the last 5 epochs' weights (batch-norm statistics recomputed
+    # on the weak training scans) instead of the EMA at the end; training is the same
+    [ -f "$out/dev_data/weak/manifest.csv" ] || dev_data d0 dev_data dev_split
+    printf 'training:\n  selection: swa\n  swa_epochs: 5\n' >"$out/dev_swa.yaml"
+    cmp dev_swa "$out/dev_data" --cv 3 --repeats 1 --strategies multitask --strategies ssmdmt \
+        --config "$out/dev_swa.yaml"
     ;;
 dev_tta)
     # the flip read from the dev phase's multitask and ssmdmt runs (their folds only)

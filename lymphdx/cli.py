@@ -219,7 +219,7 @@ def synth(
         )
     except ValueError as err:
         raise LymphdxError(f"invalid synth options: {err}") from None
-    summary = write_synthetic(out, spec)
+    summary = write_synthetic(out, spec, jobs=min(2, os.cpu_count() or 1))
     typer.echo(dumps_json(summary))
     typer.echo(f"weak manifest:   {out / 'weak' / 'manifest.csv'}")
     typer.echo(f"strong manifest: {out / 'strong' / 'manifest.csv'}")
@@ -472,7 +472,7 @@ def demo(
         or not (data / "strong" / "manifest.csv").exists()
     ):
         typer.echo(f"[demo] writing the synthetic two-hospital data set to {data}")
-        write_synthetic(data, SynthSpec())
+        write_synthetic(data, SynthSpec(), jobs=jobs or min(2, os.cpu_count() or 1))
     over: dict[str, Any] = {"data": {"cache_dir": str(out / "cache")}}
     if epochs:
         over["training"] = {"epochs": epochs}

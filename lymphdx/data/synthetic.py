@@ -52,7 +52,10 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -336,8 +339,41 @@ def _pid(prefix: str, i: int, n: int) -> str:
     return f"{prefix}{i + 1:0{max(4, len(str(n)))}d}"
 
 
-def write_synthetic(out: str | Path, spec: SynthSpec | None = None, progress: bool = False) -> dict:
+def _write_patient(
+    out: Path,
+    spec: SynthSpec,
+    hospitals: dict[str, Hospital],
+    label: bool | None,
+    job: tuple[str, int],
+) -> tuple[list, list, float]:
+    """Make and write one patient of ``job`` = (set name, index); returns its manifest row,
+    its node rows and its node voxel fraction. Depends only on its arguments (the
+    patient's own generator), so patients can be written in any order or process."""
+    set_name, i = job
+    rng = patient_rng(spec.seed, set_name, i)
+    if set_name == "weak":
+        pid = _pid("W", i, spec.n_weak)
+        scan = make_scan(rng, hospitals["A"], bool(label), spec.node_scale)
+        write_volume(out / "weak/images" / f"{pid}.nii.gz", scan.hu.astype(np.int16), scan.geometry)
+        write_volume(out / "weak_truth/masks" / f"{pid}.nii.gz", scan.instances, scan.geometry)
+        row = [pid, f"images/{pid}.nii.gz", int(scan.metastatic)]
+    else:
+        pid = _pid("S", i, spec.n_strong)
+        scan = make_scan(rng, hospitals["B"], None, spec.node_scale)
+        write_volume(
+            out / "strong/images" / f"{pid}.nii.gz", scan.hu.astype(np.int16), scan.geometry
+        )
+        write_volume(out / "strong/masks" / f"{pid}.nii.gz", scan.instances, scan.geometry)
+        row = [pid, f"images/{pid}.nii.gz", f"masks/{pid}.nii.gz"]
+    fraction = float(np.count_nonzero(scan.instances)) / scan.instances.size
+    return row, _node_rows(pid, scan.nodes), fraction
+
+
+def write_synthetic(
+    out: str | Path, spec: SynthSpec | None = None, progress: bool = False, jobs: int = 1
+) -> dict:
     """Generate both sets and write them under ``out`` (layout below); return a summary.
+    ``jobs`` > 1: patients are made in that many processes; the files are the same bytes.
 
     Layout (paths in the CSVs are relative to the CSV's folder)::
 
@@ -354,34 +390,29 @@ def write_synthetic(out: str | Path, spec: SynthSpec | None = None, progress: bo
     out = ensure_writable_dir(out)  # before minutes of work, not after
     t0 = time.perf_counter()
     labels = weak_labels(spec)
-    jobs = [("weak", i) for i in range(spec.n_weak)] + [("strong", i) for i in range(spec.n_strong)]
-    if progress:
-        from tqdm import tqdm
+    todo = [("weak", i) for i in range(spec.n_weak)] + [("strong", i) for i in range(spec.n_strong)]
+    args = [
+        (out, spec, hospitals, bool(labels[i]) if s == "weak" else None, (s, i)) for s, i in todo
+    ]
+    with ExitStack() as stack:
+        if jobs > 1 and len(todo) > 1:
+            pool = stack.enter_context(
+                ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn"))
+            )
+            results = pool.map(_write_patient, *zip(*args, strict=True), chunksize=4)
+        else:
+            results = (_write_patient(*a) for a in args)
+        if progress:
+            from tqdm import tqdm
 
-        jobs = tqdm(jobs, desc="synth", unit="scan")
+            results = tqdm(results, total=len(todo), desc="synth", unit="scan")
+        done = list(results)  # in the order of ``todo``, whatever the process
     weak_rows, weak_nodes, strong_rows, strong_nodes = [], [], [], []
     fractions: dict[str, list[float]] = {"weak": [], "strong": []}
-    for set_name, i in jobs:
-        rng = patient_rng(spec.seed, set_name, i)
-        if set_name == "weak":
-            pid = _pid("W", i, spec.n_weak)
-            scan = make_scan(rng, hospitals["A"], bool(labels[i]), spec.node_scale)
-            write_volume(
-                out / "weak/images" / f"{pid}.nii.gz", scan.hu.astype(np.int16), scan.geometry
-            )
-            write_volume(out / "weak_truth/masks" / f"{pid}.nii.gz", scan.instances, scan.geometry)
-            weak_rows.append([pid, f"images/{pid}.nii.gz", int(scan.metastatic)])
-            weak_nodes += _node_rows(pid, scan.nodes)
-        else:
-            pid = _pid("S", i, spec.n_strong)
-            scan = make_scan(rng, hospitals["B"], None, spec.node_scale)
-            write_volume(
-                out / "strong/images" / f"{pid}.nii.gz", scan.hu.astype(np.int16), scan.geometry
-            )
-            write_volume(out / "strong/masks" / f"{pid}.nii.gz", scan.instances, scan.geometry)
-            strong_rows.append([pid, f"images/{pid}.nii.gz", f"masks/{pid}.nii.gz"])
-            strong_nodes += _node_rows(pid, scan.nodes)
-        fractions[set_name].append(float(np.count_nonzero(scan.instances)) / scan.instances.size)
+    for (set_name, _), (row, nodes, fraction) in zip(todo, done, strict=True):
+        (weak_rows if set_name == "weak" else strong_rows).append(row)
+        (weak_nodes if set_name == "weak" else strong_nodes).extend(nodes)
+        fractions[set_name].append(fraction)
 
     write_text(out / "weak/manifest.csv", _csv(weak_rows, ("patient_id", "image", "label")))
     write_text(out / "weak_truth/nodes.csv", _csv(weak_nodes, NODE_COLUMNS))
