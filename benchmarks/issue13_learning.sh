@@ -19,7 +19,8 @@
 #   dev_topk   multitask and ssmdmt, the preset against model.roi_evidence_topk: 4, on seed
 #              0's dev folds (run data first)
 #   dev_swa    multitask and ssmdmt with training.selection: swa (the last 5 epochs) against
-#              dev_topk's dev_top1 (the preset's ema_last)
+#              dev_topk's dev_top1 (the preset's ema_last); dev_swa2 the same after SWA's
+#              batch-norm statistics came from both hospitals' scans
 # The dev phases pin what the quick preset did not yet have when they ran
 # (propagation.skip_one_class and evaluation.tta_flip off), so they repeat what was run.
 # Every phase uses two single-thread processes (--jobs 2) and is resumable; each prints
@@ -175,6 +176,13 @@ dev_swa)
     [ -f "$out/dev_data/weak/manifest.csv" ] || dev_data d0 dev_data dev_split
     printf 'training:\n  selection: swa\n  swa_epochs: 5\n' >"$out/dev_swa.yaml"
     cmp dev_swa "$out/dev_data" --cv 3 --repeats 1 --strategies multitask --strategies ssmdmt \
+        --config "$out/dev_swa.yaml"
+    ;;
+dev_swa2)
+    # the same with the batch-norm statistics recomputed on both hospitals' training scans
+    # (commit "SWA: batch-norm statistics of both hospitals' scans ..."; dev_swa ran before it)
+    [ -f "$out/dev_swa.yaml" ] || printf 'training:\n  selection: swa\n  swa_epochs: 5\n' >"$out/dev_swa.yaml"
+    cmp dev_swa2 "$out/dev_data" --cv 3 --repeats 1 --strategies multitask --strategies ssmdmt \
         --config "$out/dev_swa.yaml"
     ;;
 dev_tta)

@@ -400,6 +400,35 @@ def test_domain_batch_norm_routes_weak_to_0_and_strong_to_1(
 # -- model selection --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("strategy, domains", [("supervised", [0]), ("multitask", [0, 1])])
+def test_swa_batch_norm_statistics_come_from_every_set_the_strategy_trains_on(
+    strategy: str, domains: list[int], tiny_data: Path, cache: Path, tmp_path: Path
+) -> None:
+    """SWA's recomputed batch-norm statistics: the weak training scans, and the strong
+    training scans too when the strategy trains on them (training's statistics saw both)."""
+    from lymphdx.engine.trainer import Trainer
+
+    seen: list[tuple[int, int]] = []
+
+    class Recording(Trainer):
+        def swa_bn_sets(self):  # type: ignore[no-untyped-def]
+            sets = super().swa_bn_sets()
+            seen.extend((domain, len(volumes)) for volumes, domain in sets)
+            return sets
+
+    config = _config(
+        cache,
+        strategy=strategy,
+        training={"epochs": 2, "roi_warmup_epochs": 0, "selection": "swa", "swa_epochs": 2},
+    )
+    train(config, tmp_path / "run", *_manifests(tiny_data), progress=False, trainer=Recording)
+    splits = list(csv.DictReader(open(tmp_path / "run" / "splits.csv")))
+    n_weak = sum(r["split"] == "train" and r["set"] == "weak" for r in splits)
+    n_strong = sum(r["split"] == "train" and r["set"] == "strong" for r in splits)
+    assert [d for d, _ in seen] == domains
+    assert seen == [(0, n_weak), (1, n_strong)][: len(domains)]
+
+
 @pytest.mark.parametrize("selection", ["best_val", "last", "swa", "ema"])
 def test_selection_puts_the_chosen_weights_in_best(
     selection: str, tiny_data: Path, cache: Path, tmp_path: Path

@@ -120,6 +120,17 @@ class SelectionMixin:
     weak_train: VolumeSet
     strong_train: VolumeSet | None
 
+    def swa_bn_sets(self) -> list[tuple[VolumeSet, int]]:
+        """The ``(volumes, domain)`` whose batch-norm statistics the SWA average gets: the
+        weak training scans, and the strong ones whenever the strategy trains on them, as
+        training's running statistics did (with ``domain_batch`` each hospital keeps its
+        own). With the weak scans alone the ROI map lost Dice on the other hospital's scans
+        (BENCHMARKS.md §7.2, tenth round)."""
+        sets = [(self.weak_train, WEAK)]
+        if self.strong_train is not None:
+            sets.append((self.strong_train, STRONG))
+        return sets
+
     def _average_epoch(self) -> None:
         """Add this epoch's weights to the SWA average when the epoch is in its window."""
         tcfg = self.config.training
@@ -158,10 +169,7 @@ class SelectionMixin:
         else:  # swa: the average, with batch-norm statistics of its own weights
             assert self.swa is not None
             chosen = self.swa.module  # type: ignore[assignment]
-            sets = [(self.weak_train, WEAK)]
-            if self.domain_bn and self.strong_train is not None:
-                sets.append((self.strong_train, STRONG))
-            update_bn(chosen, bn_batches(sets, tcfg.batch_size))
+            update_bn(chosen, bn_batches(self.swa_bn_sets(), tcfg.batch_size))
             scored, _ = self.score(chosen)
             log.info("SWA of epochs %d..%d: validation %s", self.swa_first, self.epoch, scored)
             row = {**row, **scored}
