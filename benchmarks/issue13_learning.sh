@@ -20,7 +20,8 @@
 #              0's dev folds (run data first)
 #   dev_swa    multitask and ssmdmt with training.selection: swa (the last 5 epochs) against
 #              dev_topk's dev_top1 (the preset's ema_last); dev_swa2 the same after SWA's
-#              batch-norm statistics came from both hospitals' scans
+#              batch-norm statistics came from both hospitals' scans; dev_swa_repeat a
+#              second repeat of both
 # The dev phases pin what the quick preset did not yet have when they ran
 # (propagation.skip_one_class and evaluation.tta_flip off), so they repeat what was run.
 # Every phase uses two single-thread processes (--jobs 2) and is resumable; each prints
@@ -183,6 +184,14 @@ dev_swa2)
     # (commit "SWA: batch-norm statistics of both hospitals' scans ..."; dev_swa ran before it)
     [ -f "$out/dev_swa.yaml" ] || printf 'training:\n  selection: swa\n  swa_epochs: 5\n' >"$out/dev_swa.yaml"
     cmp dev_swa2 "$out/dev_data" --cv 3 --repeats 1 --strategies multitask --strategies ssmdmt \
+        --config "$out/dev_swa.yaml"
+    ;;
+dev_swa_repeat)
+    # a second repeat of the development folds (another 3-fold split of the same 100
+    # patients) for the preset (dev_top1) and SWA with both hospitals' statistics
+    # (dev_swa2); compare skips the first repeat's finished runs
+    cmp dev_top1 "$out/dev_data" --cv 3 --repeats 2 --strategies multitask --strategies ssmdmt
+    cmp dev_swa2 "$out/dev_data" --cv 3 --repeats 2 --strategies multitask --strategies ssmdmt \
         --config "$out/dev_swa.yaml"
     ;;
 dev_tta)
