@@ -22,7 +22,6 @@
 #              dev_topk's dev_top1 (the preset's ema_last); dev_swa2 the same after SWA's
 #              batch-norm statistics came from both hospitals' scans; dev_swa_repeat a
 #              second repeat of both
-#   seeds_swa  the seeds phase with that SWA (a report, after dev_swa_repeat's choice)
 # The dev phases pin what the quick preset did not yet have when they ran
 # (propagation.skip_one_class and evaluation.tta_flip off), so they repeat what was run.
 # Every phase uses two single-thread processes (--jobs 2) and is resumable; each prints
@@ -194,15 +193,6 @@ dev_swa_repeat)
     cmp dev_top1 "$out/dev_data" --cv 3 --repeats 2 --strategies multitask --strategies ssmdmt
     cmp dev_swa2 "$out/dev_data" --cv 3 --repeats 2 --strategies multitask --strategies ssmdmt \
         --config "$out/dev_swa.yaml"
-    ;;
-seeds_swa)
-    # supervised and ssmdmt on seeds 1 and 2 with SWA (both hospitals' statistics): the
-    # report of a variant chosen on seed 0's development folds (dev_swa_repeat), not a choice
-    [ -f "$out/dev_swa.yaml" ] || printf 'training:\n  selection: swa\n  swa_epochs: 5\n' >"$out/dev_swa.yaml"
-    for s in 1 2; do
-        cmp "cv_seed${s}_swa" "$out/d$s" --cv 5 --repeats 1 --strategies supervised \
-            --strategies ssmdmt --config "$out/dev_swa.yaml"
-    done
     ;;
 dev_tta)
     # the flip read from the dev phase's multitask and ssmdmt runs (their folds only)
