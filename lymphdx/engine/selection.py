@@ -116,7 +116,6 @@ class SelectionMixin:
     model: torch.nn.Module
     swa: SwaAverager | None
     swa_first: int
-    domain_bn: bool
     weak_train: VolumeSet
     strong_train: VolumeSet | None
 
