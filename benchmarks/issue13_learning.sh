@@ -22,6 +22,7 @@
 #              dev_topk's dev_top1 (the preset's ema_last); dev_swa2 the same after SWA's
 #              batch-norm statistics came from both hospitals' scans; dev_swa_repeat a
 #              second repeat of both
+#   dev_readout evaluation.roi_readout on dev_top1's finished runs (both repeats)
 # The dev phases pin what the quick preset did not yet have when they ran
 # (propagation.skip_one_class and evaluation.tta_flip off), so they repeat what was run.
 # Every phase uses two single-thread processes (--jobs 2) and is resumable; each prints
@@ -115,7 +116,9 @@ cv0)
     cmp cv0 "$out/d0" --cv 5 --repeats "${REPEATS:-2}"
     ;;
 seeds)
-    for s in 1 2; do cmp "cv_seed$s" "$out/d$s" --cv 5 --repeats 1 --strategies supervised --strategies "$best"; done
+    # SEED_STRATEGIES="multitask ssmdmt": both ROI strategies beside supervised
+    roi=${SEED_STRATEGIES:-$best}
+    for s in 1 2; do cmp "cv_seed$s" "$out/d$s" --cv 5 --repeats 1 --strategies supervised $(printf -- '--strategies %s ' $roi); done
     ;;
 shift)
     for d in ${SHIFT_DATA:-d0_shift2 d0_small}; do cmp "split_$d" "$out/$d" --seeds 1 --strategies supervised --strategies multitask --strategies ssmdmt; done
@@ -193,6 +196,15 @@ dev_swa_repeat)
     cmp dev_top1 "$out/dev_data" --cv 3 --repeats 2 --strategies multitask --strategies ssmdmt
     cmp dev_swa2 "$out/dev_data" --cv 3 --repeats 2 --strategies multitask --strategies ssmdmt \
         --config "$out/dev_swa.yaml"
+    ;;
+dev_readout)
+    # evaluation.roi_readout scored on the preset's finished development runs (dev_top1 of
+    # dev_topk and dev_swa_repeat, both repeats): compare scores them again without
+    # training, since only the evaluation section differs
+    [ -d "$out/dev_readout" ] || cp -r "$out/dev_top1" "$out/dev_readout"
+    printf 'evaluation:\n  roi_readout: true\n' >"$out/dev_readout.yaml"
+    cmp dev_readout "$out/dev_data" --cv 3 --repeats 2 --strategies multitask --strategies ssmdmt \
+        --config "$out/dev_readout.yaml"
     ;;
 dev_tta)
     # the flip read from the dev phase's multitask and ssmdmt runs (their folds only)

@@ -405,6 +405,11 @@ class EvaluationConfig(_Section):
     # flipped back first; the flip that training's augmentation draws (nnU-Net mirrors
     # at inference the same way). Training-time validation is not affected.
     tta_flip: bool = False
+    # strategies that train the ROI decoder: the scan's probability is the mean of the
+    # classifier's and a logistic regression on readings of the ROI map (the soft volume
+    # of its largest nodes), fitted on the run's weak train + val patients after training
+    # (lymphdx/engine/roi_readout.py; roi_readout.json in the run folder)
+    roi_readout: bool = False
 
 
 class ManifestConfig(_Section):

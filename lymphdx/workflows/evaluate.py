@@ -20,6 +20,7 @@ from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import read_csv, write_csv, write_json
 from lymphdx.core.strategies import get_strategy
 from lymphdx.engine.propagation import predict_volumes
+from lymphdx.engine.roi_readout import run_readout, score_volumes
 from lymphdx.engine.roi_status import roi_decoder_status
 from lymphdx.engine.run_data import load_run_data
 from lymphdx.engine.run_folder import load_model, read_history
@@ -100,7 +101,18 @@ def evaluate_run(
     volumes = data.volumes("weak", split)
     if len(volumes) == 0:
         raise LymphdxError(f"the weak set has no patients in split {split!r}")
-    probs = predict_volumes(model, volumes, domain=WEAK, tta=config.evaluation.tta_flip)
+    readout, readout_note = run_readout(run_dir, config, model, data, refit=True)
+    readout_metrics: dict[str, Any] = {"applied": readout is not None, "note": readout_note}
+    if readout is None:
+        probs = predict_volumes(model, volumes, domain=WEAK, tta=config.evaluation.tta_flip)
+    else:
+        classifier, features = score_volumes(model, volumes, config.evaluation.tta_flip)
+        probs = readout.combine(classifier, features).astype(np.float32)
+        with _quiet_numpy():  # each half alone, for the record
+            readout_metrics["auc_classifier"] = auc(volumes.labels, classifier)
+            readout_metrics["auc_readout"] = auc(volumes.labels, readout.probability(features))
+        readout_metrics["train_auc_readout"] = readout.train_auc
+        readout_metrics["n_train"] = readout.n_train
     labels = volumes.labels
     threshold = config.evaluation.threshold
     pred = (probs > threshold).astype(int)
@@ -121,6 +133,9 @@ def evaluate_run(
         "auc_se_delong": se,
         "threshold": threshold,
         "tta_flip": bool(config.evaluation.tta_flip),
+        # evaluation.roi_readout: whether the probability averages the classifier with
+        # the ROI map's regression, and each one's AUC alone
+        "roi_readout": readout_metrics,
         "sensitivity": sensitivity,
         "specificity": specificity,
         "accuracy": float((pred == labels).mean()),

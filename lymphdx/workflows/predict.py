@@ -72,6 +72,7 @@ from lymphdx.data.grid import (
 )
 from lymphdx.data.manifest import read_rows, resolve_path
 from lymphdx.data.preprocess import Normalizer, load_normalizers
+from lymphdx.engine.roi_readout import RoiReadout, readout_features, run_readout
 from lymphdx.engine.run_folder import load_model
 from lymphdx.engine.teacher import predict_with_tta
 from lymphdx.io import volumes as io
@@ -255,6 +256,8 @@ def predict(
     a progress bar on stderr. Raises ``LymphdxError`` at the end when any scan failed.
     """
     config, model, _ = load_model(run_dir, which)
+    # evaluation.roi_readout: fitted once on the run's weak training patients and kept
+    readout, readout_note = run_readout(run_dir, config, model, which=which)
     normalizers = load_normalizers(Path(run_dir) / "normalization.json")
     if domain not in normalizers:
         raise LymphdxError(f"unknown domain {domain!r}; the run has {sorted(normalizers)}")
@@ -272,6 +275,8 @@ def predict(
         "threshold": config.evaluation.threshold,
         "roi_threshold": config.propagation.roi_threshold,
         "tta_flip": bool(config.evaluation.tta_flip),
+        "roi_readout": readout,
+        "roi_readout_note": readout_note,
     }
     summary: list[list[Any]] = []
     failed: list[LymphdxError] = []
@@ -416,7 +421,12 @@ def _predict_one(
     out = predict_with_tta(
         model, torch.from_numpy(norm(array))[None, None], flips=common["tta_flip"]
     )
-    probability = float(out["cls"][0])
+    classifier = float(out["cls"][0])
+    readout: RoiReadout | None = common["roi_readout"]
+    probability = classifier
+    if readout is not None:  # the mean of the classifier and the ROI map's regression
+        features = readout_features(out["roi"])
+        probability = float(readout.combine(np.array([classifier]), features)[0])
     roi_canonical = out["roi"][0, 0].numpy().astype(np.float32)
     prob_zyx = sitk.GetArrayFromImage(to_original(roi_canonical, grid, original))
     result = {
@@ -426,6 +436,8 @@ def _predict_one(
         "threshold": common["threshold"],
         "roi_threshold": common["roi_threshold"],
         "tta_flip": common["tta_flip"],
+        "classifier_probability": classifier,
+        "roi_readout": common["roi_readout_note"],
         "model": common["model"],
         "strategy": common["strategy"],
         "coverage": round(covered, 6),

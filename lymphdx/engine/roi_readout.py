@@ -1,0 +1,248 @@
+"""The ROI readout: a logistic regression on readings of the ROI map, fitted on a run's
+weak training patients, averaged with the classifier's probability
+(``evaluation.roi_readout``).
+
+Why (BENCHMARKS.md section 7.2, twelfth round): the ROI map is taught by the other
+hospital's masks, not by this hospital's scan labels, so on the weak training patients
+it is not fitted to their labels the way the classifier is (training AUC 0.97-0.99 for
+the map's readings and held-out 0.93, against 0.999 and 0.92 for the classifier). Its
+readings, the soft volume of the scan's largest nodes at several sizes, its largest
+probability and its total, are what a radiologist's size rule reads. A regression fitted
+to them on the training patients can therefore be weighed against the classifier
+without held-out patients: the two are averaged with equal weights, fixed a priori,
+since the classifier's training-set scores would give any fitted weight to it alone.
+
+Only strategies that train the ROI decoder have a map to read; a run whose decoder found
+no node (``roi_decoder_status``), or whose training patients are all of one class, keeps
+the classifier alone and says why.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from lymphdx.core.config import Config
+from lymphdx.core.domains import WEAK
+from lymphdx.core.files import write_json
+from lymphdx.core.strategies import get_strategy
+from lymphdx.data.datasets import VolumeSet
+from lymphdx.engine.distributed import DistContext
+from lymphdx.engine.propagation import _my_batches
+from lymphdx.engine.roi_status import roi_decoder_status
+from lymphdx.engine.run_data import RunData, load_run_data
+from lymphdx.engine.run_folder import read_history
+from lymphdx.engine.teacher import predict_with_tta
+
+__all__ = [
+    "FEATURES",
+    "READOUT_C",
+    "RoiReadout",
+    "fit_readout",
+    "readout_features",
+    "run_readout",
+    "score_volumes",
+]
+
+# the mean of the k largest ROI probabilities: a soft volume of the scan's largest nodes
+# (k voxels of the grid; 20 of the quick grid's 5 x 5 x 6 mm voxels is a 17 mm sphere)
+TOP_K = (5, 10, 20, 40, 80)
+FEATURES = tuple(f"roi_top{k}_mean" for k in TOP_K) + ("roi_max", "roi_log_sum")
+# inverse L2 strength of the regression, on standardised features (7 of them, ~70-100
+# training patients)
+READOUT_C = 0.3
+_EPS = 1e-6
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, _EPS, 1 - _EPS)
+    return np.log(p / (1 - p))
+
+
+def readout_features(roi: torch.Tensor) -> np.ndarray:
+    """``(B, F)`` float64 readings of ROI probability maps ``roi`` ``(B, 1, D, H, W)``
+    (or ``(B, D, H, W)``), in ``FEATURES`` order: the logit of the mean of the k largest
+    probabilities for each k of ``TOP_K`` (k is capped at the map's size), the logit of
+    the largest, and log(1 + the sum)."""
+    flat = roi.detach().float().flatten(1).cpu()
+    k_max = min(max(TOP_K), flat.shape[1])
+    top = flat.topk(k_max, dim=1).values.double().numpy()
+    cols = [_logit(top[:, : min(k, k_max)].mean(1)) for k in TOP_K]
+    cols.append(_logit(top[:, 0]))
+    cols.append(np.log1p(flat.double().sum(1).numpy()))
+    return np.stack(cols, axis=1)
+
+
+@dataclass(frozen=True)
+class RoiReadout:
+    """A fitted readout: standardisation, then a logistic regression, on ``FEATURES``."""
+
+    mean: np.ndarray  # (F,)
+    scale: np.ndarray  # (F,)
+    coef: np.ndarray  # (F,)
+    intercept: float
+    n_train: int
+    n_pos: int
+    train_auc: float
+
+    def probability(self, features: np.ndarray) -> np.ndarray:
+        """``(N,)`` readout probabilities of ``features`` ``(N, F)``."""
+        z = (np.asarray(features, dtype=np.float64) - self.mean) / self.scale
+        return 1.0 / (1.0 + np.exp(-(z @ self.coef + self.intercept)))
+
+    def combine(self, classifier: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """``(N,)`` the scan's probability: the mean of ``classifier`` ``(N,)`` and the
+        readout's probability of ``features`` ``(N, F)``."""
+        return 0.5 * (np.asarray(classifier, dtype=np.float64) + self.probability(features))
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form (``from_json`` reads it back)."""
+        return {
+            "features": list(FEATURES),
+            "mean": self.mean.tolist(),
+            "scale": self.scale.tolist(),
+            "coef": self.coef.tolist(),
+            "intercept": self.intercept,
+            "n_train": self.n_train,
+            "n_pos": self.n_pos,
+            "train_auc": self.train_auc,
+            "C": READOUT_C,
+            "weight": 0.5,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RoiReadout:
+        """The readout written by ``to_json``; ``ValueError`` for another feature set."""
+        if list(d.get("features", [])) != list(FEATURES):
+            raise ValueError(f"readout of features {d.get('features')}, expected {FEATURES}")
+        return cls(
+            mean=np.asarray(d["mean"], dtype=np.float64),
+            scale=np.asarray(d["scale"], dtype=np.float64),
+            coef=np.asarray(d["coef"], dtype=np.float64),
+            intercept=float(d["intercept"]),
+            n_train=int(d["n_train"]),
+            n_pos=int(d["n_pos"]),
+            train_auc=float(d["train_auc"]),
+        )
+
+
+def fit_readout(features: np.ndarray, labels: np.ndarray) -> RoiReadout:
+    """Fit the readout on training patients' ``features`` ``(N, F)`` and ``labels``
+    ``(N,)``; ``ValueError`` when the labels are all one class."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels).astype(int)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("the training patients are all of one class")
+    scaler = StandardScaler().fit(features)
+    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+    z = (features - scaler.mean_) / scale
+    lr = LogisticRegression(C=READOUT_C, max_iter=1000).fit(z, labels)
+    readout = RoiReadout(
+        mean=scaler.mean_.astype(np.float64),
+        scale=scale.astype(np.float64),
+        coef=lr.coef_[0].astype(np.float64),
+        intercept=float(lr.intercept_[0]),
+        n_train=int(len(labels)),
+        n_pos=int(labels.sum()),
+        train_auc=0.0,
+    )
+    auc = float(roc_auc_score(labels, readout.probability(features)))
+    return RoiReadout(**{**readout.__dict__, "train_auc": auc})
+
+
+@torch.no_grad()
+def score_volumes(
+    model: torch.nn.Module,
+    volumes: VolumeSet,
+    tta: bool,
+    batch_size: int = 4,
+    domain: int = WEAK,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The classifier's probabilities ``(N,)`` and the ROI map's readings ``(N, F)`` of
+    every volume (averaged with the left-right flip with ``tta``), in order, one pass."""
+    cls: list[np.ndarray] = [np.zeros(0)]
+    feats: list[np.ndarray] = [np.zeros((0, len(FEATURES)))]
+    for images in _my_batches(model, volumes, batch_size, DistContext(), domain):
+        out = predict_with_tta(model, images, roi=True, flips=tta)
+        cls.append(out["cls"].double().cpu().numpy())
+        feats.append(readout_features(out["roi"]))
+    return np.concatenate(cls), np.concatenate(feats)
+
+
+def _fingerprint(checkpoint: Path, config: Config) -> dict[str, Any]:
+    """What a stored readout was fitted for: the weights file and the flip setting."""
+    st = checkpoint.stat()
+    return {
+        "checkpoint": checkpoint.name,
+        "checkpoint_size": st.st_size,
+        "checkpoint_mtime_ns": st.st_mtime_ns,
+        "tta_flip": bool(config.evaluation.tta_flip),
+    }
+
+
+def readout_path(run_dir: Path, which: str = "best") -> Path:
+    """Where the readout of ``checkpoints/<which>.pt`` is kept in the run folder."""
+    return run_dir / ("roi_readout.json" if which == "best" else f"roi_readout@{which}.json")
+
+
+def run_readout(
+    run_dir: str | Path,
+    config: Config,
+    model: torch.nn.Module,
+    data: RunData | None = None,
+    which: str = "best",
+    refit: bool = False,
+) -> tuple[RoiReadout | None, str]:
+    """The readout of run ``run_dir``'s ``which`` weights (``model``), and a line that says
+    what it is or why there is none (``evaluation.roi_readout`` off, a strategy without
+    the ROI task, a decoder that found no node, training patients of one class).
+
+    Kept in ``roi_readout.json``; fitted again (on the weak set's train and val patients
+    of ``data``, loaded when ``None``) when ``refit``, when missing, or when the weights
+    or the flip setting changed since.
+    """
+    run_dir = Path(run_dir)
+    if not config.evaluation.roi_readout:
+        return None, "off (evaluation.roi_readout: false)"
+    if not get_strategy(config.strategy).trains_decoder:
+        return None, f"none: {config.strategy} does not train the ROI decoder"
+    history = run_dir / "history.csv"
+    status = roi_decoder_status(read_history(history)) if history.exists() else None
+    if status is not None and not status["learned"]:
+        return None, "none: the ROI decoder found no node, so its map has nothing to read"
+    path = readout_path(run_dir, which)
+    stamp = _fingerprint(run_dir / "checkpoints" / f"{which}.pt", config)
+    if path.exists() and not refit:
+        stored = json.loads(path.read_text())
+        if stored.get("fitted_for") == stamp:
+            readout = RoiReadout.from_json(stored)
+            return readout, _describe(readout)
+    if data is None:
+        data = load_run_data(config, run_dir, need_strong=False)
+    labels, feats = [], []
+    for split in ("train", "val"):
+        volumes = data.volumes("weak", split)
+        if len(volumes):
+            feats.append(score_volumes(model, volumes, config.evaluation.tta_flip)[1])
+            labels.append(volumes.labels)
+    try:
+        readout = fit_readout(np.concatenate(feats), np.concatenate(labels))
+    except ValueError as err:
+        return None, f"none: {err}"
+    write_json(path, {**readout.to_json(), "fitted_for": stamp})
+    return readout, _describe(readout)
+
+
+def _describe(readout: RoiReadout) -> str:
+    return (
+        f"fitted on {readout.n_train} weak training patients ({readout.n_pos} positive; "
+        f"training AUC {readout.train_auc:.3f}), averaged with the classifier"
+    )
