@@ -109,6 +109,7 @@ class TableOne:
     detection: list[tuple[str, list[str]]]  # strategy label, DETECTION_KEYS' cells
     paired: list[PairedRow]
     roi_not_learned: list[str]  # warnings: strategies whose ROI decoder found no node
+    readout_notes: list[str]  # strategies scored with evaluation.roi_readout, each half's AUC
     widths_note: str | None  # how wide the intervals are, and what that means
     split_note: str | None  # ``test_split_note``
 
@@ -191,6 +192,17 @@ def table_one(results: dict[str, Any]) -> TableOne:
                 "listed in results.json. Its AUC above is that of a classifier without the "
                 "ROI task, not the strategy's."
             )
+    readout_notes = []
+    for s, r in strategies.items():
+        if ro := r.get("roi_readout"):
+            cls_auc, ro_auc = fmt(ro.get("auc_classifier_mean")), fmt(ro.get("auc_readout_mean"))
+            readout_notes.append(
+                f"{label(s)}: the probability is the mean of the classifier's and of a "
+                "logistic regression on the ROI map's node volumes fitted on each run's weak "
+                f"training patients (evaluation.roi_readout; {ro['runs']} of {ro['of_runs']} "
+                f"runs). Each alone, mean test AUC over those runs: classifier {cls_auc}, "
+                f"readout {ro_auc}."
+            )
     widths = [c[1] - c[0] for r in strategies.values() if (c := r.get("test_auc_ci95"))]
     widths_note = (
         f"The 95% intervals are {min(widths):.2f}–{max(widths):.2f} wide: with "
@@ -207,6 +219,7 @@ def table_one(results: dict[str, Any]) -> TableOne:
         detection=detection,
         paired=[paired_row(name, t) for name, t in tests.items()],
         roi_not_learned=roi_not_learned,
+        readout_notes=readout_notes,
         widths_note=widths_note,
         split_note=test_split_note(results) if has_counts else None,
     )
@@ -243,6 +256,8 @@ def format_table(results: dict[str, Any]) -> str:
         lines += [f"| {p.name} | {p.delta_ci} | {p.p} |" for p in others]
     for warning in t.roi_not_learned:
         lines += ["", f"**{warning}**"]
+    for note in t.readout_notes:
+        lines += ["", note]
     if t.widths_note:
         lines += ["", t.widths_note]
     if t.split_note:
@@ -318,6 +333,7 @@ def table_one_html(results: dict[str, Any]) -> str:
             parts.append("<h3>Power</h3><ul>")
             parts += [f"<li><b>{escape(p.name)}</b>: {escape(p.power_text)}</li>" for p in texts]
             parts.append("</ul>")
+    parts += [f'<p class="note">{escape(note)}</p>' for note in t.readout_notes]
     if t.widths_note:
         parts.append(f'<p class="note">{t.widths_note}</p>')
     if t.split_note:

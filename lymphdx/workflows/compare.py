@@ -434,6 +434,27 @@ def _add_detection(results: dict[str, Any], runs: dict[str, list[Path]]) -> None
                 not_learned.append(str(d))
         if not_learned:
             results["strategies"][strategy]["roi_not_learned"] = not_learned
+    for strategy, run_dirs in runs.items():  # evaluation.roi_readout: each half alone
+        parts = [
+            r
+            for d in run_dirs
+            if (d / "metrics.json").exists()
+            and (r := json.loads((d / "metrics.json").read_text()).get("roi_readout"))
+            and r.get("applied")
+        ]
+        if parts:
+            results["strategies"][strategy]["roi_readout"] = {
+                "runs": len(parts),
+                "of_runs": len(run_dirs),
+                "auc_classifier_mean": _mean_of(parts, "auc_classifier"),
+                "auc_readout_mean": _mean_of(parts, "auc_readout"),
+            }
+
+
+def _mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    """The mean of ``key`` over ``rows`` where it is a number; ``None`` if nowhere."""
+    values = [float(r[key]) for r in rows if isinstance(r.get(key), int | float)]
+    return float(np.mean(values)) if values else None
 
 
 def _write_results(out: Path, config: Config, results: dict[str, Any], predictions: dict) -> dict:

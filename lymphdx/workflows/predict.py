@@ -28,7 +28,10 @@ one, so it is complete or absent. ``OUT`` holds one run's outputs: the folders o
 earlier ``predict`` into it (recognised by their files) that this run does not write are
 removed at its end, also when it stops on a bad scan.
 
-``prediction.json`` also records what may make the probability mean little:
+With ``evaluation.roi_readout`` the probability is the mean of the classifier's
+(``classifier_probability``) and the run's ROI readout (``engine.roi_readout``;
+``roi_readout`` says which, or why none). ``prediction.json`` also records what may make
+the probability mean little:
 ``coverage`` (the share of the model's input the scan fills) with ``coverage_warning``
 (a scan far smaller than the model's field of view, e.g. a few slices; else null), and
 ``hu_offset`` with ``calibration_warning`` (raw CT numbers corrected by -1024, or

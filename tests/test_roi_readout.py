@@ -1,0 +1,234 @@
+"""``evaluation.roi_readout``: the ROI map's readings, the regression fitted on them (against
+scikit-learn's own pipeline), and the probability that evaluate, compare and predict
+write (against the classifier and the readout computed here, scan by scan)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from lymphdx.engine import roi_readout as readout_module
+from lymphdx.engine.roi_readout import (
+    FEATURES,
+    READOUT_C,
+    RoiReadout,
+    fit_readout,
+    readout_features,
+    run_readout,
+)
+from lymphdx.engine.run_data import load_run_data
+from lymphdx.engine.run_folder import load_model
+from lymphdx.workflows.compare import compare
+from lymphdx.workflows.evaluate import read_predictions
+from lymphdx.workflows.predict import predict
+from tests.conftest import tiny_config
+
+
+def _logit(p: float) -> float:
+    return float(np.log(p / (1 - p)))
+
+
+def test_features_by_hand() -> None:
+    """Each reading against a per-scan NumPy sort: the logit of the mean of the k largest
+    probabilities, of the largest, and log(1 + sum)."""
+    rng = np.random.default_rng(0)
+    maps = rng.uniform(0.001, 0.999, size=(3, 1, 4, 6, 5)).astype(np.float32)
+    got = readout_features(torch.from_numpy(maps))
+    assert got.shape == (3, len(FEATURES))
+    for b in range(3):
+        ranked = np.sort(maps[b].ravel().astype(np.float64))[::-1]
+        want = [_logit(ranked[:k].mean()) for k in (5, 10, 20, 40, 80)]
+        want += [_logit(ranked[0]), np.log1p(ranked.sum())]
+        np.testing.assert_allclose(got[b], want, rtol=1e-6)
+
+
+def test_features_of_a_map_smaller_than_k() -> None:
+    """A map of 12 voxels: every k above 12 reads the mean of all of them."""
+    maps = torch.linspace(0.05, 0.6, 12).reshape(1, 1, 2, 2, 3)
+    got = readout_features(maps)[0]
+    everything = _logit(float(maps.double().mean()))
+    assert got[FEATURES.index("roi_top20_mean")] == pytest.approx(everything)
+    assert got[FEATURES.index("roi_top80_mean")] == pytest.approx(everything)
+    assert got[FEATURES.index("roi_top5_mean")] == pytest.approx(
+        _logit(float(maps.flatten().sort().values[-5:].double().mean()))
+    )
+
+
+def test_fit_matches_scikit_learn() -> None:
+    """The stored standardisation + regression gives scikit-learn's pipeline's
+    probabilities; ``combine`` is the mean with the classifier's; the JSON form reads
+    back to the same readout."""
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(30), np.ones(25)].astype(int)
+    features = rng.normal(size=(55, len(FEATURES))) + labels[:, None] * np.linspace(0, 1, 7)
+    readout = fit_readout(features, labels)
+    pipe = make_pipeline(StandardScaler(), LogisticRegression(C=READOUT_C)).fit(features, labels)
+    test = rng.normal(size=(9, len(FEATURES)))
+    np.testing.assert_allclose(readout.probability(test), pipe.predict_proba(test)[:, 1], atol=1e-5)
+    classifier = rng.uniform(size=9)
+    np.testing.assert_allclose(
+        readout.combine(classifier, test),
+        (classifier + pipe.predict_proba(test)[:, 1]) / 2,
+        atol=1e-5,
+    )
+    assert (readout.n_train, readout.n_pos) == (55, 25)
+    back = RoiReadout.from_json(json.loads(json.dumps(readout.to_json())))
+    np.testing.assert_allclose(back.probability(test), readout.probability(test))
+    with pytest.raises(ValueError, match="features"):
+        RoiReadout.from_json({**readout.to_json(), "features": ["roi_max"]})
+
+
+def test_fit_refuses_one_class() -> None:
+    with pytest.raises(ValueError, match="one class"):
+        fit_readout(np.zeros((5, len(FEATURES))), np.ones(5))
+
+
+@pytest.fixture(scope="module")
+def compared(
+    tiny_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path, pytest.MonkeyPatch]:
+    """A compare folder of one multitask and one supervised run (one epoch) with the
+    readout on. The tiny decoder finds no node in one epoch, and a decoder that found none
+    gets no readout, so the decoder is taken to have learned here (the test below checks
+    the other case)."""
+    tmp = tmp_path_factory.mktemp("readout")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(readout_module, "roi_decoder_status", lambda rows: {"learned": True, "note": None})
+    config = tiny_config(tmp, training={"epochs": 1}, evaluation={"roi_readout": True})
+    weak, strong = tiny_data / "weak" / "manifest.csv", tiny_data / "strong" / "manifest.csv"
+    compare(config, weak, strong, tmp / "cmp", ["multitask", "supervised"], [0], progress=False)
+    yield tmp / "cmp", tmp, mp
+    mp.undo()
+
+
+def _by_hand(run: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, classifier probabilities and readings of the run's weak ``split``, one scan
+    at a time, averaged here with the scan mirrored along x when the run's
+    ``evaluation.tta_flip`` says so (the ROI map mirrored back)."""
+    config, model, _ = load_model(run)
+    volumes = load_run_data(config, run, need_strong=False).volumes("weak", split)
+    probs, feats = [], []
+    with torch.no_grad():
+        for i in range(len(volumes)):
+            image = volumes.batch([i]).images
+            outs = [model(image, roi=True)]
+            if config.evaluation.tta_flip:
+                o = model(image.flip(-1), roi=True)
+                outs.append({"cls": o["cls"], "roi": o["roi"].flip(-1)})
+            probs.append(np.mean([torch.sigmoid(o["cls"]).item() for o in outs]))
+            roi = np.mean([torch.sigmoid(o["roi"]).double().numpy().ravel() for o in outs], 0)
+            ranked = np.sort(roi)[::-1]
+            feats.append(
+                [_logit(ranked[:k].mean()) for k in (5, 10, 20, 40, 80)]
+                + [_logit(ranked[0]), np.log1p(roi.sum())]
+            )
+    return volumes.labels, np.array(probs), np.array(feats)
+
+
+def test_evaluate_averages_the_classifier_and_the_readout(
+    compared: tuple[Path, Path, pytest.MonkeyPatch],
+) -> None:
+    out, _, _ = compared
+    run = out / "runs" / "multitask" / "seed0"
+    assert load_model(run)[0].evaluation.tta_flip  # the quick preset's, so flipped here too
+    y_tr, _, f_tr = _by_hand(run, "train")
+    y_va, _, f_va = _by_hand(run, "val")
+    y_te, cls_te, f_te = _by_hand(run, "test")
+    pipe = make_pipeline(StandardScaler(), LogisticRegression(C=READOUT_C))
+    pipe.fit(np.r_[f_tr, f_va], np.r_[y_tr, y_va])
+    want = (cls_te + pipe.predict_proba(f_te)[:, 1]) / 2
+    got = read_predictions(run / "predictions_test.csv")
+    ids = (
+        load_run_data(*load_model(run)[:1], run, need_strong=False)
+        .volumes("weak", "test")
+        .patient_ids
+    )
+    np.testing.assert_allclose([got[i][1] for i in ids], want, atol=2e-5)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["roi_readout"]["applied"] is True
+    assert metrics["roi_readout"]["n_train"] == len(y_tr) + len(y_va)
+    stored = json.loads((run / "roi_readout.json").read_text())
+    assert stored["features"] == list(FEATURES) and stored["weight"] == 0.5
+
+
+def test_supervised_has_no_readout(compared: tuple[Path, Path, pytest.MonkeyPatch]) -> None:
+    out, _, _ = compared
+    run = out / "runs" / "supervised" / "seed0"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["roi_readout"]["applied"] is False
+    assert "does not train the ROI decoder" in metrics["roi_readout"]["note"]
+    assert not (run / "roi_readout.json").exists()
+    _, cls, _ = _by_hand(run, "test")
+    got = read_predictions(run / "predictions_test.csv")
+    np.testing.assert_allclose(sorted(p for _, p in got.values()), sorted(cls), atol=2e-6)
+
+
+def test_a_decoder_that_found_nothing_gets_no_readout(
+    compared: tuple[Path, Path, pytest.MonkeyPatch],
+) -> None:
+    out, _, mp = compared
+    run = out / "runs" / "multitask" / "seed0"
+    config, model, _ = load_model(run)
+    mp.setattr(readout_module, "roi_decoder_status", lambda rows: {"learned": False, "note": "x"})
+    try:
+        readout, note = run_readout(run, config, model)
+    finally:
+        mp.setattr(
+            readout_module, "roi_decoder_status", lambda rows: {"learned": True, "note": None}
+        )
+    assert readout is None and "found no node" in note
+
+
+def test_predict_uses_the_stored_readout(
+    compared: tuple[Path, Path, pytest.MonkeyPatch], tiny_data: Path
+) -> None:
+    """``predict`` on a weak test scan gives evaluate's probability for that patient, from
+    ``roi_readout.json`` (not fitted again: the run's manifests may be gone by then), and
+    records the classifier's own probability beside it."""
+    out, tmp, _ = compared
+    run = out / "runs" / "multitask" / "seed0"
+    stored = (run / "roi_readout.json").read_bytes()
+    patient = sorted(read_predictions(run / "predictions_test.csv"))[0]
+    image = tiny_data / "weak" / "images" / f"{patient}.nii.gz"
+    assert image.exists()
+    config, model, _ = load_model(run)
+    readout, _ = run_readout(run, config, model)
+    assert readout is not None
+
+    def no_refit(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the stored readout should have been used")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(readout_module, "load_run_data", no_refit)
+    try:
+        (res,) = predict(run, [image], tmp / "pred")
+    finally:
+        mp.undo()
+    want = read_predictions(run / "predictions_test.csv")[patient][1]
+    assert res["probability"] == pytest.approx(want, abs=1e-4)
+    assert res["probability"] != pytest.approx(res["classifier_probability"], abs=1e-6)
+    assert "averaged with the classifier" in res["roi_readout"]
+    assert (run / "roi_readout.json").read_bytes() == stored
+
+
+def test_compare_reports_each_half(compared: tuple[Path, Path, pytest.MonkeyPatch]) -> None:
+    """``results.json`` and ``results.md`` say which strategies were scored with the
+    readout, with the classifier's and the readout's test AUC alone (metrics.json's)."""
+    out, _, _ = compared
+    results = json.loads((out / "results.json").read_text())["strategies"]
+    metrics = json.loads((out / "runs" / "multitask" / "seed0" / "metrics.json").read_text())
+    ro = results["multitask"]["roi_readout"]
+    assert (ro["runs"], ro["of_runs"]) == (1, 1)
+    assert ro["auc_classifier_mean"] == pytest.approx(metrics["roi_readout"]["auc_classifier"])
+    assert ro["auc_readout_mean"] == pytest.approx(metrics["roi_readout"]["auc_readout"])
+    assert "roi_readout" not in results["supervised"]
+    text = (out / "results.md").read_text()
+    assert "evaluation.roi_readout; 1 of 1 runs" in text
+    assert f"readout {ro['auc_readout_mean']:.3f}" in text
