@@ -14,6 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from lymphdx.core.errors import LymphdxError
 from lymphdx.engine import roi_readout as readout_module
 from lymphdx.engine.roi_readout import (
     FEATURES,
@@ -156,6 +157,8 @@ def test_evaluate_averages_the_classifier_and_the_readout(
     assert metrics["roi_readout"]["n_train"] == len(y_tr) + len(y_va)
     stored = json.loads((run / "roi_readout.json").read_text())
     assert stored["features"] == list(FEATURES) and stored["weight"] == 0.5
+    # fitted at the end of training, so that the run folder carries it
+    assert "ROI readout: fitted on" in (run / "train.log").read_text()
 
 
 def test_supervised_has_no_readout(compared: tuple[Path, Path, pytest.MonkeyPatch]) -> None:
@@ -232,3 +235,29 @@ def test_compare_reports_each_half(compared: tuple[Path, Path, pytest.MonkeyPatc
     text = (out / "results.md").read_text()
     assert "evaluation.roi_readout; 1 of 1 runs" in text
     assert f"readout {ro['auc_readout_mean']:.3f}" in text
+
+
+def test_predict_without_a_readout_or_its_data_says_what_to_do(
+    compared: tuple[Path, Path, pytest.MonkeyPatch], tiny_data: Path
+) -> None:
+    out, tmp, _ = compared
+    run = out / "runs" / "multitask" / "seed0"
+    path = run / "roi_readout.json"
+    stored = path.read_bytes()
+    image = sorted((tiny_data / "weak" / "images").glob("*.nii.gz"))[0]
+
+    def gone(*args: object, **kwargs: object) -> None:
+        raise LymphdxError("the weak manifest /data/weak.csv does not exist")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(readout_module, "load_run_data", gone)
+    path.unlink()
+    try:
+        with pytest.raises(LymphdxError) as err:
+            predict(run, [image], tmp / "pred_gone")
+    finally:
+        mp.undo()
+        path.write_bytes(stored)
+    text = str(err.value)
+    assert str(run) in text and "/data/weak.csv" in text and "lymphdx evaluate" in text
+    assert not (tmp / "pred_gone").exists()  # refused before any output

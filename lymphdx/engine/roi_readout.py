@@ -31,6 +31,7 @@ from sklearn.preprocessing import StandardScaler
 
 from lymphdx.core.config import Config
 from lymphdx.core.domains import WEAK
+from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import write_json
 from lymphdx.core.strategies import get_strategy
 from lymphdx.data.datasets import VolumeSet
@@ -226,7 +227,15 @@ def run_readout(
             readout = RoiReadout.from_json(stored)
             return readout, _describe(readout)
     if data is None:
-        data = load_run_data(config, run_dir, need_strong=False)
+        try:
+            data = load_run_data(config, run_dir, need_strong=False)
+        except LymphdxError as err:
+            raise LymphdxError(
+                f"{run_dir} has no ROI readout for its {which} weights yet, and fitting it "
+                f"needs the run's weak training scans, which cannot be read: {err}. Run "
+                f"`lymphdx evaluate {run_dir}` where the data is, or set "
+                "evaluation.roi_readout: false in the run's config.yaml"
+            ) from None
     labels, feats = [], []
     for split in ("train", "val"):
         volumes = data.volumes("weak", split)

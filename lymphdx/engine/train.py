@@ -19,7 +19,9 @@ from lymphdx.core.strategies import get_strategy
 from lymphdx.engine.distributed import DistContext, distributed
 from lymphdx.engine.memory import check_memory
 from lymphdx.engine.performance import autocast
+from lymphdx.engine.roi_readout import run_readout
 from lymphdx.engine.run_data import (
+    RunData,
     budget_for_nodes,
     log_node_sizes,
     resolve_manifests,
@@ -28,6 +30,7 @@ from lymphdx.engine.run_data import (
 from lymphdx.engine.run_folder import (
     checkpoint_path,
     load_checkpoint,
+    load_model,
     open_run_dir,
     remove_new_run,
     setup_logging,
@@ -51,6 +54,20 @@ def _set_num_threads(config: Config, ctx: DistContext) -> None:
         ctx.device,
         torch.get_num_threads(),
     )
+
+
+def _fit_readout(run_dir: Path, config: Config, data: RunData) -> None:
+    """``evaluation.roi_readout``: fit the readout of the finished run's ``best`` weights
+    now, so that the run folder carries it (``predict`` needs no data); logged."""
+    if not (config.evaluation.roi_readout and get_strategy(config.strategy).trains_decoder):
+        return
+    config, model, _ = load_model(run_dir)
+    try:
+        _, note = run_readout(run_dir, config, model, data, refit=True)
+    except LymphdxError as err:  # e.g. a scan unreadable now: evaluate will try again
+        log.warning("ROI readout not fitted: %s", err)
+        return
+    log.info("ROI readout: %s", note)
 
 
 def train(
@@ -134,7 +151,9 @@ def train(
                 remove_new_run(run_dir, created)
             raise
         try:
-            return loop.run(progress=progress)
+            result = loop.run(progress=progress)
+            ctx.on_main(lambda: _fit_readout(run_dir, config, data))
+            return result
         except BaseException:
             # refused in the first epoch (e.g. a scan read only then): as above, unless an
             # epoch ended (its checkpoint makes the run resumable)

@@ -101,7 +101,7 @@ def evaluate_run(
     volumes = data.volumes("weak", split)
     if len(volumes) == 0:
         raise LymphdxError(f"the weak set has no patients in split {split!r}")
-    readout, readout_note = run_readout(run_dir, config, model, data, refit=True)
+    readout, readout_note = run_readout(run_dir, config, model, data)
     readout_metrics: dict[str, Any] = {"applied": readout is not None, "note": readout_note}
     if readout is None:
         probs = predict_volumes(model, volumes, domain=WEAK, tta=config.evaluation.tta_flip)
