@@ -207,8 +207,8 @@ def run_readout(
     the ROI task, a decoder that found no node, training patients of one class).
 
     Kept in ``roi_readout.json``; fitted again (on the weak set's train and val patients
-    of ``data``, loaded when ``None``) when ``refit``, when missing, or when the weights
-    or the flip setting changed since.
+    of ``data``, loaded when ``None``) when ``refit``, when missing, or when the weights,
+    the flip setting or the readings (``FEATURES``) changed since.
     """
     run_dir = Path(run_dir)
     if not config.evaluation.roi_readout:
@@ -223,7 +223,8 @@ def run_readout(
     stamp = _fingerprint(run_dir / "checkpoints" / f"{which}.pt", config)
     if path.exists() and not refit:
         stored = json.loads(path.read_text())
-        if stored.get("fitted_for") == stamp:
+        # fitted for these weights and this flip setting, on this version's readings
+        if stored.get("fitted_for") == stamp and stored.get("features") == list(FEATURES):
             readout = RoiReadout.from_json(stored)
             return readout, _describe(readout)
     if data is None:
