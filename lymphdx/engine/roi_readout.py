@@ -20,7 +20,7 @@ the classifier alone and says why.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from lymphdx.engine.roi_status import roi_decoder_status
 from lymphdx.engine.run_data import RunData, load_run_data
 from lymphdx.engine.run_folder import read_history
 from lymphdx.engine.teacher import predict_with_tta
+from lymphdx.stats.metrics import auc
 
 __all__ = [
     "FEATURES",
@@ -137,8 +138,6 @@ class RoiReadout:
 def fit_readout(features: np.ndarray, labels: np.ndarray) -> RoiReadout:
     """Fit the readout on training patients' ``features`` ``(N, F)`` and ``labels``
     ``(N,)``; ``ValueError`` when the labels are all one class."""
-    from sklearn.metrics import roc_auc_score
-
     labels = np.asarray(labels).astype(int)
     if len(np.unique(labels)) < 2:
         raise ValueError("the training patients are all of one class")
@@ -155,8 +154,7 @@ def fit_readout(features: np.ndarray, labels: np.ndarray) -> RoiReadout:
         n_pos=int(labels.sum()),
         train_auc=0.0,
     )
-    auc = float(roc_auc_score(labels, readout.probability(features)))
-    return RoiReadout(**{**readout.__dict__, "train_auc": auc})
+    return replace(readout, train_auc=auc(labels, readout.probability(features)))
 
 
 @torch.no_grad()
