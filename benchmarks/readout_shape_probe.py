@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,20 @@ def shape_readings(p: np.ndarray, spacing_zyx: np.ndarray) -> list[float]:
     return [max(shorts), shorts[int(np.argmax(vols))], float(count)]
 
 
+Extra = Callable[[np.ndarray, np.ndarray, np.ndarray], list[float]]
+
+
+def _shape_extra(p: np.ndarray, image: np.ndarray, spacing_zyx: np.ndarray) -> list[float]:
+    return shape_readings(p, spacing_zyx)
+
+
 @torch.no_grad()
-def scan_readings(run: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def scan_readings(
+    run: Path, split: str, extra: Extra = _shape_extra
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels ``(N,)``, classifier probabilities ``(N,)`` and readings ``(N, 7 + E)``: the
+    seven of ``evaluation.roi_readout`` and ``extra(map, image, spacing)`` of each scan
+    (map and image ``(D, H, W)`` on the model's grid, the map flip-averaged)."""
     config, model, _ = load_model(run)
     volumes = load_run_data(config, run, need_strong=False).volumes("weak", split)
     spacing_zyx = np.array(config.data.spacing[::-1], dtype=np.float64)
@@ -63,43 +76,53 @@ def scan_readings(run: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.nda
         out = predict_with_tta(model, images, roi=True, flips=True)
         base = readout_features(out["roi"])
         for b in range(images.shape[0]):
-            shape = shape_readings(out["roi"][b, 0].numpy(), spacing_zyx)
-            feats.append(np.r_[base[b], shape])
+            more = extra(out["roi"][b, 0].numpy(), images[b, 0].numpy(), spacing_zyx)
+            feats.append(np.r_[base[b], more])
         cls.append(out["cls"].numpy())
     return volumes.labels, np.concatenate(cls), np.array(feats)
 
 
-def main() -> None:
-    torch.set_num_threads(1)
+def probe(repeats: list[str], extra: Extra, names: list[str]) -> dict[str, dict[str, float]]:
+    """Pooled held-out AUC, per repeat and strategy, of the seven readings, the seven plus
+    ``extra``'s readings (``names``) and the extra alone, each averaged with the
+    classifier and alone, and of each extra reading as a score."""
+    n = len(names)
     report = {}
-    for repeat in sys.argv[1:]:
+    for repeat in repeats:
         for strategy in ("multitask", "ssmdmt"):
             ys, scores = [], {}
             for run in sorted(Path(repeat).glob(f"fold*/{strategy}/seed*")):
-                tr = [scan_readings(run, s) for s in ("train", "val")]
-                y_te, c_te, f_te = scan_readings(run, "test")
+                tr = [scan_readings(run, s, extra) for s in ("train", "val")]
+                y_te, c_te, f_te = scan_readings(run, "test", extra)
                 y_tr = np.concatenate([t[0] for t in tr])
                 f_tr = np.concatenate([t[2] for t in tr])
                 out = {"cls": c_te}
                 for name, cols in (
                     ("seven", slice(0, 7)),
-                    ("seven+shape", slice(0, 10)),
-                    ("shape", slice(7, 10)),
+                    ("seven+extra", slice(0, 7 + n)),
+                    ("extra", slice(7, 7 + n)),
                 ):
                     ro = fit_readout(f_tr[:, cols], y_tr)
                     out[name] = ro.probability(f_te[:, cols])
                     out[f"avg_{name}"] = 0.5 * (c_te + out[name])
-                for j, nm in enumerate(("max_short", "short_of_largest", "n_short10")):
+                for j, nm in enumerate(names):
                     out[nm] = f_te[:, 7 + j]
                 ys.append(y_te)
                 for k, v in out.items():
                     scores.setdefault(k, []).append(v)
             y = np.concatenate(ys)
-            report[f"{repeat} {strategy}"] = {
+            key = f"{repeat} {strategy}"
+            report[key] = {
                 k: round(roc_auc_score(y, np.concatenate(v)), 3) for k, v in scores.items()
             }
-            print(json.dumps({f"{repeat} {strategy}": report[f"{repeat} {strategy}"]}), flush=True)
+            print(json.dumps({key: report[key]}), flush=True)
     print(json.dumps(report, indent=1))
+    return report
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    probe(sys.argv[1:], _shape_extra, ["max_short", "short_of_largest", "n_short10"])
 
 
 if __name__ == "__main__":
