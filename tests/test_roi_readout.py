@@ -38,22 +38,52 @@ def _logit(p: float) -> float:
 
 def test_features_by_hand() -> None:
     """Each reading against a per-scan NumPy sort: the logit of the mean of the k largest
-    probabilities, of the largest, and log(1 + sum)."""
+    probabilities, of the largest, log(1 + sum), then the image under the k most probable
+    voxels: its probability-weighted mean and sd and its 10th percentile."""
     rng = np.random.default_rng(0)
     maps = rng.uniform(0.001, 0.999, size=(3, 1, 4, 6, 5)).astype(np.float32)
-    got = readout_features(torch.from_numpy(maps))
-    assert got.shape == (3, len(FEATURES))
+    images = rng.normal(size=(3, 1, 4, 6, 5)).astype(np.float32)
+    got = readout_features(torch.from_numpy(maps), torch.from_numpy(images))
+    assert got.shape == (3, len(FEATURES)) == (3, 13)
     for b in range(3):
-        ranked = np.sort(maps[b].ravel().astype(np.float64))[::-1]
+        order = np.argsort(maps[b].ravel())[::-1]
+        ranked = maps[b].ravel()[order].astype(np.float64)
+        under = images[b].ravel()[order].astype(np.float64)
         want = [_logit(ranked[:k].mean()) for k in (5, 10, 20, 40, 80)]
         want += [_logit(ranked[0]), np.log1p(ranked.sum())]
-        np.testing.assert_allclose(got[b], want, rtol=1e-6)
+        for k in (20, 80):
+            w, x = ranked[:k], under[:k]
+            m = np.average(x, weights=w)
+            want += [m, np.sqrt(np.average((x - m) ** 2, weights=w)), np.percentile(x, 10)]
+        np.testing.assert_allclose(got[b], want, rtol=1e-5)
+
+
+def test_image_readings_worked_example() -> None:
+    """A map of 24 voxels whose 20 most probable (p = 0.9) lie on image value 2 except
+    two on 0 (a node straddling fat), the other four (p = 0.1) on 5: over the top 20 the
+    weighted mean is 1.8, the sd sqrt(0.36) = 0.6 (18 voxels 0.2 above the mean, two 1.8
+    below: (18 * 0.04 + 2 * 3.24) / 20 = 0.36), the 10th percentile of [0, 0, 2 x 18] at
+    position 1.9 is 0.9 * 2 = 1.8; over all 24 (k = 80 is capped) the weights are 18 x
+    0.9 on 2, 2 x 0.9 on 0 and 4 x 0.1 on 5: mean (32.4 + 2) / 18.4."""
+    p = torch.full((24,), 0.9)
+    p[20:] = 0.1
+    x = torch.full((24,), 2.0)
+    x[[3, 11]] = 0.0
+    x[20:] = 5.0
+    got = readout_features(p.reshape(1, 1, 2, 3, 4), x.reshape(1, 1, 2, 3, 4))[0]
+    at = {name: got[i] for i, name in enumerate(FEATURES)}
+    assert at["image_top20_wmean"] == pytest.approx(1.8, abs=1e-5)
+    assert at["image_top20_wsd"] == pytest.approx(0.6, abs=1e-5)
+    assert at["image_top20_p10"] == pytest.approx(1.8, abs=1e-5)
+    assert at["image_top80_wmean"] == pytest.approx(34.4 / 18.4, abs=1e-5)
+    with pytest.raises(ValueError, match="differ"):
+        readout_features(p.reshape(1, 1, 2, 3, 4), x[:12].reshape(1, 1, 1, 3, 4))
 
 
 def test_features_of_a_map_smaller_than_k() -> None:
     """A map of 12 voxels: every k above 12 reads the mean of all of them."""
     maps = torch.linspace(0.05, 0.6, 12).reshape(1, 1, 2, 2, 3)
-    got = readout_features(maps)[0]
+    got = readout_features(maps, torch.zeros_like(maps))[0]
     everything = _logit(float(maps.double().mean()))
     assert got[FEATURES.index("roi_top20_mean")] == pytest.approx(everything)
     assert got[FEATURES.index("roi_top80_mean")] == pytest.approx(everything)
@@ -68,7 +98,9 @@ def test_fit_matches_scikit_learn() -> None:
     back to the same readout."""
     rng = np.random.default_rng(1)
     labels = np.r_[np.zeros(30), np.ones(25)].astype(int)
-    features = rng.normal(size=(55, len(FEATURES))) + labels[:, None] * np.linspace(0, 1, 7)
+    features = rng.normal(size=(55, len(FEATURES))) + labels[:, None] * np.linspace(
+        0, 1, len(FEATURES)
+    )
     readout = fit_readout(features, labels)
     pipe = make_pipeline(StandardScaler(), LogisticRegression(C=READOUT_C)).fit(features, labels)
     test = rng.normal(size=(9, len(FEATURES)))
@@ -110,9 +142,10 @@ def compared(
 
 
 def _by_hand(run: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Labels, classifier probabilities and readings of the run's weak ``split``, one scan
-    at a time, averaged here with the scan mirrored along x when the run's
-    ``evaluation.tta_flip`` says so (the ROI map mirrored back)."""
+    """Labels, classifier probabilities and readings (the map's, then the image's under its
+    most probable voxels) of the run's weak ``split``, one scan at a time, averaged here
+    with the scan mirrored along x when the run's ``evaluation.tta_flip`` says so (the ROI
+    map mirrored back)."""
     config, model, _ = load_model(run)
     volumes = load_run_data(config, run, need_strong=False).volumes("weak", split)
     probs, feats = [], []
@@ -125,11 +158,15 @@ def _by_hand(run: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]
                 outs.append({"cls": o["cls"], "roi": o["roi"].flip(-1)})
             probs.append(np.mean([torch.sigmoid(o["cls"]).item() for o in outs]))
             roi = np.mean([torch.sigmoid(o["roi"]).double().numpy().ravel() for o in outs], 0)
-            ranked = np.sort(roi)[::-1]
-            feats.append(
-                [_logit(ranked[:k].mean()) for k in (5, 10, 20, 40, 80)]
-                + [_logit(ranked[0]), np.log1p(roi.sum())]
-            )
+            order = np.argsort(roi)[::-1]
+            ranked, under = roi[order], image.double().numpy().ravel()[order]
+            row = [_logit(ranked[:k].mean()) for k in (5, 10, 20, 40, 80)]
+            row += [_logit(ranked[0]), np.log1p(roi.sum())]
+            for k in (20, 80):
+                m = np.average(under[:k], weights=ranked[:k])
+                row += [m, np.sqrt(np.average((under[:k] - m) ** 2, weights=ranked[:k]))]
+                row.append(np.percentile(under[:k], 10))
+            feats.append(row)
     return volumes.labels, np.array(probs), np.array(feats)
 
 

@@ -407,7 +407,8 @@ class EvaluationConfig(_Section):
     tta_flip: bool = False
     # strategies that train the ROI decoder: the scan's probability is the mean of the
     # classifier's and a logistic regression on readings of the ROI map (the soft volume
-    # of its largest nodes), fitted on the run's weak train + val patients after training
+    # of its largest nodes) and of the image under its most probable voxels, fitted on
+    # the run's weak train + val patients after training
     # (lymphdx/engine/roi_readout.py; roi_readout.json in the run folder)
     roi_readout: bool = False
 

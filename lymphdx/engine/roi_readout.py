@@ -7,10 +7,15 @@ hospital's masks, not by this hospital's scan labels, so on the weak training pa
 it is not fitted to their labels the way the classifier is (training AUC 0.97-0.99 for
 the map's readings and held-out 0.93, against 0.999 and 0.92 for the classifier). Its
 readings, the soft volume of the scan's largest nodes at several sizes, its largest
-probability and its total, are what a radiologist's size rule reads. A regression fitted
-to them on the training patients can therefore be weighed against the classifier
-without held-out patients: the two are averaged with equal weights, fixed a priori,
-since the classifier's training-set scores would give any fitted weight to it alone.
+probability and its total, are what a radiologist's size rule reads; first-order
+intensity readings of the image under the map's most probable voxels (their weighted mean
+and spread, and their low tail: BENCHMARKS.md section 7.2, fourteenth round) add what a
+radiologist sees inside a node: whether the k most probable voxels lie inside solid
+tissue (a node large enough to fill them) or straddle fat, heterogeneity, necrosis. A
+regression fitted to them on the training patients can therefore be weighed against the
+classifier without held-out patients: the two are averaged with equal weights, fixed a
+priori, since the classifier's training-set scores would give any fitted weight to it
+alone.
 
 Only strategies that train the ROI decoder have a map to read; a run whose decoder found
 no node (``roi_decoder_status``), or whose training patients are all of one class, keeps
@@ -56,8 +61,14 @@ __all__ = [
 # the mean of the k largest ROI probabilities: a soft volume of the scan's largest nodes
 # (k voxels of the grid; 20 of the quick grid's 5 x 5 x 6 mm voxels is a 17 mm sphere)
 TOP_K = (5, 10, 20, 40, 80)
-FEATURES = tuple(f"roi_top{k}_mean" for k in TOP_K) + ("roi_max", "roi_log_sum")
-# inverse L2 strength of the regression, on standardised features (7 of them, ~70-100
+# the image under the k most probable voxels, in the model's normalised intensity units
+IMAGE_K = (20, 80)
+FEATURES = (
+    tuple(f"roi_top{k}_mean" for k in TOP_K)
+    + ("roi_max", "roi_log_sum")
+    + tuple(f"image_top{k}_{s}" for k in IMAGE_K for s in ("wmean", "wsd", "p10"))
+)
+# inverse L2 strength of the regression, on standardised features (13 of them, ~70-100
 # training patients)
 READOUT_C = 0.3
 _EPS = 1e-6
@@ -68,17 +79,32 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-def readout_features(roi: torch.Tensor) -> np.ndarray:
-    """``(B, F)`` float64 readings of ROI probability maps ``roi`` ``(B, 1, D, H, W)``
-    (or ``(B, D, H, W)``), in ``FEATURES`` order: the logit of the mean of the k largest
-    probabilities for each k of ``TOP_K`` (k is capped at the map's size), the logit of
-    the largest, and log(1 + the sum)."""
+def readout_features(roi: torch.Tensor, image: torch.Tensor) -> np.ndarray:
+    """``(B, F)`` float64 readings of ROI probability maps ``roi`` and the images they were
+    read from, ``image``, both ``(B, 1, D, H, W)`` (or ``(B, D, H, W)``) on the model's
+    grid, in ``FEATURES`` order: the logit of the mean of the k largest probabilities for
+    each k of ``TOP_K`` (k is capped at the map's size), the logit of the largest, log(1 +
+    the sum); then, for each k of ``IMAGE_K``, the image's mean and standard deviation
+    over the k most probable voxels weighted by their probability, and the 10th
+    percentile of its values there (linear interpolation, as ``numpy.percentile``)."""
     flat = roi.detach().float().flatten(1).cpu()
-    k_max = min(max(TOP_K), flat.shape[1])
-    top = flat.topk(k_max, dim=1).values.double().numpy()
+    img = image.detach().float().flatten(1).cpu()
+    if img.shape != flat.shape:
+        raise ValueError(f"roi {tuple(roi.shape)} and image {tuple(image.shape)} differ")
+    k_max = min(max(max(TOP_K), max(IMAGE_K)), flat.shape[1])
+    top, idx = flat.topk(k_max, dim=1)
+    top = top.double().numpy()
+    under = img.gather(1, idx).double().numpy()
     cols = [_logit(top[:, : min(k, k_max)].mean(1)) for k in TOP_K]
     cols.append(_logit(top[:, 0]))
     cols.append(np.log1p(flat.double().sum(1).numpy()))
+    for k in IMAGE_K:
+        w = top[:, : min(k, k_max)] + _EPS
+        x = under[:, : min(k, k_max)]
+        mean = (w * x).sum(1) / w.sum(1)
+        cols.append(mean)
+        cols.append(np.sqrt((w * (x - mean[:, None]) ** 2).sum(1) / w.sum(1)))
+        cols.append(np.percentile(x, 10, axis=1))
     return np.stack(cols, axis=1)
 
 
@@ -172,7 +198,7 @@ def score_volumes(
     for images in _my_batches(model, volumes, batch_size, DistContext(), domain):
         out = predict_with_tta(model, images, roi=True, flips=tta)
         cls.append(out["cls"].double().cpu().numpy())
-        feats.append(readout_features(out["roi"]))
+        feats.append(readout_features(out["roi"], images))
     return np.concatenate(cls), np.concatenate(feats)
 
 

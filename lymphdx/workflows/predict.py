@@ -421,14 +421,13 @@ def _predict_one(
             log.warning("%s: %s", image_path, note)
     original = to_sitk(volume.array, volume.geometry)
     array, grid = preprocess_image(original, cfg)
-    out = predict_with_tta(
-        model, torch.from_numpy(norm(array))[None, None], flips=common["tta_flip"]
-    )
+    image = torch.from_numpy(norm(array))[None, None]  # (1, 1, D, H, W) the model's input
+    out = predict_with_tta(model, image, flips=common["tta_flip"])
     classifier = float(out["cls"][0])
     readout: RoiReadout | None = common["roi_readout"]
     probability = classifier
     if readout is not None:  # the mean of the classifier and the ROI map's regression
-        features = readout_features(out["roi"])
+        features = readout_features(out["roi"], image)
         probability = float(readout.combine(np.array([classifier]), features)[0])
     roi_canonical = out["roi"][0, 0].numpy().astype(np.float32)
     prob_zyx = sitk.GetArrayFromImage(to_original(roi_canonical, grid, original))
