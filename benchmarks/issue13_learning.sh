@@ -23,6 +23,11 @@
 #              batch-norm statistics came from both hospitals' scans; dev_swa_repeat a
 #              second repeat of both
 #   dev_readout evaluation.roi_readout on dev_top1's finished runs (both repeats)
+#   dev_preset  multitask and ssmdmt with the preset on seed 0's dev folds, both repeats
+#              (what dev_top1 + dev_readout became), then
+#              benchmarks/readout_intensity_probe.py on them (the fourteenth round)
+# RESCORE=1 before any phase scores its finished ROI runs again with the installed code
+# (after a change to evaluation code that compare cannot see in the config).
 # The dev phases pin what the quick preset did not yet have when they ran
 # (propagation.skip_one_class and evaluation.tta_flip off), so they repeat what was run.
 # Every phase uses two single-thread processes (--jobs 2) and is resumable; each prints
@@ -39,6 +44,12 @@ export LYMPHDX_CACHE="$out/cache"
 cmp() {  # cmp NAME DATA ARGS...: compare into $out/NAME, timed
     local name=$1 data=$2; shift 2
     local start; start=$(date +%s)
+    if [ -n "${RESCORE:-}" ] && [ -d "$out/$name" ]; then
+        # score the finished ROI runs again with this version's evaluation code (compare
+        # only does so when the evaluation section changed), two at a time
+        find "$out/$name" -name metrics.json \( -path '*/multitask/*' -o -path '*/ssmdmt/*' \) \
+            -printf '%h\n' | OMP_NUM_THREADS=1 xargs -P 2 -I{} sh -c "$lx evaluate {} >/dev/null"
+    fi
     $lx compare --weak "$data/weak/manifest.csv" --strong "$data/strong/manifest.csv" \
         --out "$out/$name" --jobs 2 "$@" >"$out/$name.log" 2>&1
     .venv/bin/python benchmarks/summarise_compare.py "$out/$name" --seconds $(( $(date +%s) - start ))
@@ -205,6 +216,16 @@ dev_readout)
     printf 'evaluation:\n  roi_readout: true\n' >"$out/dev_readout.yaml"
     cmp dev_readout "$out/dev_data" --cv 3 --repeats 2 --strategies multitask --strategies ssmdmt \
         --config "$out/dev_readout.yaml"
+    ;;
+dev_preset)
+    [ -f "$out/dev_data/weak/manifest.csv" ] || dev_data d0 dev_data dev_split
+    cmp dev_preset "$out/dev_data" --cv 3 --repeats 2 --strategies multitask --strategies ssmdmt
+    for r in 0 1; do
+        OMP_NUM_THREADS=1 .venv/bin/python benchmarks/readout_intensity_probe.py \
+            "$out/dev_preset/cv/repeat$r" >"$out/probe_intensity_r$r.log" 2>&1 &
+    done
+    wait
+    tail -n 1 "$out"/probe_intensity_r*.log
     ;;
 dev_tta)
     # the flip read from the dev phase's multitask and ssmdmt runs (their folds only)
