@@ -74,7 +74,7 @@ def scan_readings(
     cls, feats = [], []
     for images in _my_batches(model, volumes, 4, DistContext(), WEAK):
         out = predict_with_tta(model, images, roi=True, flips=True)
-        base = readout_features(out["roi"])
+        base = readout_features(out["roi"], images)[:, :7]  # the map's seven
         for b in range(images.shape[0]):
             more = extra(out["roi"][b, 0].numpy(), images[b, 0].numpy(), spacing_zyx)
             feats.append(np.r_[base[b], more])
