@@ -198,7 +198,8 @@ def table_one(results: dict[str, Any]) -> TableOne:
             cls_auc, ro_auc = fmt(ro.get("auc_classifier_mean")), fmt(ro.get("auc_readout_mean"))
             readout_notes.append(
                 f"{label(s)}: the probability is the mean of the classifier's and of a "
-                "logistic regression on the ROI map's node volumes fitted on each run's weak "
+                "logistic regression on readings of the ROI map and of the image under it, "
+                "fitted on each run's weak "
                 f"training patients (evaluation.roi_readout; {ro['runs']} of {ro['of_runs']} "
                 f"runs). Each alone, mean test AUC over those runs: classifier {cls_auc}, "
                 f"readout {ro_auc}."
