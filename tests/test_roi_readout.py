@@ -188,7 +188,11 @@ def test_evaluate_averages_the_classifier_and_the_readout(
         .volumes("weak", "test")
         .patient_ids
     )
-    np.testing.assert_allclose([got[i][1] for i in ids], want, atol=2e-5)
+    # evaluate scores 4 scans a batch, this test one: float32 sums differ in the last
+    # bits, and on a one-epoch map of nearly equal probabilities the k most probable
+    # voxels (hence the image readings) can differ by a voxel, moving the readout by
+    # ~1e-4 with 2 threads; a readout left out or misread moves it by ~1e-2
+    np.testing.assert_allclose([got[i][1] for i in ids], want, atol=1e-3)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["roi_readout"]["applied"] is True
     assert metrics["roi_readout"]["n_train"] == len(y_tr) + len(y_va)
