@@ -332,6 +332,34 @@ def case_scan_nifti_zero_voxel_size(tmp):
     return image_fault(tmp, path, "corrupt NIfTI header", "voxel size")
 
 
+def _nifti_patched(tmp: Path, name: str, *patches: tuple[int, str, float]) -> Path:
+    """A good single-file NIfTI (qform and sform both code 1) with header fields patched."""
+    data = bytearray(scan(tmp / "good.nii").read_bytes())
+    for offset, fmt, value in patches:
+        struct.pack_into("<" + fmt, data, offset, value)
+    path = tmp / name
+    path.write_bytes(bytes(data))
+    return path
+
+
+def case_scan_nifti_qform_sform_disagree(tmp):
+    # ITK would use the qform here (sform_code 2, the two differ), nibabel the sform.
+    path = _nifti_patched(tmp, "q_vs_s.nii", (254, "h", 2), (280 + 4 * 3, "f", 60.0))
+    return image_fault(tmp, path, "contradictory NIfTI header", "qform", "sform", "apart")
+
+
+def case_scan_nifti_sheared_sform(tmp):
+    # A sform with shear (a gantry tilt left in): no SimpleITK direction can hold it.
+    path = _nifti_patched(tmp, "shear.nii", (252, "h", 0), (280 + 4 * 2, "f", 1.0))
+    return image_fault(tmp, path, "contradictory NIfTI header", "shears", "degrees")
+
+
+def case_scan_nifti_micrometres(tmp):
+    # ITK would scale the voxel size by 1/1000 but not the position.
+    path = _nifti_patched(tmp, "um.nii", (123, "B", 3))
+    return image_fault(tmp, path, "xyzt_units", "micrometres")
+
+
 def _mha(path: Path, lines: dict[str, str], data: bytes) -> Path:
     fields = {
         "ObjectType": "Image",

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from lymphdx.core.errors import InputError
-from lymphdx.io.geometry import MAX_VOXELS
+from lymphdx.io.geometry import MAX_VOXELS, Geometry
+from lymphdx.io.nifti_geometry import nifti_geometry
 
-__all__ = ["check_nifti", "check_text_header"]
+__all__ = ["check_nifti", "check_text_header", "nifti_pair_geometry"]
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,8 @@ def _nifti_layout(
 
     Raises:
         InputError: header fields that ITK's reader would turn into a hang (an infinite
-            sform makes it loop), a silently wrong spacing (it replaces a zero or NaN
-            voxel size with 1 mm) or a huge allocation.
+            sform makes it loop) or a huge allocation. (Voxel sizes and transforms are
+            judged by :mod:`lymphdx.io.nifti_geometry`.)
     """
     for endian in ("<", ">"):
         if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
@@ -64,10 +65,6 @@ def _nifti_layout(
     (vox_offset,) = struct.unpack(endian + "f", header[108:112])
     if not math.isfinite(vox_offset) or vox_offset < 0:
         raise corrupt(f"vox_offset (where the voxels start) is {vox_offset}")
-    pixdim = struct.unpack(endian + "8f", header[76:108])
-    sizes = pixdim[1 : min(dim[0], 3) + 1]
-    if not all(math.isfinite(p) and p != 0 for p in sizes):
-        raise corrupt(f"voxel size pixdim[1:{len(sizes) + 1}] is {sizes}")
     qform_code, sform_code = struct.unpack(endian + "2h", header[252:256])
     if qform_code > 0:
         quatern = struct.unpack(endian + "6f", header[256:280])
@@ -98,8 +95,11 @@ def _is_nifti2(header: bytes) -> bool:
     )
 
 
-def check_nifti(path: Path, patient: str | None) -> None:
-    """Refuse a truncated or corrupt NIfTI file, or one with NaN/infinite voxels.
+def check_nifti(path: Path, patient: str | None) -> Geometry | None:
+    """Refuse a truncated or corrupt NIfTI file, or one with NaN/infinite voxels; return
+    where its voxels lie (:func:`lymphdx.io.nifti_geometry.nifti_geometry`: the NIfTI
+    standard's choice of sform, qform or neither, which ITK's reader does not always make),
+    or None for a file that is not a single-file NIfTI-1.
 
     ITK's NIfTI reader silently accepts a file that ends early (the missing voxels come
     back as garbage) and silently turns NaN/inf voxels into 0, so both are checked here
@@ -122,7 +122,8 @@ def check_nifti(path: Path, patient: str | None) -> None:
                 )
             layout = _nifti_layout(header, path, patient)
             if layout is None:
-                return  # not a single-file NIfTI-1: the reader will judge it
+                return None  # not a single-file NIfTI-1: the reader will judge it
+            geometry = nifti_geometry(header, path, patient)
             if layout.float_dtype is None and not gzipped:
                 total = path.stat().st_size
             else:
@@ -157,6 +158,34 @@ def check_nifti(path: Path, patient: str | None) -> None:
         )
     if nonfinite:
         raise InputError(f"{nonfinite} voxels are NaN or infinite", path, patient)
+    return geometry
+
+
+_PAIR_SUFFIXES = (".hdr", ".hdr.gz", ".img", ".img.gz")
+
+
+def nifti_pair_geometry(path: Path, patient: str | None) -> Geometry | None:
+    """Where the voxels of a NIfTI-1 header/image pair lie (``.hdr`` + ``.img``, either
+    named; see :mod:`lymphdx.io.nifti_geometry`), or None for an Analyze 7.5 pair or a
+    missing header (the reader judges those).
+    """
+    name = path.name
+    base = name[: -len(next(s for s in _PAIR_SUFFIXES if name.lower().endswith(s)))]
+    for candidate in (path.parent / f"{base}.hdr", path.parent / f"{base}.hdr.gz"):
+        if candidate.is_file():
+            break
+    else:
+        return None
+    try:
+        with candidate.open("rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+        with (gzip.open if gzipped else open)(candidate, "rb") as f:
+            header = f.read(348)
+    except (EOFError, OSError, zlib.error):
+        return None  # the reader reports an unreadable header itself
+    if header[344:347] != b"ni1":
+        return None
+    return nifti_geometry(header, candidate, patient)
 
 
 # Bytes per voxel of the element types whose size is certain (MET_LONG is left out: its

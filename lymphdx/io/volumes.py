@@ -4,9 +4,11 @@ Arrays are ``(z, y, x)`` with a ``Geometry`` (the axis convention is set out in
 :mod:`lymphdx.io.geometry`); a file's header is checked (:mod:`lymphdx.io.headers`)
 before SimpleITK reads it. Intensities come out in Hounsfield units: DICOM
 RescaleSlope/Intercept and NIfTI ``scl_slope``/``scl_inter`` are applied by SimpleITK's
-readers. DICOM series folders go through :mod:`lymphdx.io.dicom` (slices sorted along
-their normal, gaps and gantry tilt resampled with a warning, several series or non-CT
-refused).
+readers. A NIfTI-1 file (or ``.hdr``/``.img`` pair) is placed by the geometry its header
+gives under the NIfTI standard (:mod:`lymphdx.io.nifti_geometry`: sform, else qform, else
+pixdim only, as nibabel does), not by ITK's reading of it. DICOM series folders go through
+:mod:`lymphdx.io.dicom` (slices sorted along their normal, gaps and gantry tilt resampled
+with a warning, several series or non-CT refused).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from lymphdx.core.errors import InputError
 from lymphdx.core.files import atomic_path
 from lymphdx.io.dicom import read_dicom_series
 from lymphdx.io.geometry import Geometry, Volume, to_sitk
-from lymphdx.io.headers import check_nifti, check_text_header
+from lymphdx.io.headers import check_nifti, check_text_header, nifti_pair_geometry
 
 __all__ = [
     "SPACING_RANGE_MM",
@@ -90,11 +92,16 @@ def read_image(path: str | Path, patient: str | None = None) -> sitk.Image:
                 path,
                 patient,
             )
+        geometry = None
         if name.endswith((".nii", ".nii.gz")):
-            check_nifti(path, patient)
+            geometry = check_nifti(path, patient)
+        elif name.endswith((".hdr", ".hdr.gz", ".img", ".img.gz")):
+            geometry = nifti_pair_geometry(path, patient)
         elif name.endswith((".mha", ".mhd", ".nrrd", ".nhdr")):
             check_text_header(path, patient)
-        return sitk.ReadImage(str(path))
+        if geometry is None:
+            return sitk.ReadImage(str(path))
+        return _read_nifti(path, geometry)
     except InputError:
         raise
     except MemoryError:
@@ -109,6 +116,24 @@ def read_image(path: str | Path, patient: str | None = None) -> sitk.Image:
             path,
             patient,
         ) from None
+
+
+def _read_nifti(path: Path, geometry: Geometry) -> sitk.Image:
+    """The voxels of a NIfTI-1 file as SimpleITK reads them, placed by ``geometry`` (the
+    header's own, :mod:`lymphdx.io.nifti_geometry`) rather than by ITK's guess.
+
+    ITK's warnings about the transforms ("unexpected scales in sform") are silenced for
+    this read: the header was judged already, and any contradiction was reported then.
+    """
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        image = sitk.ReadImage(str(path))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    if image.GetDimension() == 3:  # other sizes are refused by the callers
+        geometry.apply(image)
+    return image
 
 
 def _check_3d(image: sitk.Image, path: Path, patient: str | None) -> None:
