@@ -1,4 +1,4 @@
-"""BENCHMARKS section 9's table: per-node findings against the hand-made ellipsoids of
+"""BENCHMARKS.md section 3.4: per-node findings against the hand-made ellipsoids of
 ``tests/test_findings.py`` (their true axes, volume and centre).
 
 Usage (from the repository root): PYTHONPATH=. python benchmarks/findings_accuracy.py

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Times `make demo` from a fresh clone (installation included) and prints JSON:
 # total wall seconds, the demo's own seconds, per-strategy training seconds, peak RSS.
-# Usage: benchmarks/fresh_clone_demo.sh [CLONE_DIR]   (BENCHMARKS.md section 2)
+# Usage: benchmarks/fresh_clone_demo.sh [CLONE_DIR]   (BENCHMARKS.md §1.1, §2.1)
 set -euo pipefail
 repo=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
 dest=${1:-/tmp/lymphdx-fresh-demo}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 13's measurements of whether the models learn (BENCHMARKS.md section 7).
+# Issue 13's measurements of whether the models learn (BENCHMARKS.md §1.2-1.4 and §3.1;
+# the development rounds: docs/dev-log-2026-11-25_to_2026-12-03.md §7).
 # Usage: benchmarks/issue13_learning.sh OUT PHASE   with PHASE one of
 #   data   synthetic seeds 0, 1, 2 (default knobs) and the harder variants of seed 0
 #   dev    the quick preset's choices by 3-fold CV on seed 0's train + val patients only
@@ -25,7 +26,7 @@
 #   dev_readout evaluation.roi_readout on dev_top1's finished runs (both repeats)
 #   dev_preset  multitask and ssmdmt with the preset on seed 0's dev folds, both repeats
 #              (what dev_top1 + dev_readout became), then
-#              benchmarks/readout_intensity_probe.py on them (the fourteenth round)
+#              benchmarks/archive/readout_intensity_probe.py on them (the fourteenth round)
 # RESCORE=1 before any phase scores its finished ROI runs again with the installed code
 # (after a change to evaluation code that compare cannot see in the config).
 # The dev phases pin what the quick preset did not yet have when they ran
@@ -165,14 +166,14 @@ dev_budget)
     # read with and without the flip
     printf 'training:\n  epochs: 14\nevaluation:\n  tta_flip: false\n' >"$out/dev_e14.yaml"
     cmp dev_e14 "$out/dev_data" --cv 3 --repeats 1 --strategies multitask --config "$out/dev_e14.yaml"
-    .venv/bin/python benchmarks/roi_readout_probe.py "$out/dev_e14/cv/repeat0" multitask \
+    .venv/bin/python benchmarks/archive/roi_readout_probe.py "$out/dev_e14/cv/repeat0" multitask \
         --held-out-only --flip
     # ssmdmt with 10 (the preset) and 14 epochs
     printf 'evaluation:\n  tta_flip: false\n' >"$out/dev_ss10.yaml"
     cmp dev_ss10 "$out/dev_data" --cv 3 --repeats 1 --strategies ssmdmt --config "$out/dev_ss10.yaml"
     cmp dev_ss14 "$out/dev_data" --cv 3 --repeats 1 --strategies ssmdmt --config "$out/dev_e14.yaml"
     for v in ss10 ss14; do
-        .venv/bin/python benchmarks/roi_readout_probe.py "$out/dev_$v/cv/repeat0" ssmdmt \
+        .venv/bin/python benchmarks/archive/roi_readout_probe.py "$out/dev_$v/cv/repeat0" ssmdmt \
             --held-out-only --flip
     done
     ;;
@@ -221,7 +222,7 @@ dev_preset)
     [ -f "$out/dev_data/weak/manifest.csv" ] || dev_data d0 dev_data dev_split
     cmp dev_preset "$out/dev_data" --cv 3 --repeats 2 --strategies multitask --strategies ssmdmt
     for r in 0 1; do
-        OMP_NUM_THREADS=1 .venv/bin/python benchmarks/readout_intensity_probe.py \
+        OMP_NUM_THREADS=1 .venv/bin/python benchmarks/archive/readout_intensity_probe.py \
             "$out/dev_preset/cv/repeat$r" >"$out/probe_intensity_r$r.log" 2>&1 &
     done
     wait
@@ -231,7 +232,7 @@ dev_tta)
     # the flip read from the dev phase's multitask and ssmdmt runs (their folds only)
     for v in evTM1:multitask evTM2:multitask evTM0:multitask evTM2_ss:ssmdmt evTMP_ss:ssmdmt; do
         echo "dev_${v%%:*} ${v##*:}"
-        .venv/bin/python benchmarks/roi_readout_probe.py "$out/dev_${v%%:*}/cv/repeat0" "${v##*:}" \
+        .venv/bin/python benchmarks/archive/roi_readout_probe.py "$out/dev_${v%%:*}/cv/repeat0" "${v##*:}" \
             --held-out-only --flip
     done
     ;;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every performance benchmark of BENCHMARKS.md §5 in sequence (about 45 min on the
+# Runs every performance benchmark of BENCHMARKS.md §2.3-2.9 in sequence (about 45 min on the
 # 2-core reference VM); JSON outputs and stderr logs go to OUT (default /tmp/lymphdx-bench).
 # Run it on an otherwise idle machine: with 2 cores, any other load distorts the timings.
 #   bash benchmarks/issue6_all.sh [OUT]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8 (BENCHMARKS.md section 6): the ablation of the options beyond the paper, then the
+# Issue 8 (BENCHMARKS.md section 3.2): the ablation of the options beyond the paper, then the
 # held-out confirmation of the combination it recommends. Usage:
 #   benchmarks/issue8_ablation.sh [OUT_DIR] [ablation|confirm|all]   (default: all)
 #

@@ -6,7 +6,8 @@ run and counts, per node class, the share of nodes that the mask (> ζ) touches,
 mask's connected components that touch no node. A decoder taught by masks of every node
 marks both classes alike; one that the scan label also teaches (``model.roi_evidence:
 trained``, attention pooling) marks metastatic nodes more than benign ones, which costs
-Dice against masks of every node (BENCHMARKS.md section 7).
+Dice against masks of every node (BENCHMARKS.md section 1.1; the dev log,
+docs/dev-log-2026-11-25_to_2026-12-03.md, section 7).
 With ``--components PATIENT`` it also lists, for that test patient, each mask component's
 size and centre in millimetres (SimpleITK's index-to-physical transform, LPS) beside the
 phantom's nodes, so that a reader can see which node each component lies on.

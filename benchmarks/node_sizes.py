@@ -6,8 +6,9 @@ For each data folder (``lymphdx synth`` output: ``DIR/weak/manifest.csv`` and
 equal-volume diameter in voxels and mm, and whether ``train.log`` would warn (and
 ``training.small_node_epochs`` raise the budget). All strong scans are read; a run reads
 its training split only, so its ``train.log`` figure differs slightly.
-Usage: python benchmarks/node_sizes.py DATA_DIR [DATA_DIR ...]   (BENCHMARKS.md section 7.2,
-seventh round; set LYMPHDX_CACHE to reuse a compare's cache)
+Usage: python benchmarks/node_sizes.py DATA_DIR [DATA_DIR ...]   (BENCHMARKS.md section 1.4;
+the dev log, docs/dev-log-2026-11-25_to_2026-12-03.md, section 7.2, seventh round; set
+LYMPHDX_CACHE to reuse a compare's cache)
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 # Does a change leave training unchanged? Train the same small ssmdmt run (the tiny test
 # network on synthetic data, the quick preset's schedule shortened: ROI warm-up, patches,
 # propagation, EMA) with two lymphdx installs and compare the checkpoints bit for bit and
-# history.csv column by column (BENCHMARKS section 8).
+# history.csv column by column (BENCHMARKS.md section 3.5).
 # Usage: benchmarks/same_training.sh OLD_LYMPHDX NEW_LYMPHDX OUT
 #   e.g. benchmarks/same_training.sh /work/old/.venv/bin/lymphdx .venv/bin/lymphdx /tmp/same
 set -euo pipefail

@@ -4,7 +4,8 @@ Reads ``DATA/weak/manifest.csv`` and ``DATA/weak_truth/nodes.csv`` (``lymphdx sy
 and prints, per data folder, the AUC of per-patient readings of the true nodes: the
 largest node's approximate short axis (diameter × roundness^(2/3)), its largest diameter,
 its largest roundness and the node count. An upper bound on what any reading of node
-sizes and shapes can reach on that draw of patients (BENCHMARKS.md section 7.4).
+sizes and shapes can reach on that draw of patients (BENCHMARKS.md section 3.3;
+docs/dev-log-2026-11-25_to_2026-12-03.md section 7.4).
 Usage: python benchmarks/truth_separability.py DATA [DATA ...]
 """
 

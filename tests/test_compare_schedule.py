@@ -20,7 +20,8 @@ def _config(tmp_path: Path, strategy: str, epochs: int = 2) -> Config:
 
 
 def test_expected_cost_ranks_the_strategies_as_measured(tmp_path: Path) -> None:
-    # the demo's training seconds (BENCHMARKS.md §2): 343 / 454 / 438 / 549
+    # the 14-epoch demo's training seconds (docs/dev-log-2026-11-25_to_2026-12-03.md §2):
+    # 343 / 454 / 438 / 549
     cost = {s: compare.expected_cost(_config(tmp_path, s)) for s in compare.PAPER_STRATEGIES}
     assert cost["supervised"] == pytest.approx(2 * 1.0)
     assert cost["semi-supervised"] == pytest.approx(2 * 1.3)

@@ -149,13 +149,13 @@ class ModelConfig(_Section):
     # malignancy map too: classification learns fastest, strong Dice falls a little).
     # true: the ROI logits without that gradient plus a zero-initialised 1x1-conv head on
     # the decoder's last features that the label teaches (Dice kept, classification
-    # learns far slower in the quick budget; BENCHMARKS.md section 7)
+    # learns far slower in the quick budget; docs/dev-log-2026-11-25_to_2026-12-03.md §7.1)
     attention_head: bool = False
     # attention pooling: the classifier's logit also gets a learnt affine term of the scan's
     # largest ROI logit, a skip past the FC layers (on the synthetic data the largest ROI
     # probability alone separates the weak patients better than the FC layers' reading:
-    # BENCHMARKS.md section 7). off | detached (no label gradient into the decoder through
-    # it) | trained (the label's gradient reaches the decoder through it too)
+    # docs/dev-log-2026-11-25_to_2026-12-03.md §7.1). off | detached (no label gradient into the
+    # decoder through it) | trained (the label's gradient reaches the decoder through it too)
     roi_evidence: Literal["off", "detached", "trained"] = "off"
     # the skip's reading: 1, the largest logit of the map the attention reads; K > 1, the
     # mean of its K largest logits on the decoder's grid (the quick grid's decoder voxel
@@ -313,7 +313,8 @@ class PropagationConfig(_Section):
     # false: the gate reads the last epoch's strong-validation Dice; true: it opens for
     # good once any epoch's Dice (the ROI warm-up's included) reached it. With the label's
     # gradient narrowing the ROI map in the joint phase, the last epoch's Dice can fall
-    # under the gate and keep propagation from ever starting (BENCHMARKS.md section 7.3)
+    # under the gate and keep propagation from ever starting
+    # (docs/dev-log-2026-11-25_to_2026-12-03.md §7.3)
     dice_gate_latch: bool = False
     # a propagation whose kept pseudo class labels are all of one class (typically a
     # classifier still at chance on the other hospital) carries no ranking: true drops
@@ -369,7 +370,7 @@ class TrainingConfig(_Section):
     flip_augment: bool = True
     num_threads: int | None = None  # default: all cores, shared by the processes of a node
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
-    # speed options (lymphdx.engine.performance; measured in BENCHMARKS.md)
+    # speed options (lymphdx.engine.performance; measured in BENCHMARKS.md §2.7)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 = CUDA AMP
     channels_last: bool = False  # channels-last-3d memory format
     compile: bool = False  # torch.compile the model

@@ -69,7 +69,7 @@ PAPER_STRATEGIES = tuple(s.name for s in STRATEGIES.values() if s.paper_auc is n
 # Config values a strategy implies where the config gives none: {section: {key: value}}.
 # ssmdmt-plus: the options that `compare --ablation` adopted on the default synthetic data
 # (3-fold CV x 2 repeats on the fixed split's train + val patients only; its rule: ΔAUC vs
-# ssmdmt > 0 in the mean and on the repeat-averaged scores; BENCHMARKS.md section 6):
+# ssmdmt > 0 in the mean and on the repeat-averaged scores; BENCHMARKS.md section 3.2):
 # the EMA teacher (+0.027 [-0.073, +0.127], p 0.79) and the ROI ignore band (+0.027
 # [-0.044, +0.094], p 0.90). Neither gain is significant: on other data, run the ablation
 # and train with its recommended.yaml.

@@ -2,14 +2,14 @@
 weak training patients, averaged with the classifier's probability
 (``evaluation.roi_readout``).
 
-Why (BENCHMARKS.md section 7.2, twelfth round): the ROI map is taught by the other
-hospital's masks, not by this hospital's scan labels, so on the weak training patients
-it is not fitted to their labels the way the classifier is (training AUC 0.97-0.99 for
-the map's readings and held-out 0.93, against 0.999 and 0.92 for the classifier). Its
-readings, the soft volume of the scan's largest nodes at several sizes, its largest
-probability and its total, are what a radiologist's size rule reads; first-order
+Why (docs/dev-log-2026-11-25_to_2026-12-03.md section 7.2, twelfth round): the ROI map is
+taught by the other hospital's masks, not by this hospital's scan labels, so on the weak
+training patients it is not fitted to their labels the way the classifier is (training AUC
+0.97-0.99 for the map's readings and held-out 0.93, against 0.999 and 0.92 for the
+classifier). Its readings, the soft volume of the scan's largest nodes at several sizes,
+its largest probability and its total, are what a radiologist's size rule reads; first-order
 intensity readings of the image under the map's most probable voxels (their weighted mean
-and spread, and their low tail: BENCHMARKS.md section 7.2, fourteenth round) add what a
+and spread, and their low tail: the same log's section 7.2, fourteenth round) add what a
 radiologist sees inside a node: whether the k most probable voxels lie inside solid
 tissue (a node large enough to fill them) or straddle fat, heterogeneity, necrosis. A
 regression fitted to them on the training patients can therefore be weighed against the

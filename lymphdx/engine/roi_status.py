@@ -6,7 +6,7 @@ then measures a classifier without the ROI task, not the strategy, and ``train.l
 ``metrics.json`` and ``compare``'s ``results.md`` say so. Before training, nodes whose
 median spans fewer than ``MIN_NODE_VOXELS`` voxels of the grid get a warning in
 ``train.log`` (``node_size_status``): that is where the quick preset failed (BENCHMARKS.md
-section 7.5), and where ``training.small_node_epochs`` raises the budget.
+section 1.4), and where ``training.small_node_epochs`` raises the budget.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from scipy import ndimage
 ROI_LEARNED_DICE = 0.05
 # below this median equivalent diameter (voxels of the training grid) the strong set's
 # nodes are called small for the grid: the default phantom's is ~3 on the quick grid,
-# the --node-scale 0.7 phantom's ~2, where the decoder learned too late (section 7.5)
+# the --node-scale 0.7 phantom's ~2, where the decoder learned too late (BENCHMARKS.md 1.4)
 MIN_NODE_VOXELS = 2.5
 
 

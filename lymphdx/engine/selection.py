@@ -124,7 +124,7 @@ class SelectionMixin:
         weak training scans, and the strong ones whenever the strategy trains on them, as
         training's running statistics did (with ``domain_batch`` each hospital keeps its
         own). With the weak scans alone the ROI map lost Dice on the other hospital's scans
-        (BENCHMARKS.md §7.2, tenth round)."""
+        (docs/dev-log-2026-11-25_to_2026-12-03.md §7.2, tenth round)."""
         sets = [(self.weak_train, WEAK)]
         if self.strong_train is not None:
             sets.append((self.strong_train, STRONG))

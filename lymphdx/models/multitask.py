@@ -224,7 +224,7 @@ class RoiDecoder(nn.Module):
     Input ``o`` ``(B, C_o, d, h, w)`` (and skips when enabled); output logits
     ``(B, 1, d·s, h·s, w·s)``. The last ``stem_stride`` factor is a trilinear upsampling
     of the logits, so no layer runs at full resolution (full-resolution layers would
-    dominate the cost: BENCHMARKS.md §5.3).
+    dominate the cost: BENCHMARKS.md §2.5).
     """
 
     def __init__(self, cfg: ModelConfig, encoder: DenseEncoder) -> None:
@@ -411,7 +411,8 @@ def build_model(cfg: ModelConfig) -> MultiTaskNet:
             nn.init.zeros_(m.bias)
     # the ROI logits start at the prior of a rare foreground (Lin et al. 2017's focal-loss
     # init): from 0.5 everywhere the decoder first spends hundreds of steps learning
-    # "background" and then sits there under Dice + CE (BENCHMARKS.md, learning curves)
+    # "background" and then sits there under Dice + CE
+    # (docs/dev-log-2026-11-25_to_2026-12-03.md §7.1)
     nn.init.constant_(model.decoder.head[-1].bias, -math.log((1 - ROI_PRIOR) / ROI_PRIOR))
     if model.decoder.attention_head is not None:  # the attention starts as the ROI map
         nn.init.zeros_(model.decoder.attention_head.weight)

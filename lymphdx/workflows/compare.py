@@ -126,8 +126,9 @@ def _warm_cache(config: Config, weak_csv: Path, strong_csv: Path) -> None:
 
 def expected_cost(config: Config) -> float:
     """A run's training time relative to a supervised run of as many epochs (measured on
-    the demo, BENCHMARKS.md §2: supervised 1, semi-supervised and multitask about 1.3,
-    ssmdmt about 1.6): each extra loss on the strong set adds about 0.3."""
+    the 14-epoch demo of docs/dev-log-2026-11-25_to_2026-12-03.md §2: supervised 1,
+    semi-supervised and multitask about 1.3, ssmdmt about 1.6): each extra loss on the strong
+    set adds about 0.3."""
     strategy = get_strategy(config.strategy)
     extra = 0.3 * strategy.roi_strong + 0.3 * strategy.pseudo_cls_strong
     return config.training.epochs * (1.0 + extra)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Times the cross-validated comparison on the default synthetic data and prints JSON
-# (wall seconds, pooled results). Usage: benchmarks/cv_compare.sh [OUT_DIR]
-# (BENCHMARKS.md section 4). Needs the data of `make demo` (demo_out/data) or makes it.
+# (wall seconds, pooled results). Usage: benchmarks/archive/cv_compare.sh [OUT_DIR]
+# (docs/dev-log-2026-11-25_to_2026-12-03.md, section 4). Needs the data of `make demo`
+# (demo_out/data) or makes it.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 out=${1:-/tmp/lymphdx-cv52}
 [ -f demo_out/data/weak/manifest.csv ] || .venv/bin/lymphdx synth --out demo_out/data >/dev/null
 start=$(date +%s)

@@ -1,6 +1,7 @@
-"""Which reading of the ROI map to fit beside the classifier (BENCHMARKS.md section 7.2,
-twelfth round): for each fold of a ``compare --cv`` repeat, fit a logistic regression on
-the fold's weak training patients (train + val) and score its held-out patients.
+"""Which reading of the ROI map to fit beside the classifier (the dev log,
+docs/dev-log-2026-11-25_to_2026-12-03.md section 7.2, twelfth round): for each fold
+of a ``compare --cv`` repeat, fit a logistic regression on the fold's weak training
+patients (train + val) and score its held-out patients.
 
 Variants: the logit of the mean of the k largest ROI probabilities alone (``topK``) and
 averaged with the classifier, as probabilities (``avg_topK``) or as logits
@@ -10,7 +11,7 @@ sum (``multi``, standardised, C = 0.3), alone and averaged (``avg_multi``: what
 and the classifier are averaged with the left-right flip (``--flip`` of
 ``roi_readout_probe.py``), the maximum and the sum are not. Prints the pooled held-out
 AUC of each, per strategy.
-Usage: python benchmarks/readout_variants.py CV_REPEAT_DIR [CV_REPEAT_DIR ...]
+Usage: python benchmarks/archive/readout_variants.py CV_REPEAT_DIR [CV_REPEAT_DIR ...]
 (e.g. OUT/dev_top1/cv/repeat0; set LYMPHDX_CACHE to the compare's cache)
 """
 

@@ -1,4 +1,5 @@
-"""Thirteenth round of BENCHMARKS.md section 7.2: do the shapes of the ROI map's nodes add
+"""Thirteenth round of the dev log's section 7.2 (docs/dev-log-2026-11-25_to_2026-12-03.md):
+do the shapes of the ROI map's nodes add
 to the readout's seven readings? For each fold of a ``compare --cv`` repeat, the
 readout (``evaluation.roi_readout``'s seven readings) is fitted on the fold's weak train
 + val patients with and without three shape readings of the flip-averaged map's
@@ -8,7 +9,7 @@ short axis of at least 10 mm (the radiologist's rule). Axes from each component'
 probability-weighted second moments (a solid ellipsoid's variance along a semi-axis a is
 a²/5), in mm. Prints the pooled held-out AUC of each readout averaged with the
 classifier, per strategy.
-Usage: python benchmarks/readout_shape_probe.py CV_REPEAT_DIR [...] (set LYMPHDX_CACHE)
+Usage: python benchmarks/archive/readout_shape_probe.py CV_REPEAT_DIR [...] (set LYMPHDX_CACHE)
 """
 
 from __future__ import annotations

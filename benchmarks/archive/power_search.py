@@ -4,7 +4,7 @@ tests of a finished ``compare`` or ``compare --ablation`` folder (``results.json
 ``ablation.json``). Both searches run in this process, one after the other, on the same
 inputs; their results must be identical.
 
-Usage: ``python benchmarks/power_search.py OUT/ablation/ablation.json``. Prints one JSON
+Usage: ``python benchmarks/archive/power_search.py OUT/ablation/ablation.json``. Prints one JSON
 object: per paired test the inputs, the patient count (None: more than 20,000) and both
 times, and the totals with their ratio.
 """

@@ -4,7 +4,7 @@ The runs must keep every epoch's weights (``compare --cv K --pooled-selection`` 
 with ``training.keep_epochs``). With a constant learning rate nothing in a run depends on
 its total length, so epoch E of a 14-epoch run is the final model of an E-epoch run: one
 CV answers "would a shorter or longer budget do better?". Usage:
-    python benchmarks/oof_by_epoch.py CV_COMPARE_DIR --epochs 6 8 10 12 14
+    python benchmarks/archive/oof_by_epoch.py CV_COMPARE_DIR --epochs 6 8 10 12 14
 """
 
 from __future__ import annotations

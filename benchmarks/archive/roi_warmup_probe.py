@@ -4,9 +4,11 @@ Trains the decoder alone on the strong set's node-oversampled patches (the ROI w
 of the quick recipe, outside the trainer) and prints, every ``--eval-every`` steps, the
 ROI loss, the strong-validation Dice (at 0.5) and the weak-validation AUC of the maximum
 ROI probability per scan. ``--bias`` overrides the output bias that ``build_model`` sets
-to the node prior (−4.6): ``--bias 0`` reproduces the old plateau (BENCHMARKS.md §7.1).
+to the node prior (−4.6): ``--bias 0`` reproduces the old plateau (§7.1 of
+docs/dev-log-2026-11-25_to_2026-12-03.md).
 Usage:
-    python benchmarks/roi_warmup_probe.py DATA_DIR [--steps 600] [--bias 0] [--patch 32 32 32]
+    python benchmarks/archive/roi_warmup_probe.py DATA_DIR [--steps 600] [--bias 0]
+        [--patch 32 32 32]
 """
 
 from __future__ import annotations

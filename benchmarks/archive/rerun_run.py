@@ -3,8 +3,9 @@
 A run folder's ``config.yaml`` and ``splits.csv`` fix it; this copies the splits into
 OUT, applies ``--set section.key=value`` (the value read as YAML) to the config and trains
 and evaluates OUT as ``compare`` does (``run_one``), so that the two runs differ only in
-those keys. Used for the Dice-gate latch reruns of BENCHMARKS.md section 7.3.
-Usage: python benchmarks/rerun_run.py RUN OUT --set propagation.dice_gate_latch=true
+those keys. Used for the Dice-gate latch reruns of section 7.3 of
+docs/dev-log-2026-11-25_to_2026-12-03.md.
+Usage: python benchmarks/archive/rerun_run.py RUN OUT --set propagation.dice_gate_latch=true
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ against readings of its ROI map: the largest ROI probability, the mean of the k 
 for a model with ``model.malignancy_map``, the largest probability of the malignancy map
 that the classifier reads. Then the held-out scores pooled over the folds. This is the
 probe that found the classifier reading the ROI map worse than its maximum alone
-(BENCHMARKS.md section 7.1), which ``model.roi_evidence`` then closed, and the top-k
-reading of section 7.2's fourth round; ``--flip`` is the sixth round's probe of
-``evaluation.tta_flip``.
-Usage: python benchmarks/roi_readout_probe.py CV_REPEAT_DIR STRATEGY [--top-k 5 10 20]
+(docs/dev-log-2026-11-25_to_2026-12-03.md section 7.1), which
+``model.roi_evidence`` then closed, and the top-k reading of section 7.2's fourth round;
+``--flip`` is the sixth round's probe of ``evaluation.tta_flip``.
+Usage: python benchmarks/archive/roi_readout_probe.py CV_REPEAT_DIR STRATEGY [--top-k 5 10 20]
 [--held-out-only] [--flip]   (e.g. OUT/cv0/cv/repeat0 multitask; set LYMPHDX_CACHE to the
 compare's cache)
 """

@@ -6,7 +6,7 @@ labels from ``checkpoints/last.pt`` and scores them against what ``lymphdx synth
   accuracy, sensitivity, specificity, share called positive;
 - weak set: pseudo ROI masks (> ζ) vs the true node masks (``weak_truth/masks``): Dice
   over the training scans, and the share of scans with a non-empty pseudo mask.
-Usage: python benchmarks/propagation_quality.py RUN [RUN ...]
+Usage: python benchmarks/archive/propagation_quality.py RUN [RUN ...]
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Fourteenth round of BENCHMARKS.md section 7.2: do first-order intensity readings of the
+"""Fourteenth round of the dev log's section 7.2 (docs/dev-log-2026-11-25_to_2026-12-03.md):
+do first-order intensity readings of the
 nodes the ROI map finds add to the readout's seven readings (which are all volumes)?
 Malignant nodes are heterogeneous or necrotic more often than benign ones, in CT as in the
 phantom; the seven readings cannot see that, and the classifier, fitted on 67-90 scans,
@@ -7,9 +8,9 @@ may not have learned it. For the k voxels of largest ROI probability (k = 20 and
 intensity units: the probability-weighted mean and standard deviation of the image, and
 the 10th percentile of its values. For each fold of a ``compare --cv`` repeat the readout
 is fitted on the fold's weak train + val patients with and without these six readings
-(``benchmarks/readout_shape_probe.probe``); prints the pooled held-out AUC of each,
+(``benchmarks/archive/readout_shape_probe.probe``); prints the pooled held-out AUC of each,
 averaged with the classifier and alone, per strategy.
-Usage: python benchmarks/readout_intensity_probe.py CV_REPEAT_DIR [...] (set LYMPHDX_CACHE)
+Usage: python benchmarks/archive/readout_intensity_probe.py CV_REPEAT_DIR [...] (set LYMPHDX_CACHE)
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ In the joint phase the decoder's batch norms see weak whole scans beside strong 
 For each of a run's checkpoints (``best`` and ``last``) this prints the strong-validation
 Dice at ζ as trained, and again after the batch-norm running statistics are re-estimated
 on the strong training scans alone (a cumulative average over one pass, no weight
-changes). A large rise would point at the statistics; BENCHMARKS.md section 7.2 (third
-round) found ≤ 0.04, i.e. the features themselves had changed.
-Usage: python benchmarks/bn_recalibration_probe.py RUN [RUN ...]
+changes). A large rise would point at the statistics; the dev log
+(docs/dev-log-2026-11-25_to_2026-12-03.md) section 7.2 (third round) found ≤ 0.04,
+i.e. the features themselves had changed.
+Usage: python benchmarks/archive/bn_recalibration_probe.py RUN [RUN ...]
 (set LYMPHDX_CACHE to the cache the run was trained with)
 """
 
