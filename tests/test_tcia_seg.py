@@ -274,6 +274,7 @@ def test_with_both_masks_the_seg_is_used_and_compared(tmp_path):
     n = int(np.count_nonzero(two.mask == 5))
     (warning,) = [w for w in second.warnings if "differs from the DICOM SEG" in w]
     assert f"in {n} voxel(s)" in warning and "the DICOM SEG is used" in warning
+    assert f"ABD_LYMPH_002: {warning}" in report.lines()  # printed by the command
     np.testing.assert_array_equal(written_mask(out, "ABD_LYMPH_002"), fewer)
     assert second.nodes_outside and [o["line"] for o in second.nodes_outside] == [3]
 
