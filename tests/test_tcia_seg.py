@@ -142,7 +142,8 @@ def seg_tree(
         write_seg(seg_path(case), case.series, (case.mask != 0).astype(np.uint8))
     metadata = next(root.rglob("metadata.csv"), None)
     if metadata is not None:
-        rows = list(csv.reader(metadata.open()))
+        with metadata.open(newline="") as f:
+            rows = list(csv.reader(f))
         for case in cases.values():
             folder = seg_path(case).parent.relative_to(metadata.parent)
             location = "\\".join([".", *folder.parts])
@@ -319,6 +320,17 @@ def _rotated(ds: pydicom.Dataset) -> None:
     plane.ImageOrientationPatient = [0, 1, 0, 1, 0, 0]
 
 
+def _other_size(ds: pydicom.Dataset) -> None:
+    narrow = frames(ds)[:, :, :64]
+    ds.Columns = 64
+    set_frames(ds, narrow, list(ds.PerFrameFunctionalGroupsSequence))
+
+
+def _locations_not_preserved(ds: pydicom.Dataset) -> None:
+    item = ds.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
+    item.SourceImageSequence[0].SpatialLocationsPreserved = "NO"
+
+
 def _no_segment_data(ds: pydicom.Dataset) -> None:
     del ds.SegmentSequence
 
@@ -337,6 +349,8 @@ def _no_segment_data(ds: pydicom.Dataset) -> None:
         (_off_slice, ["cannot be put on the CT's slices", "frame 1 (position", "lies on none"]),
         (_position_contradicts_reference, ["cannot be put on the CT's slices", "frame 1"]),
         (_rotated, ["ImageOrientationPatient [0.0, 1.0, 0.0, 1.0, 0.0, 0.0]"]),
+        (_other_size, ["frames are 128 x 64 pixels, the CT's slices 128 x 128"]),
+        (_locations_not_preserved, ["frame 1 says its pixels do not lie", "Preserved NO"]),
         (_no_segment_data, ["not a readable DICOM SEG"]),
     ],
     ids=[
@@ -345,6 +359,8 @@ def _no_segment_data(ds: pydicom.Dataset) -> None:
         "off_slice",
         "contradiction",
         "rotated",
+        "other_size",
+        "locations_not_preserved",
         "damaged",
     ],
 )
@@ -488,7 +504,8 @@ def test_prepare_tcia_end_to_end_on_a_seg_tree(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "3 patient(s) written" in result.output
-    rows = list(csv.DictReader(out.open()))
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
     assert [r["mask"] for r in rows] == [f"tcia_masks/{p}.nii.gz" for p in ids]
     for patient in ids:
         np.testing.assert_array_equal(written_mask(out, patient), cases[patient].mask != 0)

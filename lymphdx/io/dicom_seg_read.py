@@ -12,7 +12,8 @@ resampling):
 
 The SEG's FrameOfReferenceUID must be the CT's, its frames the CT's size, orientation
 and pixel spacing. Frames may come in any order and cover only some slices (SEGs leave
-empty ones out): uncovered slices are empty.
+empty ones out): uncovered slices are empty. A frame that references an instance not in
+the series is refused (the UIDs named), as is one that lies on no slice.
 
 Segments: the ones that say lymph node (SegmentedPropertyType SNOMED CT 59441001, or
 "lymph" in the label or code meaning); a SEG with one segment that does not say so is
@@ -310,7 +311,7 @@ def read_seg_on_stack(
     kind = str(seg.SegmentationType).upper()
     labelmap = kind == "LABELMAP"
     max_fraction = float(seg.get("MaximumFractionalValue", 1) or 1)
-    out = np.zeros(stack.raw_shape, np.uint16)
+    out = np.zeros(stack.raw_shape, np.uint8 if max(segments) < 256 else np.uint16)
     seen: dict[tuple[int, int], int] = {}
     repeated: list[str] = []
     overlap = 0

@@ -1,5 +1,6 @@
 """One TCIA patient at a time: read its series, mask and annotations, find the transpose/flip
-that aligns the mask with the CT stack, check the node centres, write the aligned mask.
+that aligns the mask with the CT stack (or place its DICOM SEG on the stack by reference,
+and compare a NIfTI mask with it), check the node centres, write the aligned mask.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import SimpleITK as sitk
 from lymphdx.core.errors import InputError
 from lymphdx.io.dicom import DicomSeries, read_dicom_series
 from lymphdx.io.dicom_headers import SeriesSummary, choose_series, scan_folder
-from lymphdx.io.dicom_seg_read import read_seg_on_stack, seg_referenced_series
+from lymphdx.io.dicom_seg_read import SegOnStack, read_seg_on_stack, seg_referenced_series
 from lymphdx.io.dicom_stack import SliceStack
 from lymphdx.io.geometry import Geometry
 from lymphdx.io.tcia_sources import PatientSources, read_points
@@ -269,18 +270,21 @@ def _compare_nifti(path: Path, seg_zyx: np.ndarray, patient: str) -> tuple[bool,
     )
 
 
+def _copy_image(result: PatientResult, series: DicomSeries, n_series: int, out_dir: Path) -> None:
+    """A manifest path must name a folder with one series: else write the image's copy."""
+    if n_series > 1:
+        path = out_dir / IMAGES_DIR / f"{result.patient}.nii.gz"
+        write_volume(path, sitk.GetArrayFromImage(series.image), series.geometry)
+        result.image = str(path)
+        result.warnings.append(f"series folder holds {n_series} series: image written to {path}")
+
+
 def _finish_seg(
-    work: Work, seg_path: Path, slice_uids: list[str], nifti: Path | None, out_dir: Path
+    work: Work, on_stack: SegOnStack, nifti: Path | None, out_dir: Path
 ) -> PatientResult:
-    """The mask from the patient's DICOM SEG, placed on the CT by its references."""
+    """The mask from the patient's DICOM SEG (placed on the CT's stack), compared with the
+    NIfTI mask when there is one."""
     result = work.result
-    try:
-        on_stack = read_seg_on_stack(seg_path, work.stack, slice_uids, result.patient)
-    except InputError as err:
-        result.problem = str(err)
-        if nifti is not None:
-            result.problem += f" (the NIfTI mask {nifti} was not used: fix or remove the SEG)"
-        return result
     result.warnings.extend(on_stack.warnings)
     by = on_stack.placed_by
     if nifti is not None:
@@ -342,30 +346,35 @@ def assess(sources: PatientSources, root: Path, out_dir: Path) -> Work | Patient
         result.problem = str(err)
         return result
     result.nodes = len(points)
-    if n_series > 1:  # a manifest path must name a folder with one series: write a copy
-        path = out_dir / IMAGES_DIR / f"{patient}.nii.gz"
-        write_volume(path, sitk.GetArrayFromImage(series.image), series.geometry)
-        result.image = str(path)
-        result.warnings.append(f"series folder holds {n_series} series: image written to {path}")
 
     if seg_path is not None:
         result.mask_source = str(seg_path)
-        uid_of = {h.path: h.sop_uid for h in chosen.slices}
-        work = Work(
-            result,
-            series.stack,
-            series.geometry,
-            seg_path,
-            None,
-            [_IDENTITY],
-            [_IDENTITY],
-            _IDENTITY,
-            points,
-            lines,
-            False,
-        )
         nifti = sources.masks[0] if sources.masks else None
-        return _finish_seg(work, seg_path, [uid_of[f] for f in series.stack.files], nifti, out_dir)
+        uid_of = {h.path: h.sop_uid for h in chosen.slices}
+        try:
+            on_stack = read_seg_on_stack(
+                seg_path, series.stack, [uid_of.get(f, "") for f in series.stack.files], patient
+            )
+        except InputError as err:
+            result.problem = str(err)
+            if nifti is not None:
+                result.problem += f" (the NIfTI mask {nifti} was not used: fix or remove the SEG)"
+            return result
+        _copy_image(result, series, n_series, out_dir)
+        work = Work(
+            result=result,
+            stack=series.stack,
+            geometry=series.geometry,
+            mask_path=seg_path,
+            mask=None,
+            candidates=[_IDENTITY],
+            best=[_IDENTITY],
+            geometry_fit=_IDENTITY,
+            points=points,
+            point_lines=lines,
+            mask_geometry_matches=False,  # a SEG is not a volume: the mask is always written
+        )
+        return _finish_seg(work, on_stack, nifti, out_dir)
 
     mask_path = sources.masks[0]
     result.mask_source = str(mask_path)
@@ -416,6 +425,7 @@ def assess(sources: PatientSources, root: Path, out_dir: Path) -> Work | Patient
         best = [c for c in candidates if scores[c] == top]
     else:
         best = list(candidates)
+    _copy_image(result, series, n_series, out_dir)
     geometry = Geometry.of(mask_image)
     return Work(
         result=result,
