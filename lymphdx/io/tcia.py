@@ -7,6 +7,8 @@ What is found under ``root`` (any nesting, found by name):
   with a ``metadata.csv`` whose ``File Location`` points at each series; or flat, the
   slices right in the patient folder);
 - ``<patient>_mask.nii.gz`` (``MED_ABD_LYMPH_MASKS``): one instance id per node;
+- the current release's DICOM SEG series (Modality SEG in the headers, in any folder below
+  the patient's, e.g. ``<patient>/<study>/300.000000-Segmentation-…/1-1.dcm``);
 - ``<patient>_lymphnodes_physicalPoints.txt`` (node centres, world x y z in mm, LPS as
   ITK writes it), ``_indices.txt`` and ``_sizes.txt`` (``MED_ABD_LYMPH_ANNOTATIONS``).
 
@@ -16,6 +18,14 @@ node centres inside a node wins (ties: the one the mask's own header geometry ag
 then the one most other patients needed); a mask that no transpose/flip fits is refused.
 Where the mask is not already on the image's grid with its geometry, an aligned copy is
 written to ``<csv folder>/tcia_masks/<patient>.nii.gz``; the download is never modified.
+A DICOM SEG needs no guessing: its frames are put on the CT's slices by the
+SOPInstanceUIDs they reference (or their positions), see :mod:`lymphdx.io.dicom_seg_read`,
+and the mask is written to ``tcia_masks/<patient>.nii.gz`` on the image's grid (the
+manifest's masks stay volumes that SimpleITK reads, and the SEG's checks run once, here).
+Where a patient has both, the SEG is used (it is the current release's form, and placed by
+reference) and the NIfTI mask, at its best transpose/flip, is compared with it: a
+difference is a warning; a SEG that cannot be used leaves the patient out, it is not
+silently replaced by the NIfTI mask.
 Each annotated centre is checked to lie inside the mask; patients where one does not are
 reported. ``<csv stem>_report.json`` holds the per-patient report.
 
@@ -79,6 +89,7 @@ class TciaReport:
         for p in self.written:
             if p.alignment != "as stored":
                 out.append(f"{p.patient}: mask aligned ({p.alignment}) by {p.aligned_by}")
+            out.extend(f"{p.patient}: {w}" for w in p.warnings if "DICOM SEG" in w)
             if p.nodes_outside:
                 out.append(
                     f"{p.patient}: {len(p.nodes_outside)} of {p.nodes} annotated node centres "

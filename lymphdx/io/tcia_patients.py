@@ -1,5 +1,6 @@
 """One TCIA patient at a time: read its series, mask and annotations, find the transpose/flip
-that aligns the mask with the CT stack, check the node centres, write the aligned mask.
+that aligns the mask with the CT stack (or place its DICOM SEG on the stack by reference,
+and compare a NIfTI mask with it), check the node centres, write the aligned mask.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import SimpleITK as sitk
 from lymphdx.core.errors import InputError
 from lymphdx.io.dicom import DicomSeries, read_dicom_series
 from lymphdx.io.dicom_headers import SeriesSummary, choose_series, scan_folder
+from lymphdx.io.dicom_seg_read import SegOnStack, read_seg_on_stack, seg_referenced_series
 from lymphdx.io.dicom_stack import SliceStack
 from lymphdx.io.geometry import Geometry
 from lymphdx.io.tcia_sources import PatientSources, read_points
@@ -129,6 +131,7 @@ class PatientResult:
     nodes: int = 0
     nodes_outside: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    mask_source: str | None = None  # the downloaded mask: a NIfTI file or a DICOM SEG
 
 
 @dataclass
@@ -148,17 +151,27 @@ class Work:
     mask_geometry_matches: bool
 
 
-def _choose_folder(sources: PatientSources) -> tuple[Path, SeriesSummary, int, str | None]:
+def _choose_folder(
+    sources: PatientSources,
+) -> tuple[Path, SeriesSummary, int, str | None, list[Path]]:
     """The series folder (rule: most slices of an axial CT), its series, how many series
-    that folder holds, and a sentence when there was a choice."""
+    that folder holds, a sentence when there was a choice, and the DICOM SEG files found
+    in the patient's folders (Modality SEG)."""
     options: list[tuple[Path, SeriesSummary, int]] = []
+    segs: list[Path] = []
     for folder in sources.dicom_dirs:
         series, _ = scan_folder(folder)
-        options.extend((folder, s, len(series)) for s in series)
+        for s in series:
+            if s.modality == "SEG":
+                segs.extend(h.path for h in s.slices)
+            else:
+                options.append((folder, s, len(series)))
     summaries = [s for _, s, _ in options]
     if not summaries:
+        only = f": only DICOM SEG file(s) ({', '.join(map(str, segs))})" if segs else ""
         raise InputError(
-            "no readable DICOM image series in its folder(s)",
+            f"no readable DICOM image series in its folder(s){only}; the CT series is missing "
+            "(download it again)",
             sources.dicom_dirs[0],
             sources.patient,
         )
@@ -166,20 +179,136 @@ def _choose_folder(sources: PatientSources) -> tuple[Path, SeriesSummary, int, s
         summaries, sources.dicom_dirs[0], sources.patient, pick_largest=True
     )
     folder, _, count = next(o for o in options if o[1] is chosen)
-    return folder, chosen, count, (choice if len(summaries) > 1 else None)
+    return folder, chosen, count, (choice if len(summaries) > 1 else None), segs
+
+
+def _choose_seg(segs: list[Path], series_uid: str, patient: str) -> tuple[Path, list[str]]:
+    """The one SEG for the series (several: the one whose ReferencedSeriesSequence names it)."""
+    if len(segs) == 1:
+        return segs[0], []
+    mine = [p for p in segs if series_uid in seg_referenced_series(p)]
+    if len(mine) == 1:
+        others = ", ".join(str(p) for p in segs if p != mine[0])
+        return mine[0], [f"DICOM SEG file(s) of other series ignored: {others}"]
+    if not mine:
+        problem = (
+            f"{len(segs)} DICOM SEG files found and none names series {series_uid} in its "
+            f"ReferencedSeriesSequence ({', '.join(map(str, segs))}); keep the one made on "
+            "this series"
+        )
+    else:
+        problem = (
+            f"{len(mine)} DICOM SEG files found for series {series_uid} "
+            f"({', '.join(map(str, mine))}); keep one"
+        )
+    raise InputError(problem, segs[0].parent, patient)
+
+
+def _read_notes(
+    sources: PatientSources, series: DicomSeries, result: PatientResult
+) -> tuple[np.ndarray, list[int], Path | None]:
+    """The annotated node centres ``(N, 3)`` LPS mm, their lines and file.
+
+    Raises:
+        InputError, OSError: an unreadable annotation file.
+    """
+    points, lines, source = np.zeros((0, 3)), [], None
+    if sources.notes.get("points"):
+        source = sources.notes["points"][0]
+        points, lines = read_points(source, result.patient)
+    elif sources.notes.get("indices"):
+        source = sources.notes["indices"][0]
+        indices, lines = read_points(source, result.patient)
+        affine = series.stack.stack_geometry().affine_lps()
+        points = (affine @ np.c_[indices, np.ones(len(indices))].T).T[:, :3]
+        result.warnings.append(
+            f"no physicalPoints file: node centres taken from {source.name} as (x, y, z) "
+            "voxel indices of the CT stack"
+        )
+    else:
+        result.warnings.append(
+            "no annotation files (MED_ABD_LYMPH_ANNOTATIONS): the node-centre check is skipped"
+        )
+    if sources.notes.get("sizes") and len(points):
+        text = sources.notes["sizes"][0].read_text(errors="replace")
+        n_sizes = sum(1 for line in text.splitlines() if line.split())
+        if n_sizes != len(points):
+            result.warnings.append(f"{n_sizes} node sizes but {len(points)} node centres")
+    return points, lines, source
+
+
+def _compare_nifti(path: Path, seg_zyx: np.ndarray, patient: str) -> tuple[bool, str]:
+    """Whether the NIfTI mask at ``path``, at its best transpose/flip, equals the SEG's
+    ``(z, y, x)`` mask on the stack (nonzero = node), and a sentence saying so."""
+    try:
+        image = read_image(path, patient)
+        mask = sitk.GetArrayFromImage(image)
+    except InputError as err:
+        return False, f"the NIfTI mask was not compared with the DICOM SEG: {err}"
+    candidates = _candidates(mask.shape, seg_zyx.shape) if mask.ndim == 3 else []
+    if not candidates:
+        return False, (
+            f"the NIfTI mask {path} (size {image.GetSize()}) does not fit the CT; the DICOM "
+            "SEG is used"
+        )
+    seg = seg_zyx != 0
+
+    def differ(c: Alignment) -> int:
+        return int(np.count_nonzero((_apply(mask, c) != 0) ^ seg))
+
+    best = min(candidates, key=differ)
+    n = differ(best)
+    if n == 0:
+        return True, f"the NIfTI mask agrees voxel for voxel ({describe_alignment(best)})"
+    nifti = _apply(mask, best) != 0
+    dice = (
+        2 * np.count_nonzero(nifti & seg) / max(np.count_nonzero(nifti) + np.count_nonzero(seg), 1)
+    )
+    return False, (
+        f"the NIfTI mask {path} differs from the DICOM SEG in {n} voxel(s) (Dice {dice:.3f} "
+        f"at its best transpose/flip, {describe_alignment(best)}): the DICOM SEG is used"
+    )
+
+
+def _copy_image(result: PatientResult, series: DicomSeries, n_series: int, out_dir: Path) -> None:
+    """A manifest path must name a folder with one series: else write the image's copy."""
+    if n_series > 1:
+        path = out_dir / IMAGES_DIR / f"{result.patient}.nii.gz"
+        write_volume(path, sitk.GetArrayFromImage(series.image), series.geometry)
+        result.image = str(path)
+        result.warnings.append(f"series folder holds {n_series} series: image written to {path}")
+
+
+def _finish_seg(
+    work: Work, on_stack: SegOnStack, nifti: Path | None, out_dir: Path
+) -> PatientResult:
+    """The mask from the patient's DICOM SEG (placed on the CT's stack), compared with the
+    NIfTI mask when there is one."""
+    result = work.result
+    result.warnings.extend(on_stack.warnings)
+    by = on_stack.placed_by
+    if nifti is not None:
+        agrees, sentence = _compare_nifti(nifti, on_stack.array, result.patient)
+        if agrees:
+            by += "; " + sentence
+        else:
+            result.warnings.append(sentence)
+            log.warning("patient %r: %s", result.patient, sentence)
+    work.mask = on_stack.array
+    return finish(work, _IDENTITY, by, out_dir)
 
 
 def assess(sources: PatientSources, root: Path, out_dir: Path) -> Work | PatientResult:
-    """Read one patient's series, mask and annotations; score the mask alignments."""
+    """Read one patient's series, mask and annotations; score the mask alignments.
+
+    A patient with a DICOM SEG is finished here (the SEG places itself): its result is
+    returned; a NIfTI mask's alignment may still wait on other patients (a ``Work``).
+    """
     patient = sources.patient
     result = PatientResult(patient, "skipped")
     missing = []
     if not sources.dicom_dirs:
         missing.append(f"no CT series (no folder named {patient} holding DICOM files under {root})")
-    if not sources.masks:
-        missing.append(
-            f"no mask ({patient}_mask.nii.gz from MED_ABD_LYMPH_MASKS not found under {root})"
-        )
     for kind, paths in [("mask", sources.masks), *sources.notes.items()]:
         if len(paths) > 1:
             missing.append(
@@ -189,8 +318,19 @@ def assess(sources: PatientSources, root: Path, out_dir: Path) -> Work | Patient
         result.problem = "; ".join(sources.problems + missing)
         return result
     result.warnings.extend(sources.problems)
+    seg_path = None
     try:
-        folder, chosen, n_series, choice = _choose_folder(sources)
+        folder, chosen, n_series, choice, segs = _choose_folder(sources)
+        if segs:
+            seg_path, notes = _choose_seg(segs, chosen.uid, patient)
+            result.warnings.extend(notes)
+        elif not sources.masks:
+            missing.append(
+                f"no mask ({patient}_mask.nii.gz from MED_ABD_LYMPH_MASKS, or a DICOM SEG "
+                f"series in the patient's folder, not found under {root})"
+            )
+            result.problem = "; ".join(sources.problems + missing)
+            return result
         series = read_dicom_series(folder, patient, series_uid=chosen.uid)
     except InputError as err:
         result.problem = "; ".join([*sources.problems, str(err)])
@@ -200,8 +340,44 @@ def assess(sources: PatientSources, root: Path, out_dir: Path) -> Work | Patient
     result.warnings.extend(series.report.warnings)
     result.series_folder = str(folder)
     result.image = str(folder)
+    try:
+        points, lines, source = _read_notes(sources, series, result)
+    except (InputError, OSError) as err:
+        result.problem = str(err)
+        return result
+    result.nodes = len(points)
+
+    if seg_path is not None:
+        result.mask_source = str(seg_path)
+        nifti = sources.masks[0] if sources.masks else None
+        uid_of = {h.path: h.sop_uid for h in chosen.slices}
+        try:
+            on_stack = read_seg_on_stack(
+                seg_path, series.stack, [uid_of.get(f, "") for f in series.stack.files], patient
+            )
+        except InputError as err:
+            result.problem = str(err)
+            if nifti is not None:
+                result.problem += f" (the NIfTI mask {nifti} was not used: fix or remove the SEG)"
+            return result
+        _copy_image(result, series, n_series, out_dir)
+        work = Work(
+            result=result,
+            stack=series.stack,
+            geometry=series.geometry,
+            mask_path=seg_path,
+            mask=None,
+            candidates=[_IDENTITY],
+            best=[_IDENTITY],
+            geometry_fit=_IDENTITY,
+            points=points,
+            point_lines=lines,
+            mask_geometry_matches=False,  # a SEG is not a volume: the mask is always written
+        )
+        return _finish_seg(work, on_stack, nifti, out_dir)
 
     mask_path = sources.masks[0]
+    result.mask_source = str(mask_path)
     try:
         mask_image = read_image(mask_path, patient)
     except InputError as err:
@@ -227,34 +403,6 @@ def assess(sources: PatientSources, root: Path, out_dir: Path) -> Work | Patient
             result.problem += "; " + "; ".join(sources.problems)
         return result
 
-    points, lines, source = np.zeros((0, 3)), [], None
-    try:
-        if sources.notes.get("points"):
-            source = sources.notes["points"][0]
-            points, lines = read_points(source, patient)
-        elif sources.notes.get("indices"):
-            source = sources.notes["indices"][0]
-            indices, lines = read_points(source, patient)
-            affine = series.stack.stack_geometry().affine_lps()
-            points = (affine @ np.c_[indices, np.ones(len(indices))].T).T[:, :3]
-            result.warnings.append(
-                f"no physicalPoints file: node centres taken from {source.name} as (x, y, z) "
-                "voxel indices of the CT stack"
-            )
-        else:
-            result.warnings.append(
-                "no annotation files (MED_ABD_LYMPH_ANNOTATIONS): the node-centre check is skipped"
-            )
-        if sources.notes.get("sizes") and len(points):
-            text = sources.notes["sizes"][0].read_text(errors="replace")
-            n_sizes = sum(1 for line in text.splitlines() if line.split())
-            if n_sizes != len(points):
-                result.warnings.append(f"{n_sizes} node sizes but {len(points)} node centres")
-    except (InputError, OSError) as err:
-        result.problem = str(err)
-        return result
-    result.nodes = len(points)
-
     index_zyx = series.stack.world_to_index(points)[:, ::-1] if len(points) else np.zeros((0, 3))
     geometry_fit = _geometry_alignment(mask_image, series, candidates)
     if len(points):
@@ -277,11 +425,7 @@ def assess(sources: PatientSources, root: Path, out_dir: Path) -> Work | Patient
         best = [c for c in candidates if scores[c] == top]
     else:
         best = list(candidates)
-    if n_series > 1:  # a manifest path must name a folder with one series: write a copy
-        path = out_dir / IMAGES_DIR / f"{patient}.nii.gz"
-        write_volume(path, sitk.GetArrayFromImage(series.image), series.geometry)
-        result.image = str(path)
-        result.warnings.append(f"series folder holds {n_series} series: image written to {path}")
+    _copy_image(result, series, n_series, out_dir)
     geometry = Geometry.of(mask_image)
     return Work(
         result=result,

@@ -102,14 +102,16 @@ def find_sources(root: str | Path) -> dict[str, PatientSources]:
             location = row.get("File Location", "")
             if not _PATIENT.match(patient) or not location:
                 continue
-            if row.get("Modality", "CT").upper() not in ("CT", ""):
+            modality = row.get("Modality", "CT").upper()
+            if modality not in ("CT", "SEG", ""):
                 continue
             parts = [p for p in re.split(r"[\\/]+", location) if p not in ("", ".")]
             folder = path.parent.joinpath(*parts)
             sources = get(patient)
             if not folder.is_dir():
                 sources.problems.append(
-                    f"{path} lists series {row.get('Series UID', '?')} at {location!r} but "
+                    f"{path} lists {'DICOM SEG ' if modality == 'SEG' else ''}series "
+                    f"{row.get('Series UID', '?')} at {location!r} but "
                     "that folder is missing (incomplete download? run the NBIA Data "
                     "Retriever again)"
                 )
