@@ -190,10 +190,11 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def run_lock(folder: str | Path) -> Iterator[None]:
+def run_lock(folder: str | Path, purpose: str = "training") -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (``folder/.lock``, ``flock``) while the block
     runs, so two processes never write one run; the kernel drops it when the holder dies
-    (even by SIGKILL), so a killed run never leaves a stale lock."""
+    (even by SIGKILL), so a killed run never leaves a stale lock. The lock file names the
+    holder's pid and ``purpose`` (``lock_holder`` reads them)."""
     import fcntl
 
     path = Path(folder) / ".lock"
@@ -203,17 +204,49 @@ def run_lock(folder: str | Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            pid, doing = _holder_text(os.pread(fd, 64, 0))
             raise LymphdxError(
-                f"another lymphdx process (pid {holder}) is writing {folder}; wait for it to "
+                f"another lymphdx process (pid {pid}) is {doing} {folder}; wait for it to "
                 "finish or stop it, then --resume"
             ) from None
         held = True
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {purpose}".encode(), 0)
         yield
     finally:
         if held:  # a finished run leaves no .lock (removed while still held)
             with contextlib.suppress(OSError):
                 path.unlink()
+        os.close(fd)
+
+
+def _holder_text(raw: bytes) -> tuple[str, str]:
+    """``(pid, what it is doing)`` from a ``.lock`` file's text (``"<pid> <purpose>"``;
+    older versions wrote the pid alone)."""
+    pid, _, purpose = raw.decode(errors="replace").strip().partition(" ")
+    return pid or "unknown", purpose or "writing"
+
+
+def lock_holder(folder: str | Path) -> tuple[str, str, float] | None:
+    """``(pid, purpose, since)`` of the process that holds ``folder``'s ``run_lock``
+    (``since``: when it took it, seconds since the epoch), or ``None`` when no other
+    process does (a ``.lock`` left by a killed process is not held; one this process
+    holds is its own work). Takes nothing a writer could notice beyond an instant's
+    shared ``flock``."""
+    import fcntl
+
+    path = Path(folder) / ".lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no .lock: nobody holds it
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, purpose = _holder_text(os.pread(fd, 64, 0))
+            return None if pid == str(os.getpid()) else (pid, purpose, os.fstat(fd).st_mtime)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
         os.close(fd)

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
+import re
 import shutil
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ from lymphdx.core.files import (
 )
 from lymphdx.engine import selection
 from lymphdx.engine.propagation import PseudoLabels
+from lymphdx.engine.run_state import checkpoint_record, missing_checkpoint
 from lymphdx.models.multitask import MultiTaskNet, build_model
 
 log = logging.getLogger("lymphdx")
@@ -100,14 +105,86 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         ) from None
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint safely (tensors and plain data only: ``weights_only=True``)."""
-    if not path.exists():
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` is no checkpoint lymphdx wrote, told from its first bytes before any
+    unpickling (``torch.save`` writes a zip archive); ``None`` when it may be one."""
+    size = path.stat().st_size
+    if size == 0:
+        return "an empty file"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":
+        if zipfile.is_zipfile(path):
+            return None
+        return f"a damaged or truncated PyTorch archive of {size} bytes: an incomplete copy?"
+    if head[:1] == b"\x80":  # a pickle's protocol opcode: torch's legacy format, or any pickle
+        return (
+            "a plain pickle, not a torch.save archive; it was not unpickled, as a pickle "
+            "can run code"
+        )
+    return "unrecognised content, not a PyTorch checkpoint archive"
+
+
+def _blocked_globals(err: Exception) -> list[str]:
+    """The callables (``module.name``) that PyTorch's safe unpickler refused to load."""
+    return sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(err))))
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], str]:
+    """A lymphdx checkpoint (a ``dict`` with ``model`` and ``config_yaml``) and the SHA-256
+    of the bytes it was read from (one read, so the two always belong together).
+
+    Loaded safely: only tensors and plain data (``weights_only=True``); a file that holds
+    anything else (a pickled callable that could run code) is refused, never loaded.
+
+    Raises:
+        LymphdxError: naming the file and what it is instead.
+    """
+    if not path.is_file():
         raise LymphdxError(f"no checkpoint at {path}")
+    problem = _unreadable(path)
+    if problem is not None:
+        raise LymphdxError(f"{path} is not a lymphdx checkpoint ({problem}); refused")
+    data = path.read_bytes()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's advice on pickle protocols: not for users
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors of many kinds
-        raise LymphdxError(f"cannot load checkpoint {path}: {err}") from None
+        blocked = _blocked_globals(err)
+        if blocked:
+            raise LymphdxError(
+                f"{path} holds executable objects ({', '.join(blocked)}); refused without "
+                "running them: a lymphdx checkpoint holds only tensors and plain data, so "
+                "this file was made by something else; do not use it"
+            ) from None
+        # PyTorch's text can advise loading with weights_only=False: never passed on
+        reason = str(err).split(". ")[0].splitlines()[0] if str(err).strip() else ""
+        if not reason or "weights" in reason.lower():
+            reason = type(err).__name__
+        raise LymphdxError(
+            f"{path} is not a lymphdx checkpoint (a damaged or foreign PyTorch file: "
+            f"{reason}); refused"
+        ) from None
+    missing = (
+        [k for k in ("model", "config_yaml") if k not in state] if isinstance(state, dict) else None
+    )
+    if missing is None or missing or not isinstance(state["model"], dict):
+        what = (
+            f"a {type(state).__name__}"
+            if not isinstance(state, dict)
+            else f"a mapping of {', '.join(map(str, list(state)[:6])) or 'nothing'}"
+        )
+        raise LymphdxError(
+            f"{path} is not a lymphdx checkpoint (a PyTorch file holding {what}, not the "
+            "weights ('model') and config ('config_yaml') lymphdx writes); refused"
+        )
+    return state, hashlib.sha256(data).hexdigest()
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a lymphdx checkpoint safely (``read_checkpoint``)."""
+    return read_checkpoint(path)[0]
 
 
 def _sha256(path: Path) -> str:
@@ -268,11 +345,23 @@ def load_run_config(run_dir: str | Path) -> Config:
 
 
 def load_model(run_dir: str | Path, which: str = "best") -> tuple[Config, MultiTaskNet, dict]:
-    """Config, model (eval mode) and checkpoint state of a run."""
+    """Config, model (eval mode) and checkpoint state of a run; the state's ``source`` is
+    the ``checkpoint_record`` (file, SHA-256, epoch) that files scored from it record.
+    A run without the checkpoint is told apart: still training, or never finished."""
     config = load_run_config(run_dir)
-    state = load_checkpoint(Path(run_dir) / "checkpoints" / f"{which}.pt")
+    path = Path(run_dir) / "checkpoints" / f"{which}.pt"
+    if not path.exists():
+        raise missing_checkpoint(run_dir, which)
+    state, sha = read_checkpoint(path)
     verify_checkpoint(state, config, Path(run_dir), f"cannot use the {which} model of {run_dir}")
     model = build_model(config.model)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, ValueError) as err:  # other layers, other shapes
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LymphdxError(
+            f"{path} does not hold weights of the model its config describes ({first})"
+        ) from None
     model.eval()
+    state["source"] = checkpoint_record(Path(run_dir), path, sha, state)
     return config, model, state

@@ -30,6 +30,7 @@ from lymphdx.data.manifest import load_manifests
 from lymphdx.data.preprocess import PreprocessCache
 from lymphdx.engine.run_data import cache_dir_of, resolve_manifests, split_manifests
 from lymphdx.engine.run_folder import config_differences, load_run_config
+from lymphdx.engine.run_state import epochs_done, refuse_while_busy, stale_reason
 from lymphdx.engine.train import train
 from lymphdx.reporting.figures import write_roc_png
 from lymphdx.reporting.table import format_table
@@ -60,6 +61,16 @@ def _for_strategy(config: Config) -> dict[str, Any]:
     return config.model_dump(mode="json", exclude_unset=True)
 
 
+def finished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished, scored run: ``metrics.json``, and every epoch
+    of its ``config.yaml`` in ``history.csv`` (a run evaluated after it was stopped early
+    is not finished: ``run_one`` resumes it)."""
+    if not (run_dir / "metrics.json").exists():
+        return False
+    done, planned = epochs_done(run_dir)
+    return planned is None or done >= planned
+
+
 def run_one(
     config: Config,
     run_dir: Path,
@@ -69,9 +80,10 @@ def run_one(
     detection: bool = True,
 ) -> None:
     """Train ``run_dir`` (resuming an interrupted run) and evaluate it on the test split.
-    A run that finished earlier (``metrics.json``) is kept (compare is resumable), and
-    only scored again when the ``evaluation`` settings changed (``reuse_finished``)."""
-    if (run_dir / "metrics.json").exists():
+    A run that finished earlier (``finished``) is kept (compare is resumable), and only
+    scored again when its scores are stale or the ``evaluation`` settings changed
+    (``reuse_finished``)."""
+    if finished(run_dir):
         reuse_finished(config, run_dir, weak_csv, strong_csv, detection)
         return
     resume = (run_dir / "config.yaml").exists()
@@ -81,11 +93,14 @@ def run_one(
 
 def reuse_finished(
     config: Config, run_dir: Path, weak_csv: Path, strong_csv: Path, detection: bool = True
-) -> bool:
+) -> str | None:
     """Keep a finished run: refuse it when it was trained with other settings than
-    ``config`` (``config_differences``), and score it again (``evaluate_run``) with
-    ``config``'s ``evaluation`` section when only that differs, which changes no weight.
-    Returns whether it was scored again."""
+    ``config`` (``config_differences``), and score it again (``evaluate_run``) when its
+    ``metrics.json`` does not come from its current ``best.pt`` (``stale_reason``: e.g.
+    evaluated while it was still training), or with ``config``'s ``evaluation`` section
+    when only that differs, which changes no weight. Returns why it was scored again
+    (``None``: it was not). Refused while another process trains it."""
+    refuse_while_busy(run_dir, "run compare again")
     saved = load_run_config(run_dir)
     wanted = resolve_manifests(config, weak_csv, strong_csv)
     differ = config_differences(saved, wanted)
@@ -96,15 +111,23 @@ def reuse_finished(
             f"({'; '.join(trained)}); give compare another --out, or remove that run "
             "folder to train it again"
         )
-    if not differ:
-        return False
-    data = saved.model_dump(mode="json")
-    data["evaluation"] = wanted.model_dump(mode="json")["evaluation"]
-    write_text(run_dir / "config.yaml", dump_config(validate(data)))
-    for cached in run_dir.glob("predictions_*@*.csv"):  # predict_checkpoint's, now stale
-        cached.unlink()
+    metrics = run_dir / "metrics.json"
+    try:
+        record = json.loads(metrics.read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):  # unreadable: scored again below
+        record, stale = None, f"{metrics.name} is unreadable"
+    else:
+        stale = stale_reason(run_dir, record, metrics)
+    if not differ and stale is None:
+        return None
+    if differ:
+        data = saved.model_dump(mode="json")
+        data["evaluation"] = wanted.model_dump(mode="json")["evaluation"]
+        write_text(run_dir / "config.yaml", dump_config(validate(data)))
+        for cached in run_dir.glob("predictions_*@*.csv"):  # predict_checkpoint's, now stale
+            cached.unlink()
     evaluate_run(run_dir, "test", detection=detection)
-    return True
+    return "evaluation settings changed" if differ else stale
 
 
 def _worker_threads(threads: int) -> None:
@@ -146,12 +169,11 @@ def run_all(
     first (``expected_cost``; runs are independent, so the order changes no result; the
     preprocessing cache is filled first, so they only read it)."""
     for config, run_dir, what in runs:
-        if (run_dir / "metrics.json").exists() and reuse_finished(
-            config, run_dir, weak_csv, strong_csv
-        ):
-            if progress:
-                print(f"[compare] {what}: scored again (evaluation settings changed)")
-    todo = [r for r in runs if not (r[1] / "metrics.json").exists()]
+        if finished(run_dir):
+            why = reuse_finished(config, run_dir, weak_csv, strong_csv)
+            if why and progress:
+                print(f"[compare] {what}: scored again ({why})")
+    todo = [r for r in runs if not finished(r[1])]
     if jobs <= 1 or len(todo) <= 1:
         for config, run_dir, what in todo:
             if progress:
@@ -329,6 +351,7 @@ def _compare_cv(
         results["pooled_val_choices"] = choices
     run_dirs = {s: [r.run_dir for r in runs if r.name == s] for s in strategies}
     _add_detection(results, run_dirs)
+    results["checkpoints"] = scored_checkpoints(out, [r.run_dir for r in runs])
     add_fold_aucs(results, fold_aucs)
     return results, oof
 
@@ -400,8 +423,22 @@ def compare(
             )
     results = summarise(predictions, config.evaluation.bootstrap, config.evaluation.ci, config.seed)
     results["mode"] = "split"
-    _add_detection(results, {s: [out / "runs" / s / f"seed{k}" for k in seeds] for s in strategies})
+    run_dirs = {s: [out / "runs" / s / f"seed{k}" for k in seeds] for s in strategies}
+    _add_detection(results, run_dirs)
+    results["checkpoints"] = scored_checkpoints(out, [d for ds in run_dirs.values() for d in ds])
     return _write_results(out, config, results, predictions)
+
+
+def scored_checkpoints(out: Path, run_dirs: list[Path]) -> dict[str, Any]:
+    """``{run folder under out: the checkpoint its metrics.json was scored from}``, so
+    that ``report`` can tell a table whose runs were trained further since."""
+    return {
+        d.relative_to(out).as_posix(): json.loads((d / "metrics.json").read_text()).get(
+            "checkpoint"
+        )
+        for d in run_dirs
+        if (d / "metrics.json").is_file()
+    }
 
 
 def _add_detection(results: dict[str, Any], runs: dict[str, list[Path]]) -> None:

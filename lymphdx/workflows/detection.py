@@ -34,6 +34,7 @@ import torch
 from monai.metrics import compute_froc_curve_data
 from scipy import ndimage
 
+from lymphdx.core.config import Config
 from lymphdx.core.domains import STRONG, WEAK
 from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import write_json
@@ -41,6 +42,7 @@ from lymphdx.core.zeta import roi_mask
 from lymphdx.data.datasets import VolumeSet
 from lymphdx.engine.run_data import load_run_data
 from lymphdx.engine.run_folder import load_model
+from lymphdx.engine.run_state import refuse_while_busy
 from lymphdx.engine.teacher import predict_with_tta
 from lymphdx.models.domain_norm import domains
 from lymphdx.stats.metrics import dice_counts, dice_of
@@ -280,7 +282,11 @@ def _score_split(
     }
 
 
-def evaluate_detection(run_dir: str | Path, candidate_threshold: float = 0.1) -> dict[str, Any]:
+def evaluate_detection(
+    run_dir: str | Path,
+    candidate_threshold: float = 0.1,
+    loaded: tuple[Config, torch.nn.Module, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Score the run's ``best`` model as a node detector; writes ``RUN/detection.json``.
 
     ``strong_test``: the strong set's test split against its masks. ``weak_test``: the weak
@@ -289,9 +295,13 @@ def evaluate_detection(run_dir: str | Path, candidate_threshold: float = 0.1) ->
     only for patients whose file exists; omitted when there are none. Dice uses the ROI map
     thresholded at ζ (``propagation.roi_threshold``); volumes without nodes count in the
     FPs per volume, and their per-volume Dice is 1 only when nothing is predicted.
+    ``loaded``: the run's ``load_model`` when the caller has it (``evaluate``, which holds
+    the run's lock); ``checkpoint`` records which weights were scored.
     """
     run_dir = Path(run_dir)
-    config, model, state = load_model(run_dir)
+    if loaded is None:
+        refuse_while_busy(run_dir, "score it")
+    config, model, state = loaded if loaded is not None else load_model(run_dir)
     data = load_run_data(config, run_dir)
     zeta = float(config.propagation.roi_threshold)
     result: dict[str, Any] = {
@@ -300,6 +310,7 @@ def evaluate_detection(run_dir: str | Path, candidate_threshold: float = 0.1) ->
         "grid": "canonical (preprocessed)",
         "tta_flip": bool(config.evaluation.tta_flip),
         "best_epoch": int(state["best"]["epoch"]),
+        "checkpoint": state["source"],
     }
 
     strong = data.volumes("strong", "test", masks=True)

@@ -8,6 +8,7 @@ feeds back into any choice.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,15 +18,18 @@ import numpy as np
 
 from lymphdx.core.domains import WEAK
 from lymphdx.core.errors import LymphdxError
-from lymphdx.core.files import read_csv, write_csv, write_json
+from lymphdx.core.files import read_csv, run_lock, write_csv, write_json
 from lymphdx.core.strategies import get_strategy
 from lymphdx.engine.propagation import predict_volumes
 from lymphdx.engine.roi_readout import run_readout, score_volumes
 from lymphdx.engine.roi_status import roi_decoder_status
 from lymphdx.engine.run_data import load_run_data
-from lymphdx.engine.run_folder import load_model, read_history
+from lymphdx.engine.run_folder import load_model, load_run_config, read_history
+from lymphdx.engine.run_state import epochs_done, refuse_while_busy
 from lymphdx.stats.metrics import auc, bootstrap_auc_ci, delong, sensitivity_specificity
 from lymphdx.workflows.detection import evaluate_detection
+
+log = logging.getLogger("lymphdx")
 
 __all__ = [
     "evaluate_run",
@@ -94,9 +98,31 @@ def evaluate_run(
     ``predictions_<split>.csv`` into the run folder and returns the metrics. For the test
     split of a strategy that trains the ROI decoder, also the detection evaluation
     (``detection.json``: Dice and lesion-level FROC on the strong set's test split and, for
-    synthetic data, on the weak set's test split; ``detection=False`` skips it)."""
+    synthetic data, on the weak set's test split; ``detection=False`` skips it).
+
+    Refused while another process trains (or evaluates) the run: it holds the run's lock
+    while it scores, so that training cannot replace ``best.pt`` under it. The metrics
+    record the checkpoint they came from (``checkpoint``: file, SHA-256, epoch), which
+    ``compare`` and ``report`` check against the run's ``best.pt``."""
     run_dir = Path(run_dir)
+    load_run_config(run_dir)  # not a run folder: said before any lock file is made
+    refuse_while_busy(run_dir, "evaluate it")
+    with run_lock(run_dir, "evaluating"):
+        return _evaluate_run(run_dir, split, detection)
+
+
+def _evaluate_run(run_dir: Path, split: str, detection: bool) -> dict[str, Any]:
     config, model, state = load_model(run_dir)
+    done, planned = epochs_done(run_dir)[0], config.training.epochs
+    if done < planned:  # no process trains it (refuse_while_busy): it was stopped
+        log.warning(
+            "run %s stopped after %d of %d epochs: scoring the best.pt it has; finish it with "
+            "`lymphdx train --out %s --resume`, then evaluate it again",
+            run_dir,
+            done,
+            planned,
+            run_dir,
+        )
     data = load_run_data(config, run_dir, need_strong=False)
     volumes = data.volumes("weak", split)
     if len(volumes) == 0:
@@ -145,6 +171,8 @@ def evaluate_run(
         "best_val_auc": float(state["best"]["val_auc"]),
         # which weights best.pt holds (training.selection; older runs: best_val)
         "selection": str(state.get("selection", "best_val")),
+        # the checkpoint scored (file, sha256, epoch): compare and report check it
+        "checkpoint": state["source"],
     }
     # a run whose ROI decoder found nothing in the end says so (training.roi_status)
     status = roi_decoder_status(read_history(run_dir / "history.csv"))
@@ -157,7 +185,7 @@ def evaluate_run(
     )
     if detection and split == "test" and get_strategy(config.strategy).trains_decoder:
         with _quiet_numpy():
-            detection = evaluate_detection(run_dir)
+            detection = evaluate_detection(run_dir, loaded=(config, model, state))
         for name in ("strong_test", "weak_test"):
             if name in detection:
                 metrics[f"{name}_dice"] = detection[name]["dice"]

@@ -77,6 +77,7 @@ from lymphdx.data.manifest import read_rows, resolve_path
 from lymphdx.data.preprocess import Normalizer, load_normalizers
 from lymphdx.engine.roi_readout import RoiReadout, readout_features, run_readout
 from lymphdx.engine.run_folder import load_model
+from lymphdx.engine.run_state import refuse_while_busy
 from lymphdx.engine.teacher import predict_with_tta
 from lymphdx.io import volumes as io
 from lymphdx.io.dicom_seg import write_dicom_seg
@@ -258,7 +259,8 @@ def predict(
     ``patients``: each scan's patient id (named in errors and the summary). ``progress``:
     a progress bar on stderr. Raises ``LymphdxError`` at the end when any scan failed.
     """
-    config, model, _ = load_model(run_dir, which)
+    refuse_while_busy(run_dir, "predict with it")  # its best.pt may still change
+    config, model, state = load_model(run_dir, which)
     # evaluation.roi_readout: fitted once on the run's weak training patients and kept
     readout, readout_note = run_readout(run_dir, config, model, which=which)
     normalizers = load_normalizers(Path(run_dir) / "normalization.json")
@@ -274,6 +276,7 @@ def predict(
     results: list[dict[str, Any]] = []
     common = {
         "model": str(Path(run_dir).resolve()),
+        "checkpoint": state["source"],  # which weights: file, sha256, epoch
         "strategy": config.strategy,
         "threshold": config.evaluation.threshold,
         "roi_threshold": config.propagation.roi_threshold,
@@ -441,6 +444,7 @@ def _predict_one(
         "classifier_probability": classifier,
         "roi_readout": common["roi_readout_note"],
         "model": common["model"],
+        "checkpoint": common["checkpoint"],
         "strategy": common["strategy"],
         "coverage": round(covered, 6),
         "coverage_warning": coverage_note,

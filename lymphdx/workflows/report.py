@@ -30,6 +30,7 @@ Nothing here trains or chooses anything; the test split is only read.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,10 @@ from lymphdx.workflows.report_inputs import (
     evaluation_settings,
     load_inputs,
     seed_averaged,
+    stale_notes,
 )
+
+log = logging.getLogger("lymphdx")
 
 __all__ = ["write_report", "REPORT_FILE", "PREDICTIONS_FILE"]
 
@@ -79,6 +83,13 @@ def write_report(path: str | Path) -> Path:
     seed_note = ", ".join(f"{label(s)}: {k}" for s, k in n_seeds.items())
 
     sections: list[tuple[str, str, str]] = []  # (anchor, title, body)
+    notes = stale_notes(inp)
+    if notes:  # said first, and on the terminal: the numbers below are not current
+        for note in notes:
+            log.warning("report: %s", note)
+        sections.append(
+            ("stale", "Warning: results not from the runs' final models", _stale_html(notes))
+        )
     if inp.kind == "compare":
         table = table_one_html(inp.results or {})
         sections.append(("table", "Table I: classification AUC", table))
@@ -107,6 +118,17 @@ def write_report(path: str | Path) -> Path:
     out = folder / REPORT_FILE
     write_text(out, page(title, str(folder.resolve()), sections))
     return out
+
+
+def _stale_html(notes: list[str]) -> str:
+    items = "".join(f"<li>{escape(n)}</li>" for n in notes)
+    return (
+        '<p class="warn">Some of the scores below do not come from the final '
+        "<code>checkpoints/best.pt</code> of their run:</p>"
+        f'<ul class="warn">{items}</ul><p>When training has finished, score them again '
+        "(<code>lymphdx evaluate RUN</code>, or the same <code>lymphdx compare</code> "
+        "again, which re-scores stale runs), then run <code>lymphdx report</code> again.</p>"
+    )
 
 
 def _write_predictions_csv(

@@ -16,6 +16,7 @@ import yaml
 
 from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import read_csv
+from lymphdx.engine.run_state import run_notes, stale_reason
 from lymphdx.reporting.runs import Run, natural_key, strategy_order
 from lymphdx.workflows.evaluate import read_predictions
 
@@ -27,6 +28,7 @@ __all__ = [
     "load_inputs",
     "seed_averaged",
     "evaluation_settings",
+    "stale_notes",
 ]
 
 
@@ -166,3 +168,24 @@ def evaluation_settings(runs: list[Run]) -> tuple[int, float]:
         if "bootstrap" in ev:
             return int(ev["bootstrap"]), float(ev.get("ci", 0.95))
     return 2000, 0.95
+
+
+def stale_notes(inp: Inputs) -> list[str]:
+    """What the report must say about runs whose scores are not those of their current
+    ``checkpoints/best.pt``: a process is still training them, they were trained further
+    since they were scored (``results.json`` of a compare folder, else ``metrics.json``;
+    and ``detection.json``), or their training stopped early. Empty when all is current."""
+    recorded = (inp.results or {}).get("checkpoints") if inp.kind == "compare" else None
+    notes: list[str] = []
+    for run in inp.runs:
+        if inp.kind == "compare":
+            rel = run.path.relative_to(inp.folder).as_posix()
+            record = recorded.get(rel) if isinstance(recorded, dict) else None
+            notes += run_notes(run.path, record, inp.folder / "results.json")
+        elif run.metrics is not None:
+            notes += run_notes(run.path, run.metrics.get("checkpoint"), run.path / "metrics.json")
+        if run.detection is not None:
+            path = run.path / "detection.json"
+            why = stale_reason(run.path, run.detection.get("checkpoint"), path)
+            notes += [why] if why else []
+    return list(dict.fromkeys(notes))
