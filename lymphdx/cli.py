@@ -16,7 +16,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from lymphdx import __version__
 from lymphdx.core.errors import LymphdxError
-from lymphdx.core.files import check_folder, dumps_json, folder_problem
+from lymphdx.core.files import check_folder, dumps_json, folder_problem, path_problem
 
 # numpy seeds are unsigned 32-bit words: seeds are in [0, SEED_LIMIT)
 SEED_LIMIT = 2**32
@@ -262,7 +262,7 @@ def train_cmd(
     _check_at_least(epochs, "--epochs")
     _check_out_folder(out)
     if resume and not (out / "config.yaml").exists():
-        what = "does not exist" if not out.exists() else "holds no run (no config.yaml)"
+        what = path_problem(out) or "holds no run (no config.yaml)"
         raise LymphdxError(
             f"cannot --resume: the run folder {str(out)!r} {what}; give the --out of an "
             "earlier run, or train without --resume"

@@ -11,7 +11,6 @@ refused).
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import shutil
@@ -22,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from lymphdx.core.errors import InputError
-from lymphdx.core.files import atomic_path
+from lymphdx.core.files import atomic_path, path_problem
 from lymphdx.io.dicom import read_dicom_series
 from lymphdx.io.geometry import Geometry, Volume, to_sitk
 from lymphdx.io.headers import check_nifti, check_text_header
@@ -59,21 +58,9 @@ def read_image(path: str | Path, patient: str | None = None) -> sitk.Image:
         InputError: missing, unreadable or corrupt input (names file and patient).
     """
     path = Path(path)
-    if not path.exists():
-        if path.is_symlink():  # a dangling link or a loop of links, not a missing file
-            try:
-                path.resolve(strict=True)
-                why = "is a symbolic link whose target does not exist"
-            except RuntimeError:
-                why = "is a loop of symbolic links"
-            except OSError as err:
-                why = (
-                    "is a loop of symbolic links"
-                    if err.errno == errno.ELOOP
-                    else f"is a symbolic link whose target does not exist ({err.strerror})"
-                )
-            raise InputError(why, path, patient)
-        raise InputError("file does not exist", path, patient)
+    problem = path_problem(path)  # missing, a dangling link or a loop of links
+    if problem is not None:
+        raise InputError(problem, path, patient)
     try:
         if path.is_dir():
             return _read_dicom_folder(path, patient)

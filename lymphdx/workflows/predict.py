@@ -61,6 +61,7 @@ from lymphdx.core.files import (
     atomic_dir,
     atomic_path,
     ensure_writable_dir,
+    path_problem,
     write_csv,
     write_json,
 )
@@ -135,7 +136,8 @@ def scan_inputs(paths: list[Path], manifest: Path | None = None) -> list[tuple[P
         found = [
             entry
             for entry in sorted(path.iterdir())
-            if (entry.is_file() and entry.name.lower().endswith(_SUFFIXES[:-1]))
+            # a broken link named like a scan is listed, so that it is reported, not skipped
+            if (not entry.is_dir() and entry.name.lower().endswith(_SUFFIXES[:-1]))
             or (entry.is_dir() and io.dicom_series_ids(entry))
         ]
         if not found:
@@ -266,8 +268,9 @@ def predict(
         raise LymphdxError(f"unknown domain {domain!r}; the run has {sorted(normalizers)}")
     patients = list(patients) if patients is not None else [None] * len(images)
     for image_path, patient in zip(map(Path, images), patients, strict=True):
-        if not image_path.exists():  # before any work: a typo fails at once
-            raise InputError("file does not exist", image_path, patient)
+        problem = path_problem(image_path)  # before any work: a typo fails at once
+        if problem is not None:
+            raise InputError(problem, image_path, patient)
     out_dir = ensure_writable_dir(out_dir)
     previous = _previous_outputs(out_dir)
     written: set[str] = set()

@@ -15,7 +15,7 @@ import numpy as np
 import yaml
 
 from lymphdx.core.errors import LymphdxError
-from lymphdx.core.files import read_csv
+from lymphdx.core.files import path_problem, read_csv
 from lymphdx.reporting.runs import Run, natural_key, strategy_order
 from lymphdx.workflows.evaluate import read_predictions
 
@@ -46,7 +46,7 @@ def folder_kind(folder: str | Path) -> str:
     """``"compare"`` (has ``results.json``) or ``"run"`` (has ``config.yaml``)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise LymphdxError(f"{folder} is not a folder")
+        raise LymphdxError(f"{folder} {path_problem(folder) or 'is not a folder'}")
     if (folder / "results.json").is_file():
         return "compare"
     if (folder / "config.yaml").is_file():
