@@ -42,17 +42,22 @@ def dicom_series_ids(folder: str | Path) -> list[str]:
     return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
 
 
-def _read_dicom_folder(folder: Path, patient: str | None) -> sitk.Image:
-    """Read the one DICOM series in ``folder`` (see :mod:`lymphdx.io.dicom`).
+def _read_dicom_folder(folder: Path, patient: str | None, series_uid: str | None) -> sitk.Image:
+    """Read the one DICOM series in ``folder``, or the one ``series_uid`` names (see
+    :mod:`lymphdx.io.dicom`).
 
     Slices are sorted along their normal; gaps and gantry tilt are resampled with a
-    warning; a folder with several series and non-CT series are refused.
+    warning; a folder with several series (without ``series_uid``) and non-CT series are
+    refused.
     """
-    return read_dicom_series(folder, patient).image
+    return read_dicom_series(folder, patient, series_uid=series_uid).image
 
 
-def read_image(path: str | Path, patient: str | None = None) -> sitk.Image:
-    """Read a volume file or a DICOM series folder as a SimpleITK image.
+def read_image(
+    path: str | Path, patient: str | None = None, series_uid: str | None = None
+) -> sitk.Image:
+    """Read a volume file or a DICOM series folder as a SimpleITK image; ``series_uid``
+    picks the series of a DICOM folder that holds several (files ignore it).
 
     Raises:
         InputError: missing, unreadable or corrupt input (names file and patient).
@@ -63,7 +68,7 @@ def read_image(path: str | Path, patient: str | None = None) -> sitk.Image:
         raise InputError(problem, path, patient)
     try:
         if path.is_dir():
-            return _read_dicom_folder(path, patient)
+            return _read_dicom_folder(path, patient, series_uid)
         with path.open("rb") as f:  # unreadable (permissions, a broken mount): say so
             magic = f.read(2)
     except OSError as err:
@@ -197,14 +202,17 @@ def _squeeze_4d(image: sitk.Image) -> sitk.Image:
     return image
 
 
-def read_volume(path: str | Path, patient: str | None = None) -> Volume:
-    """Read a 3-D scan into a float32 ``(z, y, x)`` array in HU plus its geometry.
+def read_volume(
+    path: str | Path, patient: str | None = None, series_uid: str | None = None
+) -> Volume:
+    """Read a 3-D scan into a float32 ``(z, y, x)`` array in HU plus its geometry
+    (``series_uid``: which series of a DICOM folder, ``read_image``).
 
     Raises:
         InputError: missing/corrupt file, not 3-D, or NaN/infinite voxels.
     """
     path = Path(path)
-    image = _squeeze_4d(read_image(path, patient))
+    image = _squeeze_4d(read_image(path, patient, series_uid))
     _check_3d(image, path, patient)
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     if not np.isfinite(array).all():

@@ -250,6 +250,7 @@ def predict(
     which: str = "best",
     patients: list[str | None] | None = None,
     progress: bool = False,
+    series_uid: str | None = None,
 ) -> list[dict[str, Any]]:
     """Predict every scan in ``images`` with the run's ``which`` checkpoint; returns the
     results of the scans that succeeded and writes ``OUT/summary.csv``.
@@ -258,7 +259,9 @@ def predict(
     weakly-labelled set's hospital, the one the classifier is for) and, for a model with
     domain-specific batch norm (``model.norm: domain_batch``), that hospital's statistics.
     ``patients``: each scan's patient id (named in errors and the summary). ``progress``:
-    a progress bar on stderr. Raises ``LymphdxError`` at the end when any scan failed.
+    a progress bar on stderr. ``series_uid``: the series to read from DICOM folders that
+    hold several (each DICOM folder must hold it). Raises ``LymphdxError`` at the end
+    when any scan failed.
     """
     config, model, _ = load_model(run_dir, which)
     # evaluation.roi_readout: fitted once on the run's weak training patients and kept
@@ -301,6 +304,7 @@ def predict(
                         out_dir / name,
                         common,
                         patient,
+                        series_uid,
                     )
             except LymphdxError as err:  # a bad scan: reported, the others go on
                 log.error("%s", err)
@@ -410,9 +414,10 @@ def _predict_one(
     folder: Path,
     common: dict[str, Any],
     patient: str | None = None,
+    series_uid: str | None = None,
 ) -> dict[str, Any]:
     """Predict one scan and write its outputs to ``folder`` (complete, or not at all)."""
-    volume = io.read_volume(image_path, patient)
+    volume = io.read_volume(image_path, patient, series_uid)
     check_coverage(volume.geometry, volume.shape_xyz, cfg, image_path)
     offset, calibration_note = _calibration_note(volume, cfg)
     if offset != 0.0:
@@ -453,7 +458,15 @@ def _predict_one(
     series = image_path if image_path.is_dir() else None  # a DICOM series: also a SEG
     with atomic_dir(folder) as tmp:  # written beside, then renamed over the old folder
         return _write_outputs(
-            tmp, folder.name, volume, prob_zyx, common["roi_threshold"], result, series, patient
+            tmp,
+            folder.name,
+            volume,
+            prob_zyx,
+            common["roi_threshold"],
+            result,
+            series,
+            patient,
+            series_uid,
         )
 
 
@@ -466,15 +479,17 @@ def _write_outputs(
     result: dict[str, Any],
     series: Path | None = None,
     patient: str | None = None,
+    series_uid: str | None = None,
 ) -> dict[str, Any]:
     """Write one scan's ROI maps, findings, overlay and ``prediction.json`` into ``folder``,
-    and for a DICOM ``series`` folder the mask as a DICOM SEG.
+    and for a DICOM ``series`` folder the mask as a DICOM SEG (over ``series_uid``, when
+    the folder holds several).
 
     ``result`` holds the probability and the thresholds; the ROI summary is added to it.
     """
     mask_zyx = roi_mask(prob_zyx, zeta).astype(np.uint8)
     if series is not None:
-        note = write_dicom_seg(folder / "roi_seg.dcm", mask_zyx, series, patient)
+        note = write_dicom_seg(folder / "roi_seg.dcm", mask_zyx, series, patient, series_uid)
         if note is not None:
             log.warning("%s: %s", series, note)
         result = {**result, "dicom_seg": None if note else "roi_seg.dcm", "dicom_seg_warning": note}
