@@ -67,7 +67,8 @@ def find_runs(folder: Path) -> dict[str, list[Path]]:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise LymphdxError(f"{folder} {path_problem(folder) or 'is not a folder'}")
+        problem = path_problem(folder)  # missing, a dangling link, a loop of links
+        raise LymphdxError(f"{folder} is not a folder" + (f": it {problem}" if problem else ""))
     if (folder / "config.yaml").is_file():
         return {_config_strategy(folder): [folder]}
     found: dict[str, list[Path]] = {}

@@ -46,7 +46,8 @@ def folder_kind(folder: str | Path) -> str:
     """``"compare"`` (has ``results.json``) or ``"run"`` (has ``config.yaml``)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise LymphdxError(f"{folder} {path_problem(folder) or 'is not a folder'}")
+        problem = path_problem(folder)  # missing, a dangling link, a loop of links
+        raise LymphdxError(f"{folder} is not a folder" + (f": it {problem}" if problem else ""))
     if (folder / "results.json").is_file():
         return "compare"
     if (folder / "config.yaml").is_file():
