@@ -16,7 +16,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from lymphdx import __version__
 from lymphdx.core.errors import LymphdxError
-from lymphdx.core.files import check_folder, dumps_json, folder_problem
+from lymphdx.core.files import check_folder, dumps_json, folder_problem, path_problem
 
 # numpy seeds are unsigned 32-bit words: seeds are in [0, SEED_LIMIT)
 SEED_LIMIT = 2**32
@@ -262,7 +262,7 @@ def train_cmd(
     _check_at_least(epochs, "--epochs")
     _check_out_folder(out)
     if resume and not (out / "config.yaml").exists():
-        what = "does not exist" if not out.exists() else "holds no run (no config.yaml)"
+        what = path_problem(out) or "holds no run (no config.yaml)"
         raise LymphdxError(
             f"cannot --resume: the run folder {str(out)!r} {what}; give the --out of an "
             "earlier run, or train without --resume"
@@ -320,6 +320,17 @@ def predict(
             "for scans like it) or strong."
         ),
     ] = "weak",
+    series_uid: Annotated[
+        str | None,
+        typer.Option(
+            "--series-uid",
+            metavar="UID",
+            help="For a DICOM folder that holds several series: the SeriesInstanceUID of "
+            "the one to read (an error lists the folder's series). Every DICOM folder "
+            "given must hold it.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Predict metastasis probability, ROI maps and node findings; writes OUT/<name>/...
     and OUT/summary.csv. A bad scan is reported and the others go on."""
@@ -330,7 +341,20 @@ def predict(
     if not scans:
         raise LymphdxError("no scans: give scan files or folders, or --manifest")
     paths, patients = [p for p, _ in scans], [q for _, q in scans]
-    for r in run_predict(model, paths, out, domain=domain, patients=patients, progress=True):
+    if series_uid is not None and not any(p.is_dir() for p in paths):
+        raise LymphdxError(
+            "--series-uid picks a series in a DICOM folder, but no scan given is a DICOM "
+            "folder; leave it out for NIfTI, NRRD and MetaImage files"
+        )
+    for r in run_predict(
+        model,
+        paths,
+        out,
+        domain=domain,
+        patients=patients,
+        progress=True,
+        series_uid=series_uid,
+    ):
         nodes = len(r["findings"])
         typer.echo(
             f"{r['image']}: probability {r['probability']:.3f} label {r['label']}, "

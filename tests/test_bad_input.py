@@ -221,6 +221,7 @@ def _split_rows(splits_and_labels: list[tuple[str, int]]) -> list[list[object]]:
 def case_split_val_one_class(tmp):
     rows = _split_rows([("train", 0), ("train", 1), ("val", 0), ("val", 0), ("test", 0)])
     rows.append(["W5", "w5.nii.gz", 1, "test"])
+    rows.append(["W6", "w6.nii.gz", 1, "train"])  # 3 positives: a split column can hold them
     weak, strong = manifests(tmp, rows)
     return split_fault(
         tmp, weak, strong, None, "val split holds only label 0", "AUC is undefined", "split column"
@@ -245,8 +246,15 @@ def case_split_empty(tmp):
 def case_split_seeded_too_few_positives(tmp):
     rows = [[f"W{i}", f"w{i}.nii.gz", int(i < 2)] for i in range(12)]
     weak, strong = manifests(tmp, rows, weak_header=("patient_id", "image", "label"))
+    # no split shares give 3 splits both labels from 2 positives: only more positives help
     return split_fault(
-        tmp, weak, strong, None, "AUC is undefined", "2 with label 1", "add patients"
+        tmp,
+        weak,
+        strong,
+        None,
+        "AUC is undefined",
+        "only 2 of the 12 patients are labelled 1",
+        "add patients labelled 1",
     )
 
 

@@ -6,9 +6,12 @@ import base64
 import csv
 import html
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,9 @@ from lymphdx.workflows.report import write_report
 from tests.conftest import tiny_config
 
 runner = CliRunner()
-CHROMIUM = Path("/usr/bin/chromium")
+# the browser of the two headless-Chromium tests: Debian's path, or LYMPHDX_CHROMIUM
+CHROMIUM = Path(os.environ.get("LYMPHDX_CHROMIUM") or "/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 IMG = re.compile(r"<img\b[^>]*>")
 SRC = re.compile(r'\bsrc="([^"]*)"')
@@ -52,6 +57,43 @@ def compared(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def compare_report(compared: Path) -> Path:
     return write_report(compared)
+
+
+def chromium_verdict(chromium: Path, env: Mapping[str, str]) -> tuple[str, str]:
+    """What the browser tests do: ``("run", "")``, ``("skip", why)`` or ``("fail", why)``.
+
+    A missing browser skips them on a developer's machine but fails them in CI (``CI``
+    set and not empty), so that CI never passes without the browser check; the failure
+    says that ``.ci/run`` installs it with apt and quotes apt's error from the file that
+    ``.ci/chromium.sh`` names in ``LYMPHDX_CHROMIUM_APT_LOG``.
+    """
+    if chromium.is_file() and os.access(chromium, os.X_OK):
+        return "run", ""
+    why = f"no chromium at {chromium} to render the page"
+    if not env.get("CI"):
+        return "skip", f"{why} (install it, or set LYMPHDX_CHROMIUM to its path)"
+    why += (
+        "; CI is set, so the browser tests fail instead of skipping. .ci/run installs "
+        "chromium with apt-get (.ci/chromium.sh); make that work, or set LYMPHDX_CHROMIUM"
+    )
+    log = Path(env.get("LYMPHDX_CHROMIUM_APT_LOG") or "/nonexistent")
+    if log.is_file():
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+        said = " | ".join([line for line in lines if line][-5:]) or "nothing"
+        why += f". apt-get said: {said}"
+    return "fail", why
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    """The browser for the headless tests (``chromium_verdict``: skip, or fail in CI).
+    Session-scoped, so that it is decided before the module's compare run is built."""
+    verdict, why = chromium_verdict(CHROMIUM, os.environ)
+    if verdict == "fail":
+        pytest.fail(why, pytrace=False)
+    if verdict == "skip":
+        pytest.skip(why)
+    return CHROMIUM
 
 
 def _images(page: str) -> list[bytes]:
@@ -211,12 +253,13 @@ def test_roc_band_is_the_step_roc_of_sklearn() -> None:
     assert hi[-1] == 1.0 and np.mean((lo <= expected) & (np.array(expected) <= hi)) > 0.9
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium to render the page")
-def test_page_renders_in_headless_chromium(compare_report: Path, tmp_path: Path) -> None:
+def test_page_renders_in_headless_chromium(
+    chromium: Path, compare_report: Path, tmp_path: Path
+) -> None:
     page = compare_report.read_text()
     dom = subprocess.run(
         [
-            str(CHROMIUM),
+            str(chromium),
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
@@ -253,21 +296,114 @@ def test_report_shows_the_overlay_patients_node_findings(compare_report: Path) -
         assert "short axis (mm)" in block or "No node candidate" in block
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium to render the page")
 def test_findings_table_screenshot_in_headless_chromium(
-    compare_report: Path, tmp_path: Path
+    chromium: Path, compare_report: Path, tmp_path: Path
 ) -> None:
     import matplotlib.image as mpimg
 
     from lymphdx.reporting.screenshot import screenshot_element
 
     pid = _findings_ids(compare_report.read_text())[0]
-    png = screenshot_element(compare_report, f"findings-{pid}", tmp_path / "t.png", CHROMIUM)
+    png = screenshot_element(compare_report, f"findings-{pid}", tmp_path / "t.png", chromium)
     data = png.read_bytes()
     assert data[:8] == PNG_MAGIC
     pixels = mpimg.imread(png)
     assert pixels.shape[:2] == (260, 900)  # the window: --window-size 900,260
     assert pixels[..., :3].std() > 0.01  # something drawn on the white page
     with pytest.raises(LymphdxError, match="no element"):
-        screenshot_element(compare_report, "findings-nobody", tmp_path / "u.png", CHROMIUM)
+        screenshot_element(compare_report, "findings-nobody", tmp_path / "u.png", chromium)
     assert not (tmp_path / "u.png").exists()
+
+
+# --------------------------------------------------------------------------- the browser in CI
+
+
+def test_chromium_verdict(tmp_path: Path) -> None:
+    missing = tmp_path / "no-chromium"
+    browser = tmp_path / "chromium"
+    browser.write_text("#!/bin/sh\n")
+    browser.chmod(0o755)
+    assert chromium_verdict(browser, {"CI": "true"}) == ("run", "")
+    assert chromium_verdict(browser, {}) == ("run", "")
+    for env in ({}, {"CI": ""}):
+        verdict, why = chromium_verdict(missing, env)
+        assert verdict == "skip" and str(missing) in why
+    verdict, why = chromium_verdict(missing, {"CI": "true"})
+    assert verdict == "fail"
+    for word in (str(missing), "CI is set", "fail instead of skipping", ".ci/run", "apt-get"):
+        assert word in why, why
+    log = tmp_path / "apt.log"
+    log.write_text("Reading package lists...\nE: Unable to locate package chromium\n")
+    verdict, why = chromium_verdict(missing, {"CI": "1", "LYMPHDX_CHROMIUM_APT_LOG": str(log)})
+    assert verdict == "fail" and "apt-get said: " in why
+    assert why.endswith("E: Unable to locate package chromium"), why
+
+
+def test_browser_tests_fail_in_ci_without_chromium(tmp_path: Path) -> None:
+    """As CI runs them (CI=true), with no browser: the two tests fail, none is skipped,
+    and the failure names the missing browser and apt's error."""
+    log = tmp_path / "apt.log"
+    log.write_text(
+        "E: Could not open lock file /var/lib/dpkg/lock-frontend (13: Permission denied)\n"
+    )
+    env = {
+        **os.environ,
+        "CI": "true",
+        "LYMPHDX_CHROMIUM": str(tmp_path / "no-chromium"),
+        "LYMPHDX_CHROMIUM_APT_LOG": str(log),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider"]
+        + [f"{__file__}::test_page_renders_in_headless_chromium"]
+        + [f"{__file__}::test_findings_table_screenshot_in_headless_chromium"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "2 errors" in output and "skipped" not in output, output
+    assert f"no chromium at {tmp_path / 'no-chromium'}" in output, output
+    assert "13: Permission denied" in output, output
+
+
+def test_ci_script_prints_and_keeps_apts_error(tmp_path: Path) -> None:
+    """``.ci/chromium.sh`` with an apt-get that fails (a stand-in first on PATH; nothing is
+    installed): it prints apt's error and leaves it for the tests in
+    LYMPHDX_CHROMIUM_APT_LOG."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    apt = bin_dir / "apt-get"
+    apt.write_text(
+        "#!/bin/sh\n"
+        'echo "apt-get $*" >> "$0.calls"\n'
+        '[ "$1" = update ] && exit 0\n'
+        'echo "E: Unable to locate package chromium" >&2\n'
+        "exit 100\n"
+    )
+    apt.chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "CI": "true",
+        "LYMPHDX_CHROMIUM": str(tmp_path / "no-chromium"),
+        "TMPDIR": str(tmp_path),
+    }
+    script = 'source .ci/chromium.sh; echo "log=$LYMPHDX_CHROMIUM_APT_LOG"'
+    result = subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert (bin_dir / "apt-get.calls").read_text().split("\n")[:2] == [
+        "apt-get update -qq",
+        "apt-get install -y -qq chromium",
+    ]
+    assert "the browser tests will fail (CI is set)" in result.stderr, result.stderr
+    assert "E: Unable to locate package chromium" in result.stderr, result.stderr
+    log = Path(result.stdout.split("log=", 1)[1].strip())
+    assert "E: Unable to locate package chromium" in log.read_text()
+    verdict, why = chromium_verdict(
+        tmp_path / "no-chromium", {"CI": "true", "LYMPHDX_CHROMIUM_APT_LOG": str(log)}
+    )
+    assert verdict == "fail" and why.endswith("E: Unable to locate package chromium")

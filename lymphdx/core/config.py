@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from lymphdx.core.errors import ConfigError
+from lymphdx.core.files import path_problem
 from lymphdx.core.strategies import PAPER_STRATEGIES, STRATEGY_DEFAULTS
 from lymphdx.core.strategies import STRATEGIES as STRATEGY_FLAGS
 
@@ -505,7 +506,9 @@ def _read_yaml(path: Path | str, label: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as err:
-        raise ConfigError(f"cannot read config {label}: {err.strerror}") from None
+        problem = path_problem(path)  # a loop of links, not "Too many levels of ..."
+        why = f"it {problem}" if problem else err.strerror
+        raise ConfigError(f"cannot read config {label}: {why}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -1,14 +1,17 @@
-"""Crash-safe file writing: write to a temporary name in the same folder, then rename."""
+"""Crash-safe file writing (write to a temporary name in the same folder, then rename), and
+why a path given by a user cannot be reached (missing, a dangling link, a loop of links)."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import math
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -74,24 +77,81 @@ def ensure_writable_dir(path: str | Path, what: str = "output folder") -> Path:
         probe.touch()
         probe.unlink()
     except OSError as err:
-        reason = err.strerror or str(err)
-        if isinstance(err, (FileExistsError, NotADirectoryError)):
-            reason = "it or a folder above it is a file"
+        reason = folder_problem(path) or err.strerror or str(err)
         raise LymphdxError(f"cannot write to the {what} {str(path)!r}: {reason}") from None
     return path
+
+
+def path_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be reached, or ``None`` when it can (it exists, links followed).
+
+    A phrase that follows the path's name, telling apart what ``Path.exists()`` lumps
+    together as ``False``:
+    ``"does not exist"``;
+    ``"is a loop of symbolic links ('a' -> 'b' -> 'a')"``;
+    ``"is a symbolic link to 'x', which does not exist"``;
+    ``"lies in 'd', which is a loop of symbolic links (...)"`` (a folder above it);
+    ``"lies in 'f', which is a file, not a folder"``;
+    ``"cannot be reached (Permission denied)"``.
+    """
+    path = Path(path)
+    try:
+        os.stat(path)
+        return None
+    except OSError:
+        pass
+    # the first name along the path that cannot be reached: a folder above it, or itself
+    for p in (*reversed(path.parents), path):
+        try:
+            info = os.stat(p)
+        except OSError as err:
+            problem = _unreachable(p, err)
+            if p == path or problem == "does not exist":
+                return problem
+            return f"lies in {str(p)!r}, which {problem}"
+        if p != path and not stat.S_ISDIR(info.st_mode):
+            return f"lies in {str(p)!r}, which is a file, not a folder"
+    return "cannot be reached"  # it appeared meanwhile: nothing better to say
+
+
+def _unreachable(p: Path, err: OSError) -> str:
+    """Why ``p``, whose parent folder can be reached, cannot be (``path_problem``)."""
+    if not os.path.islink(p):
+        if err.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "does not exist"
+        return f"cannot be reached ({err.strerror or err})"
+    chain = [str(p)]
+    for _ in range(8):  # enough to show a loop; the kernel stops at 40
+        try:
+            target = os.readlink(chain[-1])
+        except OSError:  # the end of the chain: not a link, or not there
+            break
+        step = os.path.normpath(os.path.join(os.path.dirname(chain[-1]), target))
+        seen = step in chain
+        chain.append(step)
+        if seen:
+            break
+    links = " -> ".join(map(repr, chain))
+    if err.errno == errno.ELOOP:
+        return f"is a loop of symbolic links ({links})"
+    if len(chain) > 2:
+        links = " -> ".join(map(repr, chain[1:]))
+        return f"is a symbolic link to {links}, which does not exist"
+    return f"is a symbolic link to {chain[-1]!r}, which does not exist"
 
 
 def folder_problem(path: str | Path) -> str | None:
     """Why ``path`` cannot be (or become) a folder, without creating anything: ``None``
     when it is a folder or could be made one; else a short reason naming the file that is
-    in the way (``path`` itself, or a folder above it that is a file)."""
+    in the way (``path`` itself, or a folder above it that is a file, a dangling link or a
+    loop of links: ``path_problem``)."""
     path = Path(path)
     for p in (path, *path.parents):
         try:
             if p.is_dir():
                 return None
             if p.is_symlink() and not p.exists():
-                reason = "is a symbolic link that leads nowhere (a missing target or a loop)"
+                reason = path_problem(p) or "is a symbolic link that cannot be followed"
             elif p.exists():
                 reason = "is a file, not a folder"
             else:

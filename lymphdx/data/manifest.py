@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lymphdx.core.errors import InputError
+from lymphdx.core.files import path_problem
 
 __all__ = [
     "MAX_LISTED",
@@ -110,8 +111,9 @@ class Problems:
 
 def read_rows(csv_path: Path, required: Sequence[str], what: str) -> tuple[list[str], list[_Row]]:
     """Header (stripped, lower-case) and the non-blank rows of a CSV, stripped."""
-    if not csv_path.exists():
-        raise InputError(f"{what} does not exist", csv_path)
+    problem = path_problem(csv_path)  # missing, a dangling link or a loop of links
+    if problem is not None:
+        raise InputError(f"{what} {problem}", csv_path)
     if csv_path.is_dir():
         raise InputError(f"{what} is a folder, expected a CSV file", csv_path)
     try:
@@ -222,13 +224,11 @@ def _load(csv_path: str | Path, kind: str) -> list[WeakRecord] | list[StrongReco
                 ok = False
                 continue
             path = resolve_path(cell, base)
-            if not path.exists():
-                problems.add(
-                    pid,
-                    row.line,
-                    f"{column} {str(path)!r} does not exist (paths are relative to the "
-                    f"manifest's folder {str(base)!r})",
-                )
+            problem = path_problem(path)
+            if problem == "does not exist":
+                problem += f" (paths are relative to the manifest's folder {str(base)!r})"
+            if problem is not None:
+                problems.add(pid, row.line, f"{column} {str(path)!r} {problem}")
                 ok = False
             paths[column] = path
         if "image" in paths and ok:

@@ -329,6 +329,24 @@ def check_weak_splits(
         f"weak set: {'; '.join(faults)}. AUC is undefined without both classes (val AUC "
         "selects the model, test AUC is the result). "
     )
+    # too few of a class: no split (column, shares or splits.csv) can help, only patients
+    sizes = {0: len(weak) - n_pos, 1: n_pos}
+    scarce = min(sizes, key=lambda c: (sizes[c], c))
+    if sizes[scarce] < len(SPLITS):
+        have = (
+            f"All {len(weak)} patients are labelled {1 - scarce}"
+            if sizes[scarce] == 0
+            else f"Only {sizes[scarce]} of the {len(weak)} patients "
+            f"{'is' if sizes[scarce] == 1 else 'are'} labelled {scarce}"
+        )
+        raise InputError(
+            problem + f"{have}: a weak set needs both labels, at least one of each in "
+            f"each of train, val and test, so at least {len(SPLITS)} patients labelled "
+            f"{scarce} (1: metastatic lymph nodes, 0: none); about 40 patients or more "
+            "are needed for a validation split that can choose a model. Fix: add "
+            f"patients labelled {scarce}, or check the manifest's label column",
+            source,
+        )
     if origin == "column":
         problem += (
             "Fix: give every split of the manifest's split column positives and negatives "
@@ -337,6 +355,12 @@ def check_weak_splits(
         )
     elif origin == "seeded":
         shown = "/".join(f"{p:g}" for p in proportions) if proportions is not None else "?"
+        # shares that split this many patients (each class has >= 3 here, so n >= 6)
+        example = (
+            "[60, 20, 20], which splits from about 9 patients"
+            if len(weak) >= 9
+            else "[1, 1, 1], equal shares, which split from 6 patients"
+        )
         problem += (
             f"The set has {len(weak)} patients, {n_pos} with label 1 and "
             f"{len(weak) - n_pos} with label 0; the stratified split (proportions "
@@ -344,9 +368,8 @@ def check_weak_splits(
             "when each class has at least 3 patients and val and test at least 2 each; "
             "the default 90/10/23 gives val 2 patients only from 21 weak patients on, and "
             "about 40 or more are needed for a validation split that can choose a model. "
-            "Fix: add patients, set data.split.weak to larger val and test shares (e.g. "
-            "[60, 20, 20], which splits from about 9 patients), or add a split column "
-            "(train/val/test) to the manifest"
+            f"Fix: add patients, set data.split.weak to larger val and test shares (e.g. "
+            f"{example}), or add a split column (train/val/test) to the manifest"
         )
     else:
         problem += (

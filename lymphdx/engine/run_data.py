@@ -13,7 +13,7 @@ from typing import Any
 
 from lymphdx.core.config import Config, dump_config, validate
 from lymphdx.core.errors import InputError, LymphdxError
-from lymphdx.core.files import write_text
+from lymphdx.core.files import path_problem, write_text
 from lymphdx.core.strategies import Strategy, get_strategy
 from lymphdx.data.datasets import VolumeSet
 from lymphdx.data.manifest import (
@@ -175,10 +175,14 @@ def load_run_data(config: Config, run_dir: Path, need_strong: bool = True) -> Ru
 def resolve_manifests(config: Config, weak_csv: Path | None, strong_csv: Path | None) -> Config:
     """``config`` with the manifests' absolute paths, as a run's ``config.yaml`` holds it."""
     data = config.model_dump(mode="json")
-    if weak_csv is not None:
-        data["manifests"]["weak"] = str(Path(weak_csv).resolve())
-    if strong_csv is not None:
-        data["manifests"]["strong"] = str(Path(strong_csv).resolve())
+    for key, csv_path in (("weak", weak_csv), ("strong", strong_csv)):
+        if csv_path is None:
+            continue
+        # checked before resolve(), which raises on a loop of links (Python < 3.13)
+        problem = path_problem(csv_path)
+        if problem is not None:
+            raise InputError(f"{key} manifest {problem}", csv_path)
+        data["manifests"][key] = str(Path(csv_path).resolve())
     return validate(data)
 
 

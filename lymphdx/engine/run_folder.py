@@ -24,6 +24,7 @@ from lymphdx.core.config import Config, dump_config, validate
 from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import (
     atomic_path,
+    path_problem,
     read_csv,
     remove_stale_temporaries,
     write_csv,
@@ -340,7 +341,8 @@ def load_run_config(run_dir: str | Path) -> Config:
     """The resolved ``config.yaml`` of a run folder."""
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
-        raise LymphdxError(f"{run_dir} is not a lymphdx run folder (no config.yaml)")
+        problem = path_problem(run_dir) or "is not a lymphdx run folder (no config.yaml)"
+        raise LymphdxError(f"{run_dir} {problem}")
     return validate(yaml.safe_load(path.read_text()), str(path))
 
 

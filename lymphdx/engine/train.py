@@ -14,7 +14,12 @@ import torch
 
 from lymphdx.core.config import Config
 from lymphdx.core.errors import LymphdxError
-from lymphdx.core.files import folder_problem, remove_stale_temporaries, run_lock
+from lymphdx.core.files import (
+    folder_problem,
+    path_problem,
+    remove_stale_temporaries,
+    run_lock,
+)
 from lymphdx.core.strategies import get_strategy
 from lymphdx.engine.distributed import DistContext, distributed
 from lymphdx.engine.memory import check_memory
@@ -95,7 +100,7 @@ def train(
 
     def open_folder() -> None:
         if resume and not (run_dir / "config.yaml").exists():  # before making any folder
-            what = "does not exist" if not run_dir.exists() else "holds no run (no config.yaml)"
+            what = path_problem(run_dir) or "holds no run (no config.yaml)"
             raise LymphdxError(f"cannot resume: the run folder {run_dir} {what}")
         try:
             run_dir.mkdir(parents=True, exist_ok=True)

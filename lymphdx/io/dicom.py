@@ -175,7 +175,7 @@ def read_dicom_series(
     if modality != "CT" and not allow_non_ct:
         raise InputError(
             f"series {chosen.uid} is {modality or 'of no stated modality'}, not CT; the "
-            "models are for CT (read it anyway with allow_non_ct=True)",
+            "models are for CT: give a CT series",
             folder,
             patient,
         )

@@ -192,7 +192,9 @@ class SeriesSummary:
         """One line: UID, modality, orientation, slice count, description."""
         n = self.normal
         orient = orientation_label(n) if n is not None else "no orientation"
-        text = f"{self.uid} ({self.modality or 'no modality'}, {orient}, {self.n_slices} files"
+        frames = sum(max(s.frames, 1) for s in self.slices)
+        count = f"{frames} slices" if frames == self.n_slices else f"{self.n_slices} files"
+        text = f"{self.uid} ({self.modality or 'no modality'}, {orient}, {count}"
         if self.is_localizer:
             text += ", localizer"
         if self.slices[0].description:
@@ -250,14 +252,20 @@ def choose_series(
             if s.uid == series_uid:
                 return s, f"series {s.uid} chosen by its SeriesInstanceUID"
         raise InputError(
-            f"series {series_uid} is not in the folder; it holds {listing}", folder, patient
+            f"series {series_uid} is not in the folder; it holds {len(series)} series: "
+            f"{listing}",
+            folder,
+            patient,
         )
     if len(series) == 1:
         return series[0], f"series {series[0].uid}, the only image series in the folder"
     if not pick_largest:
+        # the advice names what can be done: predict takes a UID, training's manifests
+        # do not (they name folders), so for them the folder must hold one series
         raise InputError(
-            f"folder holds {len(series)} DICOM series ({listing}); give a folder with "
-            "exactly one, or choose one by its SeriesInstanceUID",
+            f"folder holds {len(series)} DICOM series: {listing}; choose one with "
+            "`lymphdx predict --series-uid UID`, or give a folder that holds only the "
+            "series to use",
             folder,
             patient,
         )

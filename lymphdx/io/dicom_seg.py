@@ -27,29 +27,35 @@ from lymphdx.io.dicom_stack import build_stack
 __all__ = ["series_slices", "write_dicom_seg"]
 
 
-def series_slices(folder: Path, patient: str | None = None) -> tuple[tuple[Path, ...], bool]:
-    """The slice files of the series that ``read_dicom_series`` reads from ``folder``, in
-    the order of the volume's slices, and whether they lie on its regular grid as they
-    are (headers only, no pixels)."""
+def series_slices(
+    folder: Path, patient: str | None = None, series_uid: str | None = None
+) -> tuple[tuple[Path, ...], bool]:
+    """The slice files of the series that ``read_dicom_series`` reads from ``folder`` (the
+    only one, or ``series_uid``), in the order of the volume's slices, and whether they lie
+    on its regular grid as they are (headers only, no pixels)."""
     series, _ = scan_folder(folder, patient)
-    chosen, _ = choose_series(series, folder, patient, None, False)
+    chosen, _ = choose_series(series, folder, patient, series_uid, False)
     stack, _ = build_stack(chosen.slices, folder, patient, "resample")
     return stack.files, stack.regular
 
 
 def write_dicom_seg(
-    path: Path, mask_zyx: np.ndarray, folder: Path, patient: str | None = None
+    path: Path,
+    mask_zyx: np.ndarray,
+    folder: Path,
+    patient: str | None = None,
+    series_uid: str | None = None,
 ) -> str | None:
     """Write ``mask_zyx`` ``(z, y, x)`` (nonzero = lymph node), on the grid that
-    ``read_dicom_series(folder)`` returns, as a DICOM SEG at ``path``. Returns None, or
-    why no SEG was written."""
+    ``read_dicom_series(folder, series_uid=series_uid)`` returns, as a DICOM SEG at
+    ``path``. Returns None, or why no SEG was written."""
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
 
     from lymphdx import __version__
 
-    files, regular = series_slices(folder, patient)
+    files, regular = series_slices(folder, patient, series_uid)
     if not regular:
         return (
             "no DICOM SEG: the series was resampled onto a regular grid (uneven slice "

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from lymphdx.core.errors import InputError
-from lymphdx.core.files import write_csv, write_json
+from lymphdx.core.files import path_problem, write_csv, write_json
 from lymphdx.io.tcia_patients import Alignment, PatientResult, Work, assess, decide, finish
 from lymphdx.io.tcia_sources import find_sources
 
@@ -128,7 +128,8 @@ def prepare_tcia(root: str | Path, out_csv: str | Path, region: str = "abd") -> 
     if region not in REGIONS:
         raise InputError(f"unknown region {region!r}; use one of {', '.join(REGIONS)}")
     if not root.is_dir():
-        raise InputError("TCIA download folder does not exist", root)
+        why = path_problem(root) or "is not a folder"
+        raise InputError(f"TCIA download folder {why}", root)
     out_dir = out_csv.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     found = find_sources(root)

@@ -13,7 +13,6 @@ with a warning, several series or non-CT refused).
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import shutil
@@ -24,7 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from lymphdx.core.errors import InputError
-from lymphdx.core.files import atomic_path
+from lymphdx.core.files import atomic_path, path_problem
 from lymphdx.io.dicom import read_dicom_series
 from lymphdx.io.geometry import Geometry, Volume, to_sitk
 from lymphdx.io.headers import check_nifti, check_text_header, nifti_pair_geometry
@@ -45,40 +44,33 @@ def dicom_series_ids(folder: str | Path) -> list[str]:
     return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
 
 
-def _read_dicom_folder(folder: Path, patient: str | None) -> sitk.Image:
-    """Read the one DICOM series in ``folder`` (see :mod:`lymphdx.io.dicom`).
+def _read_dicom_folder(folder: Path, patient: str | None, series_uid: str | None) -> sitk.Image:
+    """Read the one DICOM series in ``folder``, or the one ``series_uid`` names (see
+    :mod:`lymphdx.io.dicom`).
 
     Slices are sorted along their normal; gaps and gantry tilt are resampled with a
-    warning; a folder with several series and non-CT series are refused.
+    warning; a folder with several series (without ``series_uid``) and non-CT series are
+    refused.
     """
-    return read_dicom_series(folder, patient).image
+    return read_dicom_series(folder, patient, series_uid=series_uid).image
 
 
-def read_image(path: str | Path, patient: str | None = None) -> sitk.Image:
-    """Read a volume file or a DICOM series folder as a SimpleITK image.
+def read_image(
+    path: str | Path, patient: str | None = None, series_uid: str | None = None
+) -> sitk.Image:
+    """Read a volume file or a DICOM series folder as a SimpleITK image; ``series_uid``
+    picks the series of a DICOM folder that holds several (files ignore it).
 
     Raises:
         InputError: missing, unreadable or corrupt input (names file and patient).
     """
     path = Path(path)
-    if not path.exists():
-        if path.is_symlink():  # a dangling link or a loop of links, not a missing file
-            try:
-                path.resolve(strict=True)
-                why = "is a symbolic link whose target does not exist"
-            except RuntimeError:
-                why = "is a loop of symbolic links"
-            except OSError as err:
-                why = (
-                    "is a loop of symbolic links"
-                    if err.errno == errno.ELOOP
-                    else f"is a symbolic link whose target does not exist ({err.strerror})"
-                )
-            raise InputError(why, path, patient)
-        raise InputError("file does not exist", path, patient)
+    problem = path_problem(path)  # missing, a dangling link or a loop of links
+    if problem is not None:
+        raise InputError(problem, path, patient)
     try:
         if path.is_dir():
-            return _read_dicom_folder(path, patient)
+            return _read_dicom_folder(path, patient, series_uid)
         with path.open("rb") as f:  # unreadable (permissions, a broken mount): say so
             magic = f.read(2)
     except OSError as err:
@@ -235,14 +227,17 @@ def _squeeze_4d(image: sitk.Image) -> sitk.Image:
     return image
 
 
-def read_volume(path: str | Path, patient: str | None = None) -> Volume:
-    """Read a 3-D scan into a float32 ``(z, y, x)`` array in HU plus its geometry.
+def read_volume(
+    path: str | Path, patient: str | None = None, series_uid: str | None = None
+) -> Volume:
+    """Read a 3-D scan into a float32 ``(z, y, x)`` array in HU plus its geometry
+    (``series_uid``: which series of a DICOM folder, ``read_image``).
 
     Raises:
         InputError: missing/corrupt file, not 3-D, or NaN/infinite voxels.
     """
     path = Path(path)
-    image = _squeeze_4d(read_image(path, patient))
+    image = _squeeze_4d(read_image(path, patient, series_uid))
     _check_3d(image, path, patient)
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     if not np.isfinite(array).all():

@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from lymphdx.core.errors import LymphdxError
-from lymphdx.core.files import atomic_path
+from lymphdx.core.files import atomic_path, path_problem
 from lymphdx.reporting.figures import pyplot, strategy_colors
 from lymphdx.reporting.runs import float_or_nan, natural_key, strategy_order
 
@@ -67,7 +67,8 @@ def find_runs(folder: Path) -> dict[str, list[Path]]:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise LymphdxError(f"{folder} is not a folder")
+        problem = path_problem(folder)  # missing, a dangling link, a loop of links
+        raise LymphdxError(f"{folder} is not a folder" + (f": it {problem}" if problem else ""))
     if (folder / "config.yaml").is_file():
         return {_config_strategy(folder): [folder]}
     found: dict[str, list[Path]] = {}

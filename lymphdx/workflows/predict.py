@@ -61,6 +61,7 @@ from lymphdx.core.files import (
     atomic_dir,
     atomic_path,
     ensure_writable_dir,
+    path_problem,
     write_csv,
     write_json,
 )
@@ -136,7 +137,8 @@ def scan_inputs(paths: list[Path], manifest: Path | None = None) -> list[tuple[P
         found = [
             entry
             for entry in sorted(path.iterdir())
-            if (entry.is_file() and entry.name.lower().endswith(_SUFFIXES[:-1]))
+            # a broken link named like a scan is listed, so that it is reported, not skipped
+            if (not entry.is_dir() and entry.name.lower().endswith(_SUFFIXES[:-1]))
             or (entry.is_dir() and io.dicom_series_ids(entry))
         ]
         if not found:
@@ -249,6 +251,7 @@ def predict(
     which: str = "best",
     patients: list[str | None] | None = None,
     progress: bool = False,
+    series_uid: str | None = None,
 ) -> list[dict[str, Any]]:
     """Predict every scan in ``images`` with the run's ``which`` checkpoint; returns the
     results of the scans that succeeded and writes ``OUT/summary.csv``.
@@ -257,7 +260,9 @@ def predict(
     weakly-labelled set's hospital, the one the classifier is for) and, for a model with
     domain-specific batch norm (``model.norm: domain_batch``), that hospital's statistics.
     ``patients``: each scan's patient id (named in errors and the summary). ``progress``:
-    a progress bar on stderr. Raises ``LymphdxError`` at the end when any scan failed.
+    a progress bar on stderr. ``series_uid``: the series to read from DICOM folders that
+    hold several (each DICOM folder must hold it). Raises ``LymphdxError`` at the end
+    when any scan failed.
     """
     refuse_while_busy(run_dir, "predict with it")  # its best.pt may still change
     config, model, state = load_model(run_dir, which)
@@ -268,8 +273,9 @@ def predict(
         raise LymphdxError(f"unknown domain {domain!r}; the run has {sorted(normalizers)}")
     patients = list(patients) if patients is not None else [None] * len(images)
     for image_path, patient in zip(map(Path, images), patients, strict=True):
-        if not image_path.exists():  # before any work: a typo fails at once
-            raise InputError("file does not exist", image_path, patient)
+        problem = path_problem(image_path)  # before any work: a typo fails at once
+        if problem is not None:
+            raise InputError(problem, image_path, patient)
     out_dir = ensure_writable_dir(out_dir)
     previous = _previous_outputs(out_dir)
     written: set[str] = set()
@@ -301,6 +307,7 @@ def predict(
                         out_dir / name,
                         common,
                         patient,
+                        series_uid,
                     )
             except LymphdxError as err:  # a bad scan: reported, the others go on
                 log.error("%s", err)
@@ -410,9 +417,10 @@ def _predict_one(
     folder: Path,
     common: dict[str, Any],
     patient: str | None = None,
+    series_uid: str | None = None,
 ) -> dict[str, Any]:
     """Predict one scan and write its outputs to ``folder`` (complete, or not at all)."""
-    volume = io.read_volume(image_path, patient)
+    volume = io.read_volume(image_path, patient, series_uid)
     check_coverage(volume.geometry, volume.shape_xyz, cfg, image_path)
     offset, calibration_note = _calibration_note(volume, cfg)
     if offset != 0.0:
@@ -454,7 +462,15 @@ def _predict_one(
     series = image_path if image_path.is_dir() else None  # a DICOM series: also a SEG
     with atomic_dir(folder) as tmp:  # written beside, then renamed over the old folder
         return _write_outputs(
-            tmp, folder.name, volume, prob_zyx, common["roi_threshold"], result, series, patient
+            tmp,
+            folder.name,
+            volume,
+            prob_zyx,
+            common["roi_threshold"],
+            result,
+            series,
+            patient,
+            series_uid,
         )
 
 
@@ -467,15 +483,17 @@ def _write_outputs(
     result: dict[str, Any],
     series: Path | None = None,
     patient: str | None = None,
+    series_uid: str | None = None,
 ) -> dict[str, Any]:
     """Write one scan's ROI maps, findings, overlay and ``prediction.json`` into ``folder``,
-    and for a DICOM ``series`` folder the mask as a DICOM SEG.
+    and for a DICOM ``series`` folder the mask as a DICOM SEG (over ``series_uid``, when
+    the folder holds several).
 
     ``result`` holds the probability and the thresholds; the ROI summary is added to it.
     """
     mask_zyx = roi_mask(prob_zyx, zeta).astype(np.uint8)
     if series is not None:
-        note = write_dicom_seg(folder / "roi_seg.dcm", mask_zyx, series, patient)
+        note = write_dicom_seg(folder / "roi_seg.dcm", mask_zyx, series, patient, series_uid)
         if note is not None:
             log.warning("%s: %s", series, note)
         result = {**result, "dicom_seg": None if note else "roi_seg.dcm", "dicom_seg_warning": note}

@@ -15,7 +15,7 @@ import numpy as np
 import yaml
 
 from lymphdx.core.errors import LymphdxError
-from lymphdx.core.files import read_csv
+from lymphdx.core.files import path_problem, read_csv
 from lymphdx.engine.run_state import run_notes, stale_reason
 from lymphdx.reporting.runs import Run, natural_key, strategy_order
 from lymphdx.workflows.evaluate import read_predictions
@@ -48,7 +48,8 @@ def folder_kind(folder: str | Path) -> str:
     """``"compare"`` (has ``results.json``) or ``"run"`` (has ``config.yaml``)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise LymphdxError(f"{folder} is not a folder")
+        problem = path_problem(folder)  # missing, a dangling link, a loop of links
+        raise LymphdxError(f"{folder} is not a folder" + (f": it {problem}" if problem else ""))
     if (folder / "results.json").is_file():
         return "compare"
     if (folder / "config.yaml").is_file():
