@@ -514,3 +514,15 @@ def test_prepare_tcia_end_to_end_on_a_seg_tree(tmp_path):
         p["mask_source"].endswith("300.000000-Segmentation-91234/1-1.dcm")
         for p in saved["patients"]
     )
+
+
+def test_a_seg_beside_its_ct_is_not_a_second_image_series(tmp_path):
+    """predict/train on a folder holding a CT series and its SEG read the CT (the SEG is
+    an annotation, not an image series to choose between)."""
+    cases = make_tcia_tree(tmp_path / "dl", layout="flat", patients=[ONE])
+    case = cases[ONE]
+    before = read_volume(case.series.folder, ONE)
+    write_seg(case.series.folder / "seg.dcm", case.series, (case.mask != 0).astype(np.uint8))
+    after = read_volume(case.series.folder, ONE)
+    np.testing.assert_array_equal(after.array, before.array)
+    assert after.geometry == before.geometry

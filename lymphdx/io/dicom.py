@@ -38,7 +38,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from lymphdx.core.errors import InputError
-from lymphdx.io.dicom_headers import choose_series, orientation_label, scan_folder, syntax_name
+from lymphdx.io.dicom_headers import choose_series, image_series, orientation_label, syntax_name
 from lymphdx.io.dicom_stack import SliceStack, build_stack
 from lymphdx.io.geometry import MAX_VOXELS, Geometry, to_sitk
 
@@ -169,7 +169,7 @@ def read_dicom_series(
     if tilt not in ("resample", "refuse"):
         raise ValueError(f"tilt must be 'resample' or 'refuse', got {tilt!r}")
     folder = Path(folder)
-    series, others = scan_folder(folder, patient)
+    series, others = image_series(folder, patient)
     chosen, choice = choose_series(series, folder, patient, series_uid, pick_largest)
     modality = chosen.modality
     if modality != "CT" and not allow_non_ct:

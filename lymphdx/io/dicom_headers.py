@@ -20,6 +20,8 @@ __all__ = [
     "choose_series",
     "orientation_label",
     "scan_folder",
+    "image_series",
+    "DERIVED_MODALITIES",
     "syntax_name",
 ]
 
@@ -224,6 +226,22 @@ def scan_folder(folder: str | Path, patient: str | None = None) -> tuple[list[Se
     series = [SeriesSummary(uid, tuple(slices)) for uid, slices in groups.items()]
     series.sort(key=lambda s: (s.series_number if s.series_number is not None else 1 << 30, s.uid))
     return series, others
+
+
+#: Modalities of DICOM objects that annotate images rather than being images to read (a
+#: SEG over the series, as TCIA ships its masks, an RT structure set, reports, ...).
+DERIVED_MODALITIES = frozenset({"SEG", "RTSTRUCT", "SR", "PR", "KO", "REG"})
+
+
+def image_series(
+    folder: str | Path, patient: str | None = None
+) -> tuple[list[SeriesSummary], int]:
+    """``scan_folder``'s series less those of ``DERIVED_MODALITIES`` (a SEG beside its CT
+    is not a second image series), which count among the other files."""
+    series, others = scan_folder(folder, patient)
+    images = [s for s in series if s.modality not in DERIVED_MODALITIES]
+    others += sum(s.n_slices for s in series if s.modality in DERIVED_MODALITIES)
+    return images, others
 
 
 def choose_series(

@@ -21,7 +21,7 @@ import numpy as np
 
 from lymphdx.core.errors import InputError
 from lymphdx.core.files import atomic_path
-from lymphdx.io.dicom_headers import choose_series, scan_folder
+from lymphdx.io.dicom_headers import choose_series, image_series
 from lymphdx.io.dicom_stack import build_stack
 
 __all__ = ["series_slices", "write_dicom_seg"]
@@ -33,7 +33,7 @@ def series_slices(
     """The slice files of the series that ``read_dicom_series`` reads from ``folder`` (the
     only one, or ``series_uid``), in the order of the volume's slices, and whether they lie
     on its regular grid as they are (headers only, no pixels)."""
-    series, _ = scan_folder(folder, patient)
+    series, _ = image_series(folder, patient)
     chosen, _ = choose_series(series, folder, patient, series_uid, False)
     stack, _ = build_stack(chosen.slices, folder, patient, "resample")
     return stack.files, stack.regular
