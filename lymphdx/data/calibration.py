@@ -26,17 +26,18 @@ they lie:
    within -1200..-700; ``raw``: both + 1024 and under 1 % of the values in [-1150, -200)
    (raw CT numbers are not negative). A scan read as HU *with* an air cluster, or as raw,
    is final.
-2. Otherwise (HU without an air cluster, or neither) each map of ``STORAGE_MAPS`` is
-   tried: the values are mapped by it and read as in 1, and the map fits when the reading
-   has an air cluster (-1200..-700) and a body mode within -200..150; when the fat lies
-   where fat does (fewer than half as many values in -700..-250 HU, between air and fat,
-   as in fat's -200..-50: a soft-tissue window's 8-bit export read as (HU + 1024) / 8 puts
-   its fat near -720); and, for raw CT numbers cut to fewer bits, when under 0.5 % of the
-   values are negative (stored CT numbers start at 0; the minimum, which may be padding,
-   left out). Verdict ``scaled``, corrected by the map, when exactly one map fits and its
-   air lies at -1000 +- 50 HU (outside air: the scale hangs on it). A map that fits with
-   its air elsewhere, or two maps, make the scan ``unknown`` (``note`` names them): then
-   HU without air and that map are both possible readings.
+2. Otherwise (HU without an air cluster, or neither) each map of ``STORAGE_MAPS`` and
+   ``UNTOLD_MAPS`` is tried: the values are mapped by it and read as in 1, and the map
+   fits when the reading has an air cluster (-1200..-700) and a body mode within
+   -200..150; when the fat lies where fat does (fewer than half as many values in
+   -700..-250 HU, between air and fat, as in fat's -200..-50: a soft-tissue window's
+   8-bit export read as (HU + 1024) / 8 puts its fat near -720); and, for raw CT numbers
+   scaled, when under 0.5 % of the values are negative (stored CT numbers start at 0; the
+   minimum, which may be padding, left out). Verdict ``scaled``, corrected by the map,
+   when exactly one map fits, it is one of ``STORAGE_MAPS`` and its air lies at -1000 +-
+   50 HU (outside air: the scale hangs on it). Any other fit (two maps, a map of
+   ``UNTOLD_MAPS``, air elsewhere) makes the scan ``unknown`` (``note`` names the maps):
+   then more than one reading is possible, HU without air among them.
 3. No map fits and 1 read HU without air: the scan is HU (a crop inside the body, its
    mode fat or soft tissue), unless what was read as its body is not tissue: >= 2 % of
    the values sit at their minimum and that minimum is above -700 (values clipped at the
@@ -46,18 +47,19 @@ they lie:
    values that spread over less than 20 (5th to 95th percentile: normalised or z-scored
    values, a constant), which no map of ``STORAGE_MAPS`` can fit.
 
-Which maps are offered is a trade against false corrections of HU scans: a map's air must
-fall where HU has no tissue. ``(HU + 1024) / 4 .. / 16`` put their air at stored 0-6,
+Which maps are corrected is a trade against false corrections of HU scans: a map's air
+must fall where HU has no tissue. ``(HU + 1024) / 4 .. / 16`` put their air at stored 0-6,
 where a HU crop holds water at most (and its noise then goes negative); ``HU * 10`` puts
-it at -10000. ``(HU + 1024) / 2`` and ``* 2`` (a rescale slope of 0.5 dropped) are left
-out: their air lies where HU soft tissue does and their body where bone does, so a crop
-of muscle and spine would read as them. Values normalised to [0, 1] or z-scored, a
-window's 8-bit export, ``* 2`` and most other slopes are ``unknown``: refused where a set
-is trained on (``check_calibration``), warned about by ``predict``. Limits: a scaled scan
-cropped inside the body (no air) has one mode, which cannot tell a scale, and
-``(HU + 1024) / 2`` or ``/ 2.5`` whose air fills most of the scan, read as HU without
-air. ``data.hu_scale`` and ``data.hu_offset`` give the map when the user knows it; then
-nothing is checked.
+it at -10000. ``(HU + 1024) / 2`` and ``* 2`` (a rescale slope of 0.5 dropped;
+``UNTOLD_MAPS``) put their air where HU soft tissue lies and their body where bone does:
+a crop of muscle and spine could be either, so a scan that fits them is ``unknown``, not
+corrected. Values normalised to [0, 1] or z-scored, a window's 8-bit export and other
+slopes are ``unknown`` too: refused where a set is trained on (``check_calibration``),
+warned about by ``predict``; ``data.hu_scale`` and ``data.hu_offset`` then give the map
+when the user knows it (nothing is checked). Limits: a scaled scan cropped inside the
+body (no air) has one mode, which cannot tell a scale: it reads as HU or unknown; and
+raw CT numbers divided by a factor in neither list (e.g. 2.5) may read as HU without air
+when air fills most of the scan.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ __all__ = [
     "CalibrationSource",
     "RAW_CT_OFFSET",
     "STORAGE_MAPS",
+    "UNTOLD_MAPS",
     "calibrate",
     "check_calibration",
     "describe_map",
@@ -99,6 +102,10 @@ STORAGE_MAPS: tuple[tuple[float, float], ...] = (
     (16.0, -RAW_CT_OFFSET),
     (0.1, 0.0),
 )
+#: Maps that are never corrected, but that make a scan they fit ``unknown``: ``(HU +
+#: 1024) / 2`` and ``* 2`` (a rescale slope of 0.5 dropped) put their air where HU soft
+#: tissue lies and their body where bone does, so a HU crop of muscle and spine fits them.
+UNTOLD_MAPS: tuple[tuple[float, float], ...] = ((2.0, -RAW_CT_OFFSET), (0.5, -RAW_CT_OFFSET))
 _HIST_RANGE = (-1200.0, 1400.0)  # values summarised (padding and dense bone left out)
 _HIST_BIN = 10.0
 _AIR_HU = (-1200.0, -700.0)  # air / background (or lung) mode, in HU
@@ -319,11 +326,15 @@ def intensity_calibration(array: np.ndarray) -> Calibration:
         return Calibration("raw", air, body, spread)
 
     fits = []
-    for scale, offset in STORAGE_MAPS:
+    for scale, offset in STORAGE_MAPS + UNTOLD_MAPS:
         scaled = _scaled_fit(values, scale, offset)
         if scaled is not None:
             fits.append((scale, offset, scaled))
-    if len(fits) == 1 and _in(fits[0][2].air, _SCALED_AIR_HU):
+    if (
+        len(fits) == 1
+        and (fits[0][0], fits[0][1]) in STORAGE_MAPS
+        and _in(fits[0][2].air, _SCALED_AIR_HU)
+    ):
         scale, offset, scaled = fits[0]
         assert scaled.air is not None
         return Calibration(
