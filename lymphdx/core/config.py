@@ -85,18 +85,22 @@ class DataConfig(_Section):
     field of view onto ``shape`` (spacing then follows from each scan).
 
     Intensities: every scan must be in Hounsfield units before the fixed ``hu_window``
-    clips it; ``hu_offset`` (None: checked and corrected per scan, see
-    ``lymphdx.data.calibration.intensity_calibration``) is added first.
+    clips it; ``HU = hu_scale * value + hu_offset`` is applied first when either is set
+    (the other defaults to 1 or 0); both None: each scan's map is told and checked (see
+    ``lymphdx.data.calibration``).
     """
 
     spacing: tuple[float, float, float] = (5.0, 5.0, 6.0)
     shape: tuple[int, int, int] = (48, 48, 32)
     fit: Literal["crop", "resize"] = "crop"
     hu_window: tuple[float, float] = (-250.0, 350.0)
-    # added to every scan's intensities before anything else (e.g. -1024 for files that
-    # store raw CT numbers, HU + 1024); None: each scan's calibration is checked and a
-    # clean +1024 offset corrected, an unclear one refused (lymphdx.data.preprocess)
+    # HU = hu_scale * value + hu_offset for every scan, before anything else (e.g.
+    # hu_offset -1024 for files that store raw CT numbers, HU + 1024; hu_scale 8 as well
+    # for (HU + 1024) / 8); both None: each scan's map is told from its values, a clean
+    # one of the known storage maps corrected, an unclear one refused
+    # (lymphdx.data.calibration)
     hu_offset: float | None = None
+    hu_scale: float | None = None
     cache_dir: str | None = None  # default: $LYMPHDX_CACHE or ~/.cache/lymphdx
     split_seed: int = 0  # seeds the patient-wise split; shared by all runs of a comparison
     split: SplitConfig = Field(default_factory=SplitConfig)
@@ -113,6 +117,13 @@ class DataConfig(_Section):
     def _offset(cls, v: float | None) -> float | None:
         if v is not None and not abs(v) <= 10_000:  # also refuses nan and inf
             raise ValueError("must be a finite number of HU between -10000 and 10000")
+        return v
+
+    @field_validator("hu_scale")
+    @classmethod
+    def _scale(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v <= 10_000:  # also refuses nan and inf
+            raise ValueError("must be a finite number > 0 and at most 10000 (HU per stored unit)")
         return v
 
     @field_validator("split_seed")

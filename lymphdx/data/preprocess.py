@@ -17,14 +17,16 @@ binarised, uint8 ``(z, y, x)``.
 Intensity calibration: the fixed ``hu_window`` is only right for Hounsfield units. Some
 converters and archives write raw CT numbers (air at 0, soft tissue near 1060: HU + 1024,
 the rescale intercept dropped), which the window would clip to a flat 350 inside the
-body. So each scan's raw intensities are summarised when it is preprocessed
-(``intensity_calibration``: the air/background mode and the body's fat/soft-tissue mode)
-and, with ``data.hu_offset`` unset, a scan that is clearly HU + 1024 is shifted by -1024
-before resampling (the entry records it); ``check_calibration`` then reports per set
-(weak, strong) which patients were corrected (a warning) and refuses the set when a scan's
-calibration cannot be told. ``data.hu_offset`` set to a number is added to every scan
-instead, with no check (it is part of ``settings_key``; unset, the key and every array of
-a scan in HU are what they were before the check existed).
+body, or other linear maps of HU (``(HU + 1024) / 8`` as uint8, ...). So each scan's map
+``HU = scale * value + offset`` is told when it is preprocessed (``calibrate``, the rule in
+``lymphdx.data.calibration``) and applied before resampling (the entry records the
+calibration and the map); ``check_calibration`` then reports per set (weak, strong) which
+patients were corrected and by which map (a warning) and refuses the set when a scan's
+calibration cannot be told. ``data.hu_scale`` / ``data.hu_offset`` set give the map of
+every scan instead, with no check (they are part of ``settings_key``; unset, the key and
+every array of a scan in HU are what they were before the check existed). An entry made
+by an earlier rule whose verdict the current rule may change (HU without an air cluster,
+or unknown) is remade.
 
 Percentile windows (nnU-Net's CT scheme: clip to the 0.5-99.5 percentiles of the labelled
 foreground, then z-score) are deliberately not offered. The window would be fitted to
@@ -49,8 +51,8 @@ Everything is written atomically (temporary name + rename), so concurrent writer
 last-writer-wins and a reader never sees half a file.
 
 Where it lives: the grid, coverage checks and resampling in ``lymphdx.data.grid``; a scan's
-intensity calibration in ``lymphdx.data.calibration``; the set-level calibration check,
-cache and normalisation here.
+intensity calibration and the set-level check (``check_calibration``, re-exported here) in
+``lymphdx.data.calibration``; the cache and normalisation here.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,7 @@ import numpy as np
 from lymphdx.core.config import DataConfig
 from lymphdx.core.errors import InputError, LymphdxError
 from lymphdx.core.files import atomic_path, folder_problem, write_json
-from lymphdx.data.calibration import Calibration, hu_offset, intensity_calibration
+from lymphdx.data.calibration import Calibration, calibrate, check_calibration
 from lymphdx.data.grid import Grid, canonical_grid, check_coverage, resample_image, resample_mask
 from lymphdx.io import volumes as io
 from lymphdx.io.geometry import to_sitk
@@ -92,84 +94,8 @@ PREPROCESS_VERSION = 1
 
 _MMAP_BYTES = 64 * 2**20  # cached arrays larger than this are memory-mapped read-only
 _CHUNK = 1 << 20
-_MAX_LISTED = 10  # patients listed in one message
 
 log = logging.getLogger("lymphdx")
-
-
-# --------------------------------------------------------------------------- calibration of a set
-
-
-def _who(patient: str | None, path: Path) -> str:
-    return f"patient {patient!r}" if patient is not None else f"file {str(path)!r}"
-
-
-def check_calibration(
-    cache: PreprocessCache,
-    sets: dict[str, Sequence[tuple[str | None, Path]]],
-    sources: dict[str, Path | None] | None = None,
-) -> dict[str, list[str]]:
-    """Check each set's intensity calibration (``{set: [(patient, image), ...]}``).
-
-    Scans in raw CT numbers (HU + 1024) were corrected by the cache: a warning names the
-    set and those patients. A scan whose calibration cannot be told is refused. Nothing is
-    checked when ``data.hu_offset`` is set (the user said what the files hold).
-    ``sources``: each set's manifest, named by the error.
-
-    Returns:
-        ``{set: [patient (or file) ...]}`` of the corrected scans.
-
-    Raises:
-        InputError: naming the set, its manifest and each patient whose calibration
-            cannot be told, with its modes.
-    """
-    if cache.cfg.hu_offset is not None:
-        return {}
-    sources = sources or {}
-    corrected: dict[str, list[str]] = {}
-    for name, items in sets.items():
-        unknown: list[tuple[str | None, Path, Calibration]] = []
-        raw: list[str] = []
-        for patient, path in items:
-            calibration, _ = cache.calibration(path, patient)
-            if calibration.verdict == "unknown":
-                unknown.append((patient, Path(path), calibration))
-            elif calibration.verdict == "raw":
-                raw.append(patient if patient is not None else str(path))
-        if unknown:
-            listed = "; ".join(
-                f"{_who(p, f)} ({c.describe()})" for p, f, c in unknown[:_MAX_LISTED]
-            )
-            if len(unknown) > _MAX_LISTED:
-                listed += f"; and {len(unknown) - _MAX_LISTED} more"
-            first_patient, first_path, _ = unknown[0]
-            raise InputError(
-                f"the {name} set: the calibration of {len(unknown)} of {len(items)} scans "
-                "cannot be told, their intensities are neither Hounsfield units (air near "
-                "-1000, fat/soft tissue within -200..150) nor raw CT numbers (HU + 1024: "
-                f"air near 0, fat/soft tissue within 824..1174): {listed}. Check these "
-                "files (another modality, normalised or rescaled values?), or set "
-                "data.hu_offset to the number that maps every scan to HU (0 if they are "
-                "HU, -1024 for raw CT numbers)",
-                sources.get(name) or first_path,
-                first_patient,
-            )
-        if raw:
-            shown = ", ".join(repr(p) for p in raw[:_MAX_LISTED])
-            if len(raw) > _MAX_LISTED:
-                shown += f" and {len(raw) - _MAX_LISTED} more"
-            log.warning(
-                "the %s set: %d of %d scans hold raw CT numbers, not Hounsfield units (air "
-                "near 0, fat/soft tissue near 1000: HU + 1024, the rescale intercept left "
-                "out by the converter); corrected by -1024: %s. Set data.hu_offset to "
-                "choose the offset yourself",
-                name,
-                len(raw),
-                len(items),
-                shown,
-            )
-            corrected[name] = raw
-    return corrected
 
 
 # --------------------------------------------------------------------------- keys and hashing
@@ -184,7 +110,22 @@ def _settings(cfg: DataConfig) -> dict[str, Any]:
         "hu_window": [float(v) for v in cfg.hu_window],
         # only when set, so the default key (and cache) is what it was before the key
         **({} if cfg.hu_offset is None else {"hu_offset": float(cfg.hu_offset)}),
+        **({} if cfg.hu_scale is None else {"hu_scale": float(cfg.hu_scale)}),
     }
+
+
+def _current(meta: dict[str, Any]) -> bool:
+    """Whether an image entry's calibration is the current rule's: entries from before the
+    calibration check (none recorded) and, from before the scaled maps (no ``scale``),
+    those read as HU without an air cluster or unknown (which the scaled maps may now
+    tell) are remade; HU with air and raw CT numbers read as before (same arrays)."""
+    calibration = meta.get("calibration")
+    if not isinstance(calibration, dict):
+        return False
+    if "scale" in calibration:
+        return True
+    verdict = calibration.get("verdict")
+    return verdict == "raw" or (verdict == "hu" and calibration.get("air_mode") is not None)
 
 
 def settings_key(cfg: DataConfig) -> str:
@@ -360,15 +301,12 @@ class PreprocessCache:
         npy, meta_path = self._entry(stem)
         if npy.exists():
             meta = self._load_meta(meta_path)
-            # an entry from before the calibration check is remade (same array for HU)
-            if meta is not None and "calibration" in meta:
+            if meta is not None and _current(meta):
                 return digest, meta, None
         volume = io.read_volume(path, patient)
         check_coverage(volume.geometry, volume.shape_xyz, self.cfg, path, patient)
-        calibration = intensity_calibration(volume.array)
-        offset = hu_offset(calibration, self.cfg)
+        source, calibration, (scale, offset) = calibrate(volume.array, self.cfg)
         grid = canonical_grid(volume.geometry, volume.shape_xyz, self.cfg)
-        source = volume.array if offset == 0.0 else volume.array + np.float32(offset)
         array = resample_image(to_sitk(source, volume.geometry), grid, self.cfg)
         meta = {
             "kind": "image",
@@ -378,7 +316,8 @@ class PreprocessCache:
             "grid": grid.to_dict(),
             "settings": _settings(self.cfg),
             "calibration": calibration.to_dict(),  # of the file's own values
-            "hu_offset": offset,  # added to them before resampling
+            "hu_scale": scale,  # HU = hu_scale * value + hu_offset, before resampling
+            "hu_offset": offset,
         }
         self._store(stem, array, meta)
         return digest, meta, array

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,23 @@ def _set_num_threads(config: Config, ctx: DistContext) -> None:
     )
 
 
+def _terminal_warnings() -> logging.Handler | None:
+    """Send lymphdx's warnings (a set corrected for its calibration, small nodes, ...) to
+    stderr while ``train.log`` takes the records: with a handler set, logging's last
+    resort, which prints them when there is none, stays silent. None (nothing added) when
+    a handler already writes to the terminal, e.g. one of ``logging.basicConfig``."""
+    for logger in (log, logging.getLogger()):
+        for h in logger.handlers:
+            stream = getattr(h, "stream", None)
+            if not isinstance(h, logging.FileHandler) and stream in (sys.stderr, sys.stdout):
+                return None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("lymphdx: warning: %(message)s"))
+    log.addHandler(handler)
+    return handler
+
+
 def _fit_readout(run_dir: Path, config: Config, data: RunData) -> None:
     """``evaluation.roi_readout``: fit the readout of the finished run's ``best`` weights
     now, so that the run folder carries it (``predict`` needs no data); logged."""
@@ -91,8 +109,9 @@ def train(
 
     ``run_dir`` gets ``config.yaml`` (fully resolved), ``splits.csv``,
     ``normalization.json``, ``history.csv``, ``checkpoints/{last,best}.pt``,
-    ``tensorboard/`` and ``train.log``. Under ``torchrun`` (``WORLD_SIZE`` > 1) every
-    rank calls this; rank 0's config rules and rank 0 alone writes ``run_dir``.
+    ``tensorboard/`` and ``train.log`` (its warnings also on stderr). Under ``torchrun``
+    (``WORLD_SIZE`` > 1) every rank calls this; rank 0's config rules and rank 0 alone
+    writes ``run_dir``.
     """
     run_dir = Path(run_dir)
     config = resolve_manifests(config, weak_csv and Path(weak_csv), strong_csv and Path(strong_csv))
@@ -125,6 +144,9 @@ def train(
                     run_dir.rmdir()
             raise
         handler = setup_logging(run_dir) if ctx.is_main else None
+        terminal = _terminal_warnings() if ctx.is_main else None
+        if terminal is not None:  # removed when the run ends, however it ends
+            lock.callback(log.removeHandler, terminal)
         for path in stale:
             log.info("removed %s, left by an interrupted write", path)
         try:

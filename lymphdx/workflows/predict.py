@@ -18,7 +18,8 @@ The outputs carry the input's spacing, origin and direction, so they overlay the
 3D Slicer or ITK-SNAP.
 
 ``OUT/summary.csv`` has one row per scan (``SUMMARY_COLUMNS``): its probability, label,
-number of node candidates and largest short axis, or why it failed. A scan that fails
+number of node candidates and largest short axis, or why it failed, and the warnings
+logged while it was predicted (``warnings``, joined by `` | ``). A scan that fails
 (a bad file) is reported there and in the error raised at the end; it stops neither the
 other scans nor leaves a half-written folder. ``scan_inputs`` turns folders of scans and
 manifests into the list of scans.
@@ -34,18 +35,21 @@ With ``evaluation.roi_readout`` the probability is the mean of the classifier's
 the probability mean little:
 ``coverage`` (the share of the model's input the scan fills) with ``coverage_warning``
 (a scan far smaller than the model's field of view, e.g. a few slices; else null), and
-``hu_offset`` with ``calibration_warning`` (raw CT numbers corrected by -1024, or
-intensities that are neither HU nor raw CT numbers; else null). Both warnings are also
-logged.
+``hu_scale`` and ``hu_offset`` (the map ``HU = hu_scale * value + hu_offset`` applied,
+``lymphdx.data.calibration``) with ``calibration_warning`` (raw CT numbers corrected by
+-1024, another storage map corrected, or intensities whose map cannot be told, used as
+they are; else null). Both warnings are also logged and in ``summary.csv``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +70,7 @@ from lymphdx.core.files import (
     write_json,
 )
 from lymphdx.core.zeta import roi_mask
-from lymphdx.data.calibration import hu_offset, intensity_calibration
+from lymphdx.data.calibration import calibrate, describe_map, describe_storage
 from lymphdx.data.grid import (
     check_coverage,
     coverage,
@@ -119,6 +123,7 @@ SUMMARY_COLUMNS = (
     "nodes",
     "largest_short_axis_mm",
     "error",
+    "warnings",
 )
 
 log = logging.getLogger("lymphdx")
@@ -298,7 +303,10 @@ def predict(
             scans, desc="predict", unit="scan", disable=None if progress else True
         ):
             try:
-                with domains(model, STRONG if domain == "strong" else WEAK):  # DSBN
+                with (
+                    _warnings_of_scan() as warned,
+                    domains(model, STRONG if domain == "strong" else WEAK),  # DSBN
+                ):
                     result = _predict_one(
                         config.data,
                         model,
@@ -312,7 +320,8 @@ def predict(
             except LymphdxError as err:  # a bad scan: reported, the others go on
                 log.error("%s", err)
                 failed.append(err)
-                summary.append([image_path, patient, "", "failed", "", "", "", "", str(err)])
+                row = [image_path, patient, "", "failed", "", "", "", "", str(err)]
+                summary.append([*row, " | ".join(warned)])
                 continue
             results.append(result)
             written.add(name)
@@ -328,6 +337,7 @@ def predict(
                     len(short),
                     max(short, default=""),
                     "",
+                    " | ".join(warned),
                 ]
             )
     finally:  # also when stopped: OUT holds this run's complete outputs only
@@ -341,6 +351,25 @@ def predict(
             + ("; ..." if len(failed) > 5 else "")
         )
     return results
+
+
+@contextlib.contextmanager
+def _warnings_of_scan() -> Iterator[list[str]]:
+    """Collect the warnings logged while one scan is predicted (calibration, coverage,
+    DICOM reading, DICOM SEG, ...) for its row of ``summary.csv``. A filter, not a
+    handler: the warnings still reach the terminal (and any handler) as before."""
+    found: list[str] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING:
+            found.append(record.getMessage())
+        return True
+
+    log.addFilter(keep)
+    try:
+        yield found
+    finally:
+        log.removeFilter(keep)
 
 
 def _output_names(images: list[str | Path]) -> list[str]:
@@ -390,22 +419,31 @@ def _remove_previous(out_dir: Path, names: set[str]) -> None:
         )
 
 
-def _calibration_note(volume: Volume, cfg: DataConfig) -> tuple[float, str | None]:
-    """The offset that maps the scan to HU and a warning when it is not 0 or not known
-    (``intensity_calibration``; none when ``data.hu_offset`` says what scans hold)."""
-    calibration = intensity_calibration(volume.array)
-    offset = hu_offset(calibration, cfg)
-    if cfg.hu_offset is not None or calibration.verdict == "hu":
-        return offset, None
+def _calibrated(volume: Volume, cfg: DataConfig) -> tuple[Volume, tuple[float, float], str | None]:
+    """The scan in HU (``calibrate``, as training's cache does), the map applied and a
+    warning when it is not the identity or cannot be told (none when ``data.hu_scale`` /
+    ``data.hu_offset`` say what scans hold)."""
+    hu, calibration, (scale, offset) = calibrate(volume.array, cfg)
+    volume = Volume(hu, volume.geometry)
+    given = cfg.hu_scale is not None or cfg.hu_offset is not None
+    if given or calibration.verdict == "hu":
+        return volume, (scale, offset), None
     if calibration.verdict == "raw":
-        return offset, (
+        return volume, (scale, offset), (
             "the scan holds raw CT numbers, not Hounsfield units (air near 0, fat/soft "
             "tissue near 1000: HU + 1024); corrected by -1024"
         )
-    return offset, (
+    if calibration.verdict == "scaled":
+        return volume, (scale, offset), (
+            f"the scan holds {describe_storage(scale, offset)}, not Hounsfield units "
+            f"({calibration.describe()}: this map fits and no other); corrected by "
+            f"{describe_map(scale, offset)}"
+        )
+    return volume, (scale, offset), (
         "the calibration cannot be told: the intensities are neither Hounsfield units nor "
-        f"raw CT numbers ({calibration.describe()}); the scan was used as it is, so the "
-        "probability may mean nothing"
+        f"raw CT numbers nor a storage map lymphdx tells ({calibration.describe()}); the "
+        "scan was used as it is, so the probability may mean nothing; convert it to HU "
+        "(apply its rescale slope and intercept) and predict it again"
     )
 
 
@@ -422,9 +460,7 @@ def _predict_one(
     """Predict one scan and write its outputs to ``folder`` (complete, or not at all)."""
     volume = io.read_volume(image_path, patient, series_uid)
     check_coverage(volume.geometry, volume.shape_xyz, cfg, image_path)
-    offset, calibration_note = _calibration_note(volume, cfg)
-    if offset != 0.0:
-        volume = Volume(volume.array + np.float32(offset), volume.geometry)
+    volume, (scale, offset), calibration_note = _calibrated(volume, cfg)
     covered, _ = coverage(volume.geometry, volume.shape_xyz, cfg)
     coverage_note = coverage_warning(volume.geometry, volume.shape_xyz, cfg)
     for note in (calibration_note, coverage_note):
@@ -456,6 +492,7 @@ def _predict_one(
         "strategy": common["strategy"],
         "coverage": round(covered, 6),
         "coverage_warning": coverage_note,
+        "hu_scale": scale,
         "hu_offset": offset,
         "calibration_warning": calibration_note,
     }
