@@ -71,8 +71,9 @@ import numpy as np
 from lymphdx.core.config import DataConfig
 from lymphdx.core.errors import InputError, LymphdxError
 from lymphdx.core.files import atomic_path, folder_problem, write_json
-from lymphdx.data.calibration import Calibration, calibrate, check_calibration
-from lymphdx.data.grid import Grid, canonical_grid, check_coverage, resample_image, resample_mask
+from lymphdx.data.calibration import Calibration, check_calibration
+from lymphdx.data.grid import Grid, resample_mask
+from lymphdx.data.scan_prep import cache_meta, prepare_scan
 from lymphdx.io import volumes as io
 from lymphdx.io.geometry import to_sitk
 
@@ -303,21 +304,14 @@ class PreprocessCache:
             meta = self._load_meta(meta_path)
             if meta is not None and _current(meta):
                 return digest, meta, None
-        volume = io.read_volume(path, patient)
-        check_coverage(volume.geometry, volume.shape_xyz, self.cfg, path, patient)
-        source, calibration, (scale, offset) = calibrate(volume.array, self.cfg)
-        grid = canonical_grid(volume.geometry, volume.shape_xyz, self.cfg)
-        array = resample_image(to_sitk(source, volume.geometry), grid, self.cfg)
+        scan = prepare_scan(path, self.cfg, patient)
+        array = scan.array
         meta = {
             "kind": "image",
             "source": str(path),
             "sha256": digest,
-            "source_geometry": Grid(volume.geometry, volume.shape_xyz).to_dict(),
-            "grid": grid.to_dict(),
             "settings": _settings(self.cfg),
-            "calibration": calibration.to_dict(),  # of the file's own values
-            "hu_scale": scale,  # HU = hu_scale * value + hu_offset, before resampling
-            "hu_offset": offset,
+            **cache_meta(scan),
         }
         self._store(stem, array, meta)
         return digest, meta, array

@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
@@ -70,23 +69,16 @@ from lymphdx.core.files import (
     write_json,
 )
 from lymphdx.core.zeta import roi_mask
-from lymphdx.data.calibration import calibrate, describe_map, describe_storage
-from lymphdx.data.grid import (
-    check_coverage,
-    coverage,
-    coverage_warning,
-    preprocess_image,
-    to_original,
-)
 from lymphdx.data.manifest import read_rows, resolve_path
 from lymphdx.data.preprocess import Normalizer, load_normalizers
+from lymphdx.data.scan_prep import prepare_scan
 from lymphdx.engine.roi_readout import RoiReadout, readout_features, run_readout
 from lymphdx.engine.run_folder import load_model
 from lymphdx.engine.run_state import refuse_while_busy
 from lymphdx.engine.teacher import predict_with_tta
 from lymphdx.io import volumes as io
 from lymphdx.io.dicom_seg import write_dicom_seg
-from lymphdx.io.geometry import Volume, to_sitk
+from lymphdx.io.geometry import Volume
 from lymphdx.models.domain_norm import domains
 from lymphdx.workflows.findings import find_nodes, findings_json, slicer_markups, write_findings
 
@@ -419,34 +411,6 @@ def _remove_previous(out_dir: Path, names: set[str]) -> None:
         )
 
 
-def _calibrated(volume: Volume, cfg: DataConfig) -> tuple[Volume, tuple[float, float], str | None]:
-    """The scan in HU (``calibrate``, as training's cache does), the map applied and a
-    warning when it is not the identity or cannot be told (none when ``data.hu_scale`` /
-    ``data.hu_offset`` say what scans hold)."""
-    hu, calibration, (scale, offset) = calibrate(volume.array, cfg)
-    volume = Volume(hu, volume.geometry)
-    given = cfg.hu_scale is not None or cfg.hu_offset is not None
-    if given or calibration.verdict == "hu":
-        return volume, (scale, offset), None
-    if calibration.verdict == "raw":
-        return volume, (scale, offset), (
-            "the scan holds raw CT numbers, not Hounsfield units (air near 0, fat/soft "
-            "tissue near 1000: HU + 1024); corrected by -1024"
-        )
-    if calibration.verdict == "scaled":
-        return volume, (scale, offset), (
-            f"the scan holds {describe_storage(scale, offset)}, not Hounsfield units "
-            f"({calibration.describe()}: this map fits and no other); corrected by "
-            f"{describe_map(scale, offset)}"
-        )
-    return volume, (scale, offset), (
-        "the calibration cannot be told: the intensities are neither Hounsfield units nor "
-        f"raw CT numbers nor a storage map lymphdx tells ({calibration.describe()}); the "
-        "scan was used as it is, so the probability may mean nothing; convert it to HU "
-        "(apply its rescale slope and intercept) and predict it again"
-    )
-
-
 def _predict_one(
     cfg: DataConfig,
     model: torch.nn.Module,
@@ -458,17 +422,10 @@ def _predict_one(
     series_uid: str | None = None,
 ) -> dict[str, Any]:
     """Predict one scan and write its outputs to ``folder`` (complete, or not at all)."""
-    volume = io.read_volume(image_path, patient, series_uid)
-    check_coverage(volume.geometry, volume.shape_xyz, cfg, image_path)
-    volume, (scale, offset), calibration_note = _calibrated(volume, cfg)
-    covered, _ = coverage(volume.geometry, volume.shape_xyz, cfg)
-    coverage_note = coverage_warning(volume.geometry, volume.shape_xyz, cfg)
-    for note in (calibration_note, coverage_note):
-        if note is not None:
-            log.warning("%s: %s", image_path, note)
-    original = to_sitk(volume.array, volume.geometry)
-    array, grid = preprocess_image(original, cfg)
-    image = torch.from_numpy(norm(array))[None, None]  # (1, 1, D, H, W) the model's input
+    scan = prepare_scan(image_path, cfg, patient, series_uid)
+    for note in scan.notes:
+        log.warning("%s: %s", image_path, note)
+    image = torch.from_numpy(norm(scan.array))[None, None]  # (1, 1, D, H, W) the model's input
     out = predict_with_tta(model, image, flips=common["tta_flip"])
     classifier = float(out["cls"][0])
     readout: RoiReadout | None = common["roi_readout"]
@@ -476,8 +433,9 @@ def _predict_one(
     if readout is not None:  # the mean of the classifier and the ROI map's regression
         features = readout_features(out["roi"], image)
         probability = float(readout.combine(np.array([classifier]), features)[0])
-    roi_canonical = out["roi"][0, 0].numpy().astype(np.float32)
-    prob_zyx = sitk.GetArrayFromImage(to_original(roi_canonical, grid, original))
+    prob_zyx = scan.to_original(out["roi"][0, 0].numpy().astype(np.float32))
+    volume = scan.source
+    scale, offset = scan.hu_map
     result = {
         "image": str(image_path),
         "probability": probability,
@@ -490,11 +448,11 @@ def _predict_one(
         "model": common["model"],
         "checkpoint": common["checkpoint"],
         "strategy": common["strategy"],
-        "coverage": round(covered, 6),
-        "coverage_warning": coverage_note,
+        "coverage": round(scan.coverage, 6),
+        "coverage_warning": scan.coverage_note,
         "hu_scale": scale,
         "hu_offset": offset,
-        "calibration_warning": calibration_note,
+        "calibration_warning": scan.calibration_note,
     }
     series = image_path if image_path.is_dir() else None  # a DICOM series: also a SEG
     with atomic_dir(folder) as tmp:  # written beside, then renamed over the old folder
