@@ -287,6 +287,61 @@ def test_cache_invalidated_by_setting_and_content(tmp_path: Path, counters) -> N
     assert counters["read_mask"] == 2
 
 
+def _entry_meta(cache: PreprocessCache, stem_prefix: str) -> Path:
+    (meta,) = [p for p in cache.root.glob(f"{stem_prefix}*.json")]
+    return meta
+
+
+def test_nifti_entries_read_before_the_header_fix_are_remade(tmp_path: Path, counters) -> None:
+    """A NIfTI's entry (image and mask) made before NIfTI files were placed by their header
+    (no ``reader`` recorded) may hold a mirrored array: it is remade once; an MHA's is
+    kept (its reading did not change)."""
+    image_path, mask_path = write_case(tmp_path)
+    mha = io.write_volume(tmp_path / "img.mha", phantom(), GEOM)
+    cache = PreprocessCache(tmp_path / "cache", CROP)
+    good_image, good_mask = cache.image(image_path), cache.mask(mask_path, image_path)
+    cache.image(mha)
+    assert counters["read_volume"] == 2 and counters["read_mask"] == 1
+    for npy in cache.root.glob("*.npy"):  # an old entry: other arrays, no reader recorded
+        array = np.load(npy)
+        np.save(npy, array[..., ::-1].copy())
+    for meta_path in cache.root.glob("*.json"):
+        meta = json.loads(meta_path.read_text())
+        assert meta.pop("reader") == preprocess.READER_VERSION
+        meta_path.write_text(json.dumps(meta))
+    again = PreprocessCache(tmp_path / "cache", CROP)
+    np.testing.assert_array_equal(again.image(image_path), good_image)
+    np.testing.assert_array_equal(again.mask(mask_path, image_path), good_mask)
+    assert counters["read_volume"] == 3 and counters["read_mask"] == 2  # the NIfTIs only
+    mha_again = again.image(mha)
+    assert counters["read_volume"] == 3
+    np.testing.assert_array_equal(mha_again[..., ::-1], good_image)  # kept as it was
+
+
+def test_a_nifti_pair_is_hashed_with_both_halves(tmp_path: Path) -> None:
+    """Editing the ``.img`` of a ``.hdr``/``.img`` pair changes the content hash (the cache
+    would otherwise serve the old array)."""
+    import nibabel as nib
+
+    header = tmp_path / "scan.hdr"
+    nib.save(nib.Nifti1Pair(phantom().T.copy(), np.diag([2.0, 1.5, 3.0, 1.0])), str(header))
+    before = preprocess.content_hash(header)
+    data = tmp_path / "scan.img"
+    raw = bytearray(data.read_bytes())
+    raw[-4:] = b"\x01\x02\x03\x04"
+    data.write_bytes(bytes(raw))
+    assert preprocess.source_files(header) == [header, data]
+    assert preprocess.content_hash(header) != before
+
+
+def test_a_looping_image_path_is_named_a_loop(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.nii.gz"
+    loop.symlink_to(loop)
+    cache = PreprocessCache(tmp_path / "cache", CROP)
+    with pytest.raises(InputError, match="loop of symbolic links"):
+        cache.image(loop, "P1")
+
+
 def test_cache_dicom_folder(tmp_path: Path, counters) -> None:
     folder, stored, _ = make_dicom_series(tmp_path / "dcm", shape=(6, 10, 12))
     cfg = DataConfig(spacing=(1.0, 1.0, 2.0), shape=(8, 8, 6))

@@ -70,7 +70,7 @@ import numpy as np
 
 from lymphdx.core.config import DataConfig
 from lymphdx.core.errors import InputError, LymphdxError
-from lymphdx.core.files import atomic_path, folder_problem, write_json
+from lymphdx.core.files import atomic_path, folder_problem, path_problem, write_json
 from lymphdx.data.calibration import Calibration, check_calibration
 from lymphdx.data.grid import Grid, resample_mask
 from lymphdx.data.scan_prep import cache_meta, prepare_scan
@@ -115,6 +115,21 @@ def _settings(cfg: DataConfig) -> dict[str, Any]:
     }
 
 
+#: How files are read, where a change alters the arrays of some files only (so the settings
+#: key, and with it every cache entry, stays): 2 = NIfTI placed by its header as the
+#: standard says (``io.nifti_geometry``), where ITK mirrored an axis with a negative pixdim
+#: or took the qform over the sform. Entries of NIfTI files read before are remade once.
+READER_VERSION = 2
+_NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")
+
+
+def _read_as_now(meta: dict[str, Any], source: Path) -> bool:
+    """Whether an entry's ``source`` file was read as ``READER_VERSION`` reads it."""
+    if int(meta.get("reader", 1)) >= READER_VERSION:
+        return True
+    return not source.name.lower().endswith(_NIFTI_SUFFIXES)
+
+
 def _current(meta: dict[str, Any]) -> bool:
     """Whether an image entry's calibration is the current rule's: entries from before the
     calibration check (none recorded) and, from before the scaled maps (no ``scale``),
@@ -135,8 +150,16 @@ def settings_key(cfg: DataConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+_NIFTI_PAIRS = {".hdr": ".img", ".img": ".hdr", ".hdr.gz": ".img.gz", ".img.gz": ".hdr.gz"}
+
+
 def _header_data_file(path: Path) -> Path | None:
-    """The separate data file named in an ``.mhd`` / ``.nhdr`` header, if any."""
+    """The other file of a two-file volume: the data file named in an ``.mhd`` /
+    ``.nhdr`` header, or the other half of a NIfTI/Analyze ``.hdr`` + ``.img`` pair."""
+    name = path.name.lower()
+    for ending, other in _NIFTI_PAIRS.items():
+        if name.endswith(ending):
+            return path.with_name(path.name[: -len(ending)] + other)
     suffix = path.suffix.lower()
     if suffix not in (".mhd", ".nhdr"):
         return None
@@ -159,7 +182,7 @@ def _header_data_file(path: Path) -> Path | None:
 
 def source_files(path: Path) -> list[Path]:
     """The files whose bytes make up a volume: a DICOM folder's files (sorted), a header +
-    data file pair (``.mhd``/``.nhdr``), or the file itself."""
+    data file pair (``.mhd``/``.nhdr``, NIfTI ``.hdr``/``.img``), or the file itself."""
     if path.is_dir():
         return sorted((p for p in path.iterdir() if p.is_file()), key=lambda p: p.name)
     data = _header_data_file(path)
@@ -248,8 +271,9 @@ class PreprocessCache:
     def content_hash(self, path: str | Path, patient: str | None = None) -> str:
         """SHA-256 of ``path``'s content, memoised by stat signature (memory + index file)."""
         path = Path(path)
-        if not path.exists():
-            raise InputError("file does not exist", path, patient)
+        problem = path_problem(path)
+        if problem is not None:
+            raise InputError(problem, path, patient)
         name = str(path.resolve())
         try:
             signature = _stat_signature(path)
@@ -302,7 +326,7 @@ class PreprocessCache:
         npy, meta_path = self._entry(stem)
         if npy.exists():
             meta = self._load_meta(meta_path)
-            if meta is not None and _current(meta):
+            if meta is not None and _current(meta) and _read_as_now(meta, path):
                 return digest, meta, None
         scan = prepare_scan(path, self.cfg, patient)
         array = scan.array
@@ -311,6 +335,7 @@ class PreprocessCache:
             "source": str(path),
             "sha256": digest,
             "settings": _settings(self.cfg),
+            "reader": READER_VERSION,
             **cache_meta(scan),
         }
         self._store(stem, array, meta)
@@ -357,7 +382,13 @@ class PreprocessCache:
         mask_digest = self.content_hash(mask_path, patient)
         stem = "mask-" + hashlib.sha256(f"{mask_digest}:{image_digest}".encode()).hexdigest()
         npy, meta_path = self._entry(stem)
-        if npy.exists() and meta_path.exists():
+        entry = self._load_meta(meta_path) if npy.exists() else None
+        # on the image's grid as it is now (its entry may have been remade), read as now
+        if (
+            entry is not None
+            and entry.get("grid") == meta["grid"]
+            and _read_as_now(entry, mask_path)
+        ):
             loaded = self._load_array(npy)
             if loaded is not None:
                 return loaded
@@ -376,6 +407,7 @@ class PreprocessCache:
                 "image": str(image_path),
                 "sha256": mask_digest,
                 "image_sha256": image_digest,
+                "reader": READER_VERSION,
                 "grid": grid.to_dict(),
                 "source_foreground_mm3": float(np.count_nonzero(volume.array)) * voxel_mm3,
                 "foreground_mm3": float(np.count_nonzero(array)) * grid_mm3,
