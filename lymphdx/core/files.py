@@ -267,7 +267,8 @@ def run_lock(folder: str | Path, purpose: str = "training") -> Iterator[None]:
             pid, doing = _holder_text(os.pread(fd, 64, 0))
             raise LymphdxError(
                 f"another lymphdx process (pid {pid}) is {doing} {folder}; wait for it to "
-                "finish or stop it, then --resume"
+                "finish or stop it (then `lymphdx train --out FOLDER --resume`, or the same "
+                "compare again, goes on from its last epoch)"
             ) from None
         held = True
         os.ftruncate(fd, 0)

@@ -102,7 +102,8 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     except OSError as err:
         raise TrainingError(
             f"cannot write checkpoint {path}: {err.strerror or err}; training stopped, the "
-            f"previous {path.name} (if any) is intact; free space and --resume"
+            f"previous {path.name} (if any) is intact; free space, then `lymphdx train --out "
+            f"{path.parent.parent} --resume` (or run the same compare again, which resumes it)"
         ) from None
 
 
