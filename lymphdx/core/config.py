@@ -82,7 +82,9 @@ class DataConfig(_Section):
 
     ``spacing`` and ``shape`` are in ITK order (x, y, z). ``fit``: ``crop`` keeps
     ``spacing`` and centre-crops/pads the field of view; ``resize`` stretches the whole
-    field of view onto ``shape`` (spacing then follows from each scan).
+    field of view onto ``shape`` (spacing then follows from each scan); ``whole`` keeps
+    ``spacing`` and the scan's whole field of view, so each scan's grid has its own size
+    (``shape`` is null; the network then sees tiles: ``training.sampler: tiles``).
 
     Intensities: every scan must be in Hounsfield units before the fixed ``hu_window``
     clips it; ``HU = hu_scale * value + hu_offset`` is applied first when either is set
@@ -91,8 +93,9 @@ class DataConfig(_Section):
     """
 
     spacing: tuple[float, float, float] = (5.0, 5.0, 6.0)
-    shape: tuple[int, int, int] = (48, 48, 32)
-    fit: Literal["crop", "resize"] = "crop"
+    # None with fit: whole (each scan's grid has its own size)
+    shape: tuple[int, int, int] | None = (48, 48, 32)
+    fit: Literal["crop", "resize", "whole"] = "crop"
     hu_window: tuple[float, float] = (-250.0, 350.0)
     # HU = hu_scale * value + hu_offset for every scan, before anything else (e.g.
     # hu_offset -1024 for files that store raw CT numbers, HU + 1024; hu_scale 8 as well
@@ -107,10 +110,26 @@ class DataConfig(_Section):
 
     @field_validator("spacing", "shape")
     @classmethod
-    def _positive(cls, v: tuple) -> tuple:
-        if min(v) <= 0:
+    def _positive(cls, v: tuple | None) -> tuple | None:
+        if v is not None and min(v) <= 0:
             raise ValueError("must be positive along x, y and z")
         return v
+
+    @model_validator(mode="after")
+    def _shape_for_fit(self) -> DataConfig:
+        """``fit: whole`` sizes each scan's grid from its field of view, so ``shape`` is
+        null there (a default left in place is dropped; one written is an error);
+        ``crop`` and ``resize`` need it."""
+        if self.fit == "whole" and self.shape is not None:
+            if "shape" in self.model_fields_set:
+                raise ValueError(
+                    "data.shape has no meaning with data.fit: whole (each scan's grid covers "
+                    "its whole field of view at data.spacing): leave it out or set it to null"
+                )
+            object.__setattr__(self, "shape", None)
+        elif self.fit != "whole" and self.shape is None:
+            raise ValueError(f"data.fit: {self.fit} needs data.shape (x, y, z voxels)")
+        return self
 
     @field_validator("hu_offset")
     @classmethod
@@ -454,7 +473,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _check_shape(self) -> Config:
         factor = self.model.downsampling
-        if any(s % factor for s in self.data.shape):
+        if self.data.shape is not None and any(s % factor for s in self.data.shape):
             raise ValueError(
                 f"data.shape {list(self.data.shape)} must be divisible by the model's "
                 f"downsampling factor {factor} (stem_stride x 2^(blocks-1))"
