@@ -86,13 +86,13 @@ class Margin:
 
     @classmethod
     def draw(cls, rng: np.random.Generator, amplitude: float, waves: int = 6) -> Margin:
-        """``waves`` plane waves of 0.5-1.5 cycles across the node: a few lobes."""
+        """``waves`` plane waves of 1-2.5 cycles across the node: a few lobes."""
         directions = rng.standard_normal((waves, 3))
         directions /= np.linalg.norm(directions, axis=1, keepdims=True)
         margin = cls(
             float(amplitude),
             directions,
-            rng.uniform(np.pi, 3 * np.pi, waves),
+            rng.uniform(np.pi, 2.5 * np.pi, waves),
             rng.uniform(0, 2 * np.pi, waves),
         )
         raw = margin._raw(tuple(_SPHERE.T))
