@@ -18,7 +18,7 @@ between them), drawn per node:
   differs by about +1 HU (necrosis lowers metastatic nodes, a fatty hilum benign ones;
   tests/test_synthetic_clinical.py). A mask's mean still rises with the node's size and
   roundness through partial volume, as in real scans, so over whole scans metastatic nodes
-  read brighter: +14.5 HU at the clinical resolution, +19.7 HU on the default grid
+  read brighter: +12 HU at the clinical resolution, +26 HU on the default grid
   (benchmarks/node_sizes.py, 20 patients, seed 0). That is a size sign, not an
   enhancement offset: a recipe that reads it reads size.
 
