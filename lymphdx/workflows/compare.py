@@ -84,7 +84,8 @@ def reuse_finished(
 ) -> bool:
     """Keep a finished run: refuse it when it was trained with other settings than
     ``config`` (``config_differences``), and score it again (``evaluate_run``) with
-    ``config``'s ``evaluation`` section when only that differs, which changes no weight.
+    ``config``'s ``evaluation`` and ``inference`` sections when only they differ, which
+    changes no weight.
     Returns whether it was scored again."""
     saved = load_run_config(run_dir)
     wanted = resolve_manifests(config, weak_csv, strong_csv)
@@ -99,7 +100,8 @@ def reuse_finished(
     if not differ:
         return False
     data = saved.model_dump(mode="json")
-    data["evaluation"] = wanted.model_dump(mode="json")["evaluation"]
+    for section in ("evaluation", "inference"):  # how it is scored, not trained
+        data[section] = wanted.model_dump(mode="json")[section]
     write_text(run_dir / "config.yaml", dump_config(validate(data)))
     for cached in run_dir.glob("predictions_*@*.csv"):  # predict_checkpoint's, now stale
         cached.unlink()
