@@ -160,7 +160,7 @@ class SlidingWindowInferer(Inferer):
         prob = torch.sigmoid_(views[0])
         for other in views[1:]:
             prob += torch.sigmoid_(other)
-        return prob / len(views) if len(views) > 1 else prob
+        return prob.div_(len(views)) if len(views) > 1 else prob  # in place: a scan's size
 
     def bag_tiles(self, image: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
         """The bag's tiles ``(T, 1, d, h, w)`` of one scan ``image`` ``(1, 1, D, H, W)``
