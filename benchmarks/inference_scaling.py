@@ -8,10 +8,11 @@ section: tile 96 x 96 x 64, overlap 0.25, Gaussian blending, 4 tiles per forward
 of 4 peak tiles) with the quick preset's network (random weights: the cost does not depend
 on them) on one random volume per size. Each size runs in a fresh interpreter, so its peak
 resident memory (VmHWM, ``_bench.peak_rss_kib``) is its own; the resident memory after the
-model is built is given too. Times: the blended ROI map (``roi_map``), the peaks and the
-bag's tiles (``peaks``), the classifier on the bag (``bag``), and their sum; ``--flip``
-adds the left-right flip (twice the tiles). Prints one JSON object; the ratio of seconds per
-million voxels between sizes says whether time grows linearly in voxels.
+model is built is given too. Wall times (and the process's CPU times, steadier on a shared
+machine): the blended ROI map (``roi_map``), the peaks and the bag's tiles (``peaks``), the
+classifier on the bag (``bag``), and their sum; ``--flip`` adds the left-right flip (twice
+the tiles). Prints one JSON object; seconds per million voxels, and CPU seconds per tile
+run, say whether time grows linearly in voxels.
 """
 
 from __future__ import annotations
@@ -53,15 +54,15 @@ def child(size: tuple[int, int, int], threads: int, flip: bool) -> dict:
     seen: list[int] = []  # tiles through the encoder, per forward pass
     model.encoder.register_forward_pre_hook(lambda _m, a: seen.append(len(a[0])))
     with torch.no_grad():
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         prob = inferer.roi_map(model, image, flip)
-        t1 = time.perf_counter()
+        c1, t1 = time.process_time(), time.perf_counter()
         windows = sum(seen)
         tiles = inferer.bag_tiles(image, prob[0, 0])
         t2 = time.perf_counter()
         views = [tiles, tiles.flip(-1)] if flip else [tiles]
         cls = sum(torch.sigmoid(inferer.bag_logit(model, v)) for v in views) / len(views)
-        t3 = time.perf_counter()
+        c3, t3 = time.process_time(), time.perf_counter()
     return {
         "size_xyz": list(size),
         "megavoxels": round(x * y * z / 1e6, 3),
@@ -73,6 +74,9 @@ def child(size: tuple[int, int, int], threads: int, flip: bool) -> dict:
             "bag": round(t3 - t2, 2),
             "total": round(t3 - t0, 2),
         },
+        # CPU time of this process (all its threads): what the work costs, less sensitive
+        # than the wall time to other processes on a shared machine
+        "cpu_seconds": {"roi_map": round(c1 - c0, 2), "total": round(c3 - c0, 2)},
         "rss_after_model_gib": round(rss_model / 2**20, 3),
         "peak_rss_gib": round(_bench.peak_rss_kib() / 2**20, 3),
         "probability": round(float(cls), 4),
@@ -103,6 +107,7 @@ def main() -> None:
         results.append(res)
     for r in results:
         r["seconds_per_megavoxel"] = round(r["seconds"]["total"] / r["megavoxels"], 3)
+        r["cpu_seconds_per_tile"] = round(r["cpu_seconds"]["roi_map"] / r["tiles_run"], 3)
     _bench.emit(
         {
             "benchmark": "inference_scaling",
