@@ -203,3 +203,9 @@ def test_a_run_is_scored_by_the_sliding_window_inferer(
     assert weak.patient_ids == ids
     np.testing.assert_allclose([scores[i][1] for i in ids], by_hand, atol=2e-6)
     assert not np.allclose(by_hand, flipped, atol=1e-4)  # tiles of half the volume differ
+
+    # predict scores a new scan through the same inferer (and the same scan preparation)
+    record = weak.records[0]
+    (result,) = predict(run, [record.image], tmp / "pred_tiles", progress=False)
+    assert result["inferer"] == "sliding_window"
+    assert result["classifier_probability"] == pytest.approx(by_hand[0], abs=2e-6)
