@@ -27,6 +27,7 @@ Domain = Literal["weak", "strong"]
 Strategy = Literal["supervised", "semi-supervised", "multitask", "ssmdmt", "ssmdmt-plus"]
 Preset = Literal["quick", "paper"]
 Region = Literal["abd", "med", "all"]
+Phantom = Literal["scaled", "realistic"]  # lymphdx.data.synthetic.PHANTOMS
 
 
 def _flags_without_type(params: list[Any]) -> list[Any]:
@@ -197,6 +198,29 @@ def synth(
             "metastatic): 0.6 = nodes 0.6x as large relative to the voxel. In (0, 2].",
         ),
     ] = 1.0,
+    resolution: Annotated[
+        str,
+        typer.Option(
+            "--resolution",
+            help="The grid the scans are written on, the same patients in mm with the field "
+            "of view kept: 'default' (A 4x4x5 mm, B 3.5x3.5x4 mm), 'clinical' (A 0.8x0.8x2.5 "
+            "mm, 400x400x96; B 0.7x0.7x2 mm, 480x480x112) or IN,SLICE: hospital A's in-plane "
+            "and slice spacing in mm, e.g. 1.5,2 (B keeps 7/8 and 4/5 of A's).",
+        ),
+    ] = "default",
+    phantom: Annotated[
+        Phantom,
+        typer.Option(
+            "--phantom",
+            help="Node population: 'scaled' (today's, nodes large enough for the quick grid) "
+            "or 'realistic' (real abdominal sizes, benign short axis mostly under 10 mm; "
+            "malignancy by size, roundness, necrosis, texture, margin).",
+        ),
+    ] = "scaled",
+    jobs: Annotated[
+        int | None,
+        typer.Option("--jobs", min=1, help="Processes (default: 2 on 2+ cores)."),
+    ] = None,
 ) -> None:
     """Write the synthetic two-hospital data set (NIfTI + manifests)."""
     from lymphdx.data.synthetic import SynthSpec, write_synthetic
@@ -216,10 +240,12 @@ def synth(
             seed=seed,
             shift=shift,
             node_scale=node_scale,
+            resolution=resolution,
+            phantom=phantom,
         )
     except ValueError as err:
         raise LymphdxError(f"invalid synth options: {err}") from None
-    summary = write_synthetic(out, spec, jobs=min(2, os.cpu_count() or 1))
+    summary = write_synthetic(out, spec, jobs=jobs or min(2, os.cpu_count() or 1))
     typer.echo(dumps_json(summary))
     typer.echo(f"weak manifest:   {out / 'weak' / 'manifest.csv'}")
     typer.echo(f"strong manifest: {out / 'strong' / 'manifest.csv'}")

@@ -1,6 +1,6 @@
-"""``evaluation.tta_flip`` (scores averaged with the left-right flip) and ``compare``'s
-handling of finished runs: scored again when only the evaluation settings changed,
-refused when they were trained with other settings."""
+"""``evaluation.tta_flip`` (scores averaged with the left-right flip), ``evaluation.inferer``
+and ``compare``'s handling of finished runs: scored again when only the evaluation
+settings changed, refused when they were trained with other settings."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lymphdx.core.errors import LymphdxError
+from lymphdx.engine.inferer import SlidingWindowInferer
 from lymphdx.engine.run_data import load_run_data
 from lymphdx.engine.run_folder import load_model
 from lymphdx.workflows import detection as detection_module
@@ -163,3 +164,48 @@ def test_predict_averages_with_the_flip(compared: tuple[Path, Path], tiny_data: 
     assert res["probability"] == pytest.approx(
         (plain["probability"] + mirror["probability"]) / 2, abs=1e-3
     )
+
+
+def test_a_run_is_scored_by_the_sliding_window_inferer(
+    compared: tuple[Path, Path], tiny_data: Path
+) -> None:
+    """``evaluation.inferer: sliding_window`` scores a finished run again (no weight
+    changes) and says so in ``metrics.json`` and ``detection.json``: with one tile the size
+    of the volume (overlap 0, constant blending) its scores are the whole-volume ones
+    computed here by hand; with smaller tiles they are the tiled inferer's, scan by scan."""
+    out, tmp = compared
+    run = out / "runs" / "multitask" / "seed0"
+    weights = _sha(run / "checkpoints" / "best.pt")
+    whole = {"tile": [32, 32, 16], "overlap": 0.0, "blending": "constant"}
+    evaluation = {"tta_flip": True, "inferer": "sliding_window"}
+    config = tiny_config(tmp, training={"epochs": 1}, evaluation=evaluation, inference=whole)
+    compare(config, *_manifests(tiny_data), out, ["multitask"], [0], progress=False)
+    assert _sha(run / "checkpoints" / "best.pt") == weights
+    assert json.loads((run / "metrics.json").read_text())["inferer"] == "sliding_window"
+    assert json.loads((run / "detection.json").read_text())["inferer"] == "sliding_window"
+    scores = read_predictions(run / "predictions_test.csv")
+    ids = list(scores)
+    flipped, _ = _by_hand(run, tta=True)
+    np.testing.assert_allclose([scores[i][1] for i in ids], flipped, atol=2e-6)
+
+    tiles = {"tile": [16, 16, 16], "overlap": 0.5, "blending": "gaussian", "bag_tiles": 2}
+    config = tiny_config(tmp, training={"epochs": 1}, evaluation=evaluation, inference=tiles)
+    compare(config, *_manifests(tiny_data), out, ["multitask"], [0], progress=False)
+    assert _sha(run / "checkpoints" / "best.pt") == weights
+    scores = read_predictions(run / "predictions_test.csv")
+    saved, model, _ = load_model(run)
+    weak = load_run_data(saved, run).volumes("weak", "test")
+    inferer = SlidingWindowInferer(saved.inference)
+    by_hand = [
+        float(inferer(model, weak.batch([i]).images, roi=False, flips=True)["cls"][0])
+        for i in range(len(weak))
+    ]
+    assert weak.patient_ids == ids
+    np.testing.assert_allclose([scores[i][1] for i in ids], by_hand, atol=2e-6)
+    assert not np.allclose(by_hand, flipped, atol=1e-4)  # tiles of half the volume differ
+
+    # predict scores a new scan through the same inferer (and the same scan preparation)
+    record = weak.records[0]
+    (result,) = predict(run, [record.image], tmp / "pred_tiles", progress=False)
+    assert result["inferer"] == "sliding_window"
+    assert result["classifier_probability"] == pytest.approx(by_hand[0], abs=2e-6)

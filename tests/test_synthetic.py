@@ -23,13 +23,7 @@ from lymphdx.data.synthetic import (
     weak_labels,
     write_synthetic,
 )
-from lymphdx.data.synthetic_anatomy import (
-    BENIGN_DIAMETER,
-    METASTATIC_DIAMETER,
-    NODE_XY_RANGE_MM,
-    NODE_Z_RANGE_MM,
-    Tissue,
-)
+from lymphdx.data.synthetic_anatomy import Tissue
 from lymphdx.data.synthetic_hospitals import (
     HOSPITALS,
     MIN_SPACING_MM,
@@ -38,6 +32,12 @@ from lymphdx.data.synthetic_hospitals import (
     SHIFT_HU_FIELDS,
     SHIFT_HU_RANGE,
     shifted_hospital,
+)
+from lymphdx.data.synthetic_nodes import (
+    BENIGN_DIAMETER,
+    METASTATIC_DIAMETER,
+    NODE_XY_RANGE_MM,
+    NODE_Z_RANGE_MM,
 )
 
 SPEC = SynthSpec(n_weak=6, n_pos=3, n_strong=4, seed=11)
@@ -168,8 +168,12 @@ def test_layout_and_manifests(data: tuple[Path, dict]) -> None:
         "seed": 11,
         "shift": 1.0,
         "node_scale": 1.0,
+        "resolution": "default",
+        "phantom": "scaled",
     }
     assert meta["summary"]["shift"] == 1.0 and meta["summary"]["node_scale"] == 1.0
+    assert meta["grids"]["weak"] == {"spacing": [4.0, 4.0, 5.0], "size": [80, 80, 48]}
+    assert meta["grids"]["strong"] == {"spacing": [3.5, 3.5, 4.0], "size": [96, 96, 56]}
     assert meta["summary"]["n_weak_positive"] == 3
     assert summary["n_weak"] == 6 and summary["n_strong"] == 4
     assert summary["seconds"] > 0

@@ -15,6 +15,7 @@ from lymphdx.core.errors import LymphdxError
 from lymphdx.core.strategies import STRATEGIES
 from lymphdx.data import preprocess
 from lymphdx.engine import propagation
+from lymphdx.engine.inferer import SlidingWindowInferer
 from lymphdx.engine.propagation import (
     is_propagation_epoch,
     predict_volumes,
@@ -239,3 +240,39 @@ def test_end_to_end_train_evaluate_predict(tiny_data: Path, tmp_path: Path) -> N
     assert (pred["findings_note"] is None) == (n_components > 0)
     maxima = [float(r["max_probability"]) for r in rows]
     assert maxima == sorted(maxima, reverse=True)
+
+
+def test_training_scores_through_the_sliding_window_inferer(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``evaluation.inferer: sliding_window`` validation (weak-val AUC, strong-val
+    Dice) and propagation (the strong set's pseudo labels, the weak set's pseudo masks)
+    score every scan through the tiled inferer, one scan at a time."""
+    calls: list[tuple[tuple[int, ...], bool]] = []
+    real = SlidingWindowInferer.__call__
+
+    def spy(self, model, images, roi=True, flips=False):  # type: ignore[no-untyped-def]
+        calls.append((tuple(images.shape), roi))
+        return real(self, model, images, roi, flips)
+
+    monkeypatch.setattr(SlidingWindowInferer, "__call__", spy)
+    config = tiny_config(
+        tmp_path,
+        evaluation={"inferer": "sliding_window"},
+        inference={"tile": [16, 16, 16], "overlap": 0.5, "bag_tiles": 2},
+    )
+    assert config.strategy == "ssmdmt" and config.propagation.warmup_epochs == 1
+    run = tmp_path / "run"
+    train(config, run, *_manifests(tiny_data), progress=False)
+    with open(run / "splits.csv") as f:
+        rows = list(csv.DictReader(f))
+    n = {(r["set"], r["split"]): 0 for r in rows}
+    for r in rows:
+        n[(r["set"], r["split"])] += 1
+    # two epochs of validation; one propagation round (epoch 1)
+    assert sum(not roi for _, roi in calls) == 2 * n[("weak", "val")] + n[("strong", "train")]
+    assert sum(roi for _, roi in calls) == 2 * n[("strong", "val")] + n[("weak", "train")]
+    assert {shape[0] for shape, _ in calls} == {1}
+    with open(run / "history.csv") as f:
+        history = list(csv.DictReader(f))
+    assert all(r["strong_val_dice"] not in ("", None) for r in history)

@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveInt,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -443,6 +444,28 @@ class EvaluationConfig(_Section):
     # the run's weak train + val patients after training
     # (lymphdx/engine/roi_readout.py; roi_readout.json in the run folder)
     roi_readout: bool = False
+    # how every scan is scored (lymphdx.engine.inferer; training's validation and
+    # propagation too): whole, one forward pass (quick, paper); sliding_window, tiles of
+    # inference.tile blended into the ROI map, the classifier reading the tiles at its
+    # peaks: memory set by the tile, not the scan
+    inferer: Literal["whole", "sliding_window"] = "whole"
+
+
+class InferenceConfig(_Section):
+    """Sliding-window inference (``evaluation.inferer: sliding_window``;
+    ``lymphdx.engine.inferer.SlidingWindowInferer``)."""
+
+    # voxels (x, y, z), like data.shape, each divisible by the model's downsampling; a
+    # scan smaller than a tile along an axis is padded (with 0, the normalised mean)
+    tile: tuple[PositiveInt, PositiveInt, PositiveInt] = (96, 96, 64)
+    overlap: float = Field(0.25, ge=0.0, lt=1.0)  # share of a tile that its neighbour overlaps
+    tile_batch: int = Field(4, ge=1)  # tiles per forward pass: sets the peak memory
+    # gaussian: a tile's centre weighs more than its border (nnU-Net); constant: equal
+    blending: Literal["gaussian", "constant"] = "gaussian"
+    sigma_scale: float = Field(0.125, gt=0.0)  # gaussian's sigma / the tile's size
+    # the classifier's bag: the tiles centred on this many highest ROI-map peaks at least
+    # half a tile apart (lymphdx.engine.candidates), attention-pooled together
+    bag_tiles: int = Field(4, ge=1)
 
 
 class ManifestConfig(_Section):
@@ -464,6 +487,7 @@ class Config(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     propagation: PropagationConfig = Field(default_factory=PropagationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
 
     @field_validator("seed")
     @classmethod
@@ -477,6 +501,17 @@ class Config(_Section):
             raise ValueError(
                 f"data.shape {list(self.data.shape)} must be divisible by the model's "
                 f"downsampling factor {factor} (stem_stride x 2^(blocks-1))"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_tile(self) -> Config:
+        tile, factor = self.inference.tile, self.model.downsampling
+        if self.evaluation.inferer == "sliding_window" and any(t % factor for t in tile):
+            raise ValueError(
+                f"inference.tile {list(tile)} must be divisible by the model's downsampling "
+                f"factor {factor} (stem_stride x 2^(blocks-1)) for evaluation.inferer "
+                "sliding_window"
             )
         return self
 

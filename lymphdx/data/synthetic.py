@@ -27,6 +27,18 @@ Harder variants (``SynthSpec.shift``, ``SynthSpec.node_scale``; ``lymphdx synth 
 multiplies every node's diameter range in both hospitals (0.6: nodes 0.6x as large relative
 to the voxel). The defaults (1, 1) give exactly the arrays described here.
 
+Clinical resolution and real node sizes (``SynthSpec.resolution``, ``SynthSpec.phantom``;
+``lymphdx synth --resolution --phantom``): ``resolution`` writes the same patients (anatomy
+and nodes in mm) on a finer grid with the field of view kept (``clinical``: A 0.8 x 0.8 x
+2.5 mm, 400 x 400 x 96; B 0.7 x 0.7 x 2 mm, 480 x 480 x 112; ``Resolution``): the anatomy
+and the nodes are decided on the hospital's own grid and drawn on the finer one, texture
+and noise keep their correlation lengths in mm, the PSF and the partial-volume edge stay in
+voxels. ``phantom="realistic"`` draws nodes as in real abdomens instead
+(``lymphdx.data.synthetic_realistic``: benign short axis mostly under 10 mm; malignancy
+shown by size, roundness, necrosis, heterogeneous enhancement and an irregular margin, not
+by brightness), most of them 1-2 voxels on the quick grid. The defaults (``"default"``,
+``"scaled"``) give exactly the arrays described above.
+
 Why a whole-volume intensity histogram cannot solve the weak task (see
 ``benchmarks/shortcut_vs_oracle.py``): everything except the nodes is drawn independently
 of the label (body size, organ sizes and positions, bowel gas, contrast timing vary per
@@ -43,9 +55,11 @@ Axis convention: arrays are ``(z, y, x)``; spacing, origin and node centres are
 ``(x, y, z)`` in mm in the LPS world frame (x to the patient's left, y posterior,
 z superior).
 
-Modules: the hospitals and ``shift`` in ``lymphdx.data.synthetic_hospitals``; tissues,
-anatomy and nodes in ``lymphdx.data.synthetic_anatomy``; the spec, scans and the data set
-here.
+Modules: the hospitals, ``shift`` and ``Resolution`` in
+``lymphdx.data.synthetic_hospitals``; tissues and anatomy in
+``lymphdx.data.synthetic_anatomy``; nodes (placing, drawing on a grid, rendering; the
+scaled population) in ``lymphdx.data.synthetic_nodes``, the realistic population in
+``lymphdx.data.synthetic_realistic``; the spec, scans and the data set here.
 """
 
 from __future__ import annotations
@@ -63,27 +77,35 @@ from scipy import ndimage
 
 from lymphdx.core.files import csv_text, ensure_writable_dir, write_json, write_text
 from lymphdx.core.seeding import name_key, seeded_rng
-from lymphdx.data.synthetic_anatomy import (
-    NodeDraw,
-    PhantomGrid,
-    anatomy,
-    draw_node,
-    place_node,
-    render_node,
-    smooth_noise,
-    tissue_lut,
+from lymphdx.data.synthetic_anatomy import PhantomGrid, anatomy, smooth_noise, tissue_lut
+from lymphdx.data.synthetic_hospitals import (
+    Hospital,
+    Resolution,
+    hospital_by_name,
+    resolution_by_name,
+    shifted_hospital,
 )
-from lymphdx.data.synthetic_hospitals import Hospital, hospital_by_name, shifted_hospital
+from lymphdx.data.synthetic_nodes import (
+    SCALED,
+    NodeDraw,
+    NodePopulation,
+    place_node,
+    rasterise_node,
+    render_node,
+)
+from lymphdx.data.synthetic_realistic import REALISTIC
 from lymphdx.io.geometry import Geometry
 from lymphdx.io.volumes import write_volume
 
 __all__ = [
     "NODE_COLUMNS",
+    "PHANTOMS",
     "Node",
     "Scan",
     "SynthSpec",
     "make_scan",
     "patient_rng",
+    "phantom_by_name",
     "default_n_pos",
     "weak_labels",
     "write_synthetic",
@@ -105,7 +127,23 @@ NODE_COLUMNS = (
     "fatty_hilum",
     "roundness",
     "mean_hu",
+    # appended for issue 29 (readers by column name are unaffected)
+    "short_axis_mm",
+    "long_axis_mm",
+    "margin_irregularity",
 )
+
+# the node populations of ``--phantom``: today's (default) and real abdomens'
+PHANTOMS: dict[str, NodePopulation] = {p.name: p for p in (SCALED, REALISTIC)}
+
+
+def phantom_by_name(name: str | NodePopulation) -> NodePopulation:
+    """The node population ``name`` (``PHANTOMS``), or ``name`` itself if one already."""
+    if isinstance(name, NodePopulation):
+        return name
+    if name not in PHANTOMS:
+        raise ValueError(f"phantom must be one of {', '.join(PHANTOMS)}, got {name!r}")
+    return PHANTOMS[name]
 
 
 # the paper's weak set: 57 of 123 scans positive
@@ -127,7 +165,10 @@ class SynthSpec:
     ``seed``: in ``[0, 2**32)``. ``shift`` (>= 0): how far hospital B's acquisition lies
     from A's (``shifted_hospital``; 0: like A's, 1: the default B, 2: twice the default
     difference). ``node_scale`` (in ``(0, 2]``): multiplies every node's
-    equivalent-diameter range in both hospitals.
+    equivalent-diameter range in both hospitals. ``resolution``: the grid the scans are
+    written on, ``"default"``, ``"clinical"`` or ``"IN,SLICE"`` (hospital A's in-plane
+    and slice spacing in mm; ``Resolution``), stored in its canonical spelling.
+    ``phantom``: the node population, ``"scaled"`` (today's) or ``"realistic"``.
     """
 
     n_weak: int = 123
@@ -136,6 +177,8 @@ class SynthSpec:
     seed: int = 0
     shift: float = 1.0
     node_scale: float = 1.0
+    resolution: str = "default"
+    phantom: str = "scaled"
 
     def __post_init__(self) -> None:
         if self.n_weak < 0 or self.n_strong < 0:
@@ -152,6 +195,11 @@ class SynthSpec:
             raise ValueError(
                 f"node_scale must be in (0, {MAX_NODE_SCALE:g}], got {self.node_scale}"
             )
+        phantom_by_name(self.phantom)
+        res = resolution_by_name(self.resolution)
+        self.resolution = res.name
+        for name in ("A", "B"):
+            res.check(self.hospital(name))
 
     def hospital(self, name: str) -> Hospital:
         """Hospital ``name`` as this spec generates it: A as is, B moved by ``shift``."""
@@ -165,7 +213,9 @@ class Node:
 
     ``diameter_mm`` is the equivalent (equal-volume sphere) diameter of the ellipsoid,
     ``roundness`` its short/long axis ratio, ``axes_mm`` its full axis lengths (long,
-    middle, short), ``mean_hu`` the mean stored HU over its mask voxels.
+    middle, short), ``mean_hu`` the mean stored HU over its mask voxels,
+    ``margin_irregularity`` the sd of its surface's radial displacement as a fraction of
+    the radius (0: a smooth ellipsoid; ``Margin``).
     """
 
     id: int
@@ -178,6 +228,7 @@ class Node:
     roundness: float
     mean_hu: float = float("nan")
     axes_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    margin_irregularity: float = 0.0
 
 
 @dataclass
@@ -214,13 +265,19 @@ def make_scan(
     hospital: str | Hospital,
     metastatic: bool | None,
     node_scale: float = 1.0,
+    *,
+    phantom: str | NodePopulation = "scaled",
+    resolution: str | Resolution | None = None,
 ) -> Scan:
     """Generate one scan of ``hospital`` (``"A"``/``"weak"``, ``"B"``/``"strong"`` or a
     ``Hospital``, e.g. ``SynthSpec.hospital("B")``).
 
     ``metastatic``: True gives 1-3 metastatic nodes among the scan's nodes, False none,
     None draws it with the hospital's ``p_metastatic``. Every scan has benign nodes.
-    ``node_scale`` multiplies the nodes' diameter ranges (``SynthSpec.node_scale``).
+    ``node_scale`` multiplies the nodes' sizes (``SynthSpec.node_scale``); ``phantom`` is
+    the node population (``PHANTOMS``); ``resolution`` the grid (``Resolution``; None:
+    the hospital's own). The anatomy and the nodes are decided on the hospital's own grid,
+    so a patient is the same in mm at every resolution.
 
     Returns:
         A ``Scan`` with ``hu`` ``(z, y, x)`` float32 (int16-valued), ``instances``
@@ -229,12 +286,28 @@ def make_scan(
     hp = hospital if isinstance(hospital, Hospital) else hospital_by_name(hospital)
     if not node_scale > 0:
         raise ValueError(f"node_scale must be > 0, got {node_scale}")
+    population = phantom_by_name(phantom)
+    res = resolution_by_name(resolution)
+    res.check(hp)
     if metastatic is None:
         metastatic = bool(rng.random() < hp.p_metastatic)
     shift = rng.uniform(-8, 8, size=3)
-    grid = PhantomGrid.make(hp.size, hp.spacing, shift)
+    base = PhantomGrid.make(hp.size, hp.spacing, shift)
     vc = shift.astype(float)
-    labels, vessels = anatomy(rng, grid)
+    start = rng.bit_generator.state
+    bowel: list[bool] = []
+    labels, vessels = anatomy(rng, base, bowel=bowel)
+    grid, base_labels = base, labels
+    if not res.is_default:
+        # the same anatomy in mm on the finer grid: replay the reference grid's draws and
+        # bowel decisions from the same generator state
+        spacing, size = res.grid(hp)
+        grid = PhantomGrid.make(size, spacing, shift, base_spacing=hp.spacing)
+        replay = np.random.Generator(type(rng.bit_generator)())
+        replay.bit_generator.state = start
+        labels, _ = anatomy(replay, grid, ref=base, bowel=bowel)
+        if replay.bit_generator.state != rng.bit_generator.state:
+            raise RuntimeError("synthetic phantom: the anatomy did not replay on the finer grid")
 
     # Node count does not depend on the label: positives get metastatic nodes instead of
     # some benign ones (see the module docstring on shortcuts).
@@ -243,13 +316,23 @@ def make_scan(
     if metastatic:
         n_met = min(int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2])), n_nodes - 1)
     kinds = [True] * n_met + [False] * (n_nodes - n_met)
-    instances = np.zeros(grid.shape, np.uint16)
+    base_instances = np.zeros(base.shape, np.uint16)
     placed: list[tuple[NodeDraw, tuple[float, float, float]]] = []
     for is_met in kinds:
-        nd = draw_node(rng, is_met, node_scale)
+        nd = population.draw(rng, is_met, node_scale)
         center = None
         for _ in range(6):  # shrink a node that does not fit anywhere (rare)
-            center = place_node(rng, grid, labels, instances, vessels, nd, len(placed) + 1, vc)
+            center = place_node(
+                rng,
+                base,
+                base_labels,
+                base_instances,
+                vessels,
+                nd,
+                len(placed) + 1,
+                vc,
+                fat_margin=population.fat_margin_mm,
+            )
             if center is not None:
                 break
             nd.diameter *= 0.9
@@ -257,6 +340,11 @@ def make_scan(
         if center is None:
             raise RuntimeError("synthetic phantom: could not place a lymph node")
         placed.append((nd, center))
+    instances = base_instances
+    if grid is not base:
+        instances = np.zeros(grid.shape, np.uint16)
+        for i, (nd, center) in enumerate(placed, start=1):
+            rasterise_node(grid, labels, instances, nd, center, i)
     order = rng.permutation(len(placed))  # metastatic nodes are not always id 1
     remap = np.zeros(len(placed) + 1, np.uint16)
     remap[1 + order] = np.arange(1, len(placed) + 1, dtype=np.uint16)
@@ -264,19 +352,25 @@ def make_scan(
     placed = [placed[i] for i in order]
 
     # Intensities: tissue HU + smooth per-tissue texture, nodes, PSF, noise, calibration.
+    # Texture and noise sigmas keep their mm on a finer grid; the PSF stays in voxels.
     lut, amp = tissue_lut(rng, hp)
-    tex = smooth_noise(rng, grid.shape, hp.texture_sigma)
+    tex = smooth_noise(rng, grid.shape, grid.base_voxels(hp.texture_sigma))
     image = lut[labels] + tex * amp[labels]
+    del tex
     for nd, center in placed:
         render_node(rng, grid, image, center, nd, hp.texture_gain)
     image = ndimage.gaussian_filter(image, hp.psf_sigma, truncate=3.0)
-    image += hp.noise_sd * smooth_noise(rng, grid.shape, hp.noise_sigma)
+    image += hp.noise_sd * smooth_noise(rng, grid.shape, grid.base_voxels(hp.noise_sigma))
     image = hp.gain * image + hp.offset
     hu = np.clip(np.rint(image), HU_MIN, HU_MAX).astype(np.float32)
+    del image
 
     nodes = []
+    boxes = ndimage.find_objects(instances, max_label=len(placed))
     for i, (nd, center) in enumerate(placed, start=1):
-        vox = hu[instances == i]
+        box = boxes[i - 1]
+        # the voxels of hu[instances == i], in the same order: the same float32 mean
+        vox = hu[box][instances[box] == i] if box is not None else np.full(1, np.nan, np.float32)
         nodes.append(
             Node(
                 id=i,
@@ -289,6 +383,7 @@ def make_scan(
                 roundness=round(nd.roundness, 4),
                 mean_hu=round(float(vox.mean()), 2),
                 axes_mm=tuple(round(float(2 * a), 3) for a in nd.semi),
+                margin_irregularity=round(nd.margin_irregularity, 4),
             )
         )
     geometry = Geometry(tuple(float(s) for s in grid.spacing), tuple(float(o) for o in grid.origin))
@@ -330,6 +425,9 @@ def _node_rows(pid: str, nodes: list[Node]) -> list[list]:
             int(n.fatty_hilum),
             f"{n.roundness:.3f}",
             f"{n.mean_hu:.1f}",
+            f"{n.axes_mm[2]:.2f}",
+            f"{n.axes_mm[0]:.2f}",
+            f"{n.margin_irregularity:.3f}",
         ]
         for n in nodes
     ]
@@ -351,15 +449,16 @@ def _write_patient(
     patient's own generator), so patients can be written in any order or process."""
     set_name, i = job
     rng = patient_rng(spec.seed, set_name, i)
+    how = {"phantom": spec.phantom, "resolution": spec.resolution}
     if set_name == "weak":
         pid = _pid("W", i, spec.n_weak)
-        scan = make_scan(rng, hospitals["A"], bool(label), spec.node_scale)
+        scan = make_scan(rng, hospitals["A"], bool(label), spec.node_scale, **how)
         write_volume(out / "weak/images" / f"{pid}.nii.gz", scan.hu.astype(np.int16), scan.geometry)
         write_volume(out / "weak_truth/masks" / f"{pid}.nii.gz", scan.instances, scan.geometry)
         row = [pid, f"images/{pid}.nii.gz", int(scan.metastatic)]
     else:
         pid = _pid("S", i, spec.n_strong)
-        scan = make_scan(rng, hospitals["B"], None, spec.node_scale)
+        scan = make_scan(rng, hospitals["B"], None, spec.node_scale, **how)
         write_volume(
             out / "strong/images" / f"{pid}.nii.gz", scan.hu.astype(np.int16), scan.geometry
         )
@@ -381,9 +480,12 @@ def write_synthetic(
         out/strong/manifest.csv      patient_id,image,mask      images/S0001.nii.gz, masks/...
         out/strong/nodes.csv         one row per node (NODE_COLUMNS)
         out/weak_truth/masks/W0001.nii.gz, out/weak_truth/nodes.csv  (never used to train)
-        out/synth.json               spec (incl. shift, node_scale) + summary + hospitals
+        out/synth.json               spec (incl. shift, node_scale, resolution, phantom)
+                                     + summary + hospitals + grids
 
-    Images are int16 HU, masks uint16 node instance ids.
+    Images are int16 HU, masks uint16 node instance ids. In ``synth.json``, ``hospitals``
+    holds each hospital's acquisition on its own (reference) grid, ``grids`` the spacing
+    and size the scans were written with (``SynthSpec.resolution``).
     """
     spec = spec or SynthSpec()
     hospitals = {h: spec.hospital(h) for h in ("A", "B")}
@@ -435,14 +537,22 @@ def write_synthetic(
         "node_voxel_fraction": {k: stats(v) for k, v in fractions.items()},
         "shift": spec.shift,
         "node_scale": spec.node_scale,
+        "resolution": spec.resolution,
+        "phantom": spec.phantom,
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    resolution = resolution_by_name(spec.resolution)
+    grids = {}
+    for set_name, h in (("weak", "A"), ("strong", "B")):
+        spacing, size = resolution.grid(hospitals[h])
+        grids[set_name] = {"spacing": list(spacing), "size": list(size)}
     write_json(
         out / "synth.json",
         {
             "spec": asdict(spec),
             "summary": summary,
             "hospitals": {"weak": asdict(hospitals["A"]), "strong": asdict(hospitals["B"])},
+            "grids": grids,
         },
     )
     return summary

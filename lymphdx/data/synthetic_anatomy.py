@@ -1,9 +1,8 @@
-"""The synthetic phantom's anatomy and lymph nodes (for ``lymphdx.data.synthetic``).
+"""The synthetic phantom's anatomy (for ``lymphdx.data.synthetic``).
 
 Tissue labels (``Tissue``) and their per-patient HU (``tissue_lut``), the phantom's voxel
-grid and ellipsoids, the anatomy (body wall, spine, vessels, organs, bowel, node fat:
-``anatomy``), and the lymph nodes: drawn (``draw_node``), placed in node fat near a vessel
-(``place_node``) and rendered with a partial-volume edge (``render_node``). Arrays are
+grid and ellipsoids, and the anatomy (body wall, spine, vessels, organs, bowel, node fat:
+``anatomy``). The lymph nodes are in ``lymphdx.data.synthetic_nodes``. Arrays are
 ``(z, y, x)``; points and spacing ``(x, y, z)`` in mm.
 """
 
@@ -17,31 +16,15 @@ from scipy import ndimage
 from lymphdx.data.synthetic_hospitals import Hospital
 
 __all__ = [
-    "BENIGN_DIAMETER",
-    "BENIGN_ROUNDNESS",
-    "METASTATIC_DIAMETER",
-    "METASTATIC_ROUNDNESS",
-    "NODE_XY_RANGE_MM",
-    "NODE_Z_RANGE_MM",
-    "NodeDraw",
     "PhantomGrid",
+    "Sigma",
     "Tissue",
     "anatomy",
-    "draw_node",
-    "place_node",
-    "render_node",
     "smooth_noise",
     "tissue_lut",
 ]
 
-
-# Node populations (equivalent diameters in mm; roundness = short / long axis).
-BENIGN_DIAMETER = (10.0, 22.0)
-METASTATIC_DIAMETER = (14.0, 34.0)
-BENIGN_ROUNDNESS = (0.40, 0.85)  # skewed towards oval: mean ≈ 0.58
-METASTATIC_ROUNDNESS = (0.60, 1.0)  # skewed towards round: mean ≈ 0.85
-NODE_XY_RANGE_MM = 100.0  # node centres within ± this of the volume centre (x, y)
-NODE_Z_RANGE_MM = 75.0  # ... and within ± this (z): whole nodes stay in the 192 mm crop
+Sigma = float | tuple[float, float, float]  # a Gaussian sigma in voxels: one, or (z, y, x)
 
 
 class Tissue:
@@ -77,7 +60,9 @@ class Tissue:
 @dataclass
 class PhantomGrid:
     """The phantom's voxel grid: array ``shape`` ``(z, y, x)``; ``spacing``, ``origin`` and
-    the voxel centres ``xs``, ``ys``, ``zs`` in world mm ``(x, y, z)``."""
+    the voxel centres ``xs``, ``ys``, ``zs`` in world mm ``(x, y, z)``. ``base_spacing``:
+    the hospital's reference grid's spacing, in whose voxels the hospital's sigmas are
+    given (``Hospital``); equal to ``spacing`` on the reference grid itself."""
 
     shape: tuple[int, int, int]  # (z, y, x)
     spacing: np.ndarray  # (x, y, z)
@@ -85,16 +70,34 @@ class PhantomGrid:
     xs: np.ndarray
     ys: np.ndarray
     zs: np.ndarray
+    base_spacing: np.ndarray  # (x, y, z)
 
     @classmethod
-    def make(cls, size_xyz: tuple[int, int, int], spacing, centre) -> PhantomGrid:
+    def make(
+        cls, size_xyz: tuple[int, int, int], spacing, centre, base_spacing=None
+    ) -> PhantomGrid:
         size = np.asarray(size_xyz)
         spacing = np.asarray(spacing, dtype=float)
+        base = spacing if base_spacing is None else np.asarray(base_spacing, dtype=float)
         origin = np.asarray(centre, dtype=float) - spacing * (size - 1) / 2.0
         xs, ys, zs = (
             (origin[i] + spacing[i] * np.arange(size[i])).astype(np.float32) for i in range(3)
         )
-        return cls((int(size[2]), int(size[1]), int(size[0])), spacing, origin, xs, ys, zs)
+        return cls((int(size[2]), int(size[1]), int(size[0])), spacing, origin, xs, ys, zs, base)
+
+    def base_voxels(self, sigma: float) -> Sigma:
+        """A sigma given in voxels of the reference grid, in voxels of this grid ``(z, y,
+        x)``: the same length in mm. On the reference grid itself: ``sigma`` unchanged."""
+        if np.array_equal(self.base_spacing, self.spacing):
+            return sigma
+        return tuple(
+            float(sigma * b / s)
+            for b, s in zip(self.base_spacing[::-1], self.spacing[::-1], strict=True)
+        )
+
+    def mm_voxels(self, sigma_mm: float) -> Sigma:
+        """A sigma in mm, in voxels of this grid ``(z, y, x)``."""
+        return tuple(float(sigma_mm / s) for s in self.spacing[::-1])
 
     def box(self, center, half) -> tuple[slice, slice, slice] | None:
         """Index slices ``(z, y, x)`` of the voxels within ``half`` mm of ``center``."""
@@ -181,10 +184,11 @@ def _paint(labels: np.ndarray, e: _Ellipsoid | None, value: int, allowed=None) -
     sub[m] = value
 
 
-def smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
-    """Gaussian-smoothed white noise scaled to unit standard deviation, float32."""
+def smooth_noise(rng: np.random.Generator, shape, sigma: Sigma) -> np.ndarray:
+    """Gaussian-smoothed white noise scaled to unit standard deviation, float32; ``sigma``
+    in voxels, one or per axis ``(z, y, x)``."""
     f = rng.standard_normal(shape, dtype=np.float32)
-    if sigma > 0:
+    if np.any(np.asarray(sigma) > 0):
         f = ndimage.gaussian_filter(f, sigma, mode="reflect", truncate=3.0)
     sd = float(f.std())
     return f / sd if sd > 0 else f
@@ -206,9 +210,23 @@ class _Vessel:
         return self.x0 + self.drift * np.sin(z / 90.0 + self.phase), self.y0
 
 
-def anatomy(rng: np.random.Generator, grid: PhantomGrid) -> tuple[np.ndarray, list[_Vessel]]:
-    """Tissue label volume ``(z, y, x)`` uint8 and the vessels nodes gather around."""
+def anatomy(
+    rng: np.random.Generator,
+    grid: PhantomGrid,
+    ref: PhantomGrid | None = None,
+    bowel: list[bool] | None = None,
+) -> tuple[np.ndarray, list[_Vessel]]:
+    """Tissue label volume ``(z, y, x)`` uint8 and the vessels nodes gather around.
+
+    Decided on the reference grid, drawn on another: without ``ref`` the bowel loops are
+    accepted or rejected by what ``grid`` holds, and the outcomes are appended to
+    ``bowel`` (when given); with ``ref`` (the reference grid of the same patient and field
+    of view) the outcomes are read from ``bowel`` instead, so that the same generator state
+    paints the same anatomy in mm on ``grid`` and leaves the generator in the same state.
+    """
     t = Tissue
+    ref = grid if ref is None else ref
+    replay = iter(bowel) if ref is not grid and bowel is not None else None
     nz, ny, nx = grid.shape
     labels = np.zeros(grid.shape, np.uint8)
     X = grid.xs[None, :]
@@ -227,7 +245,7 @@ def anatomy(rng: np.random.Generator, grid: PhantomGrid) -> tuple[np.ndarray, li
     vb_rx, vb_ry = rng.uniform(19, 24), rng.uniform(15, 19)
     vb_y = ay - fat_t - mus_t - rng.uniform(38, 48)
     canal_y = vb_y + vb_ry + 9.0
-    zc = grid.zs.mean()
+    zc = ref.zs.mean()  # the reference grid's: the same mm at every resolution
     big = 1e4
     for sx in (-1, 1):  # paraspinal muscles behind the spine
         e = _ellipsoid(grid, (sx * 32.0, canal_y + 10.0, zc), (22.0, 17.0, big))
@@ -261,6 +279,13 @@ def anatomy(rng: np.random.Generator, grid: PhantomGrid) -> tuple[np.ndarray, li
 
     # Bowel loops (small bowel) fill the cavity fat outside the node fat zones; the colon
     # runs along each flank.
+    def loop(c, axes, rot, min_free: float = 0.6) -> bool:
+        decided = None if replay is None else next(replay)
+        drawn = _bowel(rng, grid, labels, c, axes, rot, min_free, decided)
+        if replay is None and bowel is not None:
+            bowel.append(drawn)
+        return drawn
+
     n_loops, accepted = int(rng.integers(45, 66)), 0
     for _ in range(4 * n_loops):
         if accepted == n_loops:
@@ -268,13 +293,13 @@ def anatomy(rng: np.random.Generator, grid: PhantomGrid) -> tuple[np.ndarray, li
         c = (
             rng.uniform(-(ax - 40), ax - 40),
             rng.uniform(-(ay - 25), vb_y),
-            rng.uniform(grid.zs[0], grid.zs[-1]),
+            rng.uniform(ref.zs[0], ref.zs[-1]),
         )
         axes = np.array([rng.uniform(18, 38), rng.uniform(9, 16), rng.uniform(9, 16)])
-        accepted += _bowel(rng, grid, labels, c, axes, _random_rotation(rng))
+        accepted += loop(c, axes, _random_rotation(rng))
     for sx in (-1, 1):  # ascending / descending colon
         c = (sx * (ax - fat_t - mus_t - 22), rng.uniform(-15, 5), zc)
-        _bowel(rng, grid, labels, c, np.array([18.0, 16.0, big]), None, min_free=0.0)
+        loop(c, np.array([18.0, 16.0, big]), None, min_free=0.0)
 
     # Solid organs (displace cavity fat and bowel).
     liv = _ellipsoid(
@@ -332,37 +357,51 @@ def _rot_z(angle: float) -> np.ndarray:
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
-def _bowel(rng, grid, labels, center, axes, rot, min_free: float = 0.6) -> bool:
+def _bowel(
+    rng, grid, labels, center, axes, rot, min_free: float = 0.6, decided: bool | None = None
+) -> bool:
     """A bowel loop: soft-tissue wall, fluid lumen, and sometimes an air pocket anteriorly.
 
     Drawn only over cavity fat and other loops' walls; with ``min_free > 0`` only when it
     does not touch the node fat zones and at least ``min_free`` of it is still free fat
-    (with 0 it is clipped instead). Returns whether it was drawn.
+    (with 0 it is clipped instead). ``decided`` (True/False) skips these checks: the
+    outcome on the reference grid (``anatomy``). Returns whether it was drawn.
     """
     t = Tissue
-    if min_free > 0 and labels[grid.index_of(center)] != t.VISCERAL_FAT:
+    if decided is False:
+        return False
+    if decided is None and min_free > 0 and labels[grid.index_of(center)] != t.VISCERAL_FAT:
         return False  # cheap early rejection
     e = _ellipsoid(grid, center, axes, rot)
-    if e is None:
+    if e is None and decided is None:
         return False
-    sub = labels[e.sl]
-    inside = e.r <= 1
-    lab = sub[inside]
-    if lab.size == 0:
-        return False
-    if min_free > 0 and (
-        np.isin(lab, t.NODE_FAT).any()
-        or np.count_nonzero(lab == t.VISCERAL_FAT) < min_free * lab.size
-    ):
-        return False
-    free = np.isin(sub, (t.VISCERAL_FAT, t.BOWEL_WALL))
+    if e is not None:
+        sub = labels[e.sl]
+        inside = e.r <= 1
+        lab = sub[inside]
+        if decided is None and lab.size == 0:
+            return False
+        if (
+            decided is None
+            and min_free > 0
+            and (
+                np.isin(lab, t.NODE_FAT).any()
+                or np.count_nonzero(lab == t.VISCERAL_FAT) < min_free * lab.size
+            )
+        ):
+            return False
+    # drawn: the generator's draws below happen whether or not this grid shows the loop
     wall_t = rng.uniform(2.5, 4.0)
+    air = rng.random() < 0.45  # air rises anteriorly (supine patient: towards -y)
+    level = center[1] + rng.uniform(-0.6, 0.4) * float(np.min(axes[:2])) if air else 0.0
+    if e is None:
+        return True
+    free = np.isin(sub, (t.VISCERAL_FAT, t.BOWEL_WALL))
     outer = inside & free
     lumen = outer & (e.d < -wall_t)
     sub[outer] = t.BOWEL_WALL
     sub[lumen] = t.BOWEL_FLUID
-    if rng.random() < 0.45:  # air rises anteriorly (supine patient: towards -y)
-        level = center[1] + rng.uniform(-0.6, 0.4) * float(np.min(axes[:2]))
+    if air:
         ys = grid.ys[e.sl[1]][None, :, None]
         sub[lumen & (ys < level)] = t.BOWEL_AIR
     return True
@@ -378,145 +417,6 @@ def _tube(grid: PhantomGrid, labels: np.ndarray, v: _Vessel) -> None:
     dx = grid.xs[sl[2]][None, None, :] - np.asarray(cx, np.float32)[:, None, None]
     dy = grid.ys[sl[1]][None, :, None] - np.float32(cy)
     labels[sl][dx**2 + dy**2 <= v.radius**2] = v.label
-
-
-# --------------------------------------------------------------------------- nodes
-
-
-@dataclass
-class NodeDraw:
-    """One lymph node as drawn, before it is placed: size, shape, orientation, intensities."""
-
-    metastatic: bool
-    diameter: float
-    roundness: float
-    semi: np.ndarray  # semi-axes (long, middle, short), mm
-    rot: np.ndarray
-    hu: float
-    heterogeneous: bool
-    necrotic: bool
-    necrosis_scale: float
-    necrosis_hu: float
-    fatty_hilum: bool
-    hilum_hu: float
-
-
-def _semi_axes(diameter: float, roundness: float, middle: float) -> np.ndarray:
-    """Semi-axes (long, middle, short) with the given equivalent diameter and ratios."""
-    long = diameter / 2.0 / (middle * roundness) ** (1 / 3)
-    return np.array([long, long * middle, long * roundness])
-
-
-def draw_node(rng: np.random.Generator, metastatic: bool, scale: float = 1.0) -> NodeDraw:
-    """Draw one node; ``scale`` multiplies the diameter range (and the size thresholds of
-    necrosis and fatty hilum, so that these depend on the relative size as at scale 1)."""
-    if metastatic:
-        lo, hi = (scale * v for v in METASTATIC_DIAMETER)
-        d = lo + (hi - lo) * rng.beta(1.6, 1.8)
-        rho = METASTATIC_ROUNDNESS[0] + np.diff(METASTATIC_ROUNDNESS)[0] * rng.beta(2.5, 1.5)
-        mid = rho + rng.uniform(0, 1) * (1 - rho)
-        hetero = bool(rng.random() < 0.5)
-        necrotic = bool(rng.random() < 0.15 + 0.5 * (d - lo) / (20.0 * scale))
-        hilum = False
-        hu = rng.uniform(30, 55)
-    else:
-        lo, hi = (scale * v for v in BENIGN_DIAMETER)
-        d = lo + (hi - lo) * rng.beta(1.3, 2.2)
-        rho = BENIGN_ROUNDNESS[0] + np.diff(BENIGN_ROUNDNESS)[0] * rng.beta(2.0, 3.0)
-        mid = rho + rng.uniform(0, 0.5) * (1 - rho)
-        hetero = necrotic = False
-        hilum = bool(d >= 12 * scale and rng.random() < 0.35)
-        hu = rng.uniform(30, 50)
-    return NodeDraw(
-        metastatic=metastatic,
-        diameter=float(d),
-        roundness=float(rho),
-        semi=_semi_axes(float(d), float(rho), float(mid)),
-        rot=_random_rotation(rng),
-        hu=float(hu),
-        heterogeneous=hetero,
-        necrotic=necrotic,
-        necrosis_scale=float(rng.uniform(0.4, 0.65)),
-        necrosis_hu=float(rng.uniform(5, 15)),
-        fatty_hilum=hilum,
-        hilum_hu=float(rng.uniform(-85, -55)),
-    )
-
-
-def place_node(
-    rng: np.random.Generator,
-    grid: PhantomGrid,
-    labels: np.ndarray,
-    instances: np.ndarray,
-    vessels: list[_Vessel],
-    nd: NodeDraw,
-    node_id: int,
-    vc: np.ndarray,
-    tries: int = 400,
-) -> tuple[float, float, float] | None:
-    """Find a spot in node fat near a vessel, rasterise the node into ``instances``.
-
-    The node (plus a one-voxel gap to other nodes) must lie entirely in retroperitoneal
-    or mesenteric fat. Returns the centre (world mm) or None when no spot was found.
-    """
-    weights = np.array([0.35, 0.3, 0.15, 0.2])
-    gap = float(grid.spacing.min())
-    for _ in range(tries):
-        v = vessels[int(rng.choice(len(vessels), p=weights))]
-        z = vc[2] + rng.uniform(-NODE_Z_RANGE_MM, NODE_Z_RANGE_MM)
-        theta = rng.uniform(0, 2 * np.pi)
-        dist = v.radius + nd.semi[0] * rng.uniform(0.6, 1.0) + rng.uniform(1.5, 14.0)
-        cx, cy = v.center(z)
-        c = np.array([cx + dist * np.cos(theta), cy + dist * np.sin(theta), z])
-        if np.any(np.abs(c[:2] - vc[:2]) > NODE_XY_RANGE_MM):
-            continue
-        e = _ellipsoid(grid, c, nd.semi, nd.rot, pad=2 * gap)
-        if e is None:
-            continue
-        inside = e.d <= 0
-        ci = grid.index_of(c)
-        local = tuple(ci[k] - e.sl[k].start for k in range(3))
-        if not all(0 <= local[k] < inside.shape[k] for k in range(3)):
-            continue
-        inside[local] = True  # a node always covers the voxel nearest its centre
-        lab = labels[e.sl]
-        if not np.isin(lab[inside], Tissue.NODE_FAT).all():
-            continue
-        if np.any(instances[e.sl][(e.d <= gap) | inside] != 0):
-            continue
-        instances[e.sl][inside] = node_id
-        return (float(c[0]), float(c[1]), float(c[2]))
-    return None
-
-
-def render_node(
-    rng: np.random.Generator,
-    grid: PhantomGrid,
-    image: np.ndarray,
-    center,
-    nd: NodeDraw,
-    texture_gain: float,
-) -> None:
-    """Blend the node's HU into ``image`` with a one-voxel partial-volume edge."""
-    h = grid.h
-    e = _ellipsoid(grid, center, nd.semi, nd.rot, pad=1.5 * h)
-    # Partial volume over ~0.6 voxel: a little sharper than a box voxel's, so that small
-    # nodes keep some contrast after the PSF on 4-5 mm voxels.
-    w = np.clip(0.5 - e.d / (0.6 * h), 0.0, 1.0)
-    amp = (14.0 if nd.heterogeneous else 3.0) * texture_gain
-    val = nd.hu + amp * smooth_noise(rng, w.shape, 1.0 if nd.heterogeneous else 1.5)
-    r_eq = nd.diameter / 2.0
-    if nd.necrotic:
-        wn = np.clip((1.0 - e.r / nd.necrosis_scale) * nd.necrosis_scale * r_eq / h + 0.5, 0, 1)
-        val = val * (1 - wn) + nd.necrosis_hu * wn
-    if nd.fatty_hilum:
-        hs = nd.semi * np.array([0.4, 0.5, 0.55])
-        off = 0.6 * nd.semi[2]
-        rh = np.sqrt((e.u[0] / hs[0]) ** 2 + (e.u[1] / hs[1]) ** 2 + ((e.u[2] - off) / hs[2]) ** 2)
-        wh = np.clip((1.0 - rh) * float(hs.min()) / h + 0.5, 0, 1)
-        val = val * (1 - wh) + nd.hilum_hu * wh
-    sub = image[e.sl]
-    sub[...] = sub * (1 - w) + val * w
 
 
 # --------------------------------------------------------------------------- tissue intensities

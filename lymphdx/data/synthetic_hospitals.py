@@ -1,12 +1,16 @@
-"""The two synthetic hospitals' acquisition and population parameters, and ``shift``.
+"""The two synthetic hospitals' acquisition and population parameters, ``shift`` and
+``resolution``.
 
 ``HOSPITALS`` holds hospital A (the weak set) and B (the strong set); ``shifted_hospital``
-moves B's acquisition along the line from A's (``SynthSpec.shift``). See
-``lymphdx.data.synthetic`` for the phantom as a whole.
+moves B's acquisition along the line from A's (``SynthSpec.shift``); ``Resolution``
+(``SynthSpec.resolution``, ``lymphdx synth --resolution``) is the grid a scan is written
+on, the hospital's own grid (``Hospital.spacing``, ``Hospital.size``) refined with the
+field of view kept. See ``lymphdx.data.synthetic`` for the phantom as a whole.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -14,12 +18,16 @@ import numpy as np
 __all__ = [
     "HOSPITALS",
     "Hospital",
+    "MAX_VOXELS",
     "MIN_SPACING_MM",
+    "RESOLUTIONS",
+    "Resolution",
     "SHIFT_FIELDS",
     "SHIFT_FLOORS",
     "SHIFT_HU_FIELDS",
     "SHIFT_HU_RANGE",
     "hospital_by_name",
+    "resolution_by_name",
     "shifted_hospital",
 ]
 
@@ -28,9 +36,11 @@ __all__ = [
 class Hospital:
     """Acquisition and population parameters of one synthetic hospital.
 
-    ``spacing`` and ``size`` are ``(x, y, z)``; HU values are ``(mean, sd between
-    patients)`` before calibration (``gain * hu + offset``). Noise and texture sigmas are
-    in voxels.
+    ``spacing`` and ``size`` are ``(x, y, z)``: the hospital's reference grid, on which
+    the anatomy and the nodes are decided whatever the ``Resolution``. HU values are
+    ``(mean, sd between patients)`` before calibration (``gain * hu + offset``). Noise,
+    texture and PSF sigmas are in voxels of the reference grid (see ``Resolution`` for how
+    they carry over to a finer grid).
     """
 
     name: str
@@ -144,3 +154,104 @@ def shifted_hospital(shift: float) -> Hospital:
         max(1, round(n * sb / s)) for n, sb, s in zip(b.size, b.spacing, spacing, strict=True)
     )
     return replace(b, spacing=spacing, size=size, **changes)
+
+
+# --------------------------------------------------------------------------- resolution
+
+MAX_VOXELS = 2**27  # one scan's grid (134 M voxels, about 5 GiB to make; 512 x 512 x 512)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The grid a scan is written on: hospital A's in-plane and slice spacing (mm).
+
+    Every hospital's reference grid (``Hospital.spacing``) is refined by the same factors
+    as A's, ``(inplane_mm, inplane_mm, slice_mm) / HOSPITALS["A"].spacing``, so B keeps its
+    spacing relative to A's (7/8 in-plane, 4/5 across slices; a shifted B its own), and
+    the size follows so that the field of view in mm stays (to the nearest voxel). The
+    anatomy and the nodes are decided on the reference grid and drawn on this one, so a
+    patient is the same in mm at every resolution.
+
+    What a finer grid does to the intensities (``lymphdx.data.synthetic.make_scan``): the
+    tissue and node texture and the noise keep their correlation lengths in mm (their
+    sigmas are converted per axis), the noise its sd per voxel; the PSF and the
+    partial-volume edge stay in voxels, as a scanner's reconstruction kernel follows the
+    reconstruction grid (at 0.7-0.8 mm pixels an in-plane FWHM of about 1 mm).
+    """
+
+    name: str
+    inplane_mm: float
+    slice_mm: float
+
+    def __post_init__(self) -> None:
+        a = HOSPITALS["A"].spacing
+        for what, v, hi in (("in-plane", self.inplane_mm, a[0]), ("slice", self.slice_mm, a[2])):
+            if not (math.isfinite(v) and MIN_SPACING_MM <= v <= hi):
+                raise ValueError(
+                    f"resolution's {what} spacing must be in [{MIN_SPACING_MM:g}, {hi:g}] mm "
+                    f"(hospital A's default grid is the coarsest), got {v:g}"
+                )
+
+    @property
+    def is_default(self) -> bool:
+        """True for the hospitals' own grids (today's phantom, byte for byte)."""
+        a = HOSPITALS["A"].spacing
+        return (self.inplane_mm, self.slice_mm) == (a[0], a[2])
+
+    def grid(self, hospital: Hospital) -> tuple[tuple[float, float, float], tuple[int, int, int]]:
+        """``(spacing, size)`` ``(x, y, z)`` of ``hospital`` at this resolution."""
+        if self.is_default:
+            return hospital.spacing, hospital.size
+        a = HOSPITALS["A"].spacing
+        target = (self.inplane_mm, self.inplane_mm, self.slice_mm)
+        spacing = tuple(
+            round(s * t / r, 6) for s, t, r in zip(hospital.spacing, target, a, strict=True)
+        )
+        size = tuple(
+            max(1, round(n * s / t))
+            for n, s, t in zip(hospital.size, hospital.spacing, spacing, strict=True)
+        )
+        return spacing, size  # type: ignore[return-value]
+
+    def check(self, hospital: Hospital) -> None:
+        """Raise ValueError when ``hospital``'s grid at this resolution exceeds ``MAX_VOXELS``."""
+        spacing, size = self.grid(hospital)
+        n = math.prod(size)
+        if n > MAX_VOXELS:
+            raise ValueError(
+                f"resolution {self.name} is too fine: hospital {hospital.name}'s grid would be "
+                f"{size[0]} x {size[1]} x {size[2]} voxels of {spacing} mm ({n / 1e6:.0f} M), "
+                f"over {MAX_VOXELS / 1e6:.0f} M; choose a coarser resolution (or a smaller shift)"
+            )
+
+
+RESOLUTIONS: dict[str, Resolution] = {
+    # today's grids: A 4 x 4 x 5 mm (80 x 80 x 48), B 3.5 x 3.5 x 4 mm (96 x 96 x 56)
+    "default": Resolution("default", 4.0, 5.0),
+    # abdominal CT as hospitals reconstruct it: A 0.8 x 0.8 x 2.5 mm (400 x 400 x 96),
+    # B 0.7 x 0.7 x 2 mm (480 x 480 x 112)
+    "clinical": Resolution("clinical", 0.8, 2.5),
+}
+
+
+def resolution_by_name(text: str | Resolution | None) -> Resolution:
+    """``"default"``, ``"clinical"`` or ``"IN,SLICE"`` (hospital A's in-plane and slice
+    spacing in mm, e.g. ``"1.5,2"``; B's follows, see ``Resolution``). ``None``: default."""
+    if isinstance(text, Resolution):
+        return text
+    if text is None:
+        return RESOLUTIONS["default"]
+    key = str(text).strip().lower()
+    if key in RESOLUTIONS:
+        return RESOLUTIONS[key]
+    parts = key.replace("x", ",").split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        inplane, slice_ = (float(p) for p in parts)
+    except ValueError:
+        raise ValueError(
+            f"resolution must be one of {', '.join(RESOLUTIONS)} or IN,SLICE (hospital A's "
+            f"in-plane and slice spacing in mm, e.g. 1.5,2), got {text!r}"
+        ) from None
+    return Resolution(f"{inplane:g},{slice_:g}", inplane, slice_)

@@ -30,8 +30,8 @@ from lymphdx.core.strategies import Strategy
 from lymphdx.data.datasets import VolumeSet
 from lymphdx.engine.distributed import DistContext
 from lymphdx.engine.graph_propagation import graph_label_propagation, pseudo_labels_for
+from lymphdx.engine.inferer import Inferer, WholeInferer
 from lymphdx.engine.pseudo_masks import curriculum_keep, pseudo_mask_targets
-from lymphdx.engine.teacher import predict_with_tta
 from lymphdx.models.domain_norm import domains
 
 log = logging.getLogger("lymphdx")
@@ -119,27 +119,28 @@ def predict_volumes(
     ctx: DistContext | None = None,
     domain: int = WEAK,
     tta: bool = False,
+    inferer: Inferer | None = None,
 ) -> np.ndarray:
     """Every volume's σ(f(v)), ``(N,)`` float32, or with ``output="embedding"`` the
     classifier's pooled embedding, ``(N, C)`` float32 (what σ's fully connected layers
-    see), with the model in eval mode (restored after).
+    see), scored by ``inferer`` (default ``WholeInferer``) with the model in eval mode
+    (restored after).
 
     With a distributed ``ctx`` each rank predicts its block of the volumes and every rank
     gets all ``N`` results, in order. ``tta``: averaged with the left-right flip's.
     """
     ctx = ctx or DistContext()
+    inferer = inferer or WholeInferer()
     embed = output == "embedding"
     out = [np.zeros((0, model.classifier.fc1.in_features) if embed else 0, dtype=np.float32)]
     was_training = model.training
     model.eval()
     try:
-        for images in _my_batches(model, volumes, batch_size, ctx, domain):
+        for images in _my_batches(model, volumes, inferer.batch_size(batch_size), ctx, domain):
             if embed:
-                views = [images, torch.flip(images, dims=(-1,))] if tta else [images]
-                pooled = sum(model.pooled(v).float() for v in views)
-                out.append((pooled / len(views)).cpu().numpy())
+                out.append(inferer.embed(model, images, flips=tta).cpu().numpy())
             else:
-                cls = predict_with_tta(model, images, roi=False, flips=tta)["cls"]
+                cls = inferer(model, images, roi=False, flips=tta)["cls"]
                 out.append(cls.cpu().numpy())
     finally:
         model.train(was_training)
@@ -201,12 +202,14 @@ def propagate_labels_graph(
     batch_size: int = 4,
     ctx: DistContext | None = None,
     round_index: int = 0,
+    inferer: Inferer | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pseudo class labels for ``unlabelled`` (the strong set) by graph label propagation
     (Iscen et al. 2019) from the true labels of ``labelled`` (the weak training set).
 
     The nodes are the pooled embeddings (``predict_volumes(..., "embedding")``) of both
-    sets, each in its own domain; ``k`` is ``cfg.graph_k`` capped at the node count − 1. Returns
+    sets, each in its own domain, scored by ``inferer``; ``k`` is ``cfg.graph_k`` capped at
+    the node count − 1. Returns
     ``(targets, weights)`` ``(N_unlabelled,)`` float32: ``probs[:, 1]`` (soft) or the
     argmax (hard), and weight = ω / max ω (the certainty relative to the surest of all
     nodes, as Iscen et al.'s code) × class weight ζ, times the ``cfg.confidence`` cut on
@@ -214,8 +217,9 @@ def propagate_labels_graph(
     solves the propagation from the gathered embeddings; rank 0's result is used.
     """
     ctx = ctx or DistContext()
-    weak = predict_volumes(model, labelled, "embedding", batch_size, ctx, WEAK, cfg.tta_flip)
-    strong = predict_volumes(model, unlabelled, "embedding", batch_size, ctx, STRONG, cfg.tta_flip)
+    tta = cfg.tta_flip
+    weak = predict_volumes(model, labelled, "embedding", batch_size, ctx, WEAK, tta, inferer)
+    strong = predict_volumes(model, unlabelled, "embedding", batch_size, ctx, STRONG, tta, inferer)
     labels = labelled.labels
     assert labels is not None, "the labelled set must be a weak (labelled) set"
     embeddings = np.concatenate([weak, strong]).astype(np.float64)
@@ -250,20 +254,23 @@ def propagate_mask_targets(
     batch_size: int = 4,
     ctx: DistContext | None = None,
     domain: int = WEAK,
+    inferer: Inferer | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Pseudo ROI masks ``(N, D, H, W)`` uint8, g(f(v)) > ζ (``cfg.roi_threshold``), and
     their voxel weights (uint8 0/1, same shape) when ``cfg.roi_ignore_low`` or
-    ``cfg.roi_cls_gate`` is set, else None (every voxel counts).
+    ``cfg.roi_cls_gate`` is set, else None (every voxel counts); the maps are ``inferer``'s
+    (default ``WholeInferer``).
 
     With a distributed ``ctx`` each rank decodes its block and every rank gets all masks.
     """
     ctx = ctx or DistContext()
+    inferer = inferer or WholeInferer()
     weighted = cfg.roi_ignore_low is not None or cfg.roi_cls_gate is not None
     masks = [np.zeros((0, *volumes.shape), dtype=np.uint8)]
     weights = [np.zeros((0, *volumes.shape), dtype=np.uint8)]
     gate = cfg.roi_cls_gate
-    for images in _my_batches(model, volumes, batch_size, ctx, domain):
-        out = predict_with_tta(model, images, roi=True, flips=cfg.tta_flip)
+    for images in _my_batches(model, volumes, inferer.batch_size(batch_size), ctx, domain):
+        out = inferer(model, images, roi=True, flips=cfg.tta_flip)
         target, weight = pseudo_mask_targets(
             out["roi"][:, 0],
             cfg.roi_threshold,
@@ -295,6 +302,7 @@ class PropagationMixin:
     weak_train: VolumeSet
     strong_train: VolumeSet | None
     teacher: torch.nn.Module
+    inferer: Inferer
 
     # -- the named steps ---------------------------------------------------------------
     def propagation_due(self) -> bool:
@@ -349,10 +357,16 @@ class PropagationMixin:
                     cfg,
                     ctx=ctx,
                     round_index=round_index,
+                    inferer=self.inferer,
                 )
             else:
                 p = predict_volumes(
-                    teacher, self.strong_train, ctx=ctx, domain=STRONG, tta=cfg.tta_flip
+                    teacher,
+                    self.strong_train,
+                    ctx=ctx,
+                    domain=STRONG,
+                    tta=cfg.tta_flip,
+                    inferer=self.inferer,
                 )
                 prevalence = float(np.mean(self.weak_train.labels))
                 targets, weights = pseudo_labels(p, cfg, round_index, prevalence)
@@ -361,7 +375,7 @@ class PropagationMixin:
             self.pseudo.strong_targets, self.pseudo.strong_weights = targets, weights
         if self.strategy.pseudo_roi_weak:
             self.pseudo.weak_masks, self.pseudo.weak_mask_weights = propagate_mask_targets(
-                teacher, self.weak_train, cfg, ctx=ctx, domain=WEAK
+                teacher, self.weak_train, cfg, ctx=ctx, domain=WEAK, inferer=self.inferer
             )
             if not self.pseudo.weak_masks.any():
                 note = (

@@ -41,11 +41,11 @@ from lymphdx.core.files import write_json
 from lymphdx.core.strategies import get_strategy
 from lymphdx.data.datasets import VolumeSet
 from lymphdx.engine.distributed import DistContext
+from lymphdx.engine.inferer import Inferer, WholeInferer, make_inferer
 from lymphdx.engine.propagation import _my_batches
 from lymphdx.engine.roi_status import roi_decoder_status
 from lymphdx.engine.run_data import RunData, load_run_data
 from lymphdx.engine.run_folder import read_history
-from lymphdx.engine.teacher import predict_with_tta
 from lymphdx.stats.metrics import auc
 
 __all__ = [
@@ -190,27 +190,37 @@ def score_volumes(
     tta: bool,
     batch_size: int = 4,
     domain: int = WEAK,
+    inferer: Inferer | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The classifier's probabilities ``(N,)`` and the ROI map's readings ``(N, F)`` of
-    every volume (averaged with the left-right flip with ``tta``), in order, one pass."""
+    every volume (averaged with the left-right flip with ``tta``), in order, one pass of
+    ``inferer`` (default ``WholeInferer``)."""
+    inferer = inferer or WholeInferer()
     cls: list[np.ndarray] = [np.zeros(0)]
     feats: list[np.ndarray] = [np.zeros((0, len(FEATURES)))]
-    for images in _my_batches(model, volumes, batch_size, DistContext(), domain):
-        out = predict_with_tta(model, images, roi=True, flips=tta)
+    n = inferer.batch_size(batch_size)
+    for images in _my_batches(model, volumes, n, DistContext(), domain):
+        out = inferer(model, images, roi=True, flips=tta)
         cls.append(out["cls"].double().cpu().numpy())
         feats.append(readout_features(out["roi"], images))
     return np.concatenate(cls), np.concatenate(feats)
 
 
 def _fingerprint(checkpoint: Path, config: Config) -> dict[str, Any]:
-    """What a stored readout was fitted for: the weights file and the flip setting."""
+    """What a stored readout was fitted for: the weights file, the flip setting and (when
+    not ``whole``) the inferer and its settings."""
     st = checkpoint.stat()
-    return {
+    stamp: dict[str, Any] = {
         "checkpoint": checkpoint.name,
         "checkpoint_size": st.st_size,
         "checkpoint_mtime_ns": st.st_mtime_ns,
         "tta_flip": bool(config.evaluation.tta_flip),
     }
+    # absent for whole, so that readouts stored before evaluation.inferer existed stay valid
+    if config.evaluation.inferer != "whole":
+        inference = config.inference.model_dump(mode="json")
+        stamp["inferer"] = {"name": config.evaluation.inferer, **inference}
+    return stamp
 
 
 def readout_path(run_dir: Path, which: str = "best") -> Path:
@@ -265,7 +275,8 @@ def run_readout(
     for split in ("train", "val"):
         volumes = data.volumes("weak", split)
         if len(volumes):
-            feats.append(score_volumes(model, volumes, config.evaluation.tta_flip)[1])
+            tta, inferer = config.evaluation.tta_flip, make_inferer(config)
+            feats.append(score_volumes(model, volumes, tta, inferer=inferer)[1])
             labels.append(volumes.labels)
     try:
         readout = fit_readout(np.concatenate(feats), np.concatenate(labels))

@@ -70,7 +70,9 @@ def config_differences(saved: Config, new: Config, weights_only: bool = False) -
     """Keys whose values differ between two configs, ignoring ``training.epochs`` (a run may
     be extended), ``data.cache_dir`` (where the cache lives changes no result) and
     ``training.device`` (a run may go on on another machine); with ``weights_only`` also
-    the ``evaluation`` section, which changes how a model is scored, not the model."""
+    the ``evaluation`` and ``inference`` sections, which change how a model is scored, not
+    the model (``evaluation.inferer`` also scores training's validation and propagation,
+    but a trained run may be scored by either)."""
 
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -84,7 +86,7 @@ def config_differences(saved: Config, new: Config, weights_only: bool = False) -
         f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
         for k in sorted(set(a) | set(b))
         if k not in ignore
-        and not (weights_only and k.startswith("evaluation."))
+        and not (weights_only and k.startswith(("evaluation.", "inference.")))
         and a.get(k) != b.get(k)
     ]
 

@@ -53,6 +53,7 @@ from lymphdx.data.datasets import VolumeSet
 from lymphdx.engine import selection
 from lymphdx.engine.batches import BatchesMixin
 from lymphdx.engine.distributed import DistContext
+from lymphdx.engine.inferer import Inferer, WholeInferer, make_inferer
 from lymphdx.engine.losses import RoiLoss
 from lymphdx.engine.performance import grad_scaler, optimizer_step
 from lymphdx.engine.propagation import PropagationMixin, PseudoLabels, predict_volumes
@@ -83,17 +84,24 @@ log = logging.getLogger("lymphdx")
 
 @torch.no_grad()
 def _strong_dice(
-    model: MultiTaskNet, volumes: VolumeSet, threshold: float, ctx: DistContext
+    model: MultiTaskNet,
+    volumes: VolumeSet,
+    threshold: float,
+    ctx: DistContext,
+    inferer: Inferer | None = None,
 ) -> float:
+    """``model``'s Dice at ``threshold`` on ``volumes`` (with masks), pooled over the
+    scans, their ROI maps ``inferer``'s (default ``WholeInferer``) without the flip."""
+    inferer = inferer or WholeInferer()
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     index = ctx.shard(range(len(volumes)))  # each rank scores its block
     inter = total = 0.0
+    n = inferer.batch_size(4)
     with domains(model, STRONG):
-        for start in range(0, len(index), 4):
-            batch = volumes.batch(index[start : start + 4])
-            pred = roi_mask(torch.sigmoid(model(batch.images.to(device))["roi"]).cpu(), threshold)
+        for start in range(0, len(index), n):
+            batch = volumes.batch(index[start : start + n])
+            pred = roi_mask(inferer(model, batch.images)["roi"].cpu(), threshold)
             counts = dice_counts(pred.numpy(), batch.masks.numpy())
             inter, total = inter + counts[0], total + counts[1]
     model.train(was_training)
@@ -112,6 +120,8 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
         self.data = data
         self.ctx = ctx or DistContext()
         self.strategy: Strategy = get_strategy(config.strategy)
+        # how validation and propagation score a scan (evaluation.inferer)
+        self.inferer: Inferer = make_inferer(config)
         torch.manual_seed(config.seed)
         model = build_model(config.model)
         # the decoder learns from masks, or from scan labels through the attention pooling
@@ -353,7 +363,9 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
     def score(self, model: MultiTaskNet) -> tuple[dict[str, float], np.ndarray]:
         """``model``'s validation row (AUC, BCE, strong-set Dice) and its probabilities
         ``(N_val,)`` for the weak set's validation split."""
-        probs = predict_volumes(model, self.weak_val, ctx=self.ctx, domain=WEAK)
+        probs = predict_volumes(
+            model, self.weak_val, ctx=self.ctx, domain=WEAK, inferer=self.inferer
+        )
         labels = self.weak_val.labels
         row = {"val_auc": compute_auc(labels, probs), "val_loss": binary_log_loss(labels, probs)}
         if self.strong_val is not None and len(self.strong_val):
@@ -363,7 +375,8 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
     def strong_val_dice(self, model: MultiTaskNet) -> float:
         """``model``'s Dice on the strong validation split at ζ, pooled over its scans."""
         assert self.strong_val is not None
-        return _strong_dice(model, self.strong_val, self.config.propagation.roi_threshold, self.ctx)
+        zeta = self.config.propagation.roi_threshold
+        return _strong_dice(model, self.strong_val, zeta, self.ctx, self.inferer)
 
     def validate(self) -> dict[str, float]:
         """Score the model that selection chooses among (the EMA under ``ema``)."""

@@ -13,7 +13,8 @@ features of the same resolution (``decoder_skips``; the paper's g sees o only).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -48,7 +49,14 @@ def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
     return x.detach() if scale == 0.0 else x * scale + x.detach() * (1.0 - scale)
 
 
-__all__ = ["DenseEncoder", "Classifier", "RoiDecoder", "MultiTaskNet", "build_model"]
+__all__ = [
+    "DenseEncoder",
+    "Classifier",
+    "RoiDecoder",
+    "MultiTaskNet",
+    "TileCells",
+    "build_model",
+]
 
 
 class DenseEncoder(nn.Module):
@@ -187,12 +195,60 @@ class Classifier(nn.Module):
     ) -> torch.Tensor:
         """The logit ``(B,)`` of embeddings ``o`` ``(B, C_o, d, h, w)``, with the attention
         logits and the node volume evidence ``(B,)`` where the classifier reads them."""
-        pooled = self.pooled(o, roi_logits)
+        flat = None if roi_logits is None else roi_logits.float().flatten(1)  # (B, d'·h'·w')
+        return self.head(self.pooled(o, roi_logits), flat, volume)
+
+    def bag(self, tiles: Sequence[TileCells]) -> torch.Tensor:
+        """The logit ``(1,)`` of one scan read as a bag of tiles (``MultiTaskNet.tile_cells``
+        of its tiles): ``bag_pooled``, then the FC layers and the skips as ``forward``, the
+        evidence read over all the tiles' attention logits. One whole volume as one tile
+        gives ``forward``'s logit."""
+        pooled = self.bag_pooled(tiles)
+        flat = None if tiles[0].evidence is None else torch.cat([t.evidence for t in tiles])
+        volume = None
+        if self.volume_evidence is not None:
+            if tiles[0].roi is None:
+                raise ValueError("model.node_volume_evidence needs the tiles' ROI logits")
+            k = tiles[0].node_volume_k
+            volume = node_volume(torch.cat([t.roi.flatten() for t in tiles])[None], k)
+        return self.head(pooled, None if flat is None else flat.flatten()[None], volume)
+
+    def bag_pooled(self, tiles: Sequence[TileCells]) -> torch.Tensor:
+        """What the FC layers see of one scan's bag of tiles, ``(1, width)``: ``pooled``
+        over all the cells of all the tiles at once (attention: one softmax over them all,
+        the weighted mean and the largest attention logit; avg/max: their mean/maximum)."""
+        if not tiles:
+            raise ValueError("a bag needs at least one tile")
+        cells = torch.cat([t.cells.transpose(0, 1).flatten(1) for t in tiles], dim=1)[None]
+        if self.attention:  # cells (1, C_o, N), attention logits (1, 1, N)
+            if tiles[0].attention is None:
+                raise ValueError("attention pooling needs the tiles' attention logits")
+            a = torch.cat([t.attention.flatten() for t in tiles])[None, None]
+            weights = torch.softmax(a, dim=-1).to(cells.dtype)
+            attended = (cells * weights).sum(dim=-1)  # (1, C_o)
+            return torch.cat([attended, a.amax(dim=-1).to(cells.dtype)], dim=1)
+        pooled = []
+        if self.pool in ("avg", "avgmax"):
+            pooled.append(cells.mean(dim=-1))
+        if self.pool in ("max", "avgmax"):
+            pooled.append(cells.amax(dim=-1))
+        return torch.cat(pooled, dim=1)
+
+    def head(
+        self,
+        pooled: torch.Tensor,
+        evidence_logits: torch.Tensor | None = None,
+        volume: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The logit ``(B,)`` of a pooling ``pooled`` ``(B, width)``: the two FC layers plus
+        the skips (``roi_evidence`` reads the top-K mean of ``evidence_logits`` ``(B, n)``,
+        the attention logits on the decoder's grid, when ``evidence_topk`` > 1; the node
+        volume evidence ``volume`` ``(B,)``)."""
         h = F.relu(self.fc1(self.dropout(pooled)))
         logit = self.fc2(self.dropout(h)).squeeze(1)
         if self.evidence is not None:
-            if self.evidence_topk > 1 and roi_logits is not None:
-                flat = roi_logits.float().flatten(1)  # (B, d'·h'·w')
+            if self.evidence_topk > 1 and evidence_logits is not None:
+                flat = evidence_logits
                 m = flat.topk(min(self.evidence_topk, flat.shape[1]), dim=1).values.mean(1)
             else:
                 m = pooled[:, -1].float()  # the scan's largest attention logit (B,)
@@ -206,6 +262,22 @@ class Classifier(nn.Module):
             scale, shift = (EVIDENCE_GAIN * self.volume_evidence).unbind()
             logit = logit + (scale * volume.float() + shift).to(logit.dtype)
         return logit
+
+
+@dataclass
+class TileCells:
+    """T tiles of one scan as σ reads them (``MultiTaskNet.tile_cells``): ``cells``
+    ``(T, C_o, n)`` the embedding's cells; with attention pooling ``attention`` ``(T, 1, n)``
+    the attention logits max-pooled onto them, ``evidence`` ``(T, n')`` the attention
+    logits on the decoder's grid (the ROI-evidence skip's top-K reads them) and, with
+    ``model.node_volume_evidence`` = ``node_volume_k`` > 0, ``roi`` ``(T, d·h·w)`` the ROI
+    logits; otherwise None."""
+
+    cells: torch.Tensor
+    attention: torch.Tensor | None = None
+    evidence: torch.Tensor | None = None
+    roi: torch.Tensor | None = None
+    node_volume_k: int = 0
 
 
 def node_volume(roi_logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -395,6 +467,25 @@ class MultiTaskNet(nn.Module):
             else None
         )
         return self.classifier.pooled(o, attention)
+
+    def tile_cells(self, x: torch.Tensor) -> TileCells:
+        """What σ reads of tiles ``x`` ``(T, 1, d, h, w)`` of one scan (``Classifier.bag``
+        pools the cells of several such calls together): the embedding's cells and, with
+        attention pooling, the attention logits (and the ROI logits for the node volume
+        evidence)."""
+        o, skips = self.encoder(x)
+        cells = o.flatten(2)
+        if not self.classifier.attention:
+            return TileCells(cells)
+        maps, attention = self.decoder(o, skips, tuple(x.shape[2:]), attention=True)
+        pooled = self.classifier.attention_logits(attention, tuple(o.shape[2:])).flatten(2)
+        k = self.cfg.node_volume_evidence
+        roi = maps[:, 0].flatten(1) if k else None
+        return TileCells(cells, pooled, attention.float().flatten(1), roi, k)
+
+    def bag(self, tiles: Sequence[TileCells]) -> torch.Tensor:
+        """One scan's logit ``(1,)`` from the cells of its tiles (``Classifier.bag``)."""
+        return self.classifier.bag(tiles)
 
 
 def build_model(cfg: ModelConfig) -> MultiTaskNet:

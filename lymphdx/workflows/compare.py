@@ -97,9 +97,9 @@ def reuse_finished(
     """Keep a finished run: refuse it when it was trained with other settings than
     ``config`` (``config_differences``), and score it again (``evaluate_run``) when its
     ``metrics.json`` does not come from its current ``best.pt`` (``stale_reason``: e.g.
-    evaluated while it was still training), or with ``config``'s ``evaluation`` section
-    when only that differs, which changes no weight. Returns why it was scored again
-    (``None``: it was not). Refused while another process trains it."""
+    evaluated while it was still training), or with ``config``'s ``evaluation`` and
+    ``inference`` sections when only they differ, which changes no weight. Returns why it
+    was scored again (``None``: it was not). Refused while another process trains it."""
     refuse_while_busy(run_dir, "run compare again")
     saved = load_run_config(run_dir)
     wanted = resolve_manifests(config, weak_csv, strong_csv)
@@ -122,7 +122,8 @@ def reuse_finished(
         return None
     if differ:
         data = saved.model_dump(mode="json")
-        data["evaluation"] = wanted.model_dump(mode="json")["evaluation"]
+        for section in ("evaluation", "inference"):  # how it is scored, not trained
+            data[section] = wanted.model_dump(mode="json")[section]
         write_text(run_dir / "config.yaml", dump_config(validate(data)))
         for cached in run_dir.glob("predictions_*@*.csv"):  # predict_checkpoint's, now stale
             cached.unlink()

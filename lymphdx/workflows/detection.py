@@ -40,10 +40,10 @@ from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import write_json
 from lymphdx.core.zeta import roi_mask
 from lymphdx.data.datasets import VolumeSet
+from lymphdx.engine.inferer import Inferer, WholeInferer, make_inferer
 from lymphdx.engine.run_data import load_run_data
 from lymphdx.engine.run_folder import load_model
 from lymphdx.engine.run_state import refuse_while_busy
-from lymphdx.engine.teacher import predict_with_tta
 from lymphdx.models.domain_norm import domains
 from lymphdx.stats.metrics import dice_counts, dice_of
 
@@ -238,16 +238,20 @@ def _roi_probabilities(
     index: Sequence[int],
     domain: int,
     tta: bool = False,
+    inferer: Inferer | None = None,
 ) -> list[np.ndarray]:
-    """σ(g(f(v))) ``(D, H, W)`` float32 for volumes ``index`` of a VolumeSet, eval mode;
-    ``domain`` routes a model with domain-specific batch norm (weak 0, strong 1); ``tta``:
-    averaged with the left-right flip's map (flipped back)."""
+    """σ(g(f(v))) ``(D, H, W)`` float32 for volumes ``index`` of a VolumeSet, eval mode,
+    from ``inferer`` (default ``WholeInferer``); ``domain`` routes a model with
+    domain-specific batch norm (weak 0, strong 1); ``tta``: averaged with the left-right
+    flip's map (flipped back)."""
+    inferer = inferer or WholeInferer()
     model.eval()
     out = []
+    n = inferer.batch_size(4)
     with domains(model, domain):
-        for start in range(0, len(index), 4):
-            batch = volumes.batch(list(index[start : start + 4]))
-            out.extend(predict_with_tta(model, batch.images, flips=tta)["roi"][:, 0].numpy())
+        for start in range(0, len(index), n):
+            batch = volumes.batch(list(index[start : start + n]))
+            out.extend(inferer(model, batch.images, flips=tta)["roi"][:, 0].cpu().numpy())
     return out
 
 
@@ -304,11 +308,13 @@ def evaluate_detection(
     config, model, state = loaded if loaded is not None else load_model(run_dir)
     data = load_run_data(config, run_dir)
     zeta = float(config.propagation.roi_threshold)
+    inferer = make_inferer(config)
     result: dict[str, Any] = {
         "candidate_threshold": float(candidate_threshold),
         "roi_threshold": zeta,
         "grid": "canonical (preprocessed)",
         "tta_flip": bool(config.evaluation.tta_flip),
+        "inferer": inferer.name,
         "best_epoch": int(state["best"]["epoch"]),
         "checkpoint": state["source"],
     }
@@ -318,7 +324,7 @@ def evaluate_detection(
         raise LymphdxError("the strong set has no patients in split 'test'")
     idx = list(range(len(strong)))
     result["strong_test"] = _score_split(
-        _roi_probabilities(model, strong, idx, STRONG, config.evaluation.tta_flip),
+        _roi_probabilities(model, strong, idx, STRONG, config.evaluation.tta_flip, inferer),
         [strong.mask(i) for i in idx],
         candidate_threshold,
         zeta,
@@ -335,7 +341,7 @@ def evaluate_detection(
                 truths.append(data.cache.mask(path, rec.image, rec.patient_id))
         if idx:
             result["weak_test"] = _score_split(
-                _roi_probabilities(model, weak, idx, WEAK, config.evaluation.tta_flip),
+                _roi_probabilities(model, weak, idx, WEAK, config.evaluation.tta_flip, inferer),
                 truths,
                 candidate_threshold,
                 zeta,

@@ -20,6 +20,7 @@ from lymphdx.core.domains import WEAK
 from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import read_csv, run_lock, write_csv, write_json
 from lymphdx.core.strategies import get_strategy
+from lymphdx.engine.inferer import make_inferer
 from lymphdx.engine.propagation import predict_volumes
 from lymphdx.engine.roi_readout import run_readout, score_volumes
 from lymphdx.engine.roi_status import roi_decoder_status
@@ -65,7 +66,8 @@ def predict_checkpoint(
     volumes = load_run_data(config, run_dir, need_strong=False).volumes("weak", split)
     if len(volumes) == 0:
         raise LymphdxError(f"the weak set of {run_dir} has no patients in split {split!r}")
-    probs = predict_volumes(model, volumes, domain=WEAK, tta=config.evaluation.tta_flip)
+    tta, inferer = config.evaluation.tta_flip, make_inferer(config)
+    probs = predict_volumes(model, volumes, domain=WEAK, tta=tta, inferer=inferer)
     _write_predictions(path, list(volumes.patient_ids), volumes.labels, probs)
     return read_predictions(path)
 
@@ -129,10 +131,11 @@ def _evaluate_run(run_dir: Path, split: str, detection: bool) -> dict[str, Any]:
         raise LymphdxError(f"the weak set has no patients in split {split!r}")
     readout, readout_note = run_readout(run_dir, config, model, data)
     readout_metrics: dict[str, Any] = {"applied": readout is not None, "note": readout_note}
+    tta, inferer = config.evaluation.tta_flip, make_inferer(config)
     if readout is None:
-        probs = predict_volumes(model, volumes, domain=WEAK, tta=config.evaluation.tta_flip)
+        probs = predict_volumes(model, volumes, domain=WEAK, tta=tta, inferer=inferer)
     else:
-        classifier, features = score_volumes(model, volumes, config.evaluation.tta_flip)
+        classifier, features = score_volumes(model, volumes, tta, inferer=inferer)
         probs = readout.combine(classifier, features).astype(np.float32)
         with _quiet_numpy():  # each half alone, for the record
             readout_metrics["auc_classifier"] = auc(volumes.labels, classifier)
@@ -159,6 +162,7 @@ def _evaluate_run(run_dir: Path, split: str, detection: bool) -> dict[str, Any]:
         "auc_se_delong": se,
         "threshold": threshold,
         "tta_flip": bool(config.evaluation.tta_flip),
+        "inferer": inferer.name,  # evaluation.inferer: how each scan was scored
         # evaluation.roi_readout: whether the probability averages the classifier with
         # the ROI map's regression, and each one's AUC alone
         "roi_readout": readout_metrics,

@@ -72,10 +72,10 @@ from lymphdx.core.zeta import roi_mask
 from lymphdx.data.manifest import read_rows, resolve_path
 from lymphdx.data.preprocess import Normalizer, load_normalizers
 from lymphdx.data.scan_prep import prepare_scan
+from lymphdx.engine.inferer import make_inferer
 from lymphdx.engine.roi_readout import RoiReadout, readout_features, run_readout
 from lymphdx.engine.run_folder import load_model
 from lymphdx.engine.run_state import refuse_while_busy
-from lymphdx.engine.teacher import predict_with_tta
 from lymphdx.io import volumes as io
 from lymphdx.io.dicom_seg import write_dicom_seg
 from lymphdx.io.geometry import Volume
@@ -284,6 +284,7 @@ def predict(
         "threshold": config.evaluation.threshold,
         "roi_threshold": config.propagation.roi_threshold,
         "tta_flip": bool(config.evaluation.tta_flip),
+        "inferer": make_inferer(config),
         "roi_readout": readout,
         "roi_readout_note": readout_note,
     }
@@ -426,7 +427,7 @@ def _predict_one(
     for note in scan.notes:
         log.warning("%s: %s", image_path, note)
     image = torch.from_numpy(norm(scan.array))[None, None]  # (1, 1, D, H, W) the model's input
-    out = predict_with_tta(model, image, flips=common["tta_flip"])
+    out = {k: v.cpu() for k, v in common["inferer"](model, image, flips=common["tta_flip"]).items()}
     classifier = float(out["cls"][0])
     readout: RoiReadout | None = common["roi_readout"]
     probability = classifier
@@ -443,6 +444,7 @@ def _predict_one(
         "threshold": common["threshold"],
         "roi_threshold": common["roi_threshold"],
         "tta_flip": common["tta_flip"],
+        "inferer": common["inferer"].name,
         "classifier_probability": classifier,
         "roi_readout": common["roi_readout_note"],
         "model": common["model"],
