@@ -58,7 +58,7 @@ __all__ = [
     "load_config",
 ]
 
-PRESETS = ("quick", "paper")
+PRESETS = ("quick", "paper", "clinical")
 # the paper's four (Table I, in order), then the strategies that add options beyond the paper
 STRATEGIES = tuple(STRATEGY_FLAGS)
 
@@ -119,6 +119,55 @@ class Config(_Section):
                 "model.norm domain_batch routes each forward pass's scans by hospital and "
                 "does not support training.roi_patch (a second forward pass of strong "
                 "patches); set training.roi_patch: null"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_sampler(self) -> Config:
+        """Whole scans of their own size cannot be batched: ``data.fit: whole`` needs the
+        tile sampler, which needs the sliding-window inferer and ROI patches."""
+        t = self.training
+        if self.data.fit == "whole" and t.sampler != "tiles":
+            raise ValueError(
+                "data.fit: whole gives every scan a grid of its own size: set "
+                "training.sampler: tiles (the network then sees tiles, not whole scans)"
+            )
+        if t.sampler == "tiles":
+            missing = []
+            if self.evaluation.inferer != "sliding_window":
+                missing.append("evaluation.inferer: sliding_window")
+            if t.roi_patch is None:
+                missing.append("training.roi_patch (the ROI loss's patch, x y z voxels)")
+            if self.model.norm == "domain_batch":
+                missing.append("model.norm other than domain_batch")
+            if missing:
+                raise ValueError(
+                    "training.sampler: tiles reads scans as bags of tiles and needs "
+                    + "; ".join(missing)
+                )
+            factor = self.model.downsampling
+            if any(v % factor for v in self.inference.tile):
+                raise ValueError(
+                    f"inference.tile {list(self.inference.tile)} (the training bags' tiles "
+                    f"too) must be divisible by the model's downsampling factor {factor}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _check_validation_schedule(self) -> Config:
+        """Selection on validation needs every epoch validated; SWA's batch-norm pass reads
+        whole volumes, not bags."""
+        t = self.training
+        if t.validate_every > 1 and t.selection not in ("last", "ema_last"):
+            raise ValueError(
+                f"training.validate_every {t.validate_every} validates only some epochs, but "
+                f"training.selection {t.selection} chooses among all of them: use selection "
+                "last or ema_last, or validate_every 1"
+            )
+        if t.sampler == "tiles" and t.selection == "swa":
+            raise ValueError(
+                "training.selection swa recomputes batch-norm statistics on whole volumes, "
+                "which training.sampler tiles does not have: use ema_last, last, ema or best_val"
             )
         return self
 

@@ -411,6 +411,21 @@ class TrainingConfig(_Section):
     # keep checkpoints/epoch_XXX.pt of every epoch (the validated weights), e.g. to score
     # a cross-validation fold at an epoch chosen on the pooled folds
     keep_epochs: bool = False
+    # how the network sees a scan in training (ARCHITECTURE.md, "Clinical resolution"):
+    #   whole  whole volumes on the data.shape grid (the quick and paper presets)
+    #   tiles  each scan as a bag of inference.tile tiles: one on each of the
+    #          inference.bag_tiles peaks of the teacher's ROI map at the last refresh, plus
+    #          bag_random tiles drawn in the body (all drawn before the first refresh);
+    #          ROI loss on training.roi_patch patches; scored by sliding window
+    sampler: Literal["whole", "tiles"] = "whole"
+    bag_random: int = Field(1, ge=0)  # random tiles per scan beside the peak tiles
+    # sampler tiles: the bags' peaks are refreshed (the teacher's sliding-window maps of the
+    # training scans) at the end of the ROI warm-up (after the first epoch without one),
+    # then every this many epochs
+    bag_refresh_every: int = Field(2, ge=1)
+    # validation (weak-val AUC, strong-val Dice) every this many epochs and at the last;
+    # with a fixed budget (selection last / ema_last) it only draws the learning curves
+    validate_every: int = Field(1, ge=1)
 
 
 class EvaluationConfig(_Section):

@@ -198,10 +198,18 @@ def check_memory(
     Returns the estimate when it fits, None for steps too small to be worth tracing.
     ``available`` defaults to ``available_memory()`` (CPU) or the free CUDA memory.
     """
-    x, y, z = config.data.shape
-    batch, roi = _step_batch(config)
+    if config.training.sampler == "tiles":  # bags of tiles and ROI patches, all decoded
+        x, y, z = config.inference.tile
+        t = config.training
+        batch = t.batch_size * (config.inference.bag_tiles + t.bag_random) + t.strong_batch_size
+        roi: bool | slice = True
+    else:
+        assert config.data.shape is not None
+        x, y, z = config.data.shape
+        batch, roi = _step_batch(config)
     if available is None and batch * x * y * z < SMALL_STEP_VOXELS:
         return None
+    t_tiles = config.training.sampler == "tiles"
     est = estimate_step_memory(config.model, (z, y, x), batch, roi)
     cuda = torch.device(device).type == "cuda"
     need = int(RSS_FACTOR * est.traced_bytes) if cuda else est.rss_bytes
@@ -220,10 +228,11 @@ def check_memory(
             fixes.append(f"model.checkpointing: block (→ {with_ckpt})")
         if batch > 1:
             fixes.append("a smaller training.batch_size / strong_batch_size")
-        fixes.append("a smaller data.shape")
+        fixes.append("a smaller inference.tile" if t_tiles else "a smaller data.shape")
         raise LymphdxError(
-            f"a training step of strategy {config.strategy!r} at data.shape "
-            f"{list(config.data.shape)} with {batch} volumes per step needs about "
+            f"a training step of strategy {config.strategy!r} at "
+            f"{'inference.tile' if t_tiles else 'data.shape'} {[x, y, z]} with {batch} "
+            "volumes per step needs about "
             f"{need / 2**30:.1f} GiB ({'CUDA' if cuda else 'resident'}; {est}), but only "
             f"{room / 2**30:.1f} GiB is {'free on the GPU' if cuda else 'available'}; use "
             f"{', or '.join(fixes)} (or training.memory_check: false to try anyway)"

@@ -51,6 +51,7 @@ from lymphdx.core.zeta import roi_mask
 from lymphdx.data.augment import Augmenter
 from lymphdx.data.datasets import VolumeSet
 from lymphdx.engine import selection
+from lymphdx.engine.bag_sampler import BagSampler
 from lymphdx.engine.batches import BatchesMixin
 from lymphdx.engine.distributed import DistContext
 from lymphdx.engine.inferer import Inferer, WholeInferer, make_inferer
@@ -164,14 +165,16 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
             if self.strategy.uses_strong
             else None
         )
-        self.patch = (  # (d, h, w), cut to the volumes' grid
-            None
-            if tcfg.roi_patch is None
-            else tuple(
-                min(p, s)
-                for p, s in zip(reversed(tcfg.roi_patch), self.weak_train.shape, strict=True)
+        # scans as bags of tiles (training.sampler: tiles), refreshed by refresh_bags
+        self.bags = BagSampler(config) if tcfg.sampler == "tiles" else None
+        self.patch: tuple[int, ...] | None = None  # (d, h, w)
+        if tcfg.roi_patch is not None and self.bags is not None:  # scans of any size
+            self.patch = tuple(reversed(tcfg.roi_patch))
+        elif tcfg.roi_patch is not None:  # cut to the volumes' grid
+            shape = self.weak_train.shape
+            self.patch = tuple(
+                min(p, s) for p, s in zip(reversed(tcfg.roi_patch), shape, strict=True)
             )
-        )
         self.strong_val = (
             data.volumes("strong", "val", masks=True) if self.strategy.roi_strong else None
         )
@@ -277,6 +280,7 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
             "selection": self.config.training.selection,
             "propagation_start": self.propagation_start,
             "steps_done": self.steps_done,
+            "bags": None if self.bags is None else self.bags.state_dict(),
             "config_yaml": dump_config(self.config),
             "lymphdx_version": lymphdx.__version__,
             "fingerprint": run_fingerprint(self.config, self.run_dir),
@@ -294,6 +298,8 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
         start = state.get("propagation_start")
         self.propagation_start = None if start is None else int(start)
         self.steps_done = int(state.get("steps_done", 0))
+        if self.bags is not None and state.get("bags") is not None:
+            self.bags.load_state_dict(state["bags"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         if state.get("swa") is not None:
@@ -378,6 +384,35 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
         zeta = self.config.propagation.roi_threshold
         return _strong_dice(model, self.strong_val, zeta, self.ctx, self.inferer)
 
+    def bags_due(self) -> bool:
+        """Whether this epoch starts with a refresh of the bags' peaks (``sampler: tiles``):
+        at the end of the ROI warm-up (else after the first epoch), then every
+        ``training.bag_refresh_every`` epochs."""
+        if self.bags is None:
+            return False
+        first = max(1, self.roi_warmup)
+        every = self.config.training.bag_refresh_every
+        return self.epoch >= first and (self.epoch - first) % every == 0
+
+    def refresh_bags(self) -> dict[str, float]:
+        """The peaks of the teacher's sliding-window ROI maps of the training scans that
+        are read as bags (the weak set; the strong set's too for its pseudo class labels):
+        the tiles the classifier reads until the next refresh."""
+        assert self.bags is not None
+        summary = self.bags.refresh(self.teacher, self.weak_train, "weak", self.epoch)
+        if self.strategy.pseudo_cls_strong and self.strong_train is not None:
+            with domains(self.teacher, STRONG):
+                summary.update(
+                    self.bags.refresh(self.teacher, self.strong_train, "strong", self.epoch)
+                )
+        log.info("epoch %d: bags refreshed %s", self.epoch, summary)
+        return summary
+
+    def validation_due(self) -> bool:
+        """Validation runs every ``training.validate_every`` epochs and at the last."""
+        every, last = self.config.training.validate_every, self.config.training.epochs - 1
+        return self.epoch == last or self.epoch % every == 0
+
     def validate(self) -> dict[str, float]:
         """Score the model that selection chooses among (the EMA under ``ema``)."""
         row, probs = self.score(self.selected_model)
@@ -453,7 +488,10 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
                 propagated = self.propagation_due()
                 if propagated:
                     self.propagation()
-                row: dict[str, Any] = {"epoch": self.epoch, **self.train_epoch(), **self.validate()}
+                refreshed = self.refresh_bags() if self.bags_due() else {}
+                row: dict[str, Any] = {"epoch": self.epoch, **self.train_epoch(), **refreshed}
+                if self.validation_due():
+                    row.update(self.validate())
                 row.update(
                     propagated=int(propagated),
                     lr=self.optimizer.param_groups[0]["lr"],
@@ -469,7 +507,7 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
                     self.epoch,
                     {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
                 )
-                bar.set_postfix(loss=f"{row['loss']:.3f}", val_auc=f"{row['val_auc']:.3f}")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", val_auc=f"{row.get('val_auc', -1):.3f}")
                 self.epoch_end(row, writer)
             status = roi_decoder_status(self.history)
             if status is not None and status["note"]:
