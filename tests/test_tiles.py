@@ -18,7 +18,6 @@ from lymphdx.engine.trainer import Trainer
 from lymphdx.models.multitask import build_model
 from tests.conftest import tiny_config
 
-
 # --------------------------------------------------------------------------- placement
 
 
