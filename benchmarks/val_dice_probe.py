@@ -99,9 +99,12 @@ def _bootstrap(counts: np.ndarray, n_boot: int, factor: float = 2.0) -> dict[str
     }
 
 
-def _subsets(counts: np.ndarray, size: int, n_draws: int) -> dict[str, float]:
-    """Pooled Dice of ``n_draws`` random ``size``-patient subsets (without replacement) of
-    ``counts`` ``(n, 2)``: how far one split of that size can fall from the whole set."""
+def _subsets(counts: np.ndarray, split: np.ndarray, n_draws: int) -> dict[str, float]:
+    """Pooled Dice of ``n_draws`` random subsets (without replacement) of ``counts``
+    ``(n, 2)`` as large as ``split`` ``(k, 2)``: how far one split of that size can fall
+    from the whole set, and the share of subsets at or below the split's own Dice."""
+    size = len(split)
+    own = dice_of(*split.sum(0))
     rng = np.random.default_rng(1)
     idx = np.array([rng.choice(len(counts), size, replace=False) for _ in range(n_draws)])
     inter, total = counts[idx, 0].sum(1), counts[idx, 1].sum(1)
@@ -115,6 +118,8 @@ def _subsets(counts: np.ndarray, size: int, n_draws: int) -> dict[str, float]:
         "p95": float(np.quantile(d, 0.95)),
         "share_below_whole/3": float(np.mean(d <= whole / 3)),
         "share_below_whole/6": float(np.mean(d <= whole / 6)),
+        "split": own,
+        "share_at_or_below_split": float(np.mean(d <= own)),
     }
 
 
@@ -192,7 +197,7 @@ def probe(run_dir: Path, n_boot: int) -> dict[str, Any]:
         "nodes train+val": _bootstrap(both("_nodes"), n_boot, 1.0),
     }
     every = np.concatenate([counts["train"], counts["val"], counts["test"]])
-    subsets = [_subsets(every, k, n_boot) for k in (len(sets["val"]), len(sets["test"]))]
+    subsets = {s: _subsets(every, counts[s], n_boot) for s in ("val", "test")}
     return {
         "run": str(run_dir),
         "subsets": subsets,
@@ -285,11 +290,12 @@ def main() -> None:
     report["seconds"] = round(time.perf_counter() - start, 1)
     _print(report)
     print("\nrandom subsets of all strong patients (best model, no flip): pooled Dice")
-    for sub in report["subsets"]:
+    for name, sub in report["subsets"].items():
         print(
             f"{sub['size']:>3} patients: all {sub['all_patients']:.4f}  5/50/95% "
             f"{sub['p05']:.4f} {sub['p50']:.4f} {sub['p95']:.4f}  P(<= all/3) "
             f"{sub['share_below_whole/3']:.4f}  P(<= all/6) {sub['share_below_whole/6']:.4f}"
+            f"  {name} {sub['split']:.4f}: P(<= {name}) {sub['share_at_or_below_split']:.4f}"
         )
     if "epochs" in report:
         keys = ["epoch", "history", "trainer", "val_noflip", "val_flip", "test_noflip"]
