@@ -323,14 +323,13 @@ class PropagationConfig(_Section):
     # (None: all scans, the paper)
     roi_cls_gate: float | None = Field(None, ge=0.0, le=1.0)
     # strategies with an ROI loss: propagation starts at the first due epoch (from
-    # warmup_epochs on) whose strong-validation Dice reached this, then runs every
-    # `every` epochs (None: at warmup_epochs, the paper)
+    # warmup_epochs on) at which the teacher's Dice on all strong training + validation
+    # scans reaches this, then runs every `every` epochs (None: at warmup_epochs, the paper)
     dice_gate: float | None = Field(None, ge=0.0, le=1.0)
-    # false: the gate reads the last epoch's strong-validation Dice; true: it opens for
-    # good once any epoch's Dice (the ROI warm-up's included) reached it. With the label's
-    # gradient narrowing the ROI map in the joint phase, the last epoch's Dice can fall
-    # under the gate and keep propagation from ever starting
-    # (docs/dev-log-2026-11-25_to_2026-12-03.md §7.3)
+    # kept so that older run folders load; it has no effect since the gate reads all strong
+    # training + validation scans at each due epoch (2026-12-07): once it is reached
+    # propagation starts, so there is nothing to latch. It used to keep the best
+    # strong-validation Dice of any epoch (docs/dev-log-2026-11-25_to_2026-12-03.md §7.3)
     dice_gate_latch: bool = False
     # a propagation whose kept pseudo class labels are all of one class (typically a
     # classifier still at chance on the other hospital) carries no ranking: true drops

@@ -61,6 +61,8 @@ HISTORY_FIELDS = [
     "propagation_note",
     "bag_peak_prob_weak",  # training.sampler tiles: the mean ROI probability of the bags'
     "bag_peak_prob_strong",  # peaks at a refresh
+    "gate_dice",  # propagation's Dice gate: the teacher's Dice on all strong train + val
+    "gate_scans",  # scans, and how many
 ]
 
 

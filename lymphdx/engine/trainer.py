@@ -47,21 +47,20 @@ from lymphdx.core.config import Config, dump_config
 from lymphdx.core.domains import STRONG, WEAK
 from lymphdx.core.errors import LymphdxError
 from lymphdx.core.strategies import Strategy, get_strategy
-from lymphdx.core.zeta import roi_mask
 from lymphdx.data.augment import Augmenter
-from lymphdx.data.datasets import VolumeSet
 from lymphdx.engine import selection
 from lymphdx.engine.bag_sampler import BagSampler
 from lymphdx.engine.batches import BatchesMixin
 from lymphdx.engine.distributed import DistContext
-from lymphdx.engine.inferer import Inferer, WholeInferer, make_inferer
+from lymphdx.engine.inferer import Inferer, make_inferer
 from lymphdx.engine.losses import RoiLoss
 from lymphdx.engine.performance import grad_scaler, optimizer_step
 from lymphdx.engine.propagation import PropagationMixin, PseudoLabels, predict_volumes
-from lymphdx.engine.roi_status import roi_decoder_status
+from lymphdx.engine.roi_status import strong_dice, write_roi_status
 from lymphdx.engine.run_data import RunData
 from lymphdx.engine.run_folder import (
     checkpoint_path,
+    load_checkpoint,
     pseudo_from_state,
     pseudo_to_state,
     read_history,
@@ -76,38 +75,11 @@ from lymphdx.engine.teacher import EmaTeacher, SwaAverager
 from lymphdx.models.domain_norm import domains
 from lymphdx.models.multitask import MultiTaskNet, build_model
 from lymphdx.stats.metrics import auc as compute_auc
-from lymphdx.stats.metrics import binary_log_loss, dice_counts, dice_of
+from lymphdx.stats.metrics import binary_log_loss
 
 __all__ = ["Trainer"]
 
 log = logging.getLogger("lymphdx")
-
-
-@torch.no_grad()
-def _strong_dice(
-    model: MultiTaskNet,
-    volumes: VolumeSet,
-    threshold: float,
-    ctx: DistContext,
-    inferer: Inferer | None = None,
-) -> float:
-    """``model``'s Dice at ``threshold`` on ``volumes`` (with masks), pooled over the
-    scans, their ROI maps ``inferer``'s (default ``WholeInferer``) without the flip."""
-    inferer = inferer or WholeInferer()
-    was_training = model.training
-    model.eval()
-    index = ctx.shard(range(len(volumes)))  # each rank scores its block
-    inter = total = 0.0
-    n = inferer.batch_size(4)
-    with domains(model, STRONG):
-        for start in range(0, len(index), n):
-            batch = volumes.batch(index[start : start + n])
-            pred = roi_mask(inferer(model, batch.images)["roi"].cpu(), threshold)
-            counts = dice_counts(pred.numpy(), batch.masks.numpy())
-            inter, total = inter + counts[0], total + counts[1]
-    model.train(was_training)
-    inter, total = ctx.all_gather_array(np.array([[inter, total]], dtype=float)).sum(axis=0)
-    return dice_of(inter, total)
 
 
 class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
@@ -181,6 +153,7 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
         self.pseudo = PseudoLabels()
         self.propagation_start: int | None = None  # the epoch of the first propagation
         self.propagation_note = ""  # why propagation did (not) run this epoch
+        self.gate_reading: dict[str, float] = {}  # what the Dice gate read this epoch
         self.steps_done = 0  # optimiser steps so far
         self.epoch = 0
         self.best: dict[str, float] = {"val_auc": -1.0, "val_loss": math.inf, "epoch": -1}
@@ -382,7 +355,24 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
         """``model``'s Dice on the strong validation split at ζ, pooled over its scans."""
         assert self.strong_val is not None
         zeta = self.config.propagation.roi_threshold
-        return _strong_dice(model, self.strong_val, zeta, self.ctx, self.inferer)
+        return strong_dice(model, [self.strong_val], zeta, self.ctx, self.inferer)
+
+    def strong_fit_dice(self, model: MultiTaskNet) -> tuple[float, int]:
+        """``model``'s Dice at ζ pooled over all strong training and validation scans, and
+        their number: what the switches read (propagation's Dice gate, "the decoder found
+        no node"), steadier than the validation split's few patients (BENCHMARKS.md)."""
+        sets = [v for v in (self.strong_train, self.strong_val) if v is not None and len(v)]
+        zeta = self.config.propagation.roi_threshold
+        return strong_dice(model, sets, zeta, self.ctx, self.inferer), sum(map(len, sets))
+
+    def _best_model(self) -> MultiTaskNet:
+        """The weights ``checkpoints/best.pt`` holds (the selected model's at the end of a
+        fixed budget; else read back)."""
+        if self.config.training.selection in ("last", "ema_last"):
+            return self.selected_model
+        model = build_model(self.config.model)
+        model.load_state_dict(load_checkpoint(checkpoint_path(self.run_dir, "best"))["model"])
+        return model.to(self.ctx.device)
 
     def bags_due(self) -> bool:
         """Whether this epoch starts with a refresh of the bags' peaks (``sampler: tiles``):
@@ -486,10 +476,12 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
                 start = time.perf_counter()
                 torch.manual_seed(self.config.seed * 100_003 + self.epoch)  # dropout etc.
                 propagated = self.propagation_due()
+                gate = dict(self.gate_reading)
                 if propagated:
                     self.propagation()
                 refreshed = self.refresh_bags() if self.bags_due() else {}
                 row: dict[str, Any] = {"epoch": self.epoch, **self.train_epoch(), **refreshed}
+                row.update(gate)
                 if self.validation_due():
                     row.update(self.validate())
                 row.update(
@@ -509,9 +501,13 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
                 )
                 bar.set_postfix(loss=f"{row['loss']:.3f}", val_auc=f"{row.get('val_auc', -1):.3f}")
                 self.epoch_end(row, writer)
-            status = roi_decoder_status(self.history)
-            if status is not None and status["note"]:
-                log.warning("%s", status["note"])
+            if self.strategy.roi_strong and self.strong_train is not None:
+                # did the decoder of best.pt's weights find nodes? read on all strong
+                # training + validation scans (the switches after training read it)
+                dice, n = self.strong_fit_dice(self._best_model())
+                status = write_roi_status(self.run_dir, dice, n, self.ctx.is_main)
+                if status["note"]:
+                    log.warning("%s", status["note"])
             if self.ctx.is_distributed:
                 checksum = self.ctx.check_identical(self.model, "at the end of training")
                 log.info(
