@@ -103,6 +103,8 @@ def test_train_evaluate_predict_compare_commands(tiny_data: Path, tmp_path: Path
         assert status == json.loads((run / "roi_status.json").read_text())
         assert status["read_on"] == "strong training + validation scans"
         assert status["learned"] == (status["dice"] >= 0.05)
+        # results.md says per run which switches fired, on how many scans
+        assert f"| {run.name} | " in table and f"on {status['n_scans']} strong training" in table
         if not status["learned"]:
             unlearned.append(str(run))
             log = (run / "train.log").read_text()
