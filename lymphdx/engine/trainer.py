@@ -370,6 +370,7 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
         fixed budget; else read back)."""
         if self.config.training.selection in ("last", "ema_last"):
             return self.selected_model
+        self.ctx.barrier()  # rank 0 wrote best.pt; every rank reads it
         model = build_model(self.config.model)
         model.load_state_dict(load_checkpoint(checkpoint_path(self.run_dir, "best"))["model"])
         return model.to(self.ctx.device)
