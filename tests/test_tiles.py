@@ -78,8 +78,8 @@ def test_bags_forward_is_the_per_scan_bag_and_the_tiles_maps(tmp_path: Path, poo
 
 def tiles_config(tmp_path: Path, strategy: str, **training: object):
     """Whole field of view at 10 x 10 x 15 mm (the tiny phantom: 32 x 32 x 16 voxels for the
-    weak hospital, 34 x 34 x 15 for the strong one), tiles of 16^3, two peaks + one random
-    tile per bag."""
+    weak hospital, 34 x 34 x 15 for the strong one), sliding-window tiles of 32 x 32 x 16,
+    bags of two peak tiles + one random tile of 16^3."""
     return tiny_config(
         tmp_path,
         strategy=strategy,
@@ -97,7 +97,8 @@ def tiles_config(tmp_path: Path, strategy: str, **training: object):
             **training,
         },
         evaluation={"inferer": "sliding_window", "bootstrap": 200},
-        inference={"tile": [16, 16, 16], "bag_tiles": 2, "overlap": 0.25},
+        # the sliding window's tiles are larger than the bags' (inference.bag_tile)
+        inference={"tile": [32, 32, 16], "bag_tile": [16, 16, 16], "bag_tiles": 2},
     )
 
 
@@ -172,3 +173,23 @@ def test_a_tile_run_resumes_where_it_stopped(tmp_path: Path, tiny_data: Path) ->
     b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+
+
+def test_the_bags_tiles_are_bag_tile_sized_and_centred_on_the_peaks(tmp_path: Path) -> None:
+    """``inference.bag_tile`` smaller than the sliding window: the inferer cuts the bag's
+    tiles at that size around the map's peaks, as ``BagSampler`` does in training."""
+    from lymphdx.engine.inferer import SlidingWindowInferer
+
+    config = tiles_config(tmp_path, "multitask")
+    inferer = SlidingWindowInferer(config.inference)
+    image = torch.arange(24 * 40 * 40, dtype=torch.float32).reshape(1, 1, 24, 40, 40)
+    prob = torch.zeros(24, 40, 40)
+    prob[12, 20, 30] = 0.9
+    prob[3, 5, 5] = 0.5
+    tiles = inferer.bag_tiles(image, prob)
+    assert tuple(tiles.shape) == (2, 1, 16, 16, 16)
+    # the first tile is centred on the highest peak: it starts 8 voxels before it
+    torch.testing.assert_close(tiles[0, 0], image[0, 0, 4:20, 12:28, 22:38])
+    corner = tile_corner((3, 5, 5), (16, 16, 16), (24, 40, 40))
+    assert corner == (0, 0, 0)  # the training sampler places the second one alike
+    torch.testing.assert_close(tiles[1, 0], image[0, 0, 0:16, 0:16, 0:16])

@@ -145,12 +145,13 @@ class Config(_Section):
                     "training.sampler: tiles reads scans as bags of tiles and needs "
                     + "; ".join(missing)
                 )
-            factor = self.model.downsampling
-            if any(v % factor for v in self.inference.tile):
-                raise ValueError(
-                    f"inference.tile {list(self.inference.tile)} (the training bags' tiles "
-                    f"too) must be divisible by the model's downsampling factor {factor}"
-                )
+        factor = self.model.downsampling
+        bag = self.inference.bag_tile
+        if bag is not None and any(v % factor for v in bag):
+            raise ValueError(
+                f"inference.bag_tile {list(bag)} (the classifier's bags' tiles) must be "
+                f"divisible by the model's downsampling factor {factor}"
+            )
         return self
 
     @model_validator(mode="after")

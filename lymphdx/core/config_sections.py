@@ -464,6 +464,10 @@ class InferenceConfig(_Section):
     # the classifier's bag: the tiles centred on this many highest ROI-map peaks at least
     # half a tile apart (lymphdx.engine.candidates), attention-pooled together
     bag_tiles: int = Field(4, ge=1)
+    # the bag's tiles (voxels x, y, z; the training bags' too), smaller than the sliding
+    # window's: a node is a few voxels, so a bag of many small tiles covers all of a
+    # scan's candidates for the cost of a few window tiles; None: inference.tile
+    bag_tile: tuple[PositiveInt, PositiveInt, PositiveInt] | None = None
 
 
 class ManifestConfig(_Section):

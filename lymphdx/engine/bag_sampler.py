@@ -37,13 +37,13 @@ class BagSampler:
     """The bags of the weak and strong training scans (see the module docstring).
 
     Args:
-        config: the run's config (``inference.tile``, ``inference.bag_tiles``,
+        config: the run's config (``inference.bag_tile``, ``inference.bag_tiles``,
             ``training.bag_random``, ``data.hu_window``).
     """
 
     def __init__(self, config: Config) -> None:
-        x, y, z = config.inference.tile
-        self.tile = (z, y, x)  # (d, h, w)
+        x, y, z = config.inference.bag_tile or config.inference.tile
+        self.tile = (z, y, x)  # (d, h, w): the bags' tiles, as the inferer cuts them
         self.n_peaks = config.inference.bag_tiles
         self.n_random = config.training.bag_random
         self.floor = float(config.data.hu_window[0])
