@@ -4,7 +4,8 @@ For one finished run folder, scores the ROI map at ζ (``propagation.roi_thresho
 the strong set's splits, one factor at a time:
 
 - ``history``: the last ``strong_val_dice`` of ``history.csv`` (what the gates read);
-- ``trainer``: ``trainer._strong_dice`` itself (no flip, batches of 4, pooled);
+- ``trainer``: ``roi_status.strong_dice``, what the trainer calls (no flip, batches of 4,
+  pooled);
 - ``noflip`` / ``flip``: ``detection._roi_probabilities`` without / with the left-right
   flip, pooled over the split by ``detection._score_split`` (``flip`` on the test split
   is ``detection.json``'s strong-test Dice); ``flip`` thresholds the *averaged* map;
@@ -17,7 +18,7 @@ best model without the flip, a bootstrap over patients of the pooled Dice of val
 gates' figure), test, and train + val (a larger figure a gate could read).
 
 With ``--epochs`` (a run trained with ``training.keep_epochs``): every epoch's validated
-weights (``checkpoints/epoch_XXX.pt``) scored again, val by ``_strong_dice`` beside
+weights (``checkpoints/epoch_XXX.pt``) scored again, val by ``strong_dice`` beside
 ``history.csv``'s value, and val and test with the flip.
 
 Usage: python benchmarks/val_dice_probe.py RUN_DIR [--boot 2000] [--epochs] [--json OUT.json]
@@ -42,9 +43,9 @@ from lymphdx.core.domains import STRONG  # noqa: E402
 from lymphdx.core.zeta import roi_mask  # noqa: E402
 from lymphdx.data.datasets import VolumeSet  # noqa: E402
 from lymphdx.engine.distributed import DistContext  # noqa: E402
+from lymphdx.engine.roi_status import strong_dice  # noqa: E402
 from lymphdx.engine.run_data import load_run_data  # noqa: E402
 from lymphdx.engine.run_folder import load_model, read_checkpoint, read_history  # noqa: E402
-from lymphdx.engine.trainer import _strong_dice  # noqa: E402
 from lymphdx.models.multitask import MultiTaskNet, build_model  # noqa: E402
 from lymphdx.stats.metrics import dice_counts, dice_of  # noqa: E402
 from lymphdx.workflows.detection import _roi_probabilities, _score_split, instances  # noqa: E402
@@ -145,7 +146,7 @@ def probe(run_dir: Path, n_boot: int) -> dict[str, Any]:
             flip = _roi_probabilities(model, vols, idx, STRONG, tta=True)
             row = {
                 "n": len(idx),
-                "trainer": _strong_dice(model, vols, zeta, DistContext()),
+                "trainer": strong_dice(model, [vols], zeta, DistContext()),
                 "noflip": _score_split(plain, truths[split], 0.1, zeta)["dice"],
                 "flip": _score_split(flip, truths[split], 0.1, zeta)["dice"],
                 "batch1": dice_of(
@@ -211,7 +212,7 @@ def probe(run_dir: Path, n_boot: int) -> dict[str, Any]:
 
 
 def per_epoch(run_dir: Path) -> list[dict[str, Any]]:
-    """Each kept epoch: history's ``strong_val_dice``, ``_strong_dice`` of its checkpoint
+    """Each kept epoch: history's ``strong_val_dice``, ``strong_dice`` of its checkpoint
     on val, and val / test pooled Dice with the flip."""
     config, _, _ = load_model(run_dir, "best")
     zeta = float(config.propagation.roi_threshold)
@@ -235,7 +236,7 @@ def per_epoch(run_dir: Path) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "epoch": epoch,
             "history": float(history[epoch]["strong_val_dice"]),
-            "trainer": _strong_dice(model, val, zeta, DistContext()),
+            "trainer": strong_dice(model, [val], zeta, DistContext()),
         }
         for split, vols in (("val", val), ("test", test)):
             idx = list(range(len(vols)))

@@ -25,7 +25,7 @@ SEED_LIMIT = 2**32
 Split = Literal["train", "val", "test"]
 Domain = Literal["weak", "strong"]
 Strategy = Literal["supervised", "semi-supervised", "multitask", "ssmdmt", "ssmdmt-plus"]
-Preset = Literal["quick", "paper"]
+Preset = Literal["quick", "paper", "clinical"]
 Region = Literal["abd", "med", "all"]
 Phantom = Literal["scaled", "realistic"]  # lymphdx.data.synthetic.PHANTOMS
 

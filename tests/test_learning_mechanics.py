@@ -4,6 +4,8 @@ resume replay and parallel ``compare`` runs, each on tiny data."""
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -425,7 +427,7 @@ def test_steps_and_roi_warmup_in_history(
         keys.append(tuple(key))
         return real_call(self, key, volumes)
 
-    monkeypatch.setattr(batches, "crop", crop_spy)
+    monkeypatch.setattr(batches, "crop_padded", crop_spy)
     monkeypatch.setattr(Augmenter, "__call__", augment_spy)
     weak, strong = _manifests(tiny_data)
     run = tmp_path / "multitask"
@@ -485,12 +487,19 @@ def test_unreachable_dice_gate_holds_propagation_back(
     assert all(r["propagated"] == "0" for r in rows)
     assert all(r["loss_pseudo_cls"] == "" and r["loss_pseudo_roi"] == "" for r in rows)
     assert rows[0]["propagation_note"] == "warm-up until epoch 1"
-    for r in rows[1:]:
+    n_strong = sum(
+        1 for r in csv.DictReader((run / "splits.csv").open()) if r["set"] == "strong"
+        and r["split"] in ("train", "val")
+    )
+    for r in rows[1:]:  # the gate reads all strong training + validation scans
         note = r["propagation_note"]
-        assert note.startswith("waiting: strong-val Dice ") and note.endswith(" < gate 1"), note
-        assert float(note.split()[3]) == pytest.approx(
-            float(rows[int(r["epoch"]) - 1]["strong_val_dice"]), abs=5e-4
+        prefix = f"waiting: Dice on {n_strong} strong training + validation scans "
+        assert note.startswith(prefix) and note.endswith(" < gate 1"), note
+        assert float(note[len(prefix) :].split()[0]) == pytest.approx(
+            float(r["gate_dice"]), abs=5e-4
         )
+        assert int(r["gate_scans"]) == n_strong
+    assert rows[0]["gate_dice"] == ""  # not read during the warm-up
     assert _ckpt(run, "last")["propagation_start"] is None
 
 
@@ -525,7 +534,7 @@ def test_open_dice_gate_starts_after_both_warmups_and_warns_of_empty_masks(
         assert r["loss_pseudo_cls"] == "" and r["loss_pseudo_roi"] == ""
     empty = "every pseudo ROI mask is empty (no voxel above ζ = 1)"
     first = rows[start]["propagation_note"]
-    assert first.startswith("started: strong-val Dice ") and ">= gate 0" in first, first
+    assert first.startswith("started: Dice on ") and ">= gate 0" in first, first
     for r in rows[start:]:
         assert empty in r["propagation_note"]
         assert float(r["pseudo_mask_nonempty"]) == 0.0
@@ -533,7 +542,7 @@ def test_open_dice_gate_starts_after_both_warmups_and_warns_of_empty_masks(
         assert r["loss_pseudo_cls"] != "" and r["loss_pseudo_roi"] != ""
     log = (run / "train.log").read_text(encoding="utf-8")
     assert log.count(empty) >= 4 - start
-    assert f"epoch {start}: propagation started: strong-val Dice" in log
+    assert f"epoch {start}: propagation started: Dice on" in log
     assert _ckpt(run, "last")["propagation_start"] == start
 
 
@@ -685,45 +694,46 @@ def test_too_short_for_propagation_warns_and_leaves_no_lock(
     assert not (tmp_path / "run" / ".lock").exists()
 
 
-@pytest.mark.parametrize(("latch", "propagated"), [(True, [0, 0, 1]), (False, [0, 0, 0])])
-def test_latched_dice_gate_opens_once_reached(
-    latch: bool,
-    propagated: list[int],
+def test_dice_gate_reads_all_strong_scans_at_each_due_epoch(
     tiny_data: Path,
     cache: Path,
     tmp_path: Path,
 ) -> None:
-    """``propagation.dice_gate_latch``: strong-validation Dice 0.5 after epoch 0, then 0.2
-    (scripted), gate 0.4, first due epoch 2. Latched, the gate stays open from epoch 0's
-    Dice on; unlatched, it reads epoch 1's 0.2 and waits."""
+    """The gate reads the teacher's Dice on all strong training + validation scans
+    (``strong_fit_dice``, scripted 0.2 then 0.5) at each due epoch from warmup_epochs on,
+    not the validation split's: it waits at epoch 1 and opens at epoch 2; the readings are
+    in the history, and the validation split's Dice plays no part."""
     from lymphdx.engine.trainer import Trainer
 
-    script = iter([0.5, 0.2, 0.2])
-    calls: list[float] = []
+    script = iter([0.2, 0.5])
+    calls: list[int] = []
 
     class Scripted(Trainer):
+        def strong_fit_dice(self, model: object) -> tuple[float, int]:
+            if len(calls) < 2:
+                calls.append(self.epoch)
+                return next(script), 9
+            return super().strong_fit_dice(model)  # the end-of-training status
+
         def strong_val_dice(self, model: object) -> float:
-            calls.append(next(script))
-            return calls[-1]
+            return 1.0  # would open the gate at once if it were read
 
     weak, strong = _manifests(tiny_data)
     run = tmp_path / "run"
     config = _mechanics(
-        cache,
-        "ssmdmt",
-        3,
-        propagation={"warmup_epochs": 2, "every": 1, "dice_gate": 0.4, "dice_gate_latch": latch},
+        cache, "ssmdmt", 3, propagation={"warmup_epochs": 1, "every": 1, "dice_gate": 0.4}
     )
     train(config, run, weak, strong, progress=False, trainer=Scripted)
-    assert len(calls) == 3  # one strong validation per epoch
+    assert calls == [1, 2]  # read while the gate is pending, from the first due epoch
     rows = _history(run)
-    assert [float(r["strong_val_dice"]) for r in rows] == [0.5, 0.2, 0.2]
-    assert [int(r["propagated"]) for r in rows] == propagated
-    note = rows[2]["propagation_note"]
-    if latch:
-        assert note.startswith("started: best strong-val Dice so far 0.500 >= gate 0.4")
-    else:
-        assert note == "waiting: strong-val Dice 0.200 < gate 0.4"
+    assert [int(r["propagated"]) for r in rows] == [0, 0, 1]
+    assert [r["gate_dice"] for r in rows] == ["", "0.2", "0.5"]
+    assert rows[1]["propagation_note"].startswith("waiting: Dice on 9 strong")
+    assert rows[2]["propagation_note"].startswith(
+        "started: Dice on 9 strong training + validation scans 0.500 >= gate 0.4"
+    )
+    status = json.loads((run / "roi_status.json").read_text())
+    assert status["read_on"] == "strong training + validation scans" and status["n_scans"] > 9
 
 
 @pytest.mark.parametrize("strategy", ["multitask", "supervised"])

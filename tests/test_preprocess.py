@@ -410,3 +410,40 @@ def test_fit_normalizers_per_domain(tmp_path: Path) -> None:
     weak = [cache.image(paths["w1"]), cache.image(paths["w2"])]
     assert norms["weak"] == Normalizer.fit(weak)
     assert norms["strong"].mean == pytest.approx(cache.image(paths["s1"]).mean(dtype=np.float64))
+
+
+# --------------------------------------------------------------------------- fit: whole
+
+
+def test_whole_fit_covers_the_scans_field_of_view_at_the_spacing() -> None:
+    """``fit: whole``: the grid is the scan's world bounding box at ``data.spacing``, sized
+    per scan (rounded up), centred on the scan: nothing is cropped."""
+    whole = DataConfig(fit="whole", spacing=(1.5, 1.5, 2.0), hu_window=(-1000.0, 1000.0))
+    assert whole.shape is None
+    grid = canonical_grid(GEOM, SIZE_XYZ, whole)
+    # 20 x 16 x 12 voxels of 2 x 1.5 x 3 mm: 40 x 24 x 36 mm -> 27 x 16 x 18 at 1.5/1.5/2
+    assert grid.size_xyz == (27, 16, 18)
+    assert grid.geometry.spacing == (1.5, 1.5, 2.0)
+    first = np.array(grid.geometry.origin)
+    last = first + np.array(grid.geometry.spacing) * (np.array(grid.size_xyz) - 1)
+    lo, hi = world_coords(GEOM, SIZE_XYZ).reshape(-1, 3).min(0), world_coords(
+        GEOM, SIZE_XYZ
+    ).reshape(-1, 3).max(0)
+    np.testing.assert_allclose((first + last) / 2, (lo + hi) / 2, atol=1e-9)  # same centre
+    assert np.all(last - first >= hi - lo - 1e-9)  # every voxel centre of the scan inside
+    image = resample_image(to_sitk(phantom(), GEOM), grid, whole)
+    assert image.shape == (18, 16, 27)
+    # the sphere is all there: its volume in mm^3 as in the scan, to a grid voxel's rounding
+    scan_mm3 = sphere_mask().sum() * np.prod(GEOM.spacing)
+    grid_mm3 = (image > 500).sum() * np.prod(grid.geometry.spacing)
+    assert grid_mm3 == pytest.approx(scan_mm3, rel=0.25)  # partial volumes of a 7 mm sphere
+
+
+def test_whole_fit_config_refuses_a_shape_and_needs_none() -> None:
+    with pytest.raises(ValueError, match="no meaning with data.fit: whole"):
+        DataConfig(fit="whole", shape=(48, 48, 32))
+    with pytest.raises(ValueError, match="needs data.shape"):
+        DataConfig(fit="crop", shape=None)
+    assert DataConfig(fit="whole", shape=None).shape is None
+    # the quick grid's settings key is what it was (the cache stays valid)
+    assert settings_key(DataConfig()) == settings_key(DataConfig(shape=(48, 48, 32)))

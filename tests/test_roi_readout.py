@@ -133,7 +133,7 @@ def compared(
     the other case)."""
     tmp = tmp_path_factory.mktemp("readout")
     mp = pytest.MonkeyPatch()
-    mp.setattr(readout_module, "roi_decoder_status", lambda rows: {"learned": True, "note": None})
+    mp.setattr(readout_module, "read_roi_status", lambda run: {"learned": True, "note": None})
     config = tiny_config(tmp, training={"epochs": 1}, evaluation={"roi_readout": True})
     weak, strong = tiny_data / "weak" / "manifest.csv", tiny_data / "strong" / "manifest.csv"
     compare(config, weak, strong, tmp / "cmp", ["multitask", "supervised"], [0], progress=False)
@@ -220,12 +220,16 @@ def test_a_decoder_that_found_nothing_gets_no_readout(
     out, _, mp = compared
     run = out / "runs" / "multitask" / "seed0"
     config, model, _ = load_model(run)
-    mp.setattr(readout_module, "roi_decoder_status", lambda rows: {"learned": False, "note": "x"})
+    mp.setattr(
+        readout_module,
+        "read_roi_status",
+        lambda run: {"learned": False, "note": "x", "dice": 0.0, "read_on": "x"},
+    )
     try:
         readout, note = run_readout(run, config, model)
     finally:
         mp.setattr(
-            readout_module, "roi_decoder_status", lambda rows: {"learned": True, "note": None}
+            readout_module, "read_roi_status", lambda run: {"learned": True, "note": None}
         )
     assert readout is None and "found no node" in note
 

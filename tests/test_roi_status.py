@@ -8,8 +8,12 @@ import pytest
 from lymphdx.engine.roi_status import (
     MIN_NODE_VOXELS,
     ROI_LEARNED_DICE,
+    STATUS_FILE,
+    decoder_status,
     node_size_status,
+    read_roi_status,
     roi_decoder_status,
+    write_roi_status,
 )
 from lymphdx.reporting.table import format_table
 
@@ -32,6 +36,8 @@ def test_a_decoder_that_found_nodes_learned() -> None:
         "learned": True,
         "final_strong_val_dice": 0.55,
         "best_strong_val_dice": 0.58,
+        "dice": 0.55,
+        "read_on": "strong validation scans (history.csv; a run from before roi_status.json)",
         "note": None,
     }
 
@@ -103,6 +109,21 @@ def test_small_nodes_get_a_note_that_says_what_to_change() -> None:
     status = node_size_status([one_voxel], (5.0, 5.0, 6.0))
     assert status is not None and status["median_diameter_voxels"] < MIN_NODE_VOXELS
     assert "1.2 voxels" in status["note"] and "data.spacing" in status["note"]
+    assert "--preset clinical" in status["note"]  # the advice names what can be done
     resized = node_size_status([one_voxel], None)  # data.fit: resize, no one spacing
     assert resized is not None and resized["median_diameter_mm"] is None
-    assert "mm" not in resized["note"]
+    assert "mm at data.spacing" not in resized["note"]
+
+
+def test_the_status_training_writes_is_read_before_the_history(tmp_path) -> None:
+    """A run's ``roi_status.json`` (Dice on all strong training + validation scans) rules;
+    a run from before it is read from its history's validation Dice."""
+    (tmp_path / "history.csv").write_text("epoch,strong_val_dice\r\n0,0.01\r\n")
+    old = read_roi_status(tmp_path)
+    assert old is not None and old["learned"] is False and "history.csv" in old["read_on"]
+    written = write_roi_status(tmp_path, 0.21, 69)
+    assert (tmp_path / STATUS_FILE).exists()
+    assert read_roi_status(tmp_path) == written == decoder_status(0.21, 69)
+    assert written["learned"] and written["n_scans"] == 69 and written["note"] is None
+    lost = decoder_status(0.02, 69)
+    assert not lost["learned"] and "on all 69 strong training + validation scans" in lost["note"]

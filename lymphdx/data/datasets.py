@@ -55,8 +55,12 @@ class VolumeSet:
         self.cache = cache
         self.normalizer = normalizer
         self.load_masks = load_masks
-        voxels = int(np.prod(cache.cfg.shape))
-        self.keep = voxels * 5 * len(self.records) <= memory_budget
+        self.memory_budget = memory_budget
+        # data.fit whole: the scans' sizes are known once the first is read
+        self.keep = (
+            cache.cfg.shape is None
+            or int(np.prod(cache.cfg.shape)) * 5 * len(self.records) <= memory_budget
+        )
         self._images: dict[int, np.ndarray] = {}
         self._masks: dict[int, np.ndarray] = {}
 
@@ -65,7 +69,10 @@ class VolumeSet:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        """``(D, H, W)`` of every volume: the canonical grid (config ``shape`` is x, y, z)."""
+        """``(D, H, W)`` of every volume: the canonical grid (config ``shape`` is x, y, z).
+        Under ``data.fit: whole`` each scan has its own (``image(i).shape``): an error."""
+        if self.cache.cfg.shape is None:
+            raise ValueError("data.fit: whole: the volumes have no common shape")
         x, y, z = self.cache.cfg.shape
         return (z, y, x)
 
@@ -86,6 +93,10 @@ class VolumeSet:
             return self._images[i]
         rec = self.records[i]
         arr = self.normalizer(self.cache.image(rec.image, rec.patient_id)).astype(np.float32)
+        if self.keep and self.cache.cfg.shape is None and not self._images:
+            # scans of their own size: keep them while the first one's size times the set's
+            # (and its masks') fits the budget
+            self.keep = arr.size * 5 * len(self.records) <= self.memory_budget
         if self.keep:
             self._images[i] = arr
         return arr

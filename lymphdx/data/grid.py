@@ -83,15 +83,25 @@ def canonical_grid(
 
     Identity direction, ``cfg.shape`` voxels, centred on the centre of the input's field of
     view; spacing ``cfg.spacing`` (``fit="crop"``) or the input's world bounding-box extent
-    divided by ``cfg.shape`` (``fit="resize"``).
+    divided by ``cfg.shape`` (``fit="resize"``). ``fit="whole"``: spacing ``cfg.spacing``
+    and as many voxels as cover the input's world bounding box (rounded up), per scan.
     """
     size = np.asarray(image_size_xyz, dtype=np.float64)
     spacing = np.asarray(image_geometry.spacing, dtype=np.float64)
     direction = np.asarray(image_geometry.direction, dtype=np.float64).reshape(3, 3)
     origin = np.asarray(image_geometry.origin, dtype=np.float64)
-    shape = np.asarray(cfg.shape, dtype=np.float64)
     # Centre of the field of view = world position of the continuous index (size - 1) / 2.
     centre = origin + direction @ (spacing * (size - 1.0) / 2.0)
+    if cfg.fit == "whole":  # the world bounding box of the voxel-edge box, at spacing
+        out_spacing = np.asarray(cfg.spacing, dtype=np.float64)
+        extent = np.abs(direction) @ (spacing * size)
+        n = np.maximum(1, np.ceil(extent / out_spacing - 1e-6)).astype(int)
+        out_origin = centre - out_spacing * (n - 1.0) / 2.0
+        geometry = Geometry(
+            tuple(float(v) for v in out_spacing), tuple(float(v) for v in out_origin), _IDENTITY
+        )
+        return Grid(geometry, tuple(int(v) for v in n))  # type: ignore[arg-type]
+    shape = np.asarray(cfg.shape, dtype=np.float64)
     if cfg.fit == "crop":
         out_spacing = np.asarray(cfg.spacing, dtype=np.float64)
     else:
@@ -133,7 +143,7 @@ def check_coverage(
     direction = np.abs(np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3))
     extent = direction @ (np.asarray(geometry.spacing, dtype=np.float64) * size)  # world mm
     mm = " x ".join(f"{v:.3g}" for v in extent)
-    if cfg.fit == "crop":
+    if cfg.fit in ("crop", "whole"):
         grid = np.asarray(cfg.spacing, dtype=np.float64)
         short = [axis for axis, e, g in zip("xyz", extent, grid, strict=True) if e < g]
         if short:
@@ -174,6 +184,8 @@ def coverage(
     (``spacing × shape``) along each axis; ``fit="resize"``: the scan's voxels over the
     input's (what is not covered is interpolation). Overall: the product of the axes.
     """
+    if cfg.fit == "whole":  # the grid is the scan's field of view
+        return 1.0, (1.0, 1.0, 1.0)
     size = np.asarray(size_xyz, dtype=np.float64)
     direction = np.abs(np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3))
     shape = np.asarray(cfg.shape, dtype=np.float64)

@@ -106,7 +106,7 @@ def _settings(cfg: DataConfig) -> dict[str, Any]:
     return {
         "version": PREPROCESS_VERSION,
         "spacing": [float(v) for v in cfg.spacing],
-        "shape": [int(v) for v in cfg.shape],
+        "shape": None if cfg.shape is None else [int(v) for v in cfg.shape],
         "fit": cfg.fit,
         "hu_window": [float(v) for v in cfg.hu_window],
         # only when set, so the default key (and cache) is what it was before the key

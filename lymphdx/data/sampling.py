@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lymphdx.core.seeding import seeded_rng
+from lymphdx.data.tile_sampler import crop_padded
 
 __all__ = ["stream_batches", "patch_corner", "crop"]
 
@@ -63,6 +64,6 @@ def patch_corner(
 
 
 def crop(volume: np.ndarray, corner: Sequence[int], patch: Sequence[int]) -> np.ndarray:
-    """``volume[corner : corner + patch]`` over its last three axes."""
-    index = tuple(slice(c, c + p) for c, p in zip(corner, patch, strict=True))
-    return volume[(..., *index)]
+    """``volume[corner : corner + patch]`` over its last three axes (``crop_padded``, which
+    also pads where the patch sticks out of the volume)."""
+    return crop_padded(volume, corner, patch)

@@ -14,7 +14,9 @@ from lymphdx.core.seeding import seeded_rng
 from lymphdx.core.strategies import Strategy
 from lymphdx.data.augment import Augmenter
 from lymphdx.data.datasets import VolumeSet, epoch_order
-from lymphdx.data.sampling import crop, patch_corner, stream_batches
+from lymphdx.data.sampling import patch_corner, stream_batches
+from lymphdx.data.tile_sampler import crop_padded
+from lymphdx.engine.bag_sampler import BagSampler
 from lymphdx.engine.distributed import DistContext
 from lymphdx.engine.propagation import PseudoLabels
 
@@ -32,6 +34,7 @@ class BatchesMixin:
     augmenter: Augmenter | None
     weak_train: VolumeSet
     strong_train: VolumeSet | None
+    bags: BagSampler | None
     _foreground: dict[int, np.ndarray]
 
     def _augmented(
@@ -60,10 +63,14 @@ class BatchesMixin:
         ``image`` ``(b, 1, D, H, W)`` and, by ``kind``, ``labels`` (weak), ``pseudo_mask``
         and ``pseudo_weight`` (weak, once propagated), ``mask`` (strong whole scans with
         real masks) or ROI patches as ``image`` with their ``mask`` (``patch``). Each scan's draw
-        depends on (seed, epoch, step, stream, its place in the global batch) only."""
+        depends on (seed, epoch, step, stream, its place in the global batch) only. With
+        ``training.sampler: tiles`` a weak or strong scan is a bag of tiles (``BagSampler``):
+        ``image`` ``(n_tiles, 1, d, h, w)`` (and its pseudo masks' tiles) and ``sizes``, the
+        tiles of each scan in order."""
         mine = self.ctx.shard(range(len(batch)))
         pseudo = self.pseudo
-        items = []
+        bags = self.bags if kind in ("weak", "strong") else None
+        items, sizes = [], []
         for k in mine:
             i = batch[k]
             key = (self.config.seed, self.epoch, step, stream, k)
@@ -84,11 +91,19 @@ class BatchesMixin:
                     rng,
                     self._foreground_voxels(i),
                 )
-                vols = {n: crop(v, corner, self.patch) for n, v in vols.items()}
+                vols = {n: crop_padded(v, corner, self.patch) for n, v in vols.items()}
+            if bags is not None:  # the scan as a bag of tiles (training.sampler: tiles)
+                extra = {n: v for n, v in vols.items() if n != "image"}
+                tiles = bags.load(volumes, kind, i, key, extra, self._augmented)
+                items += tiles
+                sizes.append(len(tiles))
+                continue
             items.append(self._augmented(key, vols))
         out: dict[str, Any] = {
             n: torch.from_numpy(np.stack([it[n] for it in items])[:, None].copy()) for n in items[0]
         }
+        if bags is not None:
+            out["sizes"] = sizes  # tiles per scan, in order
         index = [batch[k] for k in mine]
         out["index"] = index
         out["patient_ids"] = [volumes.records[i].patient_id for i in index]

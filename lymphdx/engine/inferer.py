@@ -119,7 +119,9 @@ class SlidingWindowInferer(Inferer):
     def __init__(self, cfg: InferenceConfig) -> None:
         self.cfg = cfg
         x, y, z = cfg.tile
-        self.tile = (z, y, x)  # (d, h, w)
+        self.tile = (z, y, x)  # (d, h, w): the sliding window's
+        x, y, z = cfg.bag_tile or cfg.tile
+        self.bag_tile = (z, y, x)  # the classifier's bag's tiles
 
     def batch_size(self, requested: int) -> int:
         return 1  # the full-size buffers are per scan: never more than one scan at a time
@@ -163,19 +165,20 @@ class SlidingWindowInferer(Inferer):
         return prob.div_(len(views)) if len(views) > 1 else prob  # in place: a scan's size
 
     def bag_tiles(self, image: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
-        """The bag's tiles ``(T, 1, d, h, w)`` of one scan ``image`` ``(1, 1, D, H, W)``
-        (T ≤ ``bag_tiles``): centred on the highest peaks of ``prob`` ``(D, H, W)`` half a
-        tile apart, inside the scan padded to at least a tile, each place once."""
+        """The bag's tiles ``(T, 1, d, h, w)`` (``inference.bag_tile``) of one scan
+        ``image`` ``(1, 1, D, H, W)`` (T ≤ ``bag_tiles``): centred on the highest peaks of
+        ``prob`` ``(D, H, W)`` half a bag tile apart, inside the scan padded to at least a
+        bag tile, each place once."""
         pad, offset = [], []
-        for size, t in zip(reversed(image.shape[2:]), reversed(self.tile), strict=True):
+        for size, t in zip(reversed(image.shape[2:]), reversed(self.bag_tile), strict=True):
             diff = max(t - size, 0)  # MONAI's padding: half before, the rest after
             pad += [diff // 2, diff - diff // 2]
             offset.insert(0, diff // 2)
         padded = F.pad(image, pad, value=0.0) if any(pad) else image
-        separation = [max(1, t // 2) for t in self.tile]
+        separation = [max(1, t // 2) for t in self.bag_tile]
         centres = peaks(prob.numpy(), self.cfg.bag_tiles, separation)
-        starts = tile_starts(centres, self.tile, padded.shape[2:], offset)
-        d, h, w = self.tile
+        starts = tile_starts(centres, self.bag_tile, padded.shape[2:], offset)
+        d, h, w = self.bag_tile
         return torch.cat([padded[..., z : z + d, y : y + h, x : x + w] for z, y, x in starts])
 
     def bag_logit(self, model: nn.Module, tiles: torch.Tensor) -> torch.Tensor:

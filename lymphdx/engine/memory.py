@@ -15,6 +15,7 @@ peak to the resident memory of a real CPU step.
 
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from dataclasses import dataclass
@@ -198,10 +199,21 @@ def check_memory(
     Returns the estimate when it fits, None for steps too small to be worth tracing.
     ``available`` defaults to ``available_memory()`` (CPU) or the free CUDA memory.
     """
-    x, y, z = config.data.shape
-    batch, roi = _step_batch(config)
+    if config.training.sampler == "tiles":  # bags of tiles and ROI patches, all decoded
+        t, inf = config.training, config.inference
+        assert t.roi_patch is not None
+        x, y, z = t.roi_patch  # the bags' tiles counted in patches of as many voxels
+        bag = inf.bag_tile or inf.tile
+        tiles = t.batch_size * (inf.bag_tiles + t.bag_random)
+        batch = math.ceil(tiles * math.prod(bag) / (x * y * z)) + t.strong_batch_size
+        roi: bool | slice = True
+    else:
+        assert config.data.shape is not None
+        x, y, z = config.data.shape
+        batch, roi = _step_batch(config)
     if available is None and batch * x * y * z < SMALL_STEP_VOXELS:
         return None
+    t_tiles = config.training.sampler == "tiles"
     est = estimate_step_memory(config.model, (z, y, x), batch, roi)
     cuda = torch.device(device).type == "cuda"
     need = int(RSS_FACTOR * est.traced_bytes) if cuda else est.rss_bytes
@@ -220,10 +232,12 @@ def check_memory(
             fixes.append(f"model.checkpointing: block (→ {with_ckpt})")
         if batch > 1:
             fixes.append("a smaller training.batch_size / strong_batch_size")
-        fixes.append("a smaller data.shape")
+        smaller = "training.roi_patch / inference.bag_tile" if t_tiles else "data.shape"
+        fixes.append(f"a smaller {smaller}")
         raise LymphdxError(
-            f"a training step of strategy {config.strategy!r} at data.shape "
-            f"{list(config.data.shape)} with {batch} volumes per step needs about "
+            f"a training step of strategy {config.strategy!r} at "
+            f"{'training.roi_patch' if t_tiles else 'data.shape'} {[x, y, z]} with {batch} "
+            "volumes per step needs about "
             f"{need / 2**30:.1f} GiB ({'CUDA' if cuda else 'resident'}; {est}), but only "
             f"{room / 2**30:.1f} GiB is {'free on the GPU' if cuda else 'available'}; use "
             f"{', or '.join(fixes)} (or training.memory_check: false to try anyway)"

@@ -53,13 +53,14 @@ class PseudoLabels:
     """Propagated labels. ``strong_targets``/``strong_weights`` ``(N_strong,)`` float32;
     ``weak_masks`` ``(N_weak, D, H, W)`` uint8 and, with an ignore band or a classifier
     gate, ``weak_mask_weights`` of the same shape, uint8 0/1 (voxels of weight 0 count
-    nowhere in the pseudo ROI loss); any may be None."""
+    nowhere in the pseudo ROI loss); under ``data.fit: whole`` lists of each scan's
+    ``(D, H, W)``; any may be None."""
 
     strong_targets: np.ndarray | None = None
     strong_weights: np.ndarray | None = None
-    weak_masks: np.ndarray | None = None
+    weak_masks: np.ndarray | list[np.ndarray] | None = None
     epoch: int = -1
-    weak_mask_weights: np.ndarray | None = None
+    weak_mask_weights: np.ndarray | list[np.ndarray] | None = None
 
     def summary(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -70,13 +71,15 @@ class PseudoLabels:
             )
             out["pseudo_kept_fraction"] = float(kept.mean())
             out["pseudo_weight_mean"] = float(self.strong_weights.mean())
-        if self.weak_masks is not None:
-            out["pseudo_mask_voxel_fraction"] = float(self.weak_masks.mean())
-            out["pseudo_mask_nonempty"] = float(
-                (self.weak_masks.reshape(len(self.weak_masks), -1).max(1) > 0).mean()
+        if self.weak_masks is not None and len(self.weak_masks):
+            on = sum(int(np.count_nonzero(m)) for m in self.weak_masks)
+            out["pseudo_mask_voxel_fraction"] = on / sum(m.size for m in self.weak_masks)
+            out["pseudo_mask_nonempty"] = float(np.mean([m.any() for m in self.weak_masks]))
+        if self.weak_mask_weights is not None and len(self.weak_mask_weights):
+            kept = sum(float(w.sum()) for w in self.weak_mask_weights)
+            out["pseudo_mask_weighted_fraction"] = kept / sum(
+                w.size for w in self.weak_mask_weights
             )
-        if self.weak_mask_weights is not None:
-            out["pseudo_mask_weighted_fraction"] = float(self.weak_mask_weights.mean())
         return out
 
 
@@ -255,19 +258,20 @@ def propagate_mask_targets(
     ctx: DistContext | None = None,
     domain: int = WEAK,
     inferer: Inferer | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> tuple[Any, Any]:
     """Pseudo ROI masks ``(N, D, H, W)`` uint8, g(f(v)) > ζ (``cfg.roi_threshold``), and
     their voxel weights (uint8 0/1, same shape) when ``cfg.roi_ignore_low`` or
     ``cfg.roi_cls_gate`` is set, else None (every voxel counts); the maps are ``inferer``'s
     (default ``WholeInferer``).
 
     With a distributed ``ctx`` each rank decodes its block and every rank gets all masks.
+    Under ``data.fit: whole`` (scans of their own sizes) both are lists of ``(D, H, W)``.
     """
     ctx = ctx or DistContext()
     inferer = inferer or WholeInferer()
     weighted = cfg.roi_ignore_low is not None or cfg.roi_cls_gate is not None
-    masks = [np.zeros((0, *volumes.shape), dtype=np.uint8)]
-    weights = [np.zeros((0, *volumes.shape), dtype=np.uint8)]
+    masks: list[np.ndarray] = []  # (D, H, W) per scan of this rank's block
+    weights: list[np.ndarray] = []
     gate = cfg.roi_cls_gate
     for images in _my_batches(model, volumes, inferer.batch_size(batch_size), ctx, domain):
         out = inferer(model, images, roi=True, flips=cfg.tta_flip)
@@ -278,11 +282,23 @@ def propagate_mask_targets(
             out["cls"] if gate is not None else None,
             gate,
         )
-        masks.append(target.cpu().numpy())
+        masks.extend(target.cpu().numpy())
         if weighted:
-            weights.append(weight.to(torch.uint8).cpu().numpy())
-    all_masks = ctx.all_gather_array(np.concatenate(masks))
-    return all_masks, ctx.all_gather_array(np.concatenate(weights)) if weighted else None
+            weights.extend(weight.to(torch.uint8).cpu().numpy())
+    if volumes.cache.cfg.shape is None:  # data.fit whole: scans of their own sizes
+        all_masks: np.ndarray | list[np.ndarray] = _gather_list(ctx, masks)
+        return all_masks, _gather_list(ctx, weights) if weighted else None
+    empty = np.zeros((0, *volumes.shape), dtype=np.uint8)
+
+    def stacked(arrays: list[np.ndarray]) -> np.ndarray:
+        return ctx.all_gather_array(np.stack(arrays) if arrays else empty)
+
+    return stacked(masks), stacked(weights) if weighted else None
+
+
+def _gather_list(ctx: DistContext, local: list[np.ndarray]) -> list[np.ndarray]:
+    """Every rank's list of arrays, concatenated in rank order (``ctx.shard``'s order)."""
+    return [a for part in ctx.all_gather_object(local) for a in part]
 
 
 class PropagationMixin:
@@ -303,15 +319,20 @@ class PropagationMixin:
     strong_train: VolumeSet | None
     teacher: torch.nn.Module
     inferer: Inferer
+    gate_reading: dict[str, float]
+
+    def strong_fit_dice(self, model: torch.nn.Module) -> tuple[float, int]: ...
 
     # -- the named steps ---------------------------------------------------------------
     def propagation_due(self) -> bool:
         """Whether this epoch starts with a propagation; sets ``propagation_note`` to why
         (not). The first waits for ``propagation.warmup_epochs`` (and the ROI warm-up),
-        and, with ``propagation.dice_gate``, for the decoder: the last epoch's
-        strong-validation Dice must have reached the gate."""
+        and, with ``propagation.dice_gate``, for the decoder: the teacher's Dice on all
+        strong training + validation scans must reach the gate (``gate_reading`` holds
+        it for the history)."""
         cfg = self.config.propagation
         self.propagation_note = ""
+        self.gate_reading = {}
         if not self.strategy.propagates:
             return False
         if self.propagation_start is not None:
@@ -324,19 +345,14 @@ class PropagationMixin:
         if gate is None:
             self.propagation_note = f"started at epoch {first} (propagation.warmup_epochs)"
         else:
-            # the epochs the gate reads: the last one, or (latched) all so far; a resumed
-            # history holds strings, and "" where an epoch had no strong validation
-            rows = self.history if cfg.dice_gate_latch else self.history[-1:]
-            dices = [
-                float(r["strong_val_dice"])
-                for r in rows
-                if r.get("strong_val_dice") not in (None, "")
-            ]
-            dice = max(dices) if dices else None
-            what = "best strong-val Dice so far" if cfg.dice_gate_latch else "strong-val Dice"
-            if dice is None or dice < gate:
-                shown = "none" if dice is None else f"{dice:.3f}"
-                self.propagation_note = f"waiting: {what} {shown} < gate {gate:g}"
+            # the teacher's decoder (it makes the pseudo masks) on all strong training +
+            # validation scans: the validation split's few patients swing too much for a
+            # switch (BENCHMARKS.md); recorded in the history
+            dice, n = self.strong_fit_dice(self.teacher)
+            self.gate_reading = {"gate_dice": dice, "gate_scans": n}
+            what = f"Dice on {n} strong training + validation scans"
+            if dice < gate:
+                self.propagation_note = f"waiting: {what} {dice:.3f} < gate {gate:g}"
                 return False
             self.propagation_note = f"started: {what} {dice:.3f} >= gate {gate:g}"
         self.propagation_start = self.epoch
@@ -377,7 +393,7 @@ class PropagationMixin:
             self.pseudo.weak_masks, self.pseudo.weak_mask_weights = propagate_mask_targets(
                 teacher, self.weak_train, cfg, ctx=ctx, domain=WEAK, inferer=self.inferer
             )
-            if not self.pseudo.weak_masks.any():
+            if not any(m.any() for m in self.pseudo.weak_masks):
                 note = (
                     f"every pseudo ROI mask is empty (no voxel above ζ = {cfg.roi_threshold:g}): "
                     "the pseudo ROI loss teaches 'no node' everywhere"

@@ -18,7 +18,7 @@ priori, since the classifier's training-set scores would give any fitted weight 
 alone.
 
 Only strategies that train the ROI decoder have a map to read; a run whose decoder found
-no node (``roi_decoder_status``), or whose training patients are all of one class, keeps
+no node (``read_roi_status``), or whose training patients are all of one class, keeps
 the classifier alone and says why.
 """
 
@@ -43,9 +43,8 @@ from lymphdx.data.datasets import VolumeSet
 from lymphdx.engine.distributed import DistContext
 from lymphdx.engine.inferer import Inferer, WholeInferer, make_inferer
 from lymphdx.engine.propagation import _my_batches
-from lymphdx.engine.roi_status import roi_decoder_status
+from lymphdx.engine.roi_status import read_roi_status
 from lymphdx.engine.run_data import RunData, load_run_data
-from lymphdx.engine.run_folder import read_history
 from lymphdx.stats.metrics import auc
 
 __all__ = [
@@ -249,10 +248,10 @@ def run_readout(
         return None, "off (evaluation.roi_readout: false)"
     if not get_strategy(config.strategy).trains_decoder:
         return None, f"none: {config.strategy} does not train the ROI decoder"
-    history = run_dir / "history.csv"
-    status = roi_decoder_status(read_history(history)) if history.exists() else None
+    status = read_roi_status(run_dir)
     if status is not None and not status["learned"]:
-        return None, "none: the ROI decoder found no node, so its map has nothing to read"
+        where = f" (Dice {status['dice']:.3f} on {status.get('n_scans', '?')} {status['read_on']})"
+        return None, f"none: the ROI decoder found no node{where}, so its map has nothing to read"
     path = readout_path(run_dir, which)
     stamp = _fingerprint(run_dir / "checkpoints" / f"{which}.pt", config)
     if path.exists() and not refit:

@@ -1,7 +1,11 @@
-"""Did a run's ROI decoder learn? Read from its ``history.csv`` rows. And can it: are the
-strong set's nodes large enough on the training grid?
+"""Did a run's ROI decoder learn? And can it: are the strong set's nodes large enough on the
+training grid?
 
-A run whose decoder ends with no strong-validation Dice found no node: its scan-level AUC
+Training ends by scoring best.pt's decoder on all strong training + validation scans
+(``strong_dice``, ``write_roi_status``: ``RUN/roi_status.json``), not on the validation
+split's few patients, whose pooled Dice swings with which nodes they happen to hold
+(BENCHMARKS.md); older runs are read from ``history.csv`` (``roi_decoder_status``).
+A run whose decoder ends with no Dice found no node: its scan-level AUC
 then measures a classifier without the ROI task, not the strategy, and ``train.log``,
 ``metrics.json`` and ``compare``'s ``results.md`` say so. Before training, nodes whose
 median spans fewer than ``MIN_NODE_VOXELS`` voxels of the grid get a warning in
@@ -11,11 +15,23 @@ section 1.4), and where ``training.small_node_epochs`` raises the budget.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from scipy import ndimage
+
+from lymphdx.core.domains import STRONG
+from lymphdx.core.files import read_csv, write_json
+from lymphdx.core.zeta import roi_mask
+from lymphdx.data.datasets import VolumeSet
+from lymphdx.engine.distributed import DistContext
+from lymphdx.engine.inferer import Inferer, WholeInferer
+from lymphdx.models.domain_norm import domains
+from lymphdx.stats.metrics import dice_counts, dice_of
 
 # below this strong-validation Dice at the end, the decoder is taken to find no node
 # (one small node found among dozens of scans gives ~0.05)
@@ -24,6 +40,80 @@ ROI_LEARNED_DICE = 0.05
 # nodes are called small for the grid: the default phantom's is ~3 on the quick grid,
 # the --node-scale 0.7 phantom's ~2, where the decoder learned too late (BENCHMARKS.md 1.4)
 MIN_NODE_VOXELS = 2.5
+
+
+#: what training writes at its end: did best.pt's decoder find nodes (``write_roi_status``)
+STATUS_FILE = "roi_status.json"
+_ON = "strong training + validation scans"
+
+
+@torch.no_grad()
+def strong_dice(
+    model: torch.nn.Module,
+    sets: Sequence[VolumeSet],
+    threshold: float,
+    ctx: DistContext,
+    inferer: Inferer | None = None,
+) -> float:
+    """``model``'s Dice at ``threshold`` on the scans of ``sets`` (with masks), pooled over
+    all of them; their ROI maps are ``inferer``'s (default ``WholeInferer``) without the
+    flip, in eval mode (restored after); each rank scores its block of each set."""
+    inferer = inferer or WholeInferer()
+    was_training = model.training
+    model.eval()
+    inter = total = 0.0
+    n = inferer.batch_size(4)
+    try:
+        with domains(model, STRONG):
+            for volumes in sets:
+                index = ctx.shard(range(len(volumes)))
+                for start in range(0, len(index), n):
+                    batch = volumes.batch(index[start : start + n])
+                    assert batch.masks is not None, "strong_dice needs the sets' masks"
+                    pred = roi_mask(inferer(model, batch.images)["roi"].cpu(), threshold)
+                    counts = dice_counts(pred.numpy(), batch.masks.numpy())
+                    inter, total = inter + counts[0], total + counts[1]
+    finally:
+        model.train(was_training)
+    inter, total = ctx.all_gather_array(np.array([[inter, total]], dtype=float)).sum(axis=0)
+    return dice_of(inter, total)
+
+
+def decoder_status(dice: float, n_scans: int) -> dict[str, Any]:
+    """``{"learned", "dice", "n_scans", "read_on", "note"}`` of a decoder whose Dice at ζ
+    pooled over ``n_scans`` strong training + validation scans is ``dice``."""
+    learned = dice >= ROI_LEARNED_DICE
+    note = None
+    if not learned:
+        note = (
+            f"the ROI decoder found no node: Dice {dice:.3f} at the end on all {n_scans} "
+            f"{_ON} (< {ROI_LEARNED_DICE}), so this run's AUC is not the strategy's"
+        )
+    return {"learned": learned, "dice": dice, "n_scans": n_scans, "read_on": _ON, "note": note}
+
+
+def write_roi_status(
+    run_dir: Path, dice: float, n_scans: int, write: bool = True
+) -> dict[str, Any]:
+    """``decoder_status`` of the run's best.pt, written to ``RUN/roi_status.json`` (by
+    one process: ``write``)."""
+    status = decoder_status(dice, n_scans)
+    if write:
+        write_json(Path(run_dir) / STATUS_FILE, status)
+    return status
+
+
+def read_roi_status(run_dir: str | Path) -> dict[str, Any] | None:
+    """Did the run's decoder find nodes: ``roi_status.json`` (Dice on all strong training
+    + validation scans, written at the end of training) or, for runs from before it, the
+    history's last strong-validation Dice (``roi_decoder_status``); None without an ROI
+    task."""
+    run_dir = Path(run_dir)
+    path = run_dir / STATUS_FILE
+    if path.exists():
+        return json.loads(path.read_text())
+    history = run_dir / "history.csv"
+    return roi_decoder_status(read_csv(history)) if history.exists() else None
 
 
 def roi_decoder_status(history: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
@@ -51,6 +141,8 @@ def roi_decoder_status(history: Iterable[Mapping[str, Any]]) -> dict[str, Any] |
         "learned": learned,
         "final_strong_val_dice": final,
         "best_strong_val_dice": best,
+        "dice": final,
+        "read_on": "strong validation scans (history.csv; a run from before roi_status.json)",
         "note": note,
     }
 
@@ -80,9 +172,11 @@ def node_size_status(
         note = (
             f"the strong set's nodes are small for this grid: their median equivalent "
             f"diameter is {diameter:.1f} voxels{where}, under {MIN_NODE_VOXELS}; the ROI "
-            "decoder and the classifier may learn late or not at all. A longer budget "
-            "(training.small_node_epochs, else training.epochs) is the first thing to try, "
-            "then a finer data.spacing (with a data.shape that keeps the field of view)"
+            "decoder and the classifier may learn late or not at all. Train at a finer "
+            "working spacing with the clinical preset (--preset clinical: 1.5 x 1.5 x "
+            "2.5 mm, the whole field of view, tiles and sliding-window inference, so a "
+            "step costs the same whatever the scan's size); a longer budget "
+            "(training.small_node_epochs, else training.epochs) helps less"
         )
     return {
         "n_nodes": len(sizes),

@@ -225,7 +225,7 @@ def log_node_sizes(data: RunData, config: Config) -> dict[str, Any] | None:
     """How large the strong training set's nodes are on the grid, in ``train.log``; a
     warning when they are small for it. Returns ``node_size_status``'s dict."""
     strong = data.volumes("strong", "train", masks=True)
-    spacing = config.data.spacing if config.data.fit == "crop" else None
+    spacing = config.data.spacing if config.data.fit in ("crop", "whole") else None
     status = node_size_status((strong.mask(i) for i in range(len(strong))), spacing)
     if status is None:
         return None

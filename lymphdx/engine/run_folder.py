@@ -59,6 +59,10 @@ HISTORY_FIELDS = [
     "phase",
     "pseudo_mask_nonempty",
     "propagation_note",
+    "bag_peak_prob_weak",  # training.sampler tiles: the mean ROI probability of the bags'
+    "bag_peak_prob_strong",  # peaks at a refresh
+    "gate_dice",  # propagation's Dice gate: the teacher's Dice on all strong train + val
+    "gate_scans",  # scans, and how many
 ]
 
 
@@ -255,7 +259,9 @@ def verify_checkpoint(
 
 
 def pseudo_to_state(p: PseudoLabels) -> dict[str, Any]:
-    def t(a: np.ndarray | None) -> torch.Tensor | None:
+    def t(a: Any) -> Any:
+        if isinstance(a, list):  # data.fit whole: one array per scan
+            return [torch.from_numpy(np.ascontiguousarray(x)) for x in a]
         return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
 
     return {
@@ -268,7 +274,9 @@ def pseudo_to_state(p: PseudoLabels) -> dict[str, Any]:
 
 
 def pseudo_from_state(d: dict[str, Any]) -> PseudoLabels:
-    def a(x: torch.Tensor | None) -> np.ndarray | None:
+    def a(x: Any) -> Any:
+        if isinstance(x, list):
+            return [t.numpy() for t in x]
         return None if x is None else x.numpy()
 
     return PseudoLabels(

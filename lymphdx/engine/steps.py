@@ -39,7 +39,8 @@ def maps_and_targets(
 class StepModule(torch.nn.Module):
     """One training step's forward passes as one module call, so that DDP sees a single
     forward: whole scans ``images`` ``(B, 1, D, H, W)`` (``MultiTaskNet.forward`` with
-    ``roi``) and, when given, ROI patches ``(P, 1, d, h, w)`` decoded under ``roi_patch``."""
+    ``roi``), or with ``sizes`` the tiles of B scans' bags (``MultiTaskNet.bags``), and,
+    when given, ROI patches ``(P, 1, d, h, w)`` decoded under ``roi_patch``."""
 
     def __init__(self, model: MultiTaskNet) -> None:
         super().__init__()
@@ -50,8 +51,14 @@ class StepModule(torch.nn.Module):
         images: torch.Tensor | None,
         roi: bool | slice,
         patches: torch.Tensor | None = None,
+        sizes: list[int] | None = None,
     ) -> dict[str, torch.Tensor]:
-        out = {} if images is None else dict(self.model(images, roi=roi))
+        if images is None:
+            out = {}
+        elif sizes is not None:  # scans as bags of tiles: MultiTaskNet.bags
+            out = dict(self.model.bags(images, sizes))
+        else:
+            out = dict(self.model(images, roi=roi))
         if patches is not None:
             maps = self.model(patches, roi=True)
             out["roi_patch"] = maps["roi"]
@@ -89,6 +96,10 @@ class LossesMixin:
         n_weak, n_strong, n_patch = sizes
         nw = 0 if weak is None else len(weak["index"])
         parts = [b["image"] for b in (weak, strong) if b is not None]
+        # training.sampler tiles: each scan a bag of tiles; the maps are per tile
+        bagged = any(b is not None and "sizes" in b for b in (weak, strong))
+        sizes = [n for b in (weak, strong) if b is not None for n in b.get("sizes", [])]
+        nw_items = sum(weak["sizes"]) if bagged and weak is not None else nw
         pseudo_roi = weak is not None and "pseudo_mask" in weak
         strong_masks = strong is not None and "mask" in strong
         # decode only the scans with an ROI target (pseudo masks: weak; real masks: strong)
@@ -113,6 +124,7 @@ class LossesMixin:
                     None if images is None else prepare_input(images, tcfg),
                     roi,
                     None if patches is None else prepare_input(patches["image"].to(device), tcfg),
+                    sizes if bagged else None,
                 )
         terms: dict[str, torch.Tensor] = {}
         if weak is not None:
@@ -152,14 +164,15 @@ class LossesMixin:
         if pseudo_roi:
             assert weak is not None
             weak_roi, target, m = maps_and_targets(
-                out, "", slice(0, nw), weak["pseudo_mask"].to(device)
+                out, "", slice(0, nw_items), weak["pseudo_mask"].to(device)
             )
             weight = weak.get("pseudo_weight")  # voxel weights: ignore bands and gates
             terms["pseudo_roi"] = self.roi_loss(
                 weak_roi,
                 target,
                 None if weight is None else torch.cat([weight.to(device)] * m),
-                total_items=m * n_weak,
+                # bags: the global batch's weak tiles (this rank's block is its tiles)
+                total_items=m * (sum(ctx.all_gather_object(nw_items)) if bagged else n_weak),
                 ctx=ctx,
             )
         for k, v in terms.items():

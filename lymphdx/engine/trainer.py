@@ -47,20 +47,20 @@ from lymphdx.core.config import Config, dump_config
 from lymphdx.core.domains import STRONG, WEAK
 from lymphdx.core.errors import LymphdxError
 from lymphdx.core.strategies import Strategy, get_strategy
-from lymphdx.core.zeta import roi_mask
 from lymphdx.data.augment import Augmenter
-from lymphdx.data.datasets import VolumeSet
 from lymphdx.engine import selection
+from lymphdx.engine.bag_sampler import BagSampler
 from lymphdx.engine.batches import BatchesMixin
 from lymphdx.engine.distributed import DistContext
-from lymphdx.engine.inferer import Inferer, WholeInferer, make_inferer
+from lymphdx.engine.inferer import Inferer, make_inferer
 from lymphdx.engine.losses import RoiLoss
 from lymphdx.engine.performance import grad_scaler, optimizer_step
 from lymphdx.engine.propagation import PropagationMixin, PseudoLabels, predict_volumes
-from lymphdx.engine.roi_status import roi_decoder_status
+from lymphdx.engine.roi_status import strong_dice, write_roi_status
 from lymphdx.engine.run_data import RunData
 from lymphdx.engine.run_folder import (
     checkpoint_path,
+    load_checkpoint,
     pseudo_from_state,
     pseudo_to_state,
     read_history,
@@ -75,38 +75,11 @@ from lymphdx.engine.teacher import EmaTeacher, SwaAverager
 from lymphdx.models.domain_norm import domains
 from lymphdx.models.multitask import MultiTaskNet, build_model
 from lymphdx.stats.metrics import auc as compute_auc
-from lymphdx.stats.metrics import binary_log_loss, dice_counts, dice_of
+from lymphdx.stats.metrics import binary_log_loss
 
 __all__ = ["Trainer"]
 
 log = logging.getLogger("lymphdx")
-
-
-@torch.no_grad()
-def _strong_dice(
-    model: MultiTaskNet,
-    volumes: VolumeSet,
-    threshold: float,
-    ctx: DistContext,
-    inferer: Inferer | None = None,
-) -> float:
-    """``model``'s Dice at ``threshold`` on ``volumes`` (with masks), pooled over the
-    scans, their ROI maps ``inferer``'s (default ``WholeInferer``) without the flip."""
-    inferer = inferer or WholeInferer()
-    was_training = model.training
-    model.eval()
-    index = ctx.shard(range(len(volumes)))  # each rank scores its block
-    inter = total = 0.0
-    n = inferer.batch_size(4)
-    with domains(model, STRONG):
-        for start in range(0, len(index), n):
-            batch = volumes.batch(index[start : start + n])
-            pred = roi_mask(inferer(model, batch.images)["roi"].cpu(), threshold)
-            counts = dice_counts(pred.numpy(), batch.masks.numpy())
-            inter, total = inter + counts[0], total + counts[1]
-    model.train(was_training)
-    inter, total = ctx.all_gather_array(np.array([[inter, total]], dtype=float)).sum(axis=0)
-    return dice_of(inter, total)
 
 
 class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
@@ -164,20 +137,23 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
             if self.strategy.uses_strong
             else None
         )
-        self.patch = (  # (d, h, w), cut to the volumes' grid
-            None
-            if tcfg.roi_patch is None
-            else tuple(
-                min(p, s)
-                for p, s in zip(reversed(tcfg.roi_patch), self.weak_train.shape, strict=True)
+        # scans as bags of tiles (training.sampler: tiles), refreshed by refresh_bags
+        self.bags = BagSampler(config) if tcfg.sampler == "tiles" else None
+        self.patch: tuple[int, ...] | None = None  # (d, h, w)
+        if tcfg.roi_patch is not None and self.bags is not None:  # scans of any size
+            self.patch = tuple(reversed(tcfg.roi_patch))
+        elif tcfg.roi_patch is not None:  # cut to the volumes' grid
+            shape = self.weak_train.shape
+            self.patch = tuple(
+                min(p, s) for p, s in zip(reversed(tcfg.roi_patch), shape, strict=True)
             )
-        )
         self.strong_val = (
             data.volumes("strong", "val", masks=True) if self.strategy.roi_strong else None
         )
         self.pseudo = PseudoLabels()
         self.propagation_start: int | None = None  # the epoch of the first propagation
         self.propagation_note = ""  # why propagation did (not) run this epoch
+        self.gate_reading: dict[str, float] = {}  # what the Dice gate read this epoch
         self.steps_done = 0  # optimiser steps so far
         self.epoch = 0
         self.best: dict[str, float] = {"val_auc": -1.0, "val_loss": math.inf, "epoch": -1}
@@ -277,6 +253,7 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
             "selection": self.config.training.selection,
             "propagation_start": self.propagation_start,
             "steps_done": self.steps_done,
+            "bags": None if self.bags is None else self.bags.state_dict(),
             "config_yaml": dump_config(self.config),
             "lymphdx_version": lymphdx.__version__,
             "fingerprint": run_fingerprint(self.config, self.run_dir),
@@ -294,6 +271,8 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
         start = state.get("propagation_start")
         self.propagation_start = None if start is None else int(start)
         self.steps_done = int(state.get("steps_done", 0))
+        if self.bags is not None and state.get("bags") is not None:
+            self.bags.load_state_dict(state["bags"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         if state.get("swa") is not None:
@@ -376,7 +355,54 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
         """``model``'s Dice on the strong validation split at ζ, pooled over its scans."""
         assert self.strong_val is not None
         zeta = self.config.propagation.roi_threshold
-        return _strong_dice(model, self.strong_val, zeta, self.ctx, self.inferer)
+        return strong_dice(model, [self.strong_val], zeta, self.ctx, self.inferer)
+
+    def strong_fit_dice(self, model: MultiTaskNet) -> tuple[float, int]:
+        """``model``'s Dice at ζ pooled over all strong training and validation scans, and
+        their number: what the switches read (propagation's Dice gate, "the decoder found
+        no node"), steadier than the validation split's few patients (BENCHMARKS.md)."""
+        sets = [v for v in (self.strong_train, self.strong_val) if v is not None and len(v)]
+        zeta = self.config.propagation.roi_threshold
+        return strong_dice(model, sets, zeta, self.ctx, self.inferer), sum(map(len, sets))
+
+    def _best_model(self) -> MultiTaskNet:
+        """The weights ``checkpoints/best.pt`` holds (the selected model's at the end of a
+        fixed budget; else read back)."""
+        if self.config.training.selection in ("last", "ema_last"):
+            return self.selected_model
+        self.ctx.barrier()  # rank 0 wrote best.pt; every rank reads it
+        model = build_model(self.config.model)
+        model.load_state_dict(load_checkpoint(checkpoint_path(self.run_dir, "best"))["model"])
+        return model.to(self.ctx.device)
+
+    def bags_due(self) -> bool:
+        """Whether this epoch starts with a refresh of the bags' peaks (``sampler: tiles``):
+        at the end of the ROI warm-up (else after the first epoch), then every
+        ``training.bag_refresh_every`` epochs."""
+        if self.bags is None:
+            return False
+        first = max(1, self.roi_warmup)
+        every = self.config.training.bag_refresh_every
+        return self.epoch >= first and (self.epoch - first) % every == 0
+
+    def refresh_bags(self) -> dict[str, float]:
+        """The peaks of the teacher's sliding-window ROI maps of the training scans that
+        are read as bags (the weak set; the strong set's too for its pseudo class labels):
+        the tiles the classifier reads until the next refresh."""
+        assert self.bags is not None
+        summary = self.bags.refresh(self.teacher, self.weak_train, "weak", self.epoch)
+        if self.strategy.pseudo_cls_strong and self.strong_train is not None:
+            with domains(self.teacher, STRONG):
+                summary.update(
+                    self.bags.refresh(self.teacher, self.strong_train, "strong", self.epoch)
+                )
+        log.info("epoch %d: bags refreshed %s", self.epoch, summary)
+        return summary
+
+    def validation_due(self) -> bool:
+        """Validation runs every ``training.validate_every`` epochs and at the last."""
+        every, last = self.config.training.validate_every, self.config.training.epochs - 1
+        return self.epoch == last or self.epoch % every == 0
 
     def validate(self) -> dict[str, float]:
         """Score the model that selection chooses among (the EMA under ``ema``)."""
@@ -451,9 +477,14 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
                 start = time.perf_counter()
                 torch.manual_seed(self.config.seed * 100_003 + self.epoch)  # dropout etc.
                 propagated = self.propagation_due()
+                gate = dict(self.gate_reading)
                 if propagated:
                     self.propagation()
-                row: dict[str, Any] = {"epoch": self.epoch, **self.train_epoch(), **self.validate()}
+                refreshed = self.refresh_bags() if self.bags_due() else {}
+                row: dict[str, Any] = {"epoch": self.epoch, **self.train_epoch(), **refreshed}
+                row.update(gate)
+                if self.validation_due():
+                    row.update(self.validate())
                 row.update(
                     propagated=int(propagated),
                     lr=self.optimizer.param_groups[0]["lr"],
@@ -469,11 +500,15 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
                     self.epoch,
                     {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
                 )
-                bar.set_postfix(loss=f"{row['loss']:.3f}", val_auc=f"{row['val_auc']:.3f}")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", val_auc=f"{row.get('val_auc', -1):.3f}")
                 self.epoch_end(row, writer)
-            status = roi_decoder_status(self.history)
-            if status is not None and status["note"]:
-                log.warning("%s", status["note"])
+            if self.strategy.roi_strong and self.strong_train is not None:
+                # did the decoder of best.pt's weights find nodes? read on all strong
+                # training + validation scans (the switches after training read it)
+                dice, n = self.strong_fit_dice(self._best_model())
+                status = write_roi_status(self.run_dir, dice, n, self.ctx.is_main)
+                if status["note"]:
+                    log.warning("%s", status["note"])
             if self.ctx.is_distributed:
                 checksum = self.ctx.check_identical(self.model, "at the end of training")
                 log.info(

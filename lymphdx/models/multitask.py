@@ -279,6 +279,20 @@ class TileCells:
     roi: torch.Tensor | None = None
     node_volume_k: int = 0
 
+    def take(self, tiles: slice) -> TileCells:
+        """These cells of the ``tiles`` (a slice along T) only."""
+
+        def part(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[tiles]
+
+        return TileCells(
+            self.cells[tiles],
+            part(self.attention),
+            part(self.evidence),
+            part(self.roi),
+            self.node_volume_k,
+        )
+
 
 def node_volume(roi_logits: torch.Tensor, k: int) -> torch.Tensor:
     """Node volume evidence ``(B,)`` of ROI logits ``(B, 1, D, H, W)``: the logit of the
@@ -473,19 +487,44 @@ class MultiTaskNet(nn.Module):
         pools the cells of several such calls together): the embedding's cells and, with
         attention pooling, the attention logits (and the ROI logits for the node volume
         evidence)."""
+        return self._tiles(x, decode=False)[0]
+
+    def _tiles(self, x: torch.Tensor, decode: bool) -> tuple[TileCells, torch.Tensor | None]:
+        """``tile_cells`` of ``x`` and, when the decoder ran (attention pooling, or
+        ``decode``), its map logits ``(T, M, d, h, w)`` (M = 1, or 2 with the malignancy
+        map); else None."""
         o, skips = self.encoder(x)
         cells = o.flatten(2)
+        size = tuple(x.shape[2:])
         if not self.classifier.attention:
-            return TileCells(cells)
-        maps, attention = self.decoder(o, skips, tuple(x.shape[2:]), attention=True)
+            return TileCells(cells), (self.decoder(o, skips, size) if decode else None)
+        maps, attention = self.decoder(o, skips, size, attention=True)
         pooled = self.classifier.attention_logits(attention, tuple(o.shape[2:])).flatten(2)
         k = self.cfg.node_volume_evidence
         roi = maps[:, 0].flatten(1) if k else None
-        return TileCells(cells, pooled, attention.float().flatten(1), roi, k)
+        return TileCells(cells, pooled, attention.float().flatten(1), roi, k), maps
 
     def bag(self, tiles: Sequence[TileCells]) -> torch.Tensor:
         """One scan's logit ``(1,)`` from the cells of its tiles (``Classifier.bag``)."""
         return self.classifier.bag(tiles)
+
+    def bags(self, x: torch.Tensor, sizes: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Scans read as bags of tiles in one forward pass (``training.sampler: tiles``):
+        ``x`` ``(N, 1, d, h, w)`` holds scan 0's ``sizes[0]`` tiles, then scan 1's, ...
+        Returns ``{"cls": (len(sizes),)}`` (``Classifier.bag`` per scan) and the tiles'
+        ``"roi"`` ``(N, 1, d, h, w)`` logits (and ``"malignancy"`` with that map)."""
+        if sum(sizes) != len(x) or min(sizes, default=1) < 1:
+            raise ValueError(f"bag sizes {list(sizes)} do not split {len(x)} tiles")
+        cells, maps = self._tiles(x, decode=True)
+        assert maps is not None
+        logits, start = [], 0
+        for n in sizes:
+            logits.append(self.classifier.bag([cells.take(slice(start, start + n))]))
+            start += n
+        out = {"cls": torch.cat(logits), "roi": maps[:, :1]}
+        if maps.shape[1] > 1:
+            out["malignancy"] = maps[:, 1:]
+        return out
 
 
 def build_model(cfg: ModelConfig) -> MultiTaskNet:

@@ -109,6 +109,8 @@ class TableOne:
     detection: list[tuple[str, list[str]]]  # strategy label, DETECTION_KEYS' cells
     paired: list[PairedRow]
     roi_not_learned: list[str]  # warnings: strategies whose ROI decoder found no node
+    # per run: (strategy label, run, propagation, decoder, readout): which switches fired
+    switches: list[tuple[str, ...]]
     readout_notes: list[str]  # strategies scored with evaluation.roi_readout, each half's AUC
     widths_note: str | None  # how wide the intervals are, and what that means
     split_note: str | None  # ``test_split_note``
@@ -220,6 +222,12 @@ def table_one(results: dict[str, Any]) -> TableOne:
         detection=detection,
         paired=[paired_row(name, t) for name, t in tests.items()],
         roi_not_learned=roi_not_learned,
+        switches=[
+            (label(s), sw["run"], sw["propagation"], sw["decoder"], sw["readout"])
+            for s, r in strategies.items()
+            for sw in r.get("switches", [])
+            if (sw["propagation"], sw["decoder"], sw["readout"]) != ("—", "—", "—")
+        ],
         readout_notes=readout_notes,
         widths_note=widths_note,
         split_note=test_split_note(results) if has_counts else None,
@@ -259,6 +267,16 @@ def format_table(results: dict[str, Any]) -> str:
         lines += ["", f"**{warning}**"]
     for note in t.readout_notes:
         lines += ["", note]
+    if t.switches:
+        lines += [
+            "",
+            "Switches per run (what a measured figure turned on or off, and on how many "
+            "patients it was read):",
+            "",
+            "| Strategy | run | propagation | ROI decoder at the end | ROI readout |",
+            "|---|---|---|---|---|",
+        ]
+        lines += ["| " + " | ".join(row) + " |" for row in t.switches]
     if t.widths_note:
         lines += ["", t.widths_note]
     if t.split_note:

@@ -50,6 +50,7 @@ from lymphdx.workflows.folds import (
     pooled_fold_aucs,
     pooled_val_predictions,
 )
+from lymphdx.workflows.switches import run_switches
 
 __all__ = ["compare", "summarise"]
 
@@ -444,7 +445,10 @@ def scored_checkpoints(out: Path, run_dirs: list[Path]) -> dict[str, Any]:
 
 def _add_detection(results: dict[str, Any], runs: dict[str, list[Path]]) -> None:
     """Per strategy, each run's Dice and FROC mean sensitivity (``detection.json``) and
-    their mean over runs (seeds, or seeds × folds under cross-validation)."""
+    their mean over runs (seeds, or seeds × folds under cross-validation), and which of
+    each run's switches fired (``switches.run_switches``)."""
+    for strategy, run_dirs in runs.items():
+        results["strategies"][strategy]["switches"] = [run_switches(d, strategy) for d in run_dirs]
     for strategy, run_dirs in runs.items():
         rows = [
             json.loads((d / "detection.json").read_text())

@@ -23,9 +23,9 @@ from lymphdx.core.strategies import get_strategy
 from lymphdx.engine.inferer import make_inferer
 from lymphdx.engine.propagation import predict_volumes
 from lymphdx.engine.roi_readout import run_readout, score_volumes
-from lymphdx.engine.roi_status import roi_decoder_status
+from lymphdx.engine.roi_status import read_roi_status
 from lymphdx.engine.run_data import load_run_data
-from lymphdx.engine.run_folder import load_model, load_run_config, read_history
+from lymphdx.engine.run_folder import load_model, load_run_config
 from lymphdx.engine.run_state import epochs_done, refuse_while_busy
 from lymphdx.stats.metrics import auc, bootstrap_auc_ci, delong, sensitivity_specificity
 from lymphdx.workflows.detection import evaluate_detection
@@ -179,7 +179,7 @@ def _evaluate_run(run_dir: Path, split: str, detection: bool) -> dict[str, Any]:
         "checkpoint": state["source"],
     }
     # a run whose ROI decoder found nothing in the end says so (training.roi_status)
-    status = roi_decoder_status(read_history(run_dir / "history.csv"))
+    status = read_roi_status(run_dir)
     if status is not None:
         metrics["roi_decoder"] = status
     if "swa_first_epoch" in state["best"]:  # the epochs SWA averaged
