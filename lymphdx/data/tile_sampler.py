@@ -38,14 +38,13 @@ def crop_padded(
     volume: np.ndarray, corner: Sequence[int], size: Sequence[int], fill: float = 0.0
 ) -> np.ndarray:
     """``volume[..., corner : corner + size]`` over its last three axes, with the part
-    outside the volume filled with ``fill`` (a view-free copy only where padding is
-    needed)."""
+    outside the volume filled with ``fill``; always a new, writable array."""
     shape = volume.shape[-3:]
     lo = [max(0, c) for c in corner]
     hi = [min(s, c + t) for c, t, s in zip(corner, size, shape, strict=True)]
     inside = volume[(..., *(slice(a, b) for a, b in zip(lo, hi, strict=True)))]
     if tuple(inside.shape[-3:]) == tuple(size):
-        return inside
+        return np.array(inside)  # a copy: a tile of a read-only memory-mapped scan
     out = np.full((*volume.shape[:-3], *size), fill, dtype=volume.dtype)
     at = tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, corner, strict=True))
     out[(..., *at)] = inside
