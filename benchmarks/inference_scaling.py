@@ -2,10 +2,12 @@
 
     OMP_NUM_THREADS=2 python benchmarks/inference_scaling.py            # 64^3 ... 512x512x256
     OMP_NUM_THREADS=1 python benchmarks/inference_scaling.py --threads 1 --max-voxels 8.4e6
+    OMP_NUM_THREADS=1 python benchmarks/inference_scaling.py --threads 1 --preset clinical
 
 ``SlidingWindowInferer`` (``evaluation.inferer: sliding_window``, the default ``inference``
 section: tile 96 x 96 x 64, overlap 0.25, Gaussian blending, 4 tiles per forward pass, a bag
-of 4 peak tiles) with the quick preset's network (random weights: the cost does not depend
+of 4 peak tiles; ``--preset clinical``: that preset's, tiles of 64 x 64 x 32 and a bag of 8
+tiles of 32 x 32 x 16) with the preset's network (random weights: the cost does not depend
 on them) on one random volume per size. Each size runs in a fresh interpreter, so its peak
 resident memory (VmHWM, ``_bench.peak_rss_kib``) is its own; the resident memory after the
 model is built is given too. Wall times (and the process's CPU times, steadier on a shared
@@ -35,7 +37,7 @@ SIZES = [  # (x, y, z)
 ]
 
 
-def child(size: tuple[int, int, int], threads: int, flip: bool) -> dict:
+def child(size: tuple[int, int, int], threads: int, flip: bool, preset: str = "quick") -> dict:
     """One size, measured in this process."""
     import torch
 
@@ -44,7 +46,7 @@ def child(size: tuple[int, int, int], threads: int, flip: bool) -> dict:
     from lymphdx.models.multitask import build_model
 
     torch.set_num_threads(threads)
-    config = load_config(preset="quick", overrides={"evaluation": {"inferer": "sliding_window"}})
+    config = load_config(preset=preset, overrides={"evaluation": {"inferer": "sliding_window"}})
     torch.manual_seed(0)
     model = build_model(config.model).eval()
     inferer = SlidingWindowInferer(config.inference)
@@ -88,18 +90,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-voxels", type=float, default=float("inf"), help="skip larger sizes")
     ap.add_argument("--flip", action="store_true", help="with the left-right flip (TTA)")
+    ap.add_argument(
+        "--preset", default="quick", help="whose network and inference section (quick, clinical)"
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--size", nargs=3, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        _bench.emit(child(tuple(args.size), args.threads, args.flip))
+        _bench.emit(child(tuple(args.size), args.threads, args.flip, args.preset))
         return
     results = []
     for size in SIZES:
         if size[0] * size[1] * size[2] > args.max_voxels:
             continue
         _bench.log(f"size {size} ...")
-        extra = ["--flip"] if args.flip else []
+        extra = (["--flip"] if args.flip else []) + ["--preset", args.preset]
         res = _bench.run_child(
             Path(__file__), ["--size", *map(str, size), "--threads", str(args.threads), *extra]
         )
@@ -113,6 +118,7 @@ def main() -> None:
             "benchmark": "inference_scaling",
             "machine": _bench.machine(args.threads),
             "flip": args.flip,
+            "preset": args.preset,
             "results": results,
         }
     )
