@@ -30,7 +30,10 @@ def _propagation(rows: list[dict[str, str]], strategy: str) -> str:
     if started:
         first = started[0]
         note = (first.get("propagation_note") or "").split(";")[0]
-        return f"started at epoch {first['epoch']} ({note})" if note else f"epoch {first['epoch']}"
+        if note.startswith("started at epoch"):  # no gate: the note says it all
+            return note
+        why = note.removeprefix("started: ")
+        return f"started at epoch {first['epoch']}" + (f" ({why})" if why else "")
     last = next((r for r in reversed(rows) if r.get("propagation_note")), None)
     return "never" + (f" ({last['propagation_note'].split(';')[0]})" if last else "")
 
