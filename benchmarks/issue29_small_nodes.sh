@@ -10,6 +10,8 @@
 #   longer    the same run continued to $LONG_EPOCHS epochs (train --resume on a copy)
 #   quick     train + evaluate the quick preset (multitask) on the same split
 #   summary   one JSON line per run: test AUC with its CI, strong/weak test Dice and FROC
+#   predict512  a 512x512x256 phantom scan (0.625 x 0.625 x 0.94 mm) predicted by the
+#             clinical run under /usr/bin/time -v: wall seconds and peak RSS (section 4.4)
 # Environment: SEED (0), STRATEGY (multitask), LONG_EPOCHS (20), THREADS (1), and
 # LYMPHDX_CACHE (default OUT/cache). One run at a time with THREADS=2, or two phases in
 # parallel with THREADS=1 each (2-core machine).
@@ -73,6 +75,15 @@ row["readout"] = m.get("roi_readout", {}).get("note")
 print(json.dumps(row))
 PY
         done ;;
+    predict512)
+        [ -f "$out/full512/weak/manifest.csv" ] || "$lymphdx" synth --out "$out/full512" \
+            --n-weak 2 --n-pos 1 --n-strong 0 --resolution 0.625,0.9375 \
+            --phantom realistic --seed 5
+        rm -rf "$out/pred512"
+        /usr/bin/time -v "$lymphdx" predict --model "$out/clinical" \
+            "$out/full512/weak/images/W0001.nii.gz" --out "$out/pred512" \
+            2> "$out/pred512.time"
+        grep -E "Elapsed|Maximum resident" "$out/pred512.time" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
     esac
 done
