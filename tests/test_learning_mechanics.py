@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from lymphdx.core.config import AugmentationConfig, Config, ModelConfig, load_config
 from lymphdx.core.errors import ConfigError
 from lymphdx.data.augment import Augmenter
-from lymphdx.data.sampling import crop, patch_corner, stream_batches
+from lymphdx.data.sampling import patch_corner, stream_batches
+from lymphdx.data.tile_sampler import crop_padded as crop
 from lymphdx.engine import batches, propagation
 from lymphdx.engine.run_folder import load_checkpoint
 from lymphdx.engine.train import train

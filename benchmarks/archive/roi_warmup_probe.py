@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from lymphdx.core.config import load_config, validate
-from lymphdx.data.sampling import crop, patch_corner
+from lymphdx.data.sampling import patch_corner
+from lymphdx.data.tile_sampler import crop_padded as crop
 from lymphdx.engine.losses import RoiLoss
 from lymphdx.engine.run_data import load_run_data
 from lymphdx.models.multitask import build_model

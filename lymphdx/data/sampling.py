@@ -14,9 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from lymphdx.core.seeding import seeded_rng
-from lymphdx.data.tile_sampler import crop_padded
 
-__all__ = ["stream_batches", "patch_corner", "crop"]
+__all__ = ["stream_batches", "patch_corner"]
 
 
 def stream_batches(
@@ -61,9 +60,3 @@ def patch_corner(
         centre = np.array([rng.integers(s) for s in shape])
     corner = np.clip(centre - size // 2, 0, shape - size)
     return tuple(int(c) for c in corner)
-
-
-def crop(volume: np.ndarray, corner: Sequence[int], patch: Sequence[int]) -> np.ndarray:
-    """``volume[corner : corner + patch]`` over its last three axes (``crop_padded``, which
-    also pads where the patch sticks out of the volume)."""
-    return crop_padded(volume, corner, patch)
