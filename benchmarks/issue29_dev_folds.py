@@ -1,0 +1,143 @@
+"""Issue 29: choose the clinical preset's budget on seed 0's development folds.
+
+The weak set's fixed split (``OUT/splits.csv``, the one every other command draws) keeps
+its ``test`` patients out: they are not in ``OUT/development_weak.csv``, the manifest every
+run here trains and is scored on. The development patients (train + val) are split into
+``--folds`` stratified folds (``workflows.folds.cv_folds``, as ``compare --cv`` does); in
+each fold a run of the preset is trained to ``--epochs[0]`` epochs and scored on the
+fold's held-out patients, then a copy is trained on to each further budget and scored
+again (no learning-rate schedule: a run trained on from epoch 10 to 20 is a 20-epoch run).
+Detection is not scored here (the strong set's test split stays untouched).
+
+    python benchmarks/issue29_dev_folds.py run DATA OUT --fold 0   # one fold; resumable
+    python benchmarks/issue29_dev_folds.py summary DATA OUT        # pooled OOF per budget
+
+Run the folds in parallel with ``OMP_NUM_THREADS=1`` each on a 2-core machine. The
+summary gives, per budget, the pooled out-of-fold AUC with its bootstrap CI, DeLong's
+paired test between budgets, and the decoder's Dice on the strong training + validation
+scans (``roi_status.json``). Rule declared before the runs: the longer budget is adopted
+when its pooled AUC is higher and its decoder Dice is not lower; otherwise the shorter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lymphdx.core.config import load_config
+from lymphdx.engine.roi_status import read_roi_status
+from lymphdx.engine.run_data import split_manifests
+from lymphdx.stats.metrics import auc, bootstrap_auc_ci, delong_paired
+from lymphdx.workflows import folds as cv
+from lymphdx.workflows.ablation import write_development_manifest
+from lymphdx.workflows.evaluate import evaluate_run, read_predictions
+
+
+def _config_text(preset: str, epochs: int) -> str:
+    return f"preset: {preset}\ntraining:\n  epochs: {epochs}\n"
+
+
+def _paths(data: Path) -> tuple[Path, Path]:
+    return data / "weak" / "manifest.csv", data / "strong" / "manifest.csv"
+
+
+def _fold_dirs(data: Path, out: Path, preset: str, k: int, first: int) -> list[Path]:
+    """The folds' first-budget run folders, each with its ``splits.csv`` written."""
+    weak_csv, strong_csv = _paths(data)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file = out / f"e{first}.yaml"
+    cfg_file.write_text(_config_text(preset, first))
+    config = load_config(cfg_file)
+    weak, strong = split_manifests(config, weak_csv, strong_csv, out)
+    development = [w for w in weak if w.split != "test"]
+    write_development_manifest(development, out / "development_weak.csv")
+    folds = cv.cv_folds(config, development, k, 1)
+    runs = cv.fold_runs(out, folds, development, strong, [f"e{first}"], [0], lambda n, s: config)
+    return [r.run_dir for r in runs]
+
+
+def _train(run: Path, cfg: Path, out: Path, data: Path) -> None:
+    if (run / "predictions_test.csv").exists():
+        return
+    resume = ["--resume"] if (run / "checkpoints" / "last.pt").exists() else []
+    cmd = [
+        "lymphdx", "train", "--weak", str(out / "development_weak.csv"),
+        "--strong", str(_paths(data)[1]), "--strategy", "multitask",
+        "--config", str(cfg), "--out", str(run), "--seed", "0", *resume,
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    evaluate_run(run, "test", detection=False)
+
+
+def run_fold(data: Path, out: Path, preset: str, k: int, fold: int, budgets: list[int]) -> None:
+    first = _fold_dirs(data, out, preset, k, budgets[0])[fold]
+    _train(first, out / f"e{budgets[0]}.yaml", out, data)
+    previous = first
+    for epochs in budgets[1:]:
+        cfg = out / f"e{epochs}.yaml"
+        cfg.write_text(_config_text(preset, epochs))
+        run = first.parent.parent / f"e{epochs}" / "seed0"
+        if not run.exists():  # trained on from the previous budget's last epoch
+            shutil.copytree(previous, run)
+            for name in ("metrics.json", "roi_status.json", "predictions_test.csv"):
+                (run / name).unlink(missing_ok=True)
+        _train(run, cfg, out, data)
+        previous = run
+
+
+def summary(out: Path, budgets: list[int]) -> dict:
+    rows: dict[int, dict[str, tuple[int, float]]] = {}
+    dice: dict[int, list[float]] = {}
+    for epochs in budgets:
+        for run in sorted(out.glob(f"cv/repeat0/fold*/e{epochs}/seed0")):
+            if (run / "predictions_test.csv").exists():
+                rows.setdefault(epochs, {}).update(read_predictions(run / "predictions_test.csv"))
+                status = read_roi_status(run) or {}
+                if (d := status.get("dice")) is not None:
+                    dice.setdefault(epochs, []).append(float(d))
+    result: dict = {"budgets": {}}
+    common = sorted(set.intersection(*(set(r) for r in rows.values()))) if rows else []
+    for epochs, r in rows.items():
+        y = np.array([r[p][0] for p in common])
+        s = np.array([r[p][1] for p in common])
+        result["budgets"][epochs] = {
+            "n": len(common),
+            "n_pos": int(y.sum()),
+            "pooled_oof_auc": auc(y, s),
+            "ci95": list(bootstrap_auc_ci(y, s[None], 2000, 0.95, 0)),
+            "decoder_dice_strong_train_val": dice.get(epochs),
+        }
+    if len(rows) >= 2 and common:
+        a, b = budgets[-1], budgets[0]
+        y = np.array([rows[a][p][0] for p in common])
+        test = delong_paired(y, np.array([rows[a][p][1] for p in common]),
+                             np.array([rows[b][p][1] for p in common]))  # fmt: skip
+        result[f"e{a} vs e{b}"] = {"delta_auc": test.delta, "p_delong": test.p}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=("run", "summary"))
+    parser.add_argument("data", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--preset", default="clinical")
+    parser.add_argument("--folds", type=int, default=2)
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--epochs", type=int, nargs="+", default=[10, 20])
+    args = parser.parse_args()
+    if args.what == "run":
+        run_fold(args.data, args.out, args.preset, args.folds, args.fold, args.epochs)
+    else:
+        json.dump(summary(args.out, args.epochs), sys.stdout, indent=1)
+        print()
+
+
+if __name__ == "__main__":
+    main()
