@@ -8,9 +8,10 @@ own runner from the bundle's folder::
 
 (``--bundle_root DIR`` from elsewhere; ``--output_dir DIR``, default ``eval``). The
 preprocessing is lymphdx's own ``prepare_scan`` through the bundle-local
-``scripts/lymphdx_scan.py`` (``workflows.bundle_scripts``), because MONAI's resampling
-transforms do not reproduce SimpleITK's resample onto lymphdx's grid to 1e-4; so the
-bundle needs lymphdx installed, and ``fire`` for MONAI's command line.
+``scripts/lymphdx_scan.py`` (``workflows.bundle_scripts``), not MONAI transforms set to
+imitate it (the HU calibration check, the centred grid, SimpleITK's resample), so that
+the two cannot drift apart; the bundle therefore needs lymphdx installed, and ``fire``
+for MONAI's command line.
 """
 
 from __future__ import annotations
