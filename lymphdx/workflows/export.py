@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -287,5 +286,4 @@ def export(
             if fmt == "onnx":
                 settings["onnx_opset"] = ONNX_OPSET
             write_json(tmp / "export.json", settings)
-        shutil.rmtree(tmp / "__pycache__", ignore_errors=True)
     return settings
