@@ -28,6 +28,7 @@ Strategy = Literal["supervised", "semi-supervised", "multitask", "ssmdmt", "ssmd
 Preset = Literal["quick", "paper", "clinical"]
 Region = Literal["abd", "med", "all"]
 Phantom = Literal["scaled", "realistic"]  # lymphdx.data.synthetic.PHANTOMS
+ExportFormat = Literal["torchscript", "onnx", "bundle"]  # lymphdx.workflows.export.FORMATS
 
 
 def _flags_without_type(params: list[Any]) -> list[Any]:
@@ -550,6 +551,23 @@ def report(
     from lymphdx.workflows.report import write_report
 
     typer.echo(str(write_report(folder)))
+
+
+@app.command("export", cls=_Command)
+@_friendly
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder (quick or paper preset).")],
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="What to write.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write (new, empty or an export).")],
+    domain: Annotated[
+        Domain, typer.Option(help="Hospital whose normalisation to build in.")
+    ] = "weak",
+) -> None:
+    """Export the network with its preprocessing settings (export.json): model.ts, model.onnx
+    or a MONAI Bundle (python -m monai.bundle run --config_file OUT/configs/inference.json)."""
+    from lymphdx.workflows.export import export
+
+    typer.echo(dumps_json(export(run, out, fmt, domain=domain)))
 
 
 @app.command("prepare-tcia", cls=_Command)

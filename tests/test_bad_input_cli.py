@@ -384,12 +384,14 @@ def test_cli_choices_are_lymphdx_choices():
     from lymphdx.core.config import PRESETS, STRATEGIES
     from lymphdx.data.manifest import SPLITS
     from lymphdx.io.tcia import REGIONS
+    from lymphdx.workflows.export import FORMATS
 
     assert typing.get_args(cli_module.Split) == tuple(SPLITS)
     assert typing.get_args(cli_module.Strategy) == tuple(STRATEGIES)
     assert typing.get_args(cli_module.Preset) == tuple(PRESETS)
     assert set(typing.get_args(cli_module.Region)) == set(REGIONS)
     assert typing.get_args(cli_module.Domain) == ("weak", "strong")
+    assert typing.get_args(cli_module.ExportFormat) == FORMATS
 
 
 def test_version():
