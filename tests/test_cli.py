@@ -144,7 +144,15 @@ def test_train_evaluate_predict_compare_commands(tiny_data: Path, tmp_path: Path
         ],
     )
     assert again.exit_code == 0
-    assert json.loads((out / "results.json").read_text()) == results
+    # ... and without --effect the same runs are read again (evaluation.declared_effect
+    # scores nothing): the same figures, the design analysis at the default 0.05
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["claim_rule"].pop("declared_effect") == 0.05
+    assert results["claim_rule"].pop("declared_effect") == 0.1
+    assert {t.pop("design")["effect"] for t in rerun["paired_tests"].values()} == {0.05}
+    assert {t.pop("design")["effect"] for t in results["paired_tests"].values()} == {0.1}
+    assert rerun == results
+    assert "scored again" not in again.output
 
 
 def test_errors_are_one_clear_line(tmp_path: Path) -> None:
