@@ -45,7 +45,17 @@ def main() -> None:
             for name, v in results["strategies"].items()
         },
         "paired_tests": {
-            name: {k: t.get(k) for k in ("delta_auc", "delta_ci95", "p_delong", "power")}
+            name: {
+                **{
+                    k: t.get(k)
+                    for k in ("delta_auc", "delta_ci95", "p_delong", "p_holm", "supports_claim")
+                },
+                # the design analysis at the declared effect (results.json's claim_rule)
+                **{
+                    f"design_{k}": (t.get("design") or {}).get(k)
+                    for k in ("power", "exaggeration", "n_for_80_power")
+                },
+            }
             for name, t in results.get("paired_tests", {}).items()
         },
     }

@@ -448,6 +448,14 @@ def compare_cmd(
             help="Runs trained at once, each in its own process with its share of the cores.",
         ),
     ] = 1,
+    effect: Annotated[
+        float | None,
+        typer.Option(
+            "--effect",
+            help="The gain in AUC declared before looking, at which each paired test's power "
+            "and exaggeration are given (evaluation.declared_effect; default 0.05).",
+        ),
+    ] = None,
 ) -> None:
     """Train and evaluate every strategy and seed; writes results.json, results.md, roc.png
     (with --ablation: ablation.json, ablation.md, recommended.yaml)."""
@@ -459,8 +467,12 @@ def compare_cmd(
     _check_at_least(repeats, "--repeats")
     if cv < 0 or cv == 1:
         raise LymphdxError(f"--cv must be 0 (the fixed split) or at least 2 folds, got {cv}")
+    if effect is not None and not 0.0 < effect < 0.49:  # evaluation.declared_effect's range
+        raise LymphdxError(f"--effect must lie strictly between 0 and 0.49, got {effect:g}")
     _check_out_folder(out)
-    cfg = _config(config, preset, {"training": {"epochs": epochs}} if epochs else {})
+    effects = None if effect is None else {"declared_effect": effect}
+    epoch = {"epochs": epochs} if epochs else None
+    cfg = _config(config, preset, {"training": epoch, "evaluation": effects})
     _check_cache(cfg.data.cache_dir)
     if ablation:
         from lymphdx.workflows.ablation import ablation as run_ablation

@@ -28,6 +28,7 @@ from lymphdx.workflows.ablation import (
     recommend,
     recommended_yaml,
 )
+from lymphdx.workflows.compare import add_claims
 from lymphdx.workflows.evaluate import read_predictions
 from tests.conftest import tiny_config
 
@@ -65,24 +66,28 @@ def test_pooled_best_epoch_ties_go_to_lower_cross_entropy() -> None:
 
 
 def _result(deltas: dict[str, tuple[float, float, float]]) -> dict:
-    """A results dict with ``arm -> (ΔAUC mean, ΔAUC of the averaged scores, p)``."""
-    return {
+    """A results dict with ``arm -> (ΔAUC mean, ΔAUC of the averaged scores, p)``, an
+    interval ±0.01 around the mean ΔAUC, and the claim rule over the arms (Holm)."""
+    results = {
         "paired_tests": {
             f"{arm} vs {REFERENCE}": {
                 "delta_auc": d,
+                "delta_ci95": [d - 0.01, d + 0.01],
                 "delta_auc_seed_averaged_scores": pooled,
                 "p_delong": p,
             }
             for arm, (d, pooled, p) in deltas.items()
         }
     }
+    add_claims(results, 0.95, 0.05)
+    return results
 
 
 def test_recommended_yaml_is_a_config_of_the_adopted_options() -> None:
     rec = recommend(_result({"graph-lp": (0.05, 0.04, 0.01), "swa": (0.03, 0.03, 0.3)}))
     text = recommended_yaml(rec)
     assert "# adopted (ΔAUC vs ssmdmt > 0): graph-lp, swa" in text
-    assert "significant at p < 0.05: graph-lp" in text
+    assert "supporting a claim (Holm-adjusted p, CI excludes 0): graph-lp" in text
     config = validate(yaml.safe_load(text))
     assert config.strategy == "ssmdmt"
     assert config.propagation.method == "graph"
@@ -96,7 +101,7 @@ def test_recommend_rule() -> None:
     rec = recommend(
         _result(
             {
-                "graph-lp": (0.05, 0.04, 0.01),  # adopted, significant
+                "graph-lp": (0.05, 0.04, 0.001),  # adopted, supports a claim (Holm 0.007)
                 "dsbn": (0.02, -0.01, 0.6),  # mean up, pooled down: not adopted
                 "roi-gate": (-0.03, -0.02, 0.4),  # worse: not adopted
                 "ema-teacher": (0.01, 0.02, 0.7),  # selection rule, beaten by swa
@@ -107,13 +112,13 @@ def test_recommend_rule() -> None:
         )
     )
     assert rec["adopted"] == ["graph-lp", "swa", "ema-teacher (teacher only)"]
-    assert rec["significant"] == ["graph-lp"]
+    assert rec["supports_claim"] == ["graph-lp"]
     assert rec["config"] == {
         "propagation": {"method": "graph", "teacher": "ema"},
         "training": {"selection": "swa"},
     }
     nothing = recommend(_result({"graph-lp": (-0.01, -0.01, 0.9)}))
-    assert nothing == {"adopted": [], "significant": [], "config": {}}
+    assert nothing == {"adopted": [], "supports_claim": [], "config": {}}
     last = recommend(_result({"last": (0.01, 0.01, 0.8)}))
     assert last["config"] == {"training": {"selection": "last"}}
 
@@ -183,6 +188,12 @@ def test_ablation_arms_are_ssmdmt_plus_one_option(ablated: tuple[Path, dict]) ->
         f"{a} vs {REFERENCE}" for a in ("roi-gate", "last", "pooled-val")
     }
     assert results["arms"]["roi-gate"] == ARMS["roi-gate"][0]
+    # the arms are one family: Holm over their three raw p-values
+    tests = list(results["paired_tests"].values())
+    raw = sorted(t["p_delong"] for t in tests)
+    by_hand = np.minimum(np.maximum.accumulate([3 * raw[0], 2 * raw[1], raw[2]]), 1.0)
+    assert sorted(t["p_holm"] for t in tests) == pytest.approx(by_hand)
+    assert results["claim_rule"]["family_size"] == 3
     text = (out / "ablation.md").read_text()
     for arm in ("roi-gate", "last", "pooled-val"):
         assert f"| {arm} |" in text

@@ -165,6 +165,27 @@ def test_compare_counts_blamed_on_the_command_line(data, tmp_path, option):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("effect", ["0", "-0.05", "0.49", "0.7"])
+def test_compare_effect_out_of_range_blamed_on_the_command_line(data, tmp_path, effect):
+    out = tmp_path / "cmp"
+    args = ["compare", "--weak", data[0], "--strong", data[1], "--out", out]
+    code, output = cli(*args, "--config", config_yaml(tmp_path), "--effect", effect)
+    line = one_error(code, output, "--effect", "0.49")
+    assert "preset" not in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("effect", [0, 0.49, 0.5])
+def test_config_declared_effect_out_of_range_names_the_key(data, tmp_path, effect):
+    config = config_yaml(tmp_path, evaluation={"declared_effect": effect})
+    out = tmp_path / "cmp"
+    code, output = cli(
+        "compare", "--weak", data[0], "--strong", data[1], "--out", out, "--config", config
+    )
+    one_error(code, output, str(config), "'evaluation.declared_effect'")
+    assert not out.exists()
+
+
 def test_demo_seeds_zero(tmp_path):
     out = tmp_path / "demo"
     code, output = cli("demo", "--out", out, "--seeds", 0)

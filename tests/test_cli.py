@@ -79,10 +79,17 @@ def test_train_evaluate_predict_compare_commands(tiny_data: Path, tmp_path: Path
             "2",
             "--config",
             str(config),
+            "--effect",
+            "0.1",
         ],
     )
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
+    # --effect: the design analysis at a declared gain of 0.1, stated in the table
+    assert results["claim_rule"]["declared_effect"] == 0.1
+    design = results["paired_tests"]["ssmdmt vs supervised"]["design"]
+    assert design["effect"] == 0.1 and "a true gain of 0.10 in AUC" in design["text"]
+    assert "power at ΔAUC +0.1 |" in (out / "results.md").read_text()
     for name in ("supervised", "ssmdmt"):
         r = results["strategies"][name]
         assert len(r["test_auc"]) == 2
@@ -137,7 +144,15 @@ def test_train_evaluate_predict_compare_commands(tiny_data: Path, tmp_path: Path
         ],
     )
     assert again.exit_code == 0
-    assert json.loads((out / "results.json").read_text()) == results
+    # ... and without --effect the same runs are read again (evaluation.declared_effect
+    # scores nothing): the same figures, the design analysis at the default 0.05
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["claim_rule"].pop("declared_effect") == 0.05
+    assert results["claim_rule"].pop("declared_effect") == 0.1
+    assert {t.pop("design")["effect"] for t in rerun["paired_tests"].values()} == {0.05}
+    assert {t.pop("design")["effect"] for t in results["paired_tests"].values()} == {0.1}
+    assert rerun == results
+    assert "scored again" not in again.output
 
 
 def test_errors_are_one_clear_line(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,6 @@ from lymphdx.stats.power import (
     estimate_rho,
     paired_power,
     patients_for_power,
-    power_statement,
     simulate_auc_ci_width,
 )
 
@@ -203,41 +201,6 @@ def test_the_shortcut_to_max_n_gives_the_full_search_result(
     assert 128 < short <= 170
     assert short_calls[0] == 170 and calls[:4] == [16, 32, 64, 128]
     assert len(short_calls) == len(calls) - 4
-
-
-def test_power_statement_paper_case() -> None:
-    out = power_statement(10, 13, 0.86, 0.81, 0.6, name_a="ssmdmt", name_b="supervised")
-    assert set(out) == {"ci95_width", "power", "n_for_80_power", "supports_claim", "text"}
-    assert 0.3 < out["ci95_width"] < 0.4
-    assert out["power"] < 0.10
-    assert 300 < out["n_for_80_power"] < 800
-    assert out["supports_claim"] is False
-    text = out["text"]
-    assert "23 test patients (10 positive)" in text
-    assert "cannot support a claim that ssmdmt beats supervised" in text
-    # a significant p-value does not rescue an underpowered table
-    assert power_statement(10, 13, 0.86, 0.81, 0.6, p_value=0.01)["supports_claim"] is False
-
-
-def test_power_statement_large_table() -> None:
-    kw = {"n_sim": 400, "name_a": "b", "name_b": "a"}
-    sig = power_statement(300, 300, 0.76, 0.86, 0.6, p_value=0.001, **kw)
-    assert sig["power"] > 0.99 and sig["supports_claim"] is True
-    assert "supports a claim that a beats b" in sig["text"]
-    assert power_statement(300, 300, 0.76, 0.86, 0.6, p_value=0.2, **kw)["supports_claim"] is False
-    assert power_statement(300, 300, 0.76, 0.86, 0.6, **kw)["supports_claim"] is False
-    assert not math.isnan(sig["ci95_width"])
-
-
-def test_power_statement_of_a_perfect_auc() -> None:
-    """A test split that a model separates perfectly (AUC 1.0) is a result, not an error:
-    it is simulated as the nearest AUC that this many patients can tell apart."""
-    from lymphdx.stats.power import power_statement
-
-    out = power_statement(11, 12, 1.0, 0.6, 0.5, p_value=0.01, n_sim=200)
-    assert 0.0 < out["power"] <= 1.0 and out["ci95_width"] > 0
-    same = power_statement(11, 12, 1.0 - 0.5 / (11 * 12), 0.6, 0.5, p_value=0.01, n_sim=200)
-    assert out["power"] == same["power"]
 
 
 def test_small_test_split_note_by_hand() -> None:

@@ -151,7 +151,10 @@ def test_compare_report_page(compared: Path, compare_report: Path) -> None:
     lo, hi = test["delta_ci95"]
     assert f"{test['delta_auc']:+.3f} [{lo:+.3f}, {hi:+.3f}]" in page
     assert f"{test['p_delong']:.3f}" in page
-    assert html.escape(test["power_text"]) in page
+    # one paired test: its own family, Holm leaves its p as it is
+    assert test["p_holm"] == pytest.approx(test["p_delong"])
+    assert html.escape(test["design"]["text"]) in page
+    assert "<th>p (Holm)</th>" in page and "<th>supports a claim</th>" in page
     for section in (
         "ROC curves",
         "Calibration",

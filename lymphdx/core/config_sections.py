@@ -447,6 +447,12 @@ class EvaluationConfig(_Section):
     # inference.tile blended into the ROI map, the classifier reading the tiles at its
     # peaks: memory set by the tile, not the scan
     inferer: Literal["whole", "sliding_window"] = "whole"
+    # the gain in AUC declared before looking at the results (default: the paper's
+    # ssmdmt − supervised gain) at which compare's design analysis gives each paired
+    # test's power, type S and exaggeration and the patients 80% power needs
+    # (lymphdx/stats/design.py; compare --effect): context for a test, not a gate; below
+    # 0.49 so that a reference AUC of 0.5 plus the gain stays below design.MAX_AUC
+    declared_effect: float = Field(0.05, gt=0.0, lt=0.49)
 
 
 class InferenceConfig(_Section):

@@ -72,8 +72,9 @@ class TrainingError(LymphdxError):
 
 def config_differences(saved: Config, new: Config, weights_only: bool = False) -> list[str]:
     """Keys whose values differ between two configs, ignoring ``training.epochs`` (a run may
-    be extended), ``data.cache_dir`` (where the cache lives changes no result) and
-    ``training.device`` (a run may go on on another machine); with ``weights_only`` also
+    be extended), ``data.cache_dir`` (where the cache lives changes no result),
+    ``training.device`` (a run may go on on another machine) and
+    ``evaluation.declared_effect`` (the table's design analysis); with ``weights_only`` also
     the ``evaluation`` and ``inference`` sections, which change how a model is scored, not
     the model (``evaluation.inferer`` also scores training's validation and propagation,
     but a trained run may be scored by either)."""
@@ -85,7 +86,8 @@ def config_differences(saved: Config, new: Config, weights_only: bool = False) -
         return out
 
     a, b = flat(saved.model_dump(mode="json")), flat(new.model_dump(mode="json"))
-    ignore = {"training.epochs", "data.cache_dir", "training.device"}
+    # evaluation.declared_effect is read by compare's table only, never by a run
+    ignore = {"training.epochs", "data.cache_dir", "training.device", "evaluation.declared_effect"}
     return [
         f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
         for k in sorted(set(a) | set(b))

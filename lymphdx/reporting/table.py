@@ -1,8 +1,8 @@
 """Table I of a comparison: the paper's Table I with intervals, detection scores, paired
-tests and power. One model (``TableOne``, built by ``table_one`` from the results mapping
-of ``lymphdx compare``) rendered to Markdown (``format_table``: ``results.md`` and the
-command's output) and to HTML (``table_one_html``: ``lymphdx report``); also the names
-the tables give the strategies."""
+tests with the claim rule, and the design analysis. One model (``TableOne``, built by
+``table_one`` from the results mapping of ``lymphdx compare``) rendered to Markdown
+(``format_table``: ``results.md`` and the command's output) and to HTML
+(``table_one_html``: ``lymphdx report``); also the names the tables give the strategies."""
 
 from __future__ import annotations
 
@@ -15,13 +15,16 @@ import numpy as np
 from lymphdx.core.strategies import STRATEGIES
 from lymphdx.engine.roi_status import ROI_LEARNED_DICE
 from lymphdx.reporting.html import escape, fmt, interval, table
+from lymphdx.stats.multiplicity import ADJUSTMENT, supports_claims
 from lymphdx.stats.power import small_test_split_note
 
 __all__ = [
     "LABELS",
     "label",
     "data_sets",
-    "paired_cells",
+    "paired_row",
+    "claim_rule",
+    "design_note",
     "test_split_note",
     "TableOne",
     "table_one",
@@ -66,22 +69,24 @@ def test_split_note(results: dict[str, Any]) -> str | None:
 
 @dataclass
 class PairedRow:
-    """One paired test (``"A vs B"``), its cells formatted."""
+    """One paired test (``"A vs B"``), its cells formatted ("—" where it has none)."""
 
     name: str
     delta: str  # ΔAUC (A − B), signed
     ci: str  # its 95% CI (paired bootstrap), signed
-    p: str  # DeLong on the seed-averaged scores
+    p: str  # DeLong on the seed-averaged scores, raw
+    p_holm: str  # Holm-adjusted over the table's paired tests
     p_per_seed: str
-    power: str
-    n_for_80_power: str
     supports_claim: str  # "yes" or "no"
-    power_text: str | None
+    power: str  # design analysis at the declared effect
+    exaggeration: str
+    n_for_80_power: str
+    design_text: str | None
 
     @property
     def delta_ci(self) -> str:
         """The cell "ΔAUC [95% CI]"."""
-        return f"{self.delta} {self.ci}"
+        return f"{self.delta} {self.ci}".strip()
 
 
 @dataclass
@@ -94,7 +99,8 @@ class StrategyRow:
     per_run: str  # the per-seed AUCs, or the folds' mean ± sd under cross-validation
     ci: str
     delta: str  # ΔAUC vs supervised [95% CI], "—" without that test
-    p: str
+    p: str  # raw
+    p_holm: str
     paper: float | None  # the paper's AUC
 
 
@@ -108,6 +114,8 @@ class TableOne:
     strategies: list[StrategyRow]
     detection: list[tuple[str, list[str]]]  # strategy label, DETECTION_KEYS' cells
     paired: list[PairedRow]
+    claim_note: str | None  # the claim rule, the family and the declared effect
+    effect: float | None  # the declared effect of the design analysis
     roi_not_learned: list[str]  # warnings: strategies whose ROI decoder found no node
     # per run: (strategy label, run, propagation, decoder, readout): which switches fired
     switches: list[tuple[str, ...]]
@@ -116,33 +124,86 @@ class TableOne:
     split_note: str | None  # ``test_split_note``
 
 
-def paired_row(name: str, test: dict[str, Any]) -> PairedRow:
-    """The cells of one entry of ``results["paired_tests"]``."""
+def paired_row(name: str, test: dict[str, Any] | None) -> PairedRow:
+    """The cells of one entry of ``results["paired_tests"]`` (dashes for ``None``)."""
+    if not test:
+        return PairedRow(name, "—", "", "—", "—", "", "—", "—", "—", "—", None)
+    design = test.get("design") or {}
+    exaggeration = design.get("exaggeration")
     return PairedRow(
         name=name,
         delta=f"{test['delta_auc']:+.3f}",
         ci=interval(test.get("delta_ci95"), True),
         p=f"{test['p_delong']:.3f}",
+        p_holm=fmt(test.get("p_holm")),
         p_per_seed=", ".join(f"{p:.3f}" for p in test.get("p_delong_per_seed", [])),
-        power=fmt(test.get("power"), 2),
-        n_for_80_power=fmt(test.get("n_for_80_power")),
-        supports_claim="yes" if test.get("supports_claim") else "no",
-        power_text=test.get("power_text"),
+        supports_claim={True: "yes", False: "no"}.get(test.get("supports_claim"), "—"),
+        power=fmt(design.get("power"), 2),
+        exaggeration="—" if exaggeration is None else f"{exaggeration:.1f}×",
+        n_for_80_power=fmt(design.get("n_for_80_power")),
+        design_text=design.get("text"),
     )
 
 
-def paired_cells(test: dict[str, Any] | None) -> tuple[str, str]:
-    """Table cells "ΔAUC [CI]" and "p" of a paired test (dashes when there is none)."""
-    if not test:
-        return "—", "—"
-    row = paired_row("", test)
-    return row.delta_ci, row.p
+def claim_rule(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """The paired tests with ``p_holm`` and ``supports_claim``, and the sentence that
+    states the rule and the family (``None`` without tests).
+
+    A ``results.json`` written before lymphdx applied Holm has neither key: they are
+    recomputed here from its raw p-values and intervals at α = 0.05 (the same rule,
+    ``stats.multiplicity``), and the sentence says so; its design analysis is missing."""
+    tests = results.get("paired_tests") or {}
+    if not tests:
+        return {}, None
+    rule = results.get("claim_rule")
+    recomputed = rule is None or any("p_holm" not in t for t in tests.values())
+    if recomputed:
+        rule = {"adjustment": ADJUSTMENT, "family_size": len(tests), "alpha": 0.05}
+        adjusted, claims = supports_claims(
+            [t["p_delong"] for t in tests.values()],
+            [t.get("delta_ci95") for t in tests.values()],
+            rule["alpha"],
+        )
+        tests = {
+            name: {**t, "p_holm": p, "supports_claim": claim}
+            for (name, t), p, claim in zip(tests.items(), adjusted, claims, strict=True)
+        }
+    alpha, m = rule["alpha"], rule["family_size"]
+    text = (
+        f"Claims: the table's {m} paired test{'s are one family' if m > 1 else ' is its family'}"
+        f"; their DeLong p-values are adjusted by Holm's step-down method, and a comparison "
+        f"supports a claim when its Holm-adjusted p < {alpha:g} and its paired "
+        f"{1 - alpha:.0%} interval of ΔAUC excludes 0."
+    )
+    if recomputed:
+        text += (
+            " (Recomputed from this results.json's raw p-values: it was written before "
+            "lymphdx applied Holm's adjustment, and has no design analysis; run compare "
+            "again for it.)"
+        )
+    return tests, text
+
+
+def design_note(results: dict[str, Any]) -> str | None:
+    """The sentence that says what the design-analysis columns are (``None`` when the
+    results hold none)."""
+    effect = (results.get("claim_rule") or {}).get("declared_effect")
+    if effect is None:
+        return None
+    return (
+        f"Design analysis at a gain of {effect:g} in AUC declared before looking "
+        "(evaluation.declared_effect, compare --effect), for this test set's size and "
+        "prevalence and each pair's score correlation: the paired test's power, how many "
+        "times a significant result would overstate that gain on average (exaggeration), "
+        "and the patients 80% power needs. It is context for reading a test, not part of "
+        "the rule."
+    )
 
 
 def table_one(results: dict[str, Any]) -> TableOne:
     """The model of Table I from ``results.json``'s mapping (``lymphdx compare``)."""
     strategies = results.get("strategies", {})
-    tests = results.get("paired_tests", {})
+    tests, claim_note = claim_rule(results)
     cv = results.get("mode") == "cv"
     n_seeds = len(results.get("seeds", []))
     if cv:
@@ -159,7 +220,7 @@ def table_one(results: dict[str, Any]) -> TableOne:
         )
     rows = []
     for s, r in strategies.items():
-        delta, p = paired_cells(tests.get(f"{s} vs supervised"))
+        versus = paired_row("", tests.get(f"{s} vs supervised"))
         per_run = (
             f"folds {r['fold_auc_mean']:.3f} ± {r['fold_auc_sd']:.3f}"
             if cv and "fold_auc_mean" in r
@@ -172,8 +233,9 @@ def table_one(results: dict[str, Any]) -> TableOne:
                 auc=f"{r['test_auc_mean']:.3f} ± {r['test_auc_sd']:.3f}",
                 per_run=per_run,
                 ci=interval(r.get("test_auc_ci95")),
-                delta=delta,
-                p=p,
+                delta=versus.delta_ci,
+                p=versus.p,
+                p_holm=versus.p_holm,
                 paper=r.get("paper_auc"),
             )
         )
@@ -221,6 +283,8 @@ def table_one(results: dict[str, Any]) -> TableOne:
         strategies=rows,
         detection=detection,
         paired=[paired_row(name, t) for name, t in tests.items()],
+        claim_note=" ".join(n for n in (claim_note, design_note(results)) if n) or None,
+        effect=(results.get("claim_rule") or {}).get("declared_effect"),
         roi_not_learned=roi_not_learned,
         switches=[
             (label(s), sw["run"], sw["propagation"], sw["decoder"], sw["readout"])
@@ -242,13 +306,14 @@ def format_table(results: dict[str, Any]) -> str:
         t.caption + tail,
         "",
         "| Training method for the classifier | Data sets | AUC mean ± sd | 95% CI | "
-        "ΔAUC vs supervised [95% CI] | p (DeLong) | paper |",
-        "|---|---|---|---|---|---|---|",
+        "ΔAUC vs supervised [95% CI] | p (DeLong, raw) | p (Holm) | paper |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in t.strategies:
         paper = f"{r.paper:.2f}" if r.paper is not None else ""
         lines.append(
-            f"| {r.label} | {r.data_sets} | {r.auc} | {r.ci} | {r.delta} | {r.p} | {paper} |"
+            f"| {r.label} | {r.data_sets} | {r.auc} | {r.ci} | {r.delta} | {r.p} | {r.p_holm} "
+            f"| {paper} |"
         )
     if t.detection:
         lines += [
@@ -259,10 +324,19 @@ def format_table(results: dict[str, Any]) -> str:
             "|---|---|---|---|---|",
         ]
         lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in t.detection]
-    others = [p for p in t.paired if not p.name.endswith("vs supervised")]
-    if others:
-        lines += ["", "| Paired test | ΔAUC [95% CI] | p (DeLong) |", "|---|---|---|"]
-        lines += [f"| {p.name} | {p.delta_ci} | {p.p} |" for p in others]
+    if t.paired:
+        lines += [
+            "",
+            f"| Paired test (A vs B) | ΔAUC [95% CI] | p (raw) | p (Holm) | supports a claim | "
+            f"{_power_header(t.effect)} | exaggeration | n for 80% power |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {p.name} | {p.delta_ci} | {p.p} | {p.p_holm} | {p.supports_claim} | {p.power} "
+            f"| {p.exaggeration} | {p.n_for_80_power} |"
+            for p in t.paired
+        ]
+        lines += ["", str(t.claim_note)]
     for warning in t.roi_not_learned:
         lines += ["", f"**{warning}**"]
     for note in t.readout_notes:
@@ -281,19 +355,26 @@ def format_table(results: dict[str, Any]) -> str:
         lines += ["", t.widths_note]
     if t.split_note:
         lines += ["", f"**{t.split_note}**"]
-    if t.paired:
+    texts = [p for p in t.paired if p.design_text]
+    if texts:
         lines += [
             "",
-            "Power (binormal simulation, ρ estimated from the two strategies' scores):",
+            "Design analysis at the declared gain (binormal model, normal approximation; ρ "
+            "estimated from the two strategies' scores):",
             "",
         ]
-        lines += [f"- {p.name}: {p.power_text}" for p in t.paired]
+        lines += [f"- {p.name}: {p.design_text}" for p in texts]
     return "\n".join(lines) + "\n"
+
+
+def _power_header(effect: float | None) -> str:
+    """The design-analysis power column's header."""
+    return "power at the declared ΔAUC" if effect is None else f"power at ΔAUC +{effect:g}"
 
 
 def table_one_html(results: dict[str, Any]) -> str:
     """Table I as HTML: the table (with each run's AUCs), detection, the paired tests in
-    full and the power statements."""
+    full with the claim rule, and the design analysis."""
     t = table_one(results)
     # the caption's fixed words hold no markup; quotes stay as they are
     caption = html.escape(t.caption, quote=False)
@@ -309,11 +390,12 @@ def table_one_html(results: dict[str, Any]) -> str:
         "per-fold" if t.cv else "per-seed AUC",
         "95% CI",
         "ΔAUC vs supervised [95% CI]",
-        "p (DeLong)",
+        "p (DeLong, raw)",
+        "p (Holm)",
         "paper",
     ]
     rows = [
-        [r.label, r.data_sets, r.auc, r.per_run, r.ci, r.delta, r.p, fmt(r.paper, 2)]
+        [r.label, r.data_sets, r.auc, r.per_run, r.ci, r.delta, r.p, r.p_holm, fmt(r.paper, 2)]
         for r in t.strategies
     ]
     parts.append(table(header, rows, "tableone"))
@@ -336,21 +418,27 @@ def table_one_html(results: dict[str, Any]) -> str:
             "Comparison (A vs B)",
             "ΔAUC (A − B)",
             "95% CI (paired bootstrap)",
-            "p (DeLong, seed-averaged scores)",
+            "p (DeLong, seed-averaged scores, raw)",
+            "p (Holm)",
             "p per seed",
-            "power",
-            "n for 80% power",
             "supports a claim",
+            _power_header(t.effect),
+            "exaggeration",
+            "n for 80% power",
         ]
         rows = [
-            [p.name, p.delta, p.ci, p.p, p.p_per_seed, p.power, p.n_for_80_power, p.supports_claim]
+            [
+                *(p.name, p.delta, p.ci, p.p, p.p_holm, p.p_per_seed, p.supports_claim),
+                *(p.power, p.exaggeration, p.n_for_80_power),
+            ]
             for p in t.paired
         ]
         parts.append(table(header, rows))
-        texts = [p for p in t.paired if p.power_text]
+        parts.append(f'<p class="note">{escape(t.claim_note)}</p>')
+        texts = [p for p in t.paired if p.design_text]
         if texts:
-            parts.append("<h3>Power</h3><ul>")
-            parts += [f"<li><b>{escape(p.name)}</b>: {escape(p.power_text)}</li>" for p in texts]
+            parts.append("<h3>Design analysis at the declared gain</h3><ul>")
+            parts += [f"<li><b>{escape(p.name)}</b>: {escape(p.design_text)}</li>" for p in texts]
             parts.append("</ul>")
     parts += [f'<p class="note">{escape(note)}</p>' for note in t.readout_notes]
     if t.widths_note:

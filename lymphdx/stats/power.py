@@ -6,8 +6,12 @@ positive, 13 negative). This module answers, under the usual binormal model:
 * how wide a 95% interval around one AUC is at that size (Hanley & McNeil 1982, checked
   against the mean DeLong interval width in simulation);
 * how often DeLong's paired test (two models scored on the same patients) would reach
-  p < alpha if the true AUCs were the observed ones (power, by vectorised simulation);
+  p < alpha at given true AUCs (power, by vectorised simulation);
 * how many patients would be needed for 80% power.
+
+The true AUCs are declared, not observed: power at the observed ΔAUC is a function of the
+observed p-value and says nothing more (Hoenig & Heisey 2001). ``stats.design`` answers
+the question at a declared effect in closed form; the simulations here check it.
 
 Binormal model: scores of negatives are N(0, 1), of positives N(mu, 1) with
 mu = sqrt(2)·Φ⁻¹(AUC), so that P(positive > negative) = Φ(mu / sqrt 2) = AUC. Two models
@@ -18,7 +22,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -36,7 +39,7 @@ __all__ = [
     "estimate_rho",
     "patients_for_power",
     "analytic_patients_for_power",
-    "power_statement",
+    "paired_delta_se",
     "small_test_split_note",
 ]
 
@@ -282,6 +285,15 @@ def _check_search(auc_a: float, auc_b: float, prevalence: float) -> None:
         raise ValueError(f"prevalence must lie strictly between 0 and 1, got {prevalence}")
 
 
+def paired_delta_se(n_pos: int, n_neg: int, auc_a: float, auc_b: float, rho: float) -> float:
+    """Normal-approximation SE of a paired ΔAUC (no simulation): √(Va + Vb − 2·rho·√(Va·Vb)),
+    Va and Vb the Hanley–McNeil variances of the two AUCs on ``n_pos`` + ``n_neg``
+    patients and ``rho`` standing in for the correlation of the two AUC estimates."""
+    va = _hanley_mcneil_var(n_pos, n_neg, _check_auc(auc_a, "auc_a"))
+    vb = _hanley_mcneil_var(n_pos, n_neg, _check_auc(auc_b, "auc_b"))
+    return math.sqrt(max(va + vb - 2.0 * float(rho) * math.sqrt(va * vb), 0.0))
+
+
 def analytic_patients_for_power(
     auc_a: float,
     auc_b: float,
@@ -305,9 +317,7 @@ def analytic_patients_for_power(
     delta = abs(auc_a - auc_b)
 
     def reaches(n: int) -> bool:
-        n_pos, n_neg = _split(n, prevalence)
-        va, vb = (_hanley_mcneil_var(n_pos, n_neg, a) for a in (auc_a, auc_b))
-        return delta >= z * math.sqrt(max(va + vb - 2.0 * rho * math.sqrt(va * vb), 0.0))
+        return delta >= z * paired_delta_se(*_split(n, prevalence), auc_a, auc_b, rho)
 
     lo, hi = 4, 8
     while not reaches(hi):
@@ -374,109 +384,6 @@ def patients_for_power(
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
     return hi
-
-
-def _sig(x: float) -> str:
-    """Round a patient count to two significant figures for prose."""
-    if x < 100:
-        return str(int(x))
-    digits = int(math.floor(math.log10(x))) - 1
-    return f"{round(x, -digits):,}"
-
-
-def power_statement(
-    n_pos: int,
-    n_neg: int,
-    auc_a: float,
-    auc_b: float,
-    rho: float,
-    alpha: float = 0.05,
-    *,
-    p_value: float | None = None,
-    name_a: str = "model A",
-    name_b: str = "model B",
-    n_sim: int = 2000,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """What a two-model AUC comparison on ``n_pos`` + ``n_neg`` test patients can support.
-
-    Returns ``ci95_width`` (Hanley–McNeil 95% CI width of one AUC at the mean of the two
-    AUCs), ``power`` (simulated power of the paired DeLong test if the observed AUCs were
-    the true ones, at correlation ``rho``), ``n_for_80_power`` (total patients at the same
-    prevalence; None when the AUCs are equal or more than 20,000 would be needed),
-    ``supports_claim`` and ``text`` (plain English).
-
-    An AUC of exactly 0 or 1 is moved in by half a patient pair (0.5 / (n_pos·n_neg)).
-
-    Rule: ``supports_claim`` is True only if the observed paired test is significant
-    (``p_value < alpha``) AND the design has at least 80% power for the observed ΔAUC.
-    Significance alone is not enough at low power: a significant result from an
-    underpowered comparison is likely to exaggerate the difference (the "winner's curse",
-    Gelman & Carlin 2014), and most true differences of that size would have gone
-    undetected. Without ``p_value`` the claim is not supported (nothing was tested).
-    """
-    n_pos, n_neg = _check_counts(n_pos, n_neg)
-    n = n_pos + n_neg
-    delta = float(auc_a) - float(auc_b)
-    # an observed AUC of exactly 0 or 1 (a perfect separation of a small test set) is no
-    # binormal model's true AUC: simulate the nearest one this many patients can tell apart
-    edge = 0.5 / (n_pos * n_neg)
-    auc_a, auc_b = (min(max(float(a), edge), 1.0 - edge) for a in (auc_a, auc_b))
-    mean_auc = (float(auc_a) + float(auc_b)) / 2.0
-    width = 2.0 * auc_ci_halfwidth(n_pos, n_neg, mean_auc)
-    pw = paired_power(n_pos, n_neg, auc_a, auc_b, rho, alpha, n_sim, seed)
-    n80: int | None
-    try:
-        n80 = patients_for_power(auc_a, auc_b, rho, n_pos / n, 0.8, alpha, seed)
-    except (ValueError, LymphdxError):
-        n80 = None
-    adequate = pw >= 0.8
-    significant = p_value is not None and p_value < alpha
-    supports = bool(significant and adequate)
-
-    winner, loser = (name_a, name_b) if delta >= 0 else (name_b, name_a)
-    parts = [
-        f"With {n} test patients ({n_pos} positive), a single AUC near {mean_auc:.2f} has a "
-        f"95% interval about {width:.2f} wide.",
-        f"The paired DeLong test has about {pw:.0%} power to detect the observed ΔAUC of "
-        f"{delta:+.2f} (ρ = {rho:.2f}, α = {alpha:g});",
-    ]
-    if delta == 0:
-        parts[-1] = (
-            f"With no observed difference, the paired DeLong test would come out significant "
-            f"in about {pw:.0%} of such tables by chance alone (α = {alpha:g}, ρ = {rho:.2f})."
-        )
-    elif n80 is None:
-        parts.append("more than 20,000 patients would be needed for 80% power.")
-    elif n80 > n:
-        parts.append(f"about {_sig(n80)} patients would be needed for 80% power.")
-    else:
-        parts.append(f"about {_sig(n80)} patients suffice for 80% power.")
-    if p_value is not None:
-        parts.append(f"The observed paired test gives p = {p_value:.2g}.")
-    if supports:
-        parts.append(f"This table supports a claim that {winner} beats {loser}.")
-    elif delta == 0:
-        parts.append(f"This table cannot support a claim that either {name_a} or {name_b} wins.")
-    elif not adequate:
-        parts.append(f"This table cannot support a claim that {winner} beats {loser}.")
-    elif p_value is None:
-        parts.append(
-            f"A table of this size could test whether {winner} beats {loser}, but no paired "
-            f"test result was given, so the claim is not supported."
-        )
-    else:
-        parts.append(
-            f"The paired test is not significant, so this table does not support a claim "
-            f"that {winner} beats {loser}."
-        )
-    return {
-        "ci95_width": width,
-        "power": pw,
-        "n_for_80_power": n80,
-        "supports_claim": supports,
-        "text": " ".join(parts),
-    }
 
 
 def small_test_split_note(

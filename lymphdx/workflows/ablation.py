@@ -12,7 +12,8 @@ the paper's ``ssmdmt``, scored by repeated stratified cross-validation on the de
   AUC pooled over the folds of a repeat.
 * Statistics, as ``compare --cv``: out-of-fold predictions pooled over the folds of a
   repeat, one pooled AUC per repeat × seed, a patient bootstrap CI, and per arm ΔAUC vs
-  ``ssmdmt`` with its paired bootstrap CI and DeLong's paired test.
+  ``ssmdmt`` with its paired bootstrap CI and DeLong's paired test; the arms' tests are
+  one family, Holm-adjusted, with compare's claim rule (``stats.multiplicity``).
 * ``recommend``: the pre-declared rule that turns the table into a combination of
   options; ``out/recommended.yaml`` is a config of ``ssmdmt`` with them
   (``lymphdx train --config out/recommended.yaml``).
@@ -30,9 +31,9 @@ from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import write_csv, write_json, write_text
 from lymphdx.data.manifest import WeakRecord
 from lymphdx.engine.run_data import split_manifests
-from lymphdx.reporting.table import paired_cells
+from lymphdx.reporting.table import claim_rule, paired_row
 from lymphdx.workflows import folds as cv
-from lymphdx.workflows.compare import run_one, summarise
+from lymphdx.workflows.compare import run_one, summarise_for
 from lymphdx.workflows.evaluate import predict_checkpoint
 
 __all__ = [
@@ -177,9 +178,7 @@ def ablation(
         oof["pooled-val"], choices = cv.pooled_val_predictions(reference_runs, folds)
         fold_aucs["pooled-val"] = cv.pooled_fold_aucs(choices)
     oof = {REFERENCE: oof[REFERENCE], **oof}  # the reference row first
-    results = summarise(
-        oof, config.evaluation.bootstrap, config.evaluation.ci, config.seed, reference=REFERENCE
-    )
+    results = summarise_for(config, oof, reference=REFERENCE)  # the arms: one family
     results.update(
         mode="ablation",
         cv=k,
@@ -208,9 +207,10 @@ def recommend(results: dict[str, Any]) -> dict[str, Any]:
     ``delta_auc_seed_averaged_scores`` > 0); of the selection rules (``SELECTION_ARMS``)
     only the one with the largest ΔAUC (``ema-teacher`` then keeps its teacher only if
     it also qualifies). ``pooled-val`` is a cross-validation procedure, not a run option,
-    and is reported only. Returns ``{"adopted": [...], "significant": [...],
-    "config": {section: {key: value}}}``; ``significant`` lists the adopted options whose
-    DeLong p < 0.05.
+    and is reported only. Returns ``{"adopted": [...], "supports_claim": [...],
+    "config": {section: {key: value}}}``; ``supports_claim`` lists the adopted options
+    whose comparison supports a claim (Holm-adjusted p < α over all arms and a ΔAUC
+    interval that excludes 0: ``supports_claim`` of ``compare.add_claims``).
     """
     tests = results["paired_tests"]
     gains = {}
@@ -230,10 +230,8 @@ def recommend(results: dict[str, Any]) -> dict[str, Any]:
     if "ema-teacher" in gains and best_selection != "ema-teacher":
         cfg = merge(cfg, {"propagation": {"teacher": "ema"}})
         adopted.append("ema-teacher (teacher only)")
-    significant = [
-        a for a in adopted if a in gains and tests[f"{a} vs {REFERENCE}"]["p_delong"] < 0.05
-    ]
-    return {"adopted": adopted, "significant": significant, "config": cfg}
+    claimed = [a for a in adopted if a in gains and tests[f"{a} vs {REFERENCE}"]["supports_claim"]]
+    return {"adopted": adopted, "supports_claim": claimed, "config": cfg}
 
 
 def recommended_yaml(recommended: dict[str, Any], base: dict[str, Any] | None = None) -> str:
@@ -241,11 +239,11 @@ def recommended_yaml(recommended: dict[str, Any], base: dict[str, Any] | None = 
     with) as ``ssmdmt`` with the adopted options, headed by comments that say what was
     adopted and why."""
     adopted = ", ".join(recommended["adopted"]) or "none"
-    significant = ", ".join(recommended["significant"]) or "none"
+    claimed = ", ".join(recommended["supports_claim"]) or "none"
     head = (
         "# written by lymphdx compare --ablation: ssmdmt with the options its rule adopted\n"
         f"# adopted (ΔAUC vs ssmdmt > 0): {adopted}\n"
-        f"# of those, significant at p < 0.05: {significant}\n"
+        f"# of those, supporting a claim (Holm-adjusted p, CI excludes 0): {claimed}\n"
     )
     body = merge({**(base or {}), "strategy": REFERENCE}, recommended["config"])
     return head + yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
@@ -263,17 +261,21 @@ def format_ablation(results: dict[str, Any]) -> str:
         "bootstrap CI and DeLong's paired test on the repeat-averaged scores.",
         "",
         "| arm | what it changes | pooled OOF AUC | 95% CI | per-fold AUC | "
-        "ΔAUC vs ssmdmt [95% CI] | p (DeLong) |",
-        "|---|---|---|---|---|---|---|",
+        "ΔAUC vs ssmdmt [95% CI] | p (DeLong, raw) | p (Holm) | supports a claim |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    tests, claim_note = claim_rule(results)
     for arm, r in results["strategies"].items():
-        delta, p = paired_cells(results["paired_tests"].get(f"{arm} vs {REFERENCE}"))
+        t = paired_row(arm, tests.get(f"{arm} vs {REFERENCE}"))
         fold = f"{r['fold_auc_mean']:.3f} ± {r['fold_auc_sd']:.3f}" if "fold_auc" in r else "—"
         lines.append(
             f"| {arm} | {results['arms'].get(arm, '')} | {r['test_auc_mean']:.3f} ± "
             f"{r['test_auc_sd']:.3f} | [{r['test_auc_ci95'][0]:.3f}, "
-            f"{r['test_auc_ci95'][1]:.3f}] | {fold} | {delta} | {p} |"
+            f"{r['test_auc_ci95'][1]:.3f}] | {fold} | {t.delta_ci} | {t.p} | {t.p_holm} "
+            f"| {t.supports_claim} |"
         )
+    if claim_note:
+        lines += ["", claim_note]
     if results.get("pooled_val_choices"):
         picks = ", ".join(
             f"{key}: epoch {v['epoch']} (pooled val AUC {v['pooled_val_auc']:.3f})"
@@ -286,8 +288,8 @@ def format_ablation(results: dict[str, Any]) -> str:
         "Recommended for ssmdmt-plus (rule: ΔAUC > 0 in the mean and on the pooled scores; "
         "one selection rule at most): "
         + (", ".join(rec["adopted"]) if rec["adopted"] else "none")
-        + "; significant at p < 0.05: "
-        + (", ".join(rec["significant"]) if rec["significant"] else "none")
+        + "; of those, supporting a claim: "
+        + (", ".join(rec["supports_claim"]) if rec["supports_claim"] else "none")
         + ".",
     ]
     return "\n".join(lines) + "\n"

@@ -7,7 +7,10 @@ Statistics over seeds on one fixed test split:
   which dominate the uncertainty, not only seed noise.
 * ``paired_tests``: each strategy against ``supervised`` and ``ssmdmt`` against each other:
   ΔAUC (seed means), its paired bootstrap CI, and DeLong's paired test on the seed-averaged
-  scores (plus the per-seed DeLong p-values).
+  scores (plus the per-seed DeLong p-values); ``p_holm`` and ``supports_claim``: Holm's
+  adjustment over the table's paired tests and the claim rule (``stats.multiplicity``;
+  ``claim_rule`` says the family and α); ``design``: power, type S and exaggeration at a
+  declared gain (``evaluation.declared_effect``, ``stats.design``).
 """
 
 from __future__ import annotations
@@ -34,13 +37,15 @@ from lymphdx.engine.run_state import epochs_done, refuse_while_busy, stale_reaso
 from lymphdx.engine.train import train
 from lymphdx.reporting.figures import write_roc_png
 from lymphdx.reporting.table import format_table
+from lymphdx.stats.design import DEFAULT_EFFECT, design_analysis, design_text
 from lymphdx.stats.metrics import (
     auc,
     bootstrap_auc_ci,
     delong_paired,
     paired_bootstrap_delta_ci,
 )
-from lymphdx.stats.power import estimate_rho, power_statement
+from lymphdx.stats.multiplicity import ADJUSTMENT, supports_claims
+from lymphdx.stats.power import estimate_rho
 from lymphdx.workflows.evaluate import evaluate_run, read_predictions
 from lymphdx.workflows.folds import (
     add_fold_aucs,
@@ -52,7 +57,7 @@ from lymphdx.workflows.folds import (
 )
 from lymphdx.workflows.switches import run_switches
 
-__all__ = ["compare", "summarise"]
+__all__ = ["compare", "summarise", "summarise_for", "add_claims"]
 
 
 def _for_strategy(config: Config) -> dict[str, Any]:
@@ -213,35 +218,54 @@ def _paired(
     n: int,
     ci: float,
     seed: int,
-    names: tuple[str, str] = ("A", "B"),
+    effect: float = DEFAULT_EFFECT,
+    reference_name: str = "B",
 ) -> dict[str, Any]:
-    """``a``, ``b`` ``(S, N)`` scores of two strategies over the same seeds and patients."""
+    """``a``, ``b`` ``(S, N)`` scores of two strategies over the same seeds and patients:
+    ΔAUC (A − B) with its paired bootstrap CI, DeLong's p, and the design analysis at a
+    declared gain ``effect`` over B (``stats.design``). The claim needs the whole family
+    (``summarise``)."""
     lo, hi = paired_bootstrap_delta_ci(y, a, b, n, ci, seed)
     pooled = delong_paired(y, a.mean(axis=0), b.mean(axis=0))
     per_seed = [delong_paired(y, sa, sb).p for sa, sb in zip(a, b, strict=True)]
-    auc_a = float(np.mean([auc(y, sa) for sa in a]))
     auc_b = float(np.mean([auc(y, sb) for sb in b]))
-    power = power_statement(
-        int(y.sum()),
-        int((1 - y).sum()),
-        auc_a,
-        auc_b,
-        estimate_rho(y, a, b),
-        p_value=pooled.p,
-        name_a=names[0],
-        name_b=names[1],
-        seed=seed,
+    n_pos = int(y.sum())
+    design = design_analysis(
+        n_pos, len(y) - n_pos, auc_b, effect, estimate_rho(y, a, b), _alpha(ci)
     )
+    design["text"] = design_text(design, reference_name)
     return {
         "delta_auc": float(np.mean([auc(y, sa) - auc(y, sb) for sa, sb in zip(a, b, strict=True)])),
         "delta_ci95": [float(lo), float(hi)],
         "p_delong": pooled.p,
         "p_delong_per_seed": per_seed,
         "delta_auc_seed_averaged_scores": pooled.delta,
-        "power": power["power"],
-        "n_for_80_power": power["n_for_80_power"],
-        "supports_claim": power["supports_claim"],
-        "power_text": power["text"],
+        "design": design,
+    }
+
+
+def _alpha(ci: float) -> float:
+    """The tests' level: that of the intervals (``evaluation.ci`` 0.95: α = 0.05)."""
+    return round(1.0 - ci, 12)
+
+
+def add_claims(results: dict[str, Any], ci: float, effect: float) -> None:
+    """Holm's adjustment over the family of all of ``results["paired_tests"]`` and the
+    claim rule (``stats.multiplicity``): each test gets ``p_holm`` and ``supports_claim``;
+    ``results["claim_rule"]`` records the family, the adjustment, α and the effect."""
+    tests = results["paired_tests"]
+    alpha = _alpha(ci)
+    adjusted, claims = supports_claims(
+        [t["p_delong"] for t in tests.values()], [t["delta_ci95"] for t in tests.values()], alpha
+    )
+    for t, p, claim in zip(tests.values(), adjusted, claims, strict=True):
+        t["p_holm"], t["supports_claim"] = p, claim
+    results["claim_rule"] = {
+        "adjustment": ADJUSTMENT,
+        "family_size": len(tests),
+        "alpha": alpha,
+        "ci": ci,
+        "declared_effect": effect,
     }
 
 
@@ -251,11 +275,13 @@ def summarise(
     ci: float = 0.95,
     seed: int = 0,
     reference: str | None = None,
+    effect: float = DEFAULT_EFFECT,
 ) -> dict[str, Any]:
     """Results from ``strategy -> seed -> patient -> (label, probability)``.
 
     Paired tests: with ``reference``, every other entry against it; otherwise each
-    strategy against ``supervised`` and ``ssmdmt`` against the others."""
+    strategy against ``supervised`` and ``ssmdmt`` against the others. They are one
+    family (``add_claims``); ``effect``: the declared ΔAUC of the design analysis."""
     strategies = list(predictions)
     seeds = sorted(next(iter(predictions.values())))
     patients = sorted(next(iter(predictions[strategies[0]].values())))
@@ -295,9 +321,18 @@ def summarise(
         ]
     for a, b in pairs:
         out["paired_tests"][f"{a} vs {b}"] = _paired(
-            y, scores[a], scores[b], n_boot, ci, seed, names=(a, b)
+            y, scores[a], scores[b], n_boot, ci, seed, effect, reference_name=b
         )
+    add_claims(out, ci, effect)
     return out
+
+
+def summarise_for(
+    config: Config, predictions: dict, reference: str | None = None
+) -> dict[str, Any]:
+    """``summarise`` with ``config``'s evaluation settings and seed."""
+    e = config.evaluation
+    return summarise(predictions, e.bootstrap, e.ci, config.seed, reference, e.declared_effect)
 
 
 def _compare_cv(
@@ -347,7 +382,7 @@ def _compare_cv(
                 by_fold, folds
             )
             fold_aucs[f"{strategy}@pooled-val"] = pooled_fold_aucs(choices[strategy])
-    results = summarise(oof, config.evaluation.bootstrap, config.evaluation.ci, config.seed)
+    results = summarise_for(config, oof)
     results.update(mode="cv", cv=k, repeats=repeats, training_seeds=seeds)
     if choices:
         results["pooled_val_choices"] = choices
@@ -423,7 +458,7 @@ def compare(
             predictions.setdefault(strategy, {})[seed] = read_predictions(
                 run_dir / "predictions_test.csv"
             )
-    results = summarise(predictions, config.evaluation.bootstrap, config.evaluation.ci, config.seed)
+    results = summarise_for(config, predictions)
     results["mode"] = "split"
     run_dirs = {s: [out / "runs" / s / f"seed{k}" for k in seeds] for s in strategies}
     _add_detection(results, run_dirs)

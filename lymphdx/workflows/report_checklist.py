@@ -137,13 +137,15 @@ def checklist(inp: Inputs, n_boot: int, ci: float) -> str:
     n_neg = None if n_test is None or n_pos is None else n_test - n_pos
     sizes = f"test patients {n_test} ({n_pos} positive, {n_neg} negative)"
     needed = {
-        k: v["n_for_80_power"]
+        k: v["design"]["n_for_80_power"]
         for k, v in res.get("paired_tests", {}).items()
-        if v.get("n_for_80_power") is not None
+        if (v.get("design") or {}).get("n_for_80_power") is not None
     }
     if needed:
-        sizes += "; test patients needed for 80% power of the paired DeLong test: " + ", ".join(
-            f"{k}: {v}" for k, v in needed.items()
+        effect = (res.get("claim_rule") or {}).get("declared_effect")
+        sizes += (
+            f"; test patients needed for 80% power of the paired DeLong test at the declared "
+            f"ΔAUC of {effect:g}: " + ", ".join(f"{k}: {v}" for k, v in needed.items())
         )
     chosen: dict[str, list[str]] = {}
     for r in runs:
