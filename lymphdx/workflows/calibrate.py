@@ -37,6 +37,7 @@ __all__ = [
     "CALIBRATION_FILE",
     "calibration_on_test",
     "cv_calibration",
+    "split_calibration",
     "fit_run_calibration",
     "read_run_calibration",
 ]
@@ -233,3 +234,30 @@ def cv_calibration(
             "runs": runs,
         }
     return results, calibrated
+
+
+def split_calibration(run_dirs: dict[str, list[Path]], out: Path) -> dict[str, Any]:
+    """``results.json``'s ``calibration`` of a comparison on the fixed split: per strategy
+    and run, the ``calibration`` and ``operating_point`` of its ``metrics.json`` (on the
+    test patients, with the map and threshold fitted on the run's validation patients);
+    runs scored before calibration existed are left out."""
+    results: dict[str, Any] = {}
+    for name, dirs in run_dirs.items():
+        runs = {}
+        for d in dirs:
+            path = d / "metrics.json"
+            metrics = json.loads(path.read_text()) if path.is_file() else {}
+            if "calibration" not in metrics:
+                continue
+            runs[d.relative_to(out).as_posix()] = {
+                **{k: metrics["calibration"][k] for k in ("before", "after", "warning")},
+                "n": metrics["n"],
+                "events": metrics["n_pos"],
+                "fitted_on": metrics["calibration"]["fitted_on"],
+                "method": metrics["calibration"]["method"],
+                "operating_point": metrics["operating_point"],
+            }
+        if runs:
+            method = next(iter(runs.values()))["method"]
+            results[name] = {"mode": "each run's validation split", "method": method, "runs": runs}
+    return results
