@@ -46,6 +46,7 @@ __all__ = [
     "fit_recalibration",
     "logistic_fit",
     "logit",
+    "number_or_none",
     "reliability_bins",
     "small_set_warning",
     "wilson_interval",
@@ -138,7 +139,8 @@ def reliability_bins(
     y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS, level: float = 0.95
 ) -> list[dict[str, Any]]:
     """Per equal-width bin: its edges, patients, events, mean prediction, fraction
-    positive and that fraction's Wilson interval (empty bins: ``n`` 0, NaN values)."""
+    positive and that fraction's Wilson interval (empty bins: ``n`` 0, ``None`` values,
+    as the JSON files hold them)."""
     y, p = np.asarray(y, int), np.asarray(p, float)
     which = _bin_of(p, bins)
     out = []
@@ -151,9 +153,9 @@ def reliability_bins(
                 "hi": (b + 1) / bins,
                 "n": n,
                 "events": k,
-                "mean_predicted": float(p[inside].mean()) if n else float("nan"),
-                "observed": k / n if n else float("nan"),
-                "observed_ci95": list(wilson_interval(k, n, level)),
+                "mean_predicted": float(p[inside].mean()) if n else None,
+                "observed": k / n if n else None,
+                "observed_ci95": [number_or_none(v) for v in wilson_interval(k, n, level)],
             }
         )
     return out
@@ -179,7 +181,8 @@ def _interval(values: np.ndarray, ci: float) -> list[float | None]:
     return [float(lo), float(hi)]
 
 
-def _number(x: float) -> float | None:
+def number_or_none(x: float) -> float | None:
+    """``x`` as a float, ``None`` when it is NaN or infinite (JSON's null)."""
     return float(x) if np.isfinite(x) else None
 
 
@@ -215,13 +218,13 @@ def calibration_stats(
     return {
         "n": int(len(y)),
         "events": n_pos,
-        "intercept": _number(point_int),
+        "intercept": number_or_none(point_int),
         "intercept_ci95": _interval(boot_int, ci),
-        "slope": _number(point_ab[1]),
+        "slope": number_or_none(point_ab[1]),
         "slope_ci95": _interval(boot_slope, ci),
         "brier": brier(y, p),
         "brier_ci95": _interval(boot_brier, ci),
-        "ece": ece(y, p, bins),
+        "ece": number_or_none(ece(y, p, bins)),
         "ece_ci95": _interval(boot_ece, ci),
         "ece_bins": f"{bins} equal-width",
         "reliability": reliability_bins(y, p, bins, ci),

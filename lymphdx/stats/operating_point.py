@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from lymphdx.stats.calibration import wilson_interval
+from lymphdx.stats.calibration import number_or_none, wilson_interval
 
 __all__ = ["at_threshold", "choose_threshold", "describe_target"]
 
@@ -62,7 +62,7 @@ def at_threshold(
     y: np.ndarray, p: np.ndarray, threshold: float, level: float = 0.95
 ) -> dict[str, Any]:
     """Sensitivity and specificity of ``p ≥ threshold`` on labels ``y`` ``(N,)``, with
-    their Wilson intervals and the counts (NaN where a class is absent)."""
+    their Wilson intervals and the counts (``None`` where a class is absent)."""
     y, p = np.asarray(y, int).ravel(), np.asarray(p, float).ravel()
     called = p >= threshold
     tp, fn = int((called & (y == 1)).sum()), int((~called & (y == 1)).sum())
@@ -74,9 +74,9 @@ def at_threshold(
     return {
         "threshold": float(threshold),
         "sensitivity": rate(tp, tp + fn),
-        "sensitivity_ci95": list(wilson_interval(tp, tp + fn, level)),
+        "sensitivity_ci95": [number_or_none(v) for v in wilson_interval(tp, tp + fn, level)],
         "specificity": rate(tn, tn + fp),
-        "specificity_ci95": list(wilson_interval(tn, tn + fp, level)),
+        "specificity_ci95": [number_or_none(v) for v in wilson_interval(tn, tn + fp, level)],
         "tp": tp,
         "fn": fn,
         "tn": tn,
