@@ -215,7 +215,9 @@ def test_end_to_end_train_evaluate_predict(tiny_data: Path, tmp_path: Path) -> N
     folder = out / "W0001"
     pred = json.loads((folder / "prediction.json").read_text())
     assert 0.0 <= pred["probability"] <= 1.0 and pred["label"] in (0, 1)
-    assert pred["threshold"] == 0.5 and pred["roi_threshold"] == 0.8
+    # the threshold of the operating point that evaluate chose on the validation patients
+    chosen = json.loads((run / "calibration.json").read_text())["operating_point"]["threshold"]
+    assert pred["threshold"] == chosen and pred["roi_threshold"] == 0.8
     source = nib.load(str(image))
     for name in ("roi_prob.nii.gz", "roi_mask.nii.gz"):
         written = nib.load(str(folder / name))

@@ -453,6 +453,36 @@ class EvaluationConfig(_Section):
     # (lymphdx/stats/design.py; compare --effect): context for a test, not a gate; below
     # 0.49 so that a reference AUC of 0.5 plus the gain stays below design.MAX_AUC
     declared_effect: float = Field(0.05, gt=0.0, lt=0.49)
+    # how the scan probability (classifier, readout, or their mean) is recalibrated on
+    # patients the run did not train on (its validation split; under compare --cv the
+    # other folds' out-of-fold predictions): platt (2 parameters, for small sets),
+    # isotonic (a step function: needs many patients, ties scores), none
+    # (lymphdx.stats.calibration; RUN/calibration.json)
+    calibration: Literal["platt", "isotonic", "none"] = "platt"
+    # the threshold behind every label (prediction.json, metrics.json's operating_point),
+    # chosen on the calibration patients' calibrated probabilities: youden (largest
+    # sensitivity + specificity - 1), {sensitivity: S} (the largest threshold that
+    # reaches S) or {specificity: S} (the smallest that reaches S), S in (0, 1]
+    # (lymphdx.stats.operating_point). evaluation.threshold is used only by runs
+    # evaluated before calibration.json existed
+    operating_point: str | dict[str, float] = "youden"
+
+    @field_validator("operating_point", mode="before")
+    @classmethod
+    def _operating_point(cls, v: object) -> object:
+        shape = "youden, or one target rate: {sensitivity: S} or {specificity: S}, S in (0, 1]"
+        if isinstance(v, str):
+            if v != "youden":
+                raise ValueError(f"must be {shape}")
+            return v
+        if not isinstance(v, dict) or len(v) != 1:
+            raise ValueError(f"must be {shape}")
+        (key, value), *_ = v.items()
+        if key not in ("sensitivity", "specificity"):
+            raise ValueError(f"unknown target {key!r}: must be {shape}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            raise ValueError(f"{key} {value!r} is not a rate in (0, 1]: must be {shape}")
+        return {key: float(value)}
 
 
 class InferenceConfig(_Section):

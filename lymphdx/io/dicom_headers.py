@@ -233,9 +233,7 @@ def scan_folder(folder: str | Path, patient: str | None = None) -> tuple[list[Se
 DERIVED_MODALITIES = frozenset({"SEG", "RTSTRUCT", "SR", "PR", "KO", "REG"})
 
 
-def image_series(
-    folder: str | Path, patient: str | None = None
-) -> tuple[list[SeriesSummary], int]:
+def image_series(folder: str | Path, patient: str | None = None) -> tuple[list[SeriesSummary], int]:
     """``scan_folder``'s series less those of ``DERIVED_MODALITIES`` (a SEG beside its CT
     is not a second image series), which count among the other files."""
     series, others = scan_folder(folder, patient)
@@ -270,8 +268,7 @@ def choose_series(
             if s.uid == series_uid:
                 return s, f"series {s.uid} chosen by its SeriesInstanceUID"
         raise InputError(
-            f"series {series_uid} is not in the folder; it holds {len(series)} series: "
-            f"{listing}",
+            f"series {series_uid} is not in the folder; it holds {len(series)} series: {listing}",
             folder,
             patient,
         )

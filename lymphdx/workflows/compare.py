@@ -35,6 +35,7 @@ from lymphdx.engine.run_data import cache_dir_of, resolve_manifests, split_manif
 from lymphdx.engine.run_folder import config_differences, load_run_config
 from lymphdx.engine.run_state import epochs_done, refuse_while_busy, stale_reason
 from lymphdx.engine.train import train
+from lymphdx.reporting.calibration import calibration_markdown
 from lymphdx.reporting.figures import write_roc_png
 from lymphdx.reporting.table import format_table
 from lymphdx.stats.design import DEFAULT_EFFECT, design_analysis, design_text
@@ -46,6 +47,7 @@ from lymphdx.stats.metrics import (
 )
 from lymphdx.stats.multiplicity import ADJUSTMENT, supports_claims
 from lymphdx.stats.power import estimate_rho
+from lymphdx.workflows.calibrate import CALIBRATION_FILE, cv_calibration, split_calibration
 from lymphdx.workflows.evaluate import evaluate_run, read_predictions
 from lymphdx.workflows.folds import (
     add_fold_aucs,
@@ -124,6 +126,8 @@ def reuse_finished(
         record, stale = None, f"{metrics.name} is unreadable"
     else:
         stale = stale_reason(run_dir, record, metrics)
+        if stale is None and not (run_dir / CALIBRATION_FILE).is_file():
+            stale = f"no {CALIBRATION_FILE} (scored before probabilities were calibrated)"
     if not differ and stale is None:
         return None
     if differ:
@@ -347,8 +351,13 @@ def _compare_cv(
     progress: bool,
     pooled_selection: bool = False,
     jobs: int = 1,
-) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, tuple[int, float]]]]]:
-    """Cross-validated comparison; returns the results and the pooled predictions.
+) -> tuple[
+    dict[str, Any],
+    dict[str, dict[str, dict[str, tuple[int, float]]]],
+    dict[str, dict[str, dict[str, float]]],
+]:
+    """Cross-validated comparison; returns the results, the pooled predictions and their
+    cross-fitted calibrated probabilities (``calibrate.cv_calibration``).
 
     ``pooled_selection``: train with ``training.keep_epochs`` and add, per strategy, a
     row ``<strategy>@pooled-val`` scored at the epoch chosen on the pooled validation
@@ -390,7 +399,8 @@ def _compare_cv(
     _add_detection(results, run_dirs)
     results["checkpoints"] = scored_checkpoints(out, [r.run_dir for r in runs])
     add_fold_aucs(results, fold_aucs)
-    return results, oof
+    results["calibration"], calibrated = cv_calibration(config, oof, folds, out)
+    return results, oof, calibrated
 
 
 def compare(
@@ -428,7 +438,7 @@ def compare(
     if cv:
         if cv < 2:
             raise LymphdxError("--cv needs at least 2 folds")
-        results, predictions = _compare_cv(
+        results, predictions, calibrated = _compare_cv(
             config,
             Path(weak_csv),
             Path(strong_csv),
@@ -441,8 +451,9 @@ def compare(
             pooled_selection,
             jobs,
         )
-        return _write_results(out, config, results, predictions)
+        return _write_results(out, config, results, predictions, calibrated)
     predictions: dict[str, dict[int, dict[str, tuple[int, float]]]] = {}
+    calibrated: dict[str, dict[int, dict[str, float]]] = {}
     runs: list[tuple[Config, Path, str]] = []
     for strategy in strategies:
         for seed in seeds:
@@ -458,12 +469,15 @@ def compare(
             predictions.setdefault(strategy, {})[seed] = read_predictions(
                 run_dir / "predictions_test.csv"
             )
+            rows = read_predictions(run_dir / "predictions_test.csv", calibrated=True)
+            calibrated.setdefault(strategy, {})[seed] = {p: v for p, (_, v) in rows.items()}
     results = summarise_for(config, predictions)
     results["mode"] = "split"
     run_dirs = {s: [out / "runs" / s / f"seed{k}" for k in seeds] for s in strategies}
     _add_detection(results, run_dirs)
     results["checkpoints"] = scored_checkpoints(out, [d for ds in run_dirs.values() for d in ds])
-    return _write_results(out, config, results, predictions)
+    results["calibration"] = split_calibration(run_dirs, out)
+    return _write_results(out, config, results, predictions, calibrated)
 
 
 def scored_checkpoints(out: Path, run_dirs: list[Path]) -> dict[str, Any]:
@@ -535,18 +549,38 @@ def _mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def _write_results(out: Path, config: Config, results: dict[str, Any], predictions: dict) -> dict:
+def _write_results(
+    out: Path,
+    config: Config,
+    results: dict[str, Any],
+    predictions: dict,
+    calibrated: dict | None = None,
+) -> dict:
+    """``results.json``, ``results.md`` (Table I, then "Calibration and operating point"),
+    ``roc.png`` and ``test_predictions.csv``: ``probability`` the uncalibrated score (the
+    one every AUC is computed from), ``probability_calibrated`` beside it (empty where a
+    run has none)."""
     results["config_preset"] = config.preset
     write_json(out / "results.json", results)
     table = format_table(results)
-    write_text(out / "results.md", "# Table I on this data\n\n" + table)
+    section = calibration_markdown(results.get("calibration"))
+    write_text(
+        out / "results.md",
+        "# Table I on this data\n\n" + table + ("\n" + section if section else ""),
+    )
     write_roc_png(out / "roc.png", predictions)
+    calibrated = calibrated or {}
+
+    def calibrated_of(s: str, k: Any, pid: str) -> str:
+        v = calibrated.get(s, {}).get(k, {}).get(pid)
+        return "" if v is None else f"{v:.6f}"
+
     rows = (
-        [s, k, pid, lab, f"{p:.6f}"]
+        [s, k, pid, lab, f"{p:.6f}", calibrated_of(s, k, pid)]
         for s, by_seed in predictions.items()
         for k, by_patient in by_seed.items()
         for pid, (lab, p) in sorted(by_patient.items())
     )
-    header = ["strategy", "seed", "patient_id", "label", "probability"]
+    header = ["strategy", "seed", "patient_id", "label", "probability", "probability_calibrated"]
     write_csv(out / "test_predictions.csv", header, rows, "\r\n")
     return results

@@ -1,4 +1,5 @@
-"""Evaluate a trained run on one split of the weak set: ``metrics.json`` + per-patient CSV.
+"""Evaluate a trained run on one split of the weak set: ``metrics.json`` + per-patient CSV,
+and the run's probability calibration and operating point (``calibration.json``).
 
 The test split is scored once per run with the model in ``best`` (chosen as
 ``training.selection`` says: by default the one of best validation AUC); nothing here
@@ -20,6 +21,7 @@ from lymphdx.core.domains import WEAK
 from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import read_csv, run_lock, write_csv, write_json
 from lymphdx.core.strategies import get_strategy
+from lymphdx.data.datasets import VolumeSet
 from lymphdx.engine.inferer import make_inferer
 from lymphdx.engine.propagation import predict_volumes
 from lymphdx.engine.roi_readout import run_readout, score_volumes
@@ -27,7 +29,13 @@ from lymphdx.engine.roi_status import read_roi_status
 from lymphdx.engine.run_data import load_run_data
 from lymphdx.engine.run_folder import load_model, load_run_config
 from lymphdx.engine.run_state import epochs_done, refuse_while_busy
+from lymphdx.stats.calibration import Recalibration
 from lymphdx.stats.metrics import auc, bootstrap_auc_ci, delong, sensitivity_specificity
+from lymphdx.workflows.calibrate import (
+    CALIBRATION_FILE,
+    calibration_on_test,
+    fit_run_calibration,
+)
 from lymphdx.workflows.detection import evaluate_detection
 
 log = logging.getLogger("lymphdx")
@@ -39,16 +47,38 @@ __all__ = [
 ]
 
 
-def read_predictions(path: str | Path) -> dict[str, tuple[int, float]]:
-    """``patient_id -> (label, probability)`` from a ``predictions_<split>.csv``."""
+def read_predictions(path: str | Path, calibrated: bool = False) -> dict[str, tuple[int, float]]:
+    """``patient_id -> (label, probability)`` from a ``predictions_<split>.csv``: the
+    uncalibrated probability (``probability_uncalibrated``; in older files and
+    ``predict_checkpoint``'s, ``probability``), which every AUC is computed from, or with
+    ``calibrated`` the calibrated one (``probability``)."""
     if not Path(path).is_file():
         raise LymphdxError(f"no predictions at {path}")
-    return {r["patient_id"]: (int(r["label"]), float(r["probability"])) for r in read_csv(path)}
+    rows = read_csv(path)
+    column = "probability"
+    if not calibrated and rows and "probability_uncalibrated" in rows[0]:
+        column = "probability_uncalibrated"
+    return {r["patient_id"]: (int(r["label"]), float(r[column])) for r in rows}
 
 
-def _write_predictions(path: Path, ids: list[str], labels: np.ndarray, probs: np.ndarray) -> None:
-    rows = ([pid, int(y), f"{float(p):.6f}"] for pid, y, p in zip(ids, labels, probs, strict=True))
-    write_csv(path, ["patient_id", "label", "probability"], rows, "\r\n")
+def _write_predictions(
+    path: Path,
+    ids: list[str],
+    labels: np.ndarray,
+    probs: np.ndarray,
+    uncalibrated: np.ndarray | None = None,
+) -> None:
+    """``predictions_<split>.csv``: ``probability`` (calibrated when ``uncalibrated`` is
+    given, which is then the ``probability_uncalibrated`` column)."""
+    header = ["patient_id", "label", "probability"]
+    columns = [probs] if uncalibrated is None else [probs, uncalibrated]
+    if uncalibrated is not None:
+        header.append("probability_uncalibrated")
+    rows = (
+        [pid, int(y), *(f"{float(c[i]):.6f}" for c in columns)]
+        for i, (pid, y) in enumerate(zip(ids, labels, strict=True))
+    )
+    write_csv(path, header, rows, "\r\n")
 
 
 def predict_checkpoint(
@@ -97,7 +127,13 @@ def evaluate_run(
     run_dir: str | Path, split: str = "test", detection: bool = True
 ) -> dict[str, Any]:
     """Score the ``best`` model on the weak set's ``split``; writes ``metrics.json`` and
-    ``predictions_<split>.csv`` into the run folder and returns the metrics. For the test
+    ``predictions_<split>.csv`` into the run folder and returns the metrics. First the
+    validation patients are scored the same way and ``calibration.json`` is fitted on them
+    (``workflows.calibrate``: the map of ``evaluation.calibration`` and the threshold of
+    ``evaluation.operating_point``); the split's probabilities are then calibrated
+    (``probability``; ``probability_uncalibrated`` beside it), labelled at that threshold,
+    and ``metrics.json`` holds the calibration before/after and the operating point on
+    them. AUCs are those of the uncalibrated scores. For the test
     split of a strategy that trains the ROI decoder, also the detection evaluation
     (``detection.json``: Dice and lesion-level FROC on the strong set's test split and, for
     synthetic data, on the weak set's test split; ``detection=False`` skips it).
@@ -132,19 +168,38 @@ def _evaluate_run(run_dir: Path, split: str, detection: bool) -> dict[str, Any]:
     readout, readout_note = run_readout(run_dir, config, model, data)
     readout_metrics: dict[str, Any] = {"applied": readout is not None, "note": readout_note}
     tta, inferer = config.evaluation.tta_flip, make_inferer(config)
-    if readout is None:
-        probs = predict_volumes(model, volumes, domain=WEAK, tta=tta, inferer=inferer)
-    else:
+
+    def score(volumes: VolumeSet, record: dict[str, Any] | None = None) -> np.ndarray:
+        """The scan probabilities ``(N,)`` of ``volumes``, uncalibrated; with ``record``
+        each half's AUC is put in it."""
+        if readout is None:
+            return predict_volumes(model, volumes, domain=WEAK, tta=tta, inferer=inferer)
         classifier, features = score_volumes(model, volumes, tta, inferer=inferer)
-        probs = readout.combine(classifier, features).astype(np.float32)
-        with _quiet_numpy():  # each half alone, for the record
-            readout_metrics["auc_classifier"] = auc(volumes.labels, classifier)
-            readout_metrics["auc_readout"] = auc(volumes.labels, readout.probability(features))
-        readout_metrics["train_auc_readout"] = readout.train_auc
-        readout_metrics["n_train"] = readout.n_train
+        combined = readout.combine(classifier, features).astype(np.float32)
+        if record is not None:
+            with _quiet_numpy():  # each half alone, for the record
+                record["auc_classifier"] = auc(volumes.labels, classifier)
+                record["auc_readout"] = auc(volumes.labels, readout.probability(features))
+            record["train_auc_readout"] = readout.train_auc
+            record["n_train"] = readout.n_train
+        return combined
+
+    probs = score(volumes, readout_metrics)
     labels = volumes.labels
-    threshold = config.evaluation.threshold
-    pred = (probs > threshold).astype(int)
+    # the map and the threshold: fitted on the validation patients, scored the same way
+    val = volumes if split == "val" else data.volumes("weak", "val")
+    if len(val) == 0:
+        raise LymphdxError(f"the weak set of {run_dir} has no validation patients to calibrate on")
+    val_probs = probs if split == "val" else score(val)
+    with _quiet_numpy():
+        record = fit_run_calibration(config, val.labels, val_probs, state["source"])
+    write_json(run_dir / CALIBRATION_FILE, record)
+    calibrated = Recalibration.from_json(record)(probs)
+    with _quiet_numpy():
+        calibration, point = calibration_on_test(config, record, labels, probs, calibrated)
+    threshold = point["threshold"]
+    pred = (calibrated >= threshold).astype(int)
+    # AUCs from the uncalibrated scores: the maps are monotone, but isotonic ties scores
     with _quiet_numpy():
         value = auc(labels, probs)
         ci = bootstrap_auc_ci(
@@ -160,7 +215,12 @@ def _evaluate_run(run_dir: Path, split: str, detection: bool) -> dict[str, Any]:
         "auc_ci95": list(ci),
         # null when undefined: DeLong's variance needs 2 patients of each class
         "auc_se_delong": se,
+        # the operating point (evaluation.operating_point, chosen on the validation
+        # patients): label = calibrated probability >= threshold
         "threshold": threshold,
+        "operating_point": point,
+        # evaluation.calibration: before/after on these patients; the map in calibration.json
+        "calibration": calibration,
         "tta_flip": bool(config.evaluation.tta_flip),
         "inferer": inferer.name,  # evaluation.inferer: how each scan was scored
         # evaluation.roi_readout: whether the probability averages the classifier with
@@ -185,7 +245,7 @@ def _evaluate_run(run_dir: Path, split: str, detection: bool) -> dict[str, Any]:
     if "swa_first_epoch" in state["best"]:  # the epochs SWA averaged
         metrics["swa_epochs"] = [int(state["best"]["swa_first_epoch"]), metrics["best_epoch"]]
     _write_predictions(
-        run_dir / f"predictions_{split}.csv", list(volumes.patient_ids), labels, probs
+        run_dir / f"predictions_{split}.csv", list(volumes.patient_ids), labels, calibrated, probs
     )
     if detection and split == "test" and get_strategy(config.strategy).trains_decoder:
         with _quiet_numpy():

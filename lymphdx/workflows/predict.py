@@ -1,7 +1,7 @@
 """``predict``: run a trained model on scans and write results a radiologist can open.
 
 Per scan, into ``OUT/<name>/``:
-    prediction.json   probability of metastatic lymph nodes, label, thresholds
+    prediction.json   probability of metastatic lymph nodes (calibrated), label, thresholds
     roi_prob.nii.gz   ROI probability map g(f(v)) on the scan's own grid (float32)
     roi_mask.nii.gz   ROI mask, probability > ζ (``roi_threshold``), same grid (uint8)
     findings.csv      one row per node candidate (connected component of the mask):
@@ -29,7 +29,15 @@ one, so it is complete or absent. ``OUT`` holds one run's outputs: the folders o
 earlier ``predict`` into it (recognised by their files) that this run does not write are
 removed at its end, also when it stops on a bad scan.
 
-With ``evaluation.roi_readout`` the probability is the mean of the classifier's
+``probability`` is calibrated with the run's ``calibration.json`` (fitted by ``evaluate``
+on the validation patients; ``probability_uncalibrated`` beside it,
+``probability_calibration`` says how, on how many patients, and warns when they are too
+few) and ``label`` is ``probability >= threshold``, the threshold of the run's operating
+point (``operating_point``: what it was chosen for). A run without ``calibration.json``
+(evaluated by an older lymphdx) keeps its uncalibrated probability and
+``evaluation.threshold``, with a note.
+
+With ``evaluation.roi_readout`` the uncalibrated probability is the mean of the classifier's
 (``classifier_probability``) and the run's ROI readout (``engine.roi_readout``;
 ``roi_readout`` says which, or why none). ``prediction.json`` also records what may make
 the probability mean little:
@@ -57,7 +65,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lymphdx.core.config import DataConfig
+from lymphdx.core.config import Config, DataConfig
 from lymphdx.core.domains import STRONG, WEAK
 from lymphdx.core.errors import InputError, LymphdxError
 from lymphdx.core.files import (
@@ -80,6 +88,7 @@ from lymphdx.io import volumes as io
 from lymphdx.io.dicom_seg import write_dicom_seg
 from lymphdx.io.geometry import Volume
 from lymphdx.models.domain_norm import domains
+from lymphdx.workflows.calibrate import read_run_calibration
 from lymphdx.workflows.findings import find_nodes, findings_json, slicer_markups, write_findings
 
 __all__ = [
@@ -112,6 +121,7 @@ SUMMARY_COLUMNS = (
     "status",
     "probability",
     "label",
+    "threshold",
     "nodes",
     "largest_short_axis_mm",
     "error",
@@ -265,6 +275,12 @@ def predict(
     config, model, state = load_model(run_dir, which)
     # evaluation.roi_readout: fitted once on the run's weak training patients and kept
     readout, readout_note = run_readout(run_dir, config, model, which=which)
+    # evaluation.calibration / operating_point: fitted by evaluate on the validation patients
+    recalibration, calibration, calibration_note = read_run_calibration(run_dir, which)
+    if calibration_note is not None:
+        log.warning("%s", calibration_note)
+    elif calibration["warning"]:
+        log.warning("%s: calibration and threshold %s", run_dir, calibration["warning"])
     normalizers = load_normalizers(Path(run_dir) / "normalization.json")
     if domain not in normalizers:
         raise LymphdxError(f"unknown domain {domain!r}; the run has {sorted(normalizers)}")
@@ -281,7 +297,8 @@ def predict(
         "model": str(Path(run_dir).resolve()),
         "checkpoint": state["source"],  # which weights: file, sha256, epoch
         "strategy": config.strategy,
-        "threshold": config.evaluation.threshold,
+        **_threshold_fields(config, calibration, calibration_note),
+        "recalibration": recalibration,
         "roi_threshold": config.propagation.roi_threshold,
         "tta_flip": bool(config.evaluation.tta_flip),
         "inferer": make_inferer(config),
@@ -313,7 +330,7 @@ def predict(
             except LymphdxError as err:  # a bad scan: reported, the others go on
                 log.error("%s", err)
                 failed.append(err)
-                row = [image_path, patient, "", "failed", "", "", "", "", str(err)]
+                row = [image_path, patient, "", "failed", "", "", "", "", "", str(err)]
                 summary.append([*row, " | ".join(warned)])
                 continue
             results.append(result)
@@ -327,6 +344,7 @@ def predict(
                     "ok",
                     round(result["probability"], 6),
                     result["label"],
+                    round(result["threshold"], 6),
                     len(short),
                     max(short, default=""),
                     "",
@@ -412,6 +430,42 @@ def _remove_previous(out_dir: Path, names: set[str]) -> None:
         )
 
 
+def _threshold_fields(
+    config: Config, calibration: dict[str, Any] | None, note: str | None
+) -> dict[str, Any]:
+    """``prediction.json``'s ``threshold``, ``operating_point`` and
+    ``probability_calibration``: from the run's ``calibration.json`` (``calibration``), or
+    for a run without one ``evaluation.threshold`` on the uncalibrated probability, with
+    ``note`` saying why."""
+    if calibration is None:
+        threshold = config.evaluation.threshold
+        return {
+            "threshold": threshold,
+            "operating_point": {"target": "evaluation.threshold", "value": threshold, "note": note},
+            "probability_calibration": {"method": "none", "note": note},
+        }
+    op = calibration["operating_point"]
+    return {
+        "threshold": op["threshold"],
+        "operating_point": {
+            "target": op["target"],
+            "value": op["value"],
+            "chosen_on": calibration["fitted_on"]["patients"],
+            # the rates it had on those patients (the test patients': metrics.json)
+            "sensitivity_there": op["sensitivity"],
+            "specificity_there": op["specificity"],
+            "note": op.get("note"),
+        },
+        "probability_calibration": {
+            "method": calibration["method"],
+            "requested": calibration["requested"],
+            "fitted_on": calibration["fitted_on"],
+            "warning": calibration["warning"],
+            "note": calibration["note"],
+        },
+    }
+
+
 def _predict_one(
     cfg: DataConfig,
     model: torch.nn.Module,
@@ -430,18 +484,22 @@ def _predict_one(
     out = {k: v.cpu() for k, v in common["inferer"](model, image, flips=common["tta_flip"]).items()}
     classifier = float(out["cls"][0])
     readout: RoiReadout | None = common["roi_readout"]
-    probability = classifier
+    uncalibrated = classifier
     if readout is not None:  # the mean of the classifier and the ROI map's regression
         features = readout_features(out["roi"], image)
-        probability = float(readout.combine(np.array([classifier]), features)[0])
+        uncalibrated = float(readout.combine(np.array([classifier]), features)[0])
+    probability = float(common["recalibration"](np.array([uncalibrated]))[0])
     prob_zyx = scan.to_original(out["roi"][0, 0].numpy().astype(np.float32))
     volume = scan.source
     scale, offset = scan.hu_map
     result = {
         "image": str(image_path),
         "probability": probability,
-        "label": int(probability > common["threshold"]),
+        "label": int(probability >= common["threshold"]),
         "threshold": common["threshold"],
+        "operating_point": common["operating_point"],
+        "probability_uncalibrated": uncalibrated,
+        "probability_calibration": common["probability_calibration"],
         "roi_threshold": common["roi_threshold"],
         "tta_flip": common["tta_flip"],
         "inferer": common["inferer"].name,

@@ -39,6 +39,7 @@ import numpy as np
 
 from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import csv_text, read_csv, write_text
+from lymphdx.reporting.calibration import calibration_html
 from lymphdx.reporting.figures import data_uri
 from lymphdx.reporting.html import escape, img, page
 from lymphdx.reporting.runs import Run
@@ -99,6 +100,25 @@ def write_report(path: str | Path) -> Path:
         patients, y, scores, inp.predictions, n_boot, ci, seed_note
     )
     sections.append(("roc", "ROC curves", roc))
+    # the recalibration and the operating point (results.json / metrics.json)
+    recorded = (inp.results or {}).get("calibration")
+    if inp.kind == "run" and (inp.runs[0].metrics or {}).get("calibration"):
+        m = inp.runs[0].metrics
+        recorded = {
+            inp.runs[0].strategy: {
+                "mode": "the run's validation split",
+                "method": m["calibration"]["method"],
+                "runs": {
+                    inp.runs[0].name: {
+                        **m["calibration"],
+                        "n": m["n"],
+                        "events": m["n_pos"],
+                        "operating_point": m["operating_point"],
+                    }
+                },
+            }
+        }
+    calibration += calibration_html(recorded)
     sections.append(("calibration", "Calibration", calibration))
     sections.append(("froc", "FROC (lymph-node detection)", froc_section(by_strategy)))
     csv_text = _write_predictions_csv(folder / PREDICTIONS_FILE, patients, y, scores)

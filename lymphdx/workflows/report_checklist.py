@@ -154,12 +154,15 @@ def checklist(inp: Inputs, n_boot: int, ci: float) -> str:
                 f"{r.metrics['best_epoch']} ({fmt(r.metrics.get('best_val_auc'), 2)})"
             )
     best = "; ".join(f"{s}: {', '.join(v)}" for s, v in chosen.items())
+    ev = cfg.get("evaluation") or {}
     selection = (
         "Checkpoint with the best validation AUC on the weak set's val split (ties: lower "
         "validation loss), saved as checkpoints/best.pt; the test split is scored once per run "
         "after training and never used for any choice (epoch, strategy, threshold). Selected "
-        f"epochs (validation AUC), run by run: {best or '—'}. Decision threshold "
-        f"{(cfg.get('evaluation') or {}).get('threshold')} fixed in the config."
+        f"epochs (validation AUC), run by run: {best or '—'}. Probabilities recalibrated "
+        f"({ev.get('calibration', 'platt')}) and the decision threshold chosen "
+        f"({ev.get('operating_point', 'youden')}) on the validation patients (under "
+        "cross-validation: on the other folds)."
     )
     prep = dict(data)
     prep.pop("split", None)
