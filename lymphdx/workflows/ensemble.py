@@ -132,8 +132,10 @@ def _runs_of(compare: Path, strategy: str) -> tuple[list[Path], bool]:
 def _compare_of(runs: list[Path]) -> Members:
     """``runs`` as given, recognised as every CV run of one strategy of a compare folder
     (``OUT/cv/repeat<r>/fold<f>/<S>/seed<s>``) when they are exactly that."""
-    roots = {(r.parents[4], r.parent.name) for r in runs if len(r.parents) > 4}
-    if len(roots) == 1 and all(r.parents[3].name == "cv" for r in runs):
+    if not all(len(r.parents) > 4 and r.parents[3].name == "cv" for r in runs):
+        return Members(runs)
+    roots = {(r.parents[4], r.parent.name) for r in runs}
+    if len(roots) == 1:
         compare, strategy = roots.pop()
         every, cv = _runs_of(compare, strategy)
         if cv and sorted(every) == sorted(runs):

@@ -17,6 +17,9 @@ Per scan, into ``OUT/<name>/``:
 The outputs carry the input's spacing, origin and direction, so they overlay the scan in
 3D Slicer or ITK-SNAP.
 
+Several runs scoring each scan together (a fold ensemble, ``workflows.ensemble``) write
+the same files through ``predict_scans`` and ``write_scan``.
+
 ``OUT/summary.csv`` has one row per scan (``SUMMARY_COLUMNS``): its probability, label,
 number of node candidates and largest short axis, or why it failed, and the warnings
 logged while it was predicted (``warnings``, joined by `` | ``). A scan that fails
