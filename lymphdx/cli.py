@@ -165,6 +165,9 @@ ConfigOpt = Annotated[
 ]
 PresetOpt = Annotated[Preset | None, typer.Option("--preset", help="Default: quick.")]
 EpochsOpt = Annotated[int | None, typer.Option(help="Override training.epochs (>= 1).")]
+EnsembleOpt = Annotated[
+    str | None, typer.Option("--strategy", help="With a compare folder: ensemble of its runs of S.")
+]
 
 
 @app.command(cls=_Command)
@@ -311,21 +314,33 @@ def train_cmd(
 @app.command(cls=_Command)
 @_friendly
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="Run folder.")],
-    split: Annotated[Split, typer.Option(help="Weak-set split to score.")] = "test",
+    runs: Annotated[list[Path], typer.Argument(help="Run folder (or an ensemble's: see --weak).")],
+    split: Annotated[Split | None, typer.Option(help="Weak-set split to score.")] = None,
+    strategy: EnsembleOpt = None,
+    weak: Annotated[
+        Path | None,
+        typer.Option("--weak", help="Score the ensemble of RUNS on this weak manifest's patients."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="With --weak: output folder.")] = None,
 ) -> None:
-    """Score the run's best model on a split; writes RUN/metrics.json."""
+    """Score the run's best model on a split (default test); writes RUN/metrics.json. With
+    --weak: the ensemble of RUNS (or of COMPARE --strategy S) and each member on new
+    patients; writes ensemble_metrics.json (in COMPARE/ensemble/S by default)."""
     from lymphdx.engine.run_folder import load_run_config
-    from lymphdx.workflows.evaluate import evaluate_run
+    from lymphdx.workflows.ensemble_evaluate import evaluate_models
 
-    _check_cache(load_run_config(run).data.cache_dir)
-    typer.echo(dumps_json(evaluate_run(run, split)))
+    if weak is None and len(runs) == 1:
+        _check_cache(load_run_config(runs[0]).data.cache_dir)
+    typer.echo(dumps_json(evaluate_models(runs, split, strategy, weak, out)))
 
 
 @app.command(cls=_Command)
 @_friendly
 def predict(
-    model: Annotated[Path, typer.Option("--model", help="Run folder of a trained model.")],
+    model: Annotated[
+        list[Path],
+        typer.Option("--model", help="Run folder; repeat it, or a compare folder + --strategy."),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     images: Annotated[
         list[Path] | None,
@@ -358,10 +373,11 @@ def predict(
             show_default=False,
         ),
     ] = None,
+    strategy: EnsembleOpt = None,
 ) -> None:
     """Predict metastasis probability, ROI maps and node findings; writes OUT/<name>/...
     and OUT/summary.csv. A bad scan is reported and the others go on."""
-    from lymphdx.workflows.predict import predict as run_predict
+    from lymphdx.workflows.ensemble import predict_models
     from lymphdx.workflows.predict import scan_inputs
 
     scans = scan_inputs(images or [], manifest)
@@ -373,10 +389,11 @@ def predict(
             "--series-uid picks a series in a DICOM folder, but no scan given is a DICOM "
             "folder; leave it out for NIfTI, NRRD and MetaImage files"
         )
-    for r in run_predict(
+    for r in predict_models(
         model,
         paths,
         out,
+        strategy=strategy,
         domain=domain,
         patients=patients,
         progress=True,

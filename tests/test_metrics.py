@@ -14,6 +14,7 @@ from lymphdx.stats.metrics import (
     auc,
     bootstrap_auc_ci,
     delong,
+    delong_contrast,
     delong_paired,
     dice,
     dice_counts,
@@ -81,6 +82,29 @@ def test_auc_and_delong_against_brute_force(seed: int) -> None:
     assert math.isclose(test.delta, _brute_auc(y, a) - _brute_auc(y, b), rel_tol=1e-12)
     assert math.isclose(test.p, 2 * stats.norm.sf(abs(test.delta / se)), rel_tol=1e-10)
     assert 0.0 < test.p <= 1.0  # a plain p, not a log
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_delong_contrast_against_brute_force(seed: int) -> None:
+    """A model against the mean AUC of three others: c' S c with S from the loops above,
+    and the two-model contrast [1, -1] is delong_paired."""
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.zeros(9), np.ones(8)].astype(int)
+    scores = [np.round(y * w + rng.normal(size=17), 1) for w in (1.0, 0.6, 0.5, 0.2)]
+    c = np.array([1.0, -1 / 3, -1 / 3, -1 / 3])
+    result = delong_contrast(y, np.vstack(scores), c)
+    cov = _brute_delong_cov(y, scores)
+    estimate = _brute_auc(y, scores[0]) - np.mean([_brute_auc(y, s) for s in scores[1:]])
+    se = math.sqrt(c @ cov @ c)
+    assert math.isclose(result["estimate"], estimate, rel_tol=1e-12)
+    assert math.isclose(result["se"], se, rel_tol=1e-10)
+    assert math.isclose(result["p"], 2 * stats.norm.sf(abs(estimate / se)), rel_tol=1e-10)
+    pair = delong_contrast(y, np.vstack(scores[:2]), np.array([1.0, -1.0]))
+    paired = delong_paired(y, scores[0], scores[1])
+    assert math.isclose(pair["p"], paired.p, rel_tol=1e-12)
+    assert pair["ci95"] == pytest.approx(list(paired.ci95), rel=1e-12)
+    with pytest.raises(ValueError, match="contrast"):
+        delong_contrast(y, np.vstack(scores), c[:2])
 
 
 def test_identical_models_give_p_one() -> None:

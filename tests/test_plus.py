@@ -34,6 +34,7 @@ from lymphdx.engine.trainer import Trainer
 from lymphdx.models.domain_norm import DomainBatchNorm3d
 from lymphdx.models.multitask import build_model
 from lymphdx.workflows import predict as inference
+from lymphdx.workflows import run_scorer
 from lymphdx.workflows.compare import _for_strategy
 from lymphdx.workflows.evaluate import evaluate_run
 from tests.helpers import ALL_OPTIONS, cache, one_thread  # noqa: F401  (fixtures)
@@ -391,7 +392,7 @@ def test_domain_batch_norm_routes_weak_to_0_and_strong_to_1(
 
     # predict --domain strong: the strong hospital's normalisation and batch statistics
     calls.clear()
-    recorder(inference)
+    recorder(run_scorer)  # predict scores through RunScorer
     image = tiny_data / "strong" / "images" / "S0001.nii.gz"
     (result,) = inference.predict(run, [image], tmp_path / "pred", domain="strong")
     assert calls == [("MultiTaskNet", 1)] and 0.0 <= result["probability"] <= 1.0

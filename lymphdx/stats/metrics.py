@@ -22,6 +22,7 @@ __all__ = [
     "auc",
     "bootstrap_auc_ci",
     "delong",
+    "delong_contrast",
     "delong_paired",
     "paired_bootstrap_delta_ci",
     "dice",
@@ -175,6 +176,39 @@ def delong_paired(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> 
     return DeLongResult(
         float(a10.mean()), float(b10.mean()), delta, se, float(z), p, (delta - half, delta + half)
     )
+
+
+def delong_contrast(y: np.ndarray, scores: np.ndarray, contrast: np.ndarray) -> dict[str, float]:
+    """DeLong's test of a contrast ``c · AUC`` of K models scored on the same patients
+    (DeLong et al. 1988, their eq. for L θ): ``scores`` ``(K, N)``, ``contrast`` ``(K,)``.
+    The AUC vector's covariance is S10/m + S01/n of the K models' placement values, so
+    ``var(c · AUC) = c' (S10/m + S01/n) c``. ``[1, -1]`` is ``delong_paired``;
+    ``[1, -1/K', ..., -1/K']`` tests a model against the mean AUC of K' others.
+    Returns ``estimate``, ``se``, ``z``, two-sided ``p`` and the normal ``ci95``."""
+    rows = np.atleast_2d(np.asarray(scores, dtype=float))
+    c = np.asarray(contrast, dtype=float).ravel()
+    if c.shape != (rows.shape[0],):
+        raise ValueError(f"contrast {c.shape} does not match {rows.shape[0]} models")
+    placed = [_placements(*_check(y, row)) for row in rows]
+    v10 = np.vstack([p[0] for p in placed])  # (K, positives)
+    v01 = np.vstack([p[1] for p in placed])  # (K, negatives)
+    cov = np.atleast_2d(np.cov(v10, ddof=1)) / v10.shape[1]
+    cov = cov + np.atleast_2d(np.cov(v01, ddof=1)) / v01.shape[1]
+    estimate = float(c @ v10.mean(axis=1))
+    se = float(np.sqrt(max(float(c @ cov @ c), 0.0)))
+    if se == 0.0:
+        z, p = 0.0, 1.0 if estimate == 0 else 0.0
+    else:
+        z = estimate / se
+        p = float(2 * stats.norm.sf(abs(z)))
+    half = 1.959963984540054 * se
+    return {
+        "estimate": estimate,
+        "se": se,
+        "z": float(z),
+        "p": p,
+        "ci95": [estimate - half, estimate + half],
+    }
 
 
 def binary_log_loss(y: np.ndarray, p: np.ndarray) -> float:

@@ -17,6 +17,9 @@ Per scan, into ``OUT/<name>/``:
 The outputs carry the input's spacing, origin and direction, so they overlay the scan in
 3D Slicer or ITK-SNAP.
 
+Several runs scoring each scan together (a fold ensemble, ``workflows.ensemble``) write
+the same files through ``predict_scans`` and ``write_scan``.
+
 ``OUT/summary.csv`` has one row per scan (``SUMMARY_COLUMNS``): its probability, label,
 number of node candidates and largest short axis, or why it failed, and the warnings
 logged while it was predicted (``warnings``, joined by `` | ``). A scan that fails
@@ -57,7 +60,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +68,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lymphdx.core.config import Config, DataConfig
-from lymphdx.core.domains import STRONG, WEAK
+from lymphdx.core.config import Config
 from lymphdx.core.errors import InputError, LymphdxError
 from lymphdx.core.files import (
     atomic_dir,
@@ -78,26 +80,25 @@ from lymphdx.core.files import (
 )
 from lymphdx.core.zeta import roi_mask
 from lymphdx.data.manifest import read_rows, resolve_path
-from lymphdx.data.preprocess import Normalizer, load_normalizers
-from lymphdx.data.scan_prep import prepare_scan
-from lymphdx.engine.inferer import make_inferer
-from lymphdx.engine.roi_readout import RoiReadout, readout_features, run_readout
-from lymphdx.engine.run_folder import load_model
+from lymphdx.data.scan_prep import PreparedScan
 from lymphdx.engine.run_state import refuse_while_busy
 from lymphdx.io import volumes as io
 from lymphdx.io.dicom_seg import write_dicom_seg
 from lymphdx.io.geometry import Volume
-from lymphdx.models.domain_norm import domains
-from lymphdx.workflows.calibrate import read_run_calibration
 from lymphdx.workflows.findings import find_nodes, findings_json, slicer_markups, write_findings
+from lymphdx.workflows.run_scorer import RunScorer
 
 __all__ = [
     "SUMMARY_COLUMNS",
     "edge_labels",
     "output_name",
     "predict",
+    "predict_scans",
     "save_overlay",
+    "scan_fields",
     "scan_inputs",
+    "threshold_fields",
+    "write_scan",
 ]
 
 _SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
@@ -272,18 +273,73 @@ def predict(
     when any scan failed.
     """
     refuse_while_busy(run_dir, "predict with it")  # its best.pt may still change
-    config, model, state = load_model(run_dir, which)
-    # evaluation.roi_readout: fitted once on the run's weak training patients and kept
-    readout, readout_note = run_readout(run_dir, config, model, which=which)
-    # evaluation.calibration / operating_point: fitted by evaluate on the validation patients
-    recalibration, calibration, calibration_note = read_run_calibration(run_dir, which)
-    if calibration_note is not None:
-        log.warning("%s", calibration_note)
-    elif calibration["warning"]:
-        log.warning("%s: calibration and threshold %s", run_dir, calibration["warning"])
-    normalizers = load_normalizers(Path(run_dir) / "normalization.json")
-    if domain not in normalizers:
-        raise LymphdxError(f"unknown domain {domain!r}; the run has {sorted(normalizers)}")
+    scorer = RunScorer.load(run_dir, domain, which)
+    scorer.warn_calibration()
+    config = scorer.config
+    common = {
+        "model": str(Path(run_dir).resolve()),
+        "checkpoint": scorer.state["source"],  # which weights: file, sha256, epoch
+        "strategy": config.strategy,
+        **threshold_fields(config, scorer.calibration, scorer.calibration_note),
+        "roi_threshold": config.propagation.roi_threshold,
+        "tta_flip": bool(config.evaluation.tta_flip),
+        "inferer": scorer.inferer.name,
+        "roi_readout": scorer.readout_note,
+    }
+
+    def one(image_path: Path, folder: Path, patient: str | None) -> dict[str, Any]:
+        scan = scorer.prepare(image_path, patient, series_uid)
+        scored = scorer.score(scan)
+        result = {
+            "image": str(image_path),
+            "probability": scored.probability,
+            "label": int(scored.probability >= common["threshold"]),
+            **scan_fields(scored.uncalibrated, scored.classifier, common, scan),
+        }
+        prob_zyx = scan.to_original(scored.roi)
+        return write_scan(folder, scan, prob_zyx, result, image_path, patient, series_uid)
+
+    return predict_scans(one, images, out_dir, patients, progress)
+
+
+def scan_fields(
+    uncalibrated: float, classifier: float, common: dict[str, Any], scan: PreparedScan
+) -> dict[str, Any]:
+    """``prediction.json``'s fields after ``probability`` and ``label``: the threshold
+    and the model's settings (``common``), and what the scan's preparation noted."""
+    scale, offset = scan.hu_map
+    return {
+        "threshold": common["threshold"],
+        "operating_point": common["operating_point"],
+        "probability_uncalibrated": uncalibrated,
+        "probability_calibration": common["probability_calibration"],
+        "roi_threshold": common["roi_threshold"],
+        "tta_flip": common["tta_flip"],
+        "inferer": common["inferer"],
+        "classifier_probability": classifier,
+        "roi_readout": common["roi_readout"],
+        "model": common["model"],
+        "checkpoint": common["checkpoint"],
+        "strategy": common["strategy"],
+        "coverage": round(scan.coverage, 6),
+        "coverage_warning": scan.coverage_note,
+        "hu_scale": scale,
+        "hu_offset": offset,
+        "calibration_warning": scan.calibration_note,
+    }
+
+
+def predict_scans(
+    one: Callable[[Path, Path, str | None], dict[str, Any]],
+    images: list[str | Path],
+    out_dir: str | Path,
+    patients: list[str | None] | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """``one(image, folder, patient)`` for every scan (writing ``folder``, complete or not
+    at all, and returning the scan's result), the failures reported and the others gone
+    on with; ``OUT/summary.csv``; earlier outputs in ``OUT`` this call did not write
+    removed. Raises ``LymphdxError`` at the end when any scan failed."""
     patients = list(patients) if patients is not None else [None] * len(images)
     for image_path, patient in zip(map(Path, images), patients, strict=True):
         problem = path_problem(image_path)  # before any work: a typo fails at once
@@ -293,18 +349,6 @@ def predict(
     previous = _previous_outputs(out_dir)
     written: set[str] = set()
     results: list[dict[str, Any]] = []
-    common = {
-        "model": str(Path(run_dir).resolve()),
-        "checkpoint": state["source"],  # which weights: file, sha256, epoch
-        "strategy": config.strategy,
-        **_threshold_fields(config, calibration, calibration_note),
-        "recalibration": recalibration,
-        "roi_threshold": config.propagation.roi_threshold,
-        "tta_flip": bool(config.evaluation.tta_flip),
-        "inferer": make_inferer(config),
-        "roi_readout": readout,
-        "roi_readout_note": readout_note,
-    }
     summary: list[list[Any]] = []
     failed: list[LymphdxError] = []
     scans = list(zip(map(Path, images), _output_names(images), patients, strict=True))
@@ -313,20 +357,8 @@ def predict(
             scans, desc="predict", unit="scan", disable=None if progress else True
         ):
             try:
-                with (
-                    _warnings_of_scan() as warned,
-                    domains(model, STRONG if domain == "strong" else WEAK),  # DSBN
-                ):
-                    result = _predict_one(
-                        config.data,
-                        model,
-                        normalizers[domain],
-                        image_path,
-                        out_dir / name,
-                        common,
-                        patient,
-                        series_uid,
-                    )
+                with _warnings_of_scan() as warned:
+                    result = one(image_path, out_dir / name, patient)
             except LymphdxError as err:  # a bad scan: reported, the others go on
                 log.error("%s", err)
                 failed.append(err)
@@ -430,7 +462,7 @@ def _remove_previous(out_dir: Path, names: set[str]) -> None:
         )
 
 
-def _threshold_fields(
+def threshold_fields(
     config: Config, calibration: dict[str, Any] | None, note: str | None
 ) -> dict[str, Any]:
     """``prediction.json``'s ``threshold``, ``operating_point`` and
@@ -466,62 +498,25 @@ def _threshold_fields(
     }
 
 
-def _predict_one(
-    cfg: DataConfig,
-    model: torch.nn.Module,
-    norm: Normalizer,
-    image_path: Path,
+def write_scan(
     folder: Path,
-    common: dict[str, Any],
+    scan: PreparedScan,
+    prob_zyx: np.ndarray,
+    result: dict[str, Any],
+    image_path: Path,
     patient: str | None = None,
     series_uid: str | None = None,
 ) -> dict[str, Any]:
-    """Predict one scan and write its outputs to ``folder`` (complete, or not at all)."""
-    scan = prepare_scan(image_path, cfg, patient, series_uid)
-    for note in scan.notes:
-        log.warning("%s: %s", image_path, note)
-    image = torch.from_numpy(norm(scan.array))[None, None]  # (1, 1, D, H, W) the model's input
-    out = {k: v.cpu() for k, v in common["inferer"](model, image, flips=common["tta_flip"]).items()}
-    classifier = float(out["cls"][0])
-    readout: RoiReadout | None = common["roi_readout"]
-    uncalibrated = classifier
-    if readout is not None:  # the mean of the classifier and the ROI map's regression
-        features = readout_features(out["roi"], image)
-        uncalibrated = float(readout.combine(np.array([classifier]), features)[0])
-    probability = float(common["recalibration"](np.array([uncalibrated]))[0])
-    prob_zyx = scan.to_original(out["roi"][0, 0].numpy().astype(np.float32))
-    volume = scan.source
-    scale, offset = scan.hu_map
-    result = {
-        "image": str(image_path),
-        "probability": probability,
-        "label": int(probability >= common["threshold"]),
-        "threshold": common["threshold"],
-        "operating_point": common["operating_point"],
-        "probability_uncalibrated": uncalibrated,
-        "probability_calibration": common["probability_calibration"],
-        "roi_threshold": common["roi_threshold"],
-        "tta_flip": common["tta_flip"],
-        "inferer": common["inferer"].name,
-        "classifier_probability": classifier,
-        "roi_readout": common["roi_readout_note"],
-        "model": common["model"],
-        "checkpoint": common["checkpoint"],
-        "strategy": common["strategy"],
-        "coverage": round(scan.coverage, 6),
-        "coverage_warning": scan.coverage_note,
-        "hu_scale": scale,
-        "hu_offset": offset,
-        "calibration_warning": scan.calibration_note,
-    }
+    """Write one scan's outputs (``_write_outputs``; ``prob_zyx`` on the scan's own grid)
+    to ``folder``, complete or not at all; returns its result."""
     series = image_path if image_path.is_dir() else None  # a DICOM series: also a SEG
     with atomic_dir(folder) as tmp:  # written beside, then renamed over the old folder
         return _write_outputs(
             tmp,
             folder.name,
-            volume,
+            scan.source,
             prob_zyx,
-            common["roi_threshold"],
+            result["roi_threshold"],
             result,
             series,
             patient,
