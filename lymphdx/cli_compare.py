@@ -50,18 +50,34 @@ def where_overrides(
     return found or None
 
 
-def check_where(executor: str, jobs: int, plan: str | None, collect: bool, other: bool) -> None:
-    """Refuse options that contradict each other, before anything is written. ``other``:
-    ``--ablation`` or an executor option was given."""
+def check_where(
+    executor: str,
+    given: dict[str, Any] | None,
+    jobs: int,
+    plan: str | None,
+    collect: bool,
+    ablation: bool,
+) -> None:
+    """Refuse options that contradict each other, before anything is written:
+    ``executor``: the config's after the command line's; ``given``: the executor options
+    on the command line (``where_overrides``)."""
     if plan is not None and collect:
         raise LymphdxError("give --plan or --collect, not both")
-    if jobs > 1 and executor != "local":
+    if ablation and (plan is not None or collect or given or executor != "local"):
+        raise LymphdxError(
+            "--ablation trains its arms on this machine: --executor, its options, --plan "
+            "and --collect are for compare's strategies"
+        )
+    if (plan is not None or collect) and given:
+        raise LymphdxError(
+            "--plan and --collect train nothing: drop --executor and its options "
+            "(--ray-address, --cpus-per-run, --gpus-per-run, --partition, --time)"
+        )
+    if jobs > 1 and executor != "local" and plan is None and not collect:
         raise LymphdxError(
             f"--jobs is the local executor's; with --executor {executor} the cluster runs "
             "as many runs at once as its CPUs and GPUs allow (--cpus-per-run, --gpus-per-run)"
         )
-    if (plan is not None or collect) and other and executor != "local":
-        raise LymphdxError("--plan and --collect train nothing: drop --executor and its options")
 
 
 def stand_in(plan: str | None, collect: bool) -> Any:
@@ -229,7 +245,7 @@ def compare_cmd(
     )
     cfg = _config(config, preset, {"training": epoch, "evaluation": effects, "compare": where})
     _check_cache(cfg.data.cache_dir)
-    check_where(cfg.compare.executor, jobs, plan, collect, ablation or bool(where))
+    check_where(cfg.compare.executor, where, jobs, plan, collect, ablation)
     if ablation:
         from lymphdx.workflows.ablation import ablation as run_ablation
         from lymphdx.workflows.ablation import format_ablation

@@ -222,6 +222,8 @@ def test_slurm_times_in_minutes_as_sbatch_reads_them(text: str, minutes: int) ->
         (["--executor", "slurm", "--time", "soon"], "--time: 'soon' is not a SLURM time"),
         (["--executor", "slurm", "--gpus-per-run", "0.5"], "SLURM gives whole GPUs"),
         (["--executor", "pbs"], "Invalid value"),
+        (["--plan", "-", "--executor", "ray"], "--plan and --collect train nothing"),
+        (["--ablation", "--executor", "slurm"], "--ablation trains its arms on this machine"),
     ],
 )
 def test_contradicting_options_are_refused_before_anything_is_written(
