@@ -25,6 +25,7 @@ from lymphdx.core.config import PAPER_STRATEGIES, STRATEGIES, Config, validate
 from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import write_csv, write_json, write_text
 from lymphdx.core.strategies import STRATEGIES as STRATEGY_FLAGS
+from lymphdx.data.manifest import load_manifests
 from lymphdx.engine.run_data import split_manifests
 from lymphdx.reporting.calibration import calibration_markdown
 from lymphdx.reporting.figures import write_roc_png
@@ -103,6 +104,7 @@ def run_all(
     if not todo and not isinstance(executor, PlanExecutor):
         return
     executor = executor or LocalExecutor(jobs)
+    load_manifests(weak_csv, strong_csv)  # a bad manifest fails here, not in every run
     if executor.parallel and len(todo) > 1:
         if executor.warms_cache:
             _warm_cache(todo[0][0], weak_csv, strong_csv)

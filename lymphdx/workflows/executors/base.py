@@ -153,10 +153,16 @@ class RunsFailed(LymphdxError):
 
     def __init__(self, failed: list[Outcome], total: int) -> None:
         self.failed = failed
+        count = f"all {total}" if len(failed) == total else f"{len(failed)} of {total}"
+        if len({o.error for o in failed}) == 1:  # one cause: the first line says it
+            head = f"{count} runs failed: {failed[0].error}"
+        else:
+            head = f"{count} runs failed, e.g. {failed[0].what}: {failed[0].error}"
         lines = [
-            f"{len(failed)} of {total} runs failed; the others finished and are kept, and no "
-            "table was written. Fix the cause and run the same compare again: it trains only "
-            "these (an interrupted one goes on from its last epoch)."
+            head,
+            "No table was written; the runs that finished are kept. Fix the cause and run the "
+            "same compare again: it trains only these (an interrupted one goes on from its "
+            "last epoch).",
         ]
         for o in failed:
             lines.append(f"- {o.what} ({o.run_dir}){f' on {o.host}' if o.host else ''}: {o.error}")
