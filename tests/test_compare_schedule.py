@@ -57,6 +57,7 @@ def test_run_all_submits_the_longest_runs_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(local, "ProcessPoolExecutor", _Pool)
+    monkeypatch.setattr(compare, "load_manifests", lambda *a: None)  # none here
     monkeypatch.setattr(compare, "_warm_cache", lambda *a: None)
     order = ["supervised", "semi-supervised", "multitask", "ssmdmt"]
     runs = [(_config(tmp_path, s), tmp_path / s, s) for s in order]
@@ -70,6 +71,7 @@ def test_run_all_submits_the_longest_runs_first(
 
 def test_one_job_runs_in_the_given_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[str] = []
+    monkeypatch.setattr(compare, "load_manifests", lambda *a: None)  # none here
     monkeypatch.setattr(
         compare_runs, "run_one", lambda config, run_dir, *a: seen.append(run_dir.name)
     )
