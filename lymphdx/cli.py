@@ -15,17 +15,27 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from lymphdx import __version__
+from lymphdx.cli_common import (  # SEED_LIMIT, Preset: cli's names too (tests read them)
+    SEED_LIMIT,  # noqa: F401
+    ConfigOpt,
+    EpochsOpt,
+    Preset,  # noqa: F401
+    PresetOpt,
+    _check_at_least,
+    _check_cache,
+    _check_out_folder,
+    _check_seed,
+    _config,
+)
+from lymphdx.cli_compare import compare_cmd
 from lymphdx.core.errors import LymphdxError
-from lymphdx.core.files import check_folder, dumps_json, folder_problem, path_problem
+from lymphdx.core.files import dumps_json, folder_problem, path_problem
 
-# numpy seeds are unsigned 32-bit words: seeds are in [0, SEED_LIMIT)
-SEED_LIMIT = 2**32
 # the choices of --split, --domain, --strategy and --preset, listed by --help
 # (tests/test_bad_input_cli.py checks them against lymphdx's own lists)
 Split = Literal["train", "val", "test"]
 Domain = Literal["weak", "strong"]
 Strategy = Literal["supervised", "semi-supervised", "multitask", "ssmdmt", "ssmdmt-plus"]
-Preset = Literal["quick", "paper", "clinical"]
 Region = Literal["abd", "med", "all"]
 Phantom = Literal["scaled", "realistic"]  # lymphdx.data.synthetic.PHANTOMS
 ExportFormat = Literal["torchscript", "onnx", "bundle"]  # lymphdx.workflows.export.FORMATS
@@ -113,58 +123,6 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _config(config: Path | None, preset: str | None, overrides: dict[str, Any]):
-    from lymphdx.core.config import load_config
-
-    return load_config(
-        config, preset=preset, overrides={k: v for k, v in overrides.items() if v is not None}
-    )
-
-
-def _check_seed(value: int | None, option: str = "--seed") -> None:
-    """Seeds seed numpy generators, which take unsigned 32-bit words."""
-    if value is not None and not 0 <= value < SEED_LIMIT:
-        raise LymphdxError(
-            f"{option} must be in [0, 2**32 - 1] = [0, {SEED_LIMIT - 1}], got {value}"
-        )
-
-
-def _check_at_least(value: int | None, option: str, least: int = 1) -> None:
-    if value is not None and value < least:
-        raise LymphdxError(f"{option} must be at least {least}, got {value}")
-
-
-def _check_out_folder(out: Path, option: str = "--out") -> None:
-    """A folder that cannot be made (it, or a folder above it, is a file): refused before
-    anything is written."""
-    problem = folder_problem(out)
-    if problem is not None:
-        raise LymphdxError(f"cannot write to {option} {str(out)!r}: {problem}")
-
-
-def _check_cache(cache_dir: str | None) -> None:
-    """The preprocessing cache folder (``data.cache_dir``, else ``$LYMPHDX_CACHE``, else
-    ``~/.cache/lymphdx``, as ``run_data.cache_dir_of``) must be a folder or makeable, named
-    by where it was set."""
-    if cache_dir:
-        check_folder(cache_dir, "preprocessing cache folder (config key data.cache_dir)")
-    elif os.environ.get("LYMPHDX_CACHE"):
-        check_folder(
-            os.environ["LYMPHDX_CACHE"],
-            "preprocessing cache folder (environment variable LYMPHDX_CACHE)",
-        )
-    else:
-        check_folder(
-            Path.home() / ".cache" / "lymphdx",
-            "preprocessing cache folder (the default; set LYMPHDX_CACHE to move it)",
-        )
-
-
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", help="YAML config (overrides the preset).")
-]
-PresetOpt = Annotated[Preset | None, typer.Option("--preset", help="Default: quick.")]
-EpochsOpt = Annotated[int | None, typer.Option(help="Override training.epochs (>= 1).")]
 EnsembleOpt = Annotated[
     str | None, typer.Option("--strategy", help="With a compare folder: ensemble of its runs of S.")
 ]
@@ -406,123 +364,7 @@ def predict(
         )
 
 
-@app.command("compare", cls=_Command)
-@_friendly
-def compare_cmd(
-    weak: Annotated[Path, typer.Option("--weak", help="Weak (label) manifest CSV.")],
-    strong: Annotated[Path, typer.Option("--strong", help="Strong (ROI) manifest CSV.")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
-    strategies: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--strategies",
-            help="Strategies to run (repeat; default the paper's four, ssmdmt-plus on request).",
-        ),
-    ] = None,
-    seeds: Annotated[
-        int | None, typer.Option("--seeds", help="Seeds 0..S-1 (default 3; 1 with --cv).")
-    ] = None,
-    config: ConfigOpt = None,
-    preset: PresetOpt = None,
-    epochs: EpochsOpt = None,
-    cv: Annotated[
-        int,
-        typer.Option(
-            "--cv", help="K-fold cross-validation over all weak-set patients (0: fixed split)."
-        ),
-    ] = 0,
-    repeats: Annotated[
-        int | None,
-        typer.Option("--repeats", help="Repeats of the K-fold split (1; 2 with --ablation)."),
-    ] = None,
-    ablation: Annotated[
-        bool,
-        typer.Option(
-            "--ablation",
-            help="The options beyond the paper (EMA teacher, graph propagation, curriculum, "
-            "soft pseudo masks, domain batch norm, selection rules) one at a time on top of "
-            "ssmdmt, by repeated CV on the "
-            "fixed split's train + val patients (test held out); --cv defaults to 3.",
-        ),
-    ] = False,
-    pooled_selection: Annotated[
-        bool,
-        typer.Option(
-            "--pooled-selection",
-            help="With --cv: also score each strategy at the epoch of best validation AUC "
-            "pooled over the folds (rows <strategy>@pooled-val).",
-        ),
-    ] = False,
-    arms: Annotated[
-        list[str] | None,
-        typer.Option("--arms", help="With --ablation: the arms to run (repeat; default all)."),
-    ] = None,
-    jobs: Annotated[
-        int,
-        typer.Option(
-            "--jobs",
-            min=1,
-            help="Runs trained at once, each in its own process with its share of the cores.",
-        ),
-    ] = 1,
-    effect: Annotated[
-        float | None,
-        typer.Option(
-            "--effect",
-            help="The gain in AUC declared before looking, at which each paired test's power "
-            "and exaggeration are given (evaluation.declared_effect; default 0.05).",
-        ),
-    ] = None,
-) -> None:
-    """Train and evaluate every strategy and seed; writes results.json, results.md, roc.png
-    (with --ablation: ablation.json, ablation.md, recommended.yaml)."""
-    from lymphdx.reporting.table import format_table
-    from lymphdx.workflows.compare import compare
-
-    _check_at_least(epochs, "--epochs")
-    _check_at_least(seeds, "--seeds")
-    _check_at_least(repeats, "--repeats")
-    if cv < 0 or cv == 1:
-        raise LymphdxError(f"--cv must be 0 (the fixed split) or at least 2 folds, got {cv}")
-    if effect is not None and not 0.0 < effect < 0.49:  # evaluation.declared_effect's range
-        raise LymphdxError(f"--effect must lie strictly between 0 and 0.49, got {effect:g}")
-    _check_out_folder(out)
-    effects = None if effect is None else {"declared_effect": effect}
-    epoch = {"epochs": epochs} if epochs else None
-    cfg = _config(config, preset, {"training": epoch, "evaluation": effects})
-    _check_cache(cfg.data.cache_dir)
-    if ablation:
-        from lymphdx.workflows.ablation import ablation as run_ablation
-        from lymphdx.workflows.ablation import format_ablation
-
-        found = run_ablation(
-            cfg,
-            weak,
-            strong,
-            out,
-            arms,
-            list(range(seeds if seeds is not None else 1)),
-            k=cv or 3,
-            repeats=repeats or 2,
-        )
-        typer.echo(format_ablation(found))
-        return
-    if arms:
-        raise typer.BadParameter("--arms needs --ablation")
-    n_seeds = seeds if seeds is not None else (1 if cv else 3)
-    results = compare(
-        cfg,
-        weak,
-        strong,
-        out,
-        strategies,
-        list(range(n_seeds)),
-        cv=cv,
-        repeats=repeats or 1,
-        pooled_selection=pooled_selection,
-        jobs=jobs,
-    )
-    typer.echo(format_table(results))
+app.command("compare", cls=_Command)(_friendly(compare_cmd))
 
 
 @app.command(cls=_Command)

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from lymphdx.core.config import Config, validate
-from lymphdx.workflows import compare
+from lymphdx.workflows import compare, compare_runs
+from lymphdx.workflows.executors import Outcome, RunTask, local
 from tests.conftest import tiny_config
 
 
@@ -45,17 +46,18 @@ class _Pool:
     def __exit__(self, *exc: Any) -> None:
         return None
 
-    def submit(self, fn: Any, config: Config, run_dir: Path, *args: Any) -> Future:
-        _Pool.submitted.append(run_dir)
+    def submit(self, fn: Any, task: RunTask, threads: int) -> Future:
+        _Pool.submitted.append(task.run_dir)
         done: Future = Future()
-        done.set_result(None)
+        done.set_result(Outcome(task.what, str(task.run_dir), True))
         return done
 
 
 def test_run_all_submits_the_longest_runs_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(compare, "ProcessPoolExecutor", _Pool)
+    monkeypatch.setattr(local, "ProcessPoolExecutor", _Pool)
+    monkeypatch.setattr(compare, "load_manifests", lambda *a: None)  # none here
     monkeypatch.setattr(compare, "_warm_cache", lambda *a: None)
     order = ["supervised", "semi-supervised", "multitask", "ssmdmt"]
     runs = [(_config(tmp_path, s), tmp_path / s, s) for s in order]
@@ -69,7 +71,10 @@ def test_run_all_submits_the_longest_runs_first(
 
 def test_one_job_runs_in_the_given_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[str] = []
-    monkeypatch.setattr(compare, "run_one", lambda config, run_dir, *a: seen.append(run_dir.name))
+    monkeypatch.setattr(compare, "load_manifests", lambda *a: None)  # none here
+    monkeypatch.setattr(
+        compare_runs, "run_one", lambda config, run_dir, *a: seen.append(run_dir.name)
+    )
     order = ["supervised", "ssmdmt", "multitask"]
     runs = [(_config(tmp_path, s), tmp_path / s, s) for s in order]
     compare.run_all(runs, tmp_path / "w.csv", tmp_path / "s.csv", progress=False, jobs=1)

@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from lymphdx.core.config_compare import CompareConfig
 from lymphdx.core.config_sections import (
     SEED_MAX,
     AugmentationConfig,
@@ -40,6 +41,7 @@ from lymphdx.core.strategies import STRATEGIES as STRATEGY_FLAGS
 
 __all__ = [
     "AugmentationConfig",
+    "CompareConfig",
     "Config",
     "DataConfig",
     "EvaluationConfig",
@@ -78,6 +80,7 @@ class Config(_Section):
     propagation: PropagationConfig = Field(default_factory=PropagationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)  # where compare trains runs
 
     @field_validator("seed")
     @classmethod

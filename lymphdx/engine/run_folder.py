@@ -73,8 +73,9 @@ class TrainingError(LymphdxError):
 def config_differences(saved: Config, new: Config, weights_only: bool = False) -> list[str]:
     """Keys whose values differ between two configs, ignoring ``training.epochs`` (a run may
     be extended), ``data.cache_dir`` (where the cache lives changes no result),
-    ``training.device`` (a run may go on on another machine) and
-    ``evaluation.declared_effect`` (the table's design analysis); with ``weights_only`` also
+    ``training.device`` (a run may go on on another machine),
+    ``evaluation.declared_effect`` (the table's design analysis) and the ``compare``
+    section (which executor trains it); with ``weights_only`` also
     the ``evaluation`` and ``inference`` sections, which change how a model is scored, not
     the model (``evaluation.inferer`` also scores training's validation and propagation,
     but a trained run may be scored by either)."""
@@ -92,6 +93,7 @@ def config_differences(saved: Config, new: Config, weights_only: bool = False) -
         f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
         for k in sorted(set(a) | set(b))
         if k not in ignore
+        and not k.startswith("compare.")  # where compare trains a run, not what it trains
         and not (weights_only and k.startswith(("evaluation.", "inference.")))
         and a.get(k) != b.get(k)
     ]

@@ -16,25 +16,17 @@ Statistics over seeds on one fixed test split:
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lymphdx.core.config import PAPER_STRATEGIES, STRATEGIES, Config, dump_config, validate
+from lymphdx.core.config import PAPER_STRATEGIES, STRATEGIES, Config, validate
 from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import write_csv, write_json, write_text
 from lymphdx.core.strategies import STRATEGIES as STRATEGY_FLAGS
-from lymphdx.core.strategies import get_strategy
 from lymphdx.data.manifest import load_manifests
-from lymphdx.data.preprocess import PreprocessCache
-from lymphdx.engine.run_data import cache_dir_of, resolve_manifests, split_manifests
-from lymphdx.engine.run_folder import config_differences, load_run_config
-from lymphdx.engine.run_state import epochs_done, refuse_while_busy, stale_reason
-from lymphdx.engine.train import train
+from lymphdx.engine.run_data import split_manifests
 from lymphdx.reporting.calibration import calibration_markdown
 from lymphdx.reporting.figures import write_roc_png
 from lymphdx.reporting.table import format_table
@@ -47,8 +39,18 @@ from lymphdx.stats.metrics import (
 )
 from lymphdx.stats.multiplicity import ADJUSTMENT, supports_claims
 from lymphdx.stats.power import estimate_rho
-from lymphdx.workflows.calibrate import CALIBRATION_FILE, cv_calibration, split_calibration
-from lymphdx.workflows.evaluate import evaluate_run, read_predictions
+from lymphdx.workflows.calibrate import cv_calibration, split_calibration
+from lymphdx.workflows.compare_runs import expected_cost, finished, reuse_finished, run_one
+from lymphdx.workflows.compare_runs import warm_cache as _warm_cache
+from lymphdx.workflows.evaluate import read_predictions
+from lymphdx.workflows.executors import (
+    Executor,
+    LocalExecutor,
+    PlanExecutor,
+    RunsFailed,
+    RunTask,
+    make_executor,
+)
 from lymphdx.workflows.folds import (
     add_fold_aucs,
     cv_folds,
@@ -59,7 +61,16 @@ from lymphdx.workflows.folds import (
 )
 from lymphdx.workflows.switches import run_switches
 
-__all__ = ["compare", "summarise", "summarise_for", "add_claims"]
+__all__ = [
+    "compare",
+    "summarise",
+    "summarise_for",
+    "add_claims",
+    "finished",
+    "run_one",
+    "reuse_finished",
+    "expected_cost",
+]
 
 
 def _for_strategy(config: Config) -> dict[str, Any]:
@@ -69,150 +80,41 @@ def _for_strategy(config: Config) -> dict[str, Any]:
     return config.model_dump(mode="json", exclude_unset=True)
 
 
-def finished(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a finished, scored run: ``metrics.json``, and every epoch
-    of its ``config.yaml`` in ``history.csv`` (a run evaluated after it was stopped early
-    is not finished: ``run_one`` resumes it)."""
-    if not (run_dir / "metrics.json").exists():
-        return False
-    done, planned = epochs_done(run_dir)
-    return planned is None or done >= planned
-
-
-def run_one(
-    config: Config,
-    run_dir: Path,
-    weak_csv: Path,
-    strong_csv: Path,
-    progress: bool,
-    detection: bool = True,
-) -> None:
-    """Train ``run_dir`` (resuming an interrupted run) and evaluate it on the test split.
-    A run that finished earlier (``finished``) is kept (compare is resumable), and only
-    scored again when its scores are stale or the ``evaluation`` settings changed
-    (``reuse_finished``)."""
-    if finished(run_dir):
-        reuse_finished(config, run_dir, weak_csv, strong_csv, detection)
-        return
-    resume = (run_dir / "config.yaml").exists()
-    train(config, run_dir, weak_csv, strong_csv, resume=resume, progress=progress)
-    evaluate_run(run_dir, "test", detection=detection)
-
-
-def reuse_finished(
-    config: Config, run_dir: Path, weak_csv: Path, strong_csv: Path, detection: bool = True
-) -> str | None:
-    """Keep a finished run: refuse it when it was trained with other settings than
-    ``config`` (``config_differences``), and score it again (``evaluate_run``) when its
-    ``metrics.json`` does not come from its current ``best.pt`` (``stale_reason``: e.g.
-    evaluated while it was still training), or with ``config``'s ``evaluation`` and
-    ``inference`` sections when only they differ, which changes no weight. Returns why it
-    was scored again (``None``: it was not). Refused while another process trains it."""
-    refuse_while_busy(run_dir, "run compare again")
-    saved = load_run_config(run_dir)
-    wanted = resolve_manifests(config, weak_csv, strong_csv)
-    differ = config_differences(saved, wanted)
-    trained = config_differences(saved, wanted, weights_only=True)
-    if trained:
-        raise LymphdxError(
-            f"{run_dir} holds a finished run trained with other settings "
-            f"({'; '.join(trained)}); give compare another --out, or remove that run "
-            "folder to train it again"
-        )
-    metrics = run_dir / "metrics.json"
-    try:
-        record = json.loads(metrics.read_text()).get("checkpoint")
-    except (OSError, ValueError, AttributeError):  # unreadable: scored again below
-        record, stale = None, f"{metrics.name} is unreadable"
-    else:
-        stale = stale_reason(run_dir, record, metrics)
-        if stale is None and not (run_dir / CALIBRATION_FILE).is_file():
-            stale = f"no {CALIBRATION_FILE} (scored before probabilities were calibrated)"
-    if not differ and stale is None:
-        return None
-    if differ:
-        data = saved.model_dump(mode="json")
-        for section in ("evaluation", "inference"):  # how it is scored, not trained
-            data[section] = wanted.model_dump(mode="json")[section]
-        write_text(run_dir / "config.yaml", dump_config(validate(data)))
-        for cached in run_dir.glob("predictions_*@*.csv"):  # predict_checkpoint's, now stale
-            cached.unlink()
-    evaluate_run(run_dir, "test", detection=detection)
-    return "evaluation settings changed" if differ else stale
-
-
-def _worker_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def _warm_cache(config: Config, weak_csv: Path, strong_csv: Path) -> None:
-    """Preprocess every scan and mask once, before parallel runs read the cache."""
-    weak, strong = load_manifests(weak_csv, strong_csv)
-    cache = PreprocessCache(cache_dir_of(config), config.data)
-    for w in weak:
-        cache.image(w.image, w.patient_id)
-    for s in strong:
-        cache.image(s.image, s.patient_id)
-        cache.mask(s.mask, s.image, s.patient_id)
-
-
-def expected_cost(config: Config) -> float:
-    """A run's training time relative to a supervised run of as many epochs (measured on
-    the 14-epoch demo of docs/dev-log-2026-11-25_to_2026-12-03.md §2: supervised 1,
-    semi-supervised and multitask about 1.3, ssmdmt about 1.6): each extra loss on the strong
-    set adds about 0.3."""
-    strategy = get_strategy(config.strategy)
-    extra = 0.3 * strategy.roi_strong + 0.3 * strategy.pseudo_cls_strong
-    return config.training.epochs * (1.0 + extra)
-
-
 def run_all(
     runs: list[tuple[Config, Path, str]],
     weak_csv: Path,
     strong_csv: Path,
     progress: bool,
     jobs: int = 1,
+    executor: Executor | None = None,
 ) -> None:
-    """``run_one`` for every ``(config, run folder, description)``; with ``jobs`` > 1 as
-    that many processes at once, each with its share of the cores, the longest expected
-    first (``expected_cost``; runs are independent, so the order changes no result; the
-    preprocessing cache is filled first, so they only read it)."""
+    """``run_one`` for every ``(config, run folder, description)`` that has not finished,
+    by ``executor`` (default: ``LocalExecutor(jobs)``: with ``jobs`` > 1 that many
+    processes at once, each with its share of the cores). Runs side by side start the
+    longest expected first (``expected_cost``; runs are independent, so the order changes
+    no result), on this machine after the preprocessing cache is filled, so they only read
+    it (on a cluster the jobs fill it; its writes are atomic). A failed run
+    does not stop the others; at the end ``RunsFailed`` names each with its log's end."""
     for config, run_dir, what in runs:
         if finished(run_dir):
             why = reuse_finished(config, run_dir, weak_csv, strong_csv)
             if why and progress:
                 print(f"[compare] {what}: scored again ({why})")
     todo = [r for r in runs if not finished(r[1])]
-    if jobs <= 1 or len(todo) <= 1:
-        for config, run_dir, what in todo:
-            if progress:
-                print(f"[compare] {what} -> {run_dir}", flush=True)
-            run_one(config, run_dir, weak_csv, strong_csv, progress)
+    if not todo and not isinstance(executor, PlanExecutor):
         return
-    _warm_cache(todo[0][0], weak_csv, strong_csv)
-    # longest first, so that no long run starts last while the other worker idles
-    todo.sort(key=lambda r: -expected_cost(r[0]))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = max(1, (cores or 1) // jobs)
-    with ProcessPoolExecutor(
-        jobs,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_worker_threads,
-        initargs=(threads,),
-    ) as pool:
-        futures = {
-            pool.submit(run_one, config, run_dir, weak_csv, strong_csv, False): (what, run_dir)
-            for config, run_dir, what in todo
-        }
-        if progress:
-            print(f"[compare] {len(todo)} runs, {jobs} at a time, {threads} thread(s) each")
-        for future in as_completed(futures):
-            future.result()
-            if progress:
-                what, run_dir = futures[future]
-                print(f"[compare] done: {what} -> {run_dir}", flush=True)
+    executor = executor or LocalExecutor(jobs)
+    load_manifests(weak_csv, strong_csv)  # a bad manifest fails here, not in every run
+    if executor.parallel and len(todo) > 1:
+        if executor.warms_cache:
+            _warm_cache(todo[0][0], weak_csv, strong_csv)
+        # longest first, so that no long run starts last while the other workers idle
+        todo.sort(key=lambda r: -expected_cost(r[0]))
+    tasks = [RunTask(c, d, what, weak_csv, strong_csv, progress) for c, d, what in todo]
+    outcomes = executor.run(tasks, progress)
+    failed = sorted((o for o in outcomes if not o.ok), key=lambda o: o.run_dir)
+    if failed:
+        raise RunsFailed(failed, len(tasks))
 
 
 def _paired(
@@ -351,6 +253,7 @@ def _compare_cv(
     progress: bool,
     pooled_selection: bool = False,
     jobs: int = 1,
+    executor: Executor | None = None,
 ) -> tuple[
     dict[str, Any],
     dict[str, dict[str, dict[str, tuple[int, float]]]],
@@ -381,7 +284,7 @@ def _compare_cv(
         )
         for run in runs
     ]
-    run_all(described, weak_csv, strong_csv, progress, jobs)
+    run_all(described, weak_csv, strong_csv, progress, jobs, executor)
     oof, fold_aucs = out_of_fold(runs)
     choices = {}
     if pooled_selection:
@@ -415,6 +318,7 @@ def compare(
     repeats: int = 1,
     pooled_selection: bool = False,
     jobs: int = 1,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Train + evaluate every strategy × seed into ``out/runs/<strategy>/seed<k>``
     (default strategies: the paper's four; ``ssmdmt-plus`` on request); writes
@@ -426,8 +330,12 @@ def compare(
     out-of-fold predictions are pooled, one pooled AUC per repeat × seed. With
     ``pooled_selection`` too, each strategy also gets a row ``<strategy>@pooled-val``:
     the epoch chosen on all folds' validation patients pooled (runs keep every epoch's
-    weights). ``jobs``: runs trained at once, each in its own process (``run_all``)."""
+    weights). ``executor``: where the runs train (default: ``config.compare``'s, see
+    ``workflows.executors``; ``jobs``: the local executor's runs at once, each in its own
+    process); a failed run stops no other, and ``RunsFailed`` then names them all, before
+    any table is written."""
     out = Path(out)
+    executor = executor or make_executor(config.compare, out, jobs)
     strategies = strategies or list(PAPER_STRATEGIES)
     seeds = seeds if seeds is not None else [0]
     for s in strategies:
@@ -450,6 +358,7 @@ def compare(
             progress,
             pooled_selection,
             jobs,
+            executor,
         )
         return _write_results(out, config, results, predictions, calibrated)
     predictions: dict[str, dict[int, dict[str, tuple[int, float]]]] = {}
@@ -462,7 +371,7 @@ def compare(
             runs.append(
                 (validate(data), out / "runs" / strategy / f"seed{seed}", f"{strategy} seed {seed}")
             )
-    run_all(runs, Path(weak_csv), Path(strong_csv), progress, jobs)
+    run_all(runs, Path(weak_csv), Path(strong_csv), progress, jobs, executor)
     for strategy in strategies:
         for seed in seeds:
             run_dir = out / "runs" / strategy / f"seed{seed}"
