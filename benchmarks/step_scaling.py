@@ -123,8 +123,23 @@ def child(size: tuple[int, int, int], threads: int, steps: int) -> dict:
             if step > 0:  # the first step warms up allocators and kernels
                 load_s.append(t1 - t0)
                 step_s.append(t2 - t1)
+        # the FLOPs of the last step's forward + backward and of one inference tile's
+        # forward (torch.utils.flop_counter): what a GPU budget is estimated from
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            out = model.bags(images, sizes)
+            roi = model(patch_t)["roi"]
+            (classification_loss(out["cls"], labels) + roi_loss(roi, mask_t)).backward()
+        step_gflop = counter.get_total_flops() / 1e9
+        tile = torch.zeros((1, 1, *reversed(config.inference.tile)))
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model.eval()(tile)
+        tile_gflop = counter.get_total_flops() / 1e9
         return {
             "size_xyz": list(size),
+            "gflop_per_step": round(step_gflop, 2),
+            "gflop_per_inference_tile": round(tile_gflop, 3),
             "megavoxels": round(x * y * z / 1e6, 3),
             "tiles_per_step": len(tiles) + len(patches),
             "tile_xyz": list(config.inference.tile),

@@ -65,8 +65,6 @@ PRESETS = ("quick", "paper", "clinical")
 STRATEGIES = tuple(STRATEGY_FLAGS)
 
 
-
-
 class Config(_Section):
     """The whole resolved configuration of a run."""
 
