@@ -310,7 +310,7 @@ class RoiDecoder(nn.Module):
     Input ``o`` ``(B, C_o, d, h, w)`` (and skips when enabled); output logits
     ``(B, 1, d·s, h·s, w·s)``. The last ``stem_stride`` factor is a trilinear upsampling
     of the logits, so no layer runs at full resolution (full-resolution layers would
-    dominate the cost: BENCHMARKS.md §2.5).
+    dominate the cost: BENCHMARKS.md §2.4).
     """
 
     def __init__(self, cfg: ModelConfig, encoder: DenseEncoder) -> None:
