@@ -228,7 +228,7 @@ def cv_calibration(
         }
         write_json(out / "calibration" / f"{name}.json", record)
         results[name] = {
-            "mode": "cross-fitted over the folds",
+            "mode": "the other folds' out-of-fold predictions (cross-fitting)",
             "method": ev.calibration,
             "file": f"calibration/{name}.json",
             "runs": runs,
