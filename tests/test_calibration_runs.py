@@ -214,3 +214,20 @@ def test_report_shows_the_calibration_section(split_run) -> None:
     for folder in (out, run):
         page = write_report(folder).read_text()
         assert "Calibration and operating point" in page and "too small to trust" in page
+
+
+def test_youden_without_separation_keeps_the_configured_threshold() -> None:
+    """Calibration patients whose scores do no better than chance (Youden's J ≤ 0 at every
+    cut): no cut above every probability (all negative); evaluation.threshold, said."""
+    from lymphdx.workflows.calibrate import _threshold
+
+    config = load_config(preset="quick")
+    y = np.array([1, 0, 1, 0, 1, 0])
+    q = np.array([0.2, 0.3, 0.4, 0.5, 0.6, 0.7])  # every positive below its negative
+    op = _threshold(config, y, q)
+    assert op["threshold"] == config.evaluation.threshold == 0.5
+    assert op["sensitivity"] == pytest.approx(1 / 3) and op["specificity"] == pytest.approx(1 / 3)
+    assert "better than chance" in op["note"]
+    separated = _threshold(config, y, np.array([0.8, 0.1, 0.7, 0.2, 0.9, 0.3]))
+    assert separated["note"] is None and separated["threshold"] == pytest.approx(0.7)
+    assert separated["sensitivity"] == 1.0 and separated["specificity"] == 1.0

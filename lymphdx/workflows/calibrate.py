@@ -58,9 +58,23 @@ def _threshold(
     classes."""
     target = config.evaluation.operating_point
     what, value = describe_target(target)
-    if 0 < int(np.sum(y)) < len(y):
-        return {**choose_threshold(y, q, target), "note": None}
     threshold = config.evaluation.threshold
+    if 0 < int(np.sum(y)) < len(y):
+        chosen = choose_threshold(y, q, target)
+        if what != "youden" or chosen["sensitivity"] + chosen["specificity"] > 1.0:
+            return {**chosen, "note": None}
+        # no threshold does better than chance there: Youden's maximum would be a cut
+        # above every probability (nobody positive), which is no choice at all
+        return {
+            **chosen,
+            "threshold": threshold,
+            "sensitivity": float(np.mean(q[y == 1] >= threshold)),
+            "specificity": float(np.mean(q[y == 0] < threshold)),
+            "note": (
+                f"no threshold separates the {len(y)} calibration patients better than chance "
+                f"(Youden's J <= 0): evaluation.threshold {threshold} is used"
+            ),
+        }
     return {
         "target": what,
         "value": value,
