@@ -7,6 +7,8 @@ system."""
 
 from __future__ import annotations
 
+import os
+
 from lymphdx.core.config import CompareConfig
 from lymphdx.core.errors import LymphdxError
 from lymphdx.workflows.executors.base import Outcome, RunTask, cores, crashed, execute, need_extra
@@ -40,6 +42,11 @@ class RayExecutor:
                 f"cpus_per_run {s.cpus_per_run} is more than the local Ray's {cpus} CPUs "
                 "(compare.ray.cpus): no run could start"
             )
+        # Ray starts its workers at niceness 15 (RAY_worker_niceness): on a machine shared
+        # with other work that starves the trainings (measured beside 4 other jobs: the
+        # Ray runs barely moved). A local Ray of this compare runs them at the caller's
+        # priority unless the user set the variable.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         return True
 
