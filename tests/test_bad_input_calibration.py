@@ -428,9 +428,7 @@ def test_predict_corrects_a_scaled_scan_and_lists_each_scans_warnings(
     paths = {
         "hu": write_volume(tmp_path / "hu.nii.gz", quantised(hu, 8.0, -1024.0, store), PLAIN),
         "u8": write_volume(tmp_path / "u8.nii.gz", store(hu), PLAIN),
-        "norm": write_volume(
-            tmp_path / "norm.nii.gz", (hu - hu.min()) / float(np.ptp(hu)), PLAIN
-        ),
+        "norm": write_volume(tmp_path / "norm.nii.gz", (hu - hu.min()) / float(np.ptp(hu)), PLAIN),
         "small": write_volume(
             tmp_path / "small.nii.gz",
             ct_phantom(7, (2, 80, 80)),

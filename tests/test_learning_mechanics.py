@@ -489,8 +489,9 @@ def test_unreachable_dice_gate_holds_propagation_back(
     assert all(r["loss_pseudo_cls"] == "" and r["loss_pseudo_roi"] == "" for r in rows)
     assert rows[0]["propagation_note"] == "warm-up until epoch 1"
     n_strong = sum(
-        1 for r in csv.DictReader((run / "splits.csv").open()) if r["set"] == "strong"
-        and r["split"] in ("train", "val")
+        1
+        for r in csv.DictReader((run / "splits.csv").open())
+        if r["set"] == "strong" and r["split"] in ("train", "val")
     )
     for r in rows[1:]:  # the gate reads all strong training + validation scans
         note = r["propagation_note"]

@@ -426,9 +426,10 @@ def test_whole_fit_covers_the_scans_field_of_view_at_the_spacing() -> None:
     assert grid.geometry.spacing == (1.5, 1.5, 2.0)
     first = np.array(grid.geometry.origin)
     last = first + np.array(grid.geometry.spacing) * (np.array(grid.size_xyz) - 1)
-    lo, hi = world_coords(GEOM, SIZE_XYZ).reshape(-1, 3).min(0), world_coords(
-        GEOM, SIZE_XYZ
-    ).reshape(-1, 3).max(0)
+    lo, hi = (
+        world_coords(GEOM, SIZE_XYZ).reshape(-1, 3).min(0),
+        world_coords(GEOM, SIZE_XYZ).reshape(-1, 3).max(0),
+    )
     np.testing.assert_allclose((first + last) / 2, (lo + hi) / 2, atol=1e-9)  # same centre
     assert np.all(last - first >= hi - lo - 1e-9)  # every voxel centre of the scan inside
     image = resample_image(to_sitk(phantom(), GEOM), grid, whole)

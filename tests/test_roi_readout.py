@@ -228,9 +228,7 @@ def test_a_decoder_that_found_nothing_gets_no_readout(
     try:
         readout, note = run_readout(run, config, model)
     finally:
-        mp.setattr(
-            readout_module, "read_roi_status", lambda run: {"learned": True, "note": None}
-        )
+        mp.setattr(readout_module, "read_roi_status", lambda run: {"learned": True, "note": None})
     assert readout is None and "found no node" in note
 
 

@@ -123,9 +123,7 @@ def test_config_needs_the_pieces_of_the_tile_path(tmp_path: Path) -> None:
         tiny_config(tmp_path, training={"validate_every": 2})
 
 
-def test_a_run_on_scans_of_their_own_size_sees_only_tiles(
-    tmp_path: Path, tiny_data: Path
-) -> None:
+def test_a_run_on_scans_of_their_own_size_sees_only_tiles(tmp_path: Path, tiny_data: Path) -> None:
     """ssmdmt on whole fields of view: bags refreshed after the ROI warm-up, pseudo masks
     of the scans' own sizes, and every forward pass of training on 16^3 inputs; the run is
     scored (sliding window) and predicts a new scan."""
@@ -135,9 +133,7 @@ def test_a_run_on_scans_of_their_own_size_sees_only_tiles(
     run = tmp_path / "run"
     train(config, run, weak, strong, progress=False, trainer=InputSpy)
     assert set(InputSpy.seen) == {(16, 16, 16)}
-    rows = list(
-        map(dict, __import__("csv").DictReader((run / "history.csv").open()))
-    )
+    rows = list(map(dict, __import__("csv").DictReader((run / "history.csv").open())))
     assert [r["phase"] for r in rows] == ["roi-warmup", "joint", "joint"]
     assert rows[0]["bag_peak_prob_weak"] == "" and rows[1]["bag_peak_prob_weak"] != ""
     assert rows[1]["bag_peak_prob_strong"] != ""  # ssmdmt reads strong scans as bags too

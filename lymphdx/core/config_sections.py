@@ -385,7 +385,7 @@ class TrainingConfig(_Section):
     flip_augment: bool = True
     num_threads: int | None = None  # default: all cores, shared by the processes of a node
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
-    # speed options (lymphdx.engine.performance; measured in BENCHMARKS.md §2.4, in full in docs/dev-log-2026-12-07.md)
+    # speed options (lymphdx.engine.performance; measured in BENCHMARKS.md §2.4)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 = CUDA AMP
     channels_last: bool = False  # channels-last-3d memory format
     compile: bool = False  # torch.compile the model

@@ -9,7 +9,7 @@ up. Tracing the paper's 512×512×256 step takes about a second.
 
 What it does not see: the memory of the Python process itself, oneDNN's reordered
 weight/activation copies and workspaces, and allocator fragmentation. ``rss_factor``
-(measured by ``benchmarks/full_resolution.py``, BENCHMARKS.md §2.4, in full in docs/dev-log-2026-12-07.md) scales the traced
+(measured by ``benchmarks/full_resolution.py``, BENCHMARKS.md §2.4) scales the traced
 peak to the resident memory of a real CPU step.
 """
 
@@ -38,7 +38,7 @@ __all__ = [
     "RSS_BASE",
 ]
 
-#: resident memory of a CPU step ≈ RSS_BASE + RSS_FACTOR × traced peak (BENCHMARKS.md §2.4, in full in docs/dev-log-2026-12-07.md)
+#: resident memory of a CPU step ≈ RSS_BASE + RSS_FACTOR × traced peak (BENCHMARKS.md §2.4)
 RSS_FACTOR = 1.25
 RSS_BASE = 600 << 20
 

@@ -2,7 +2,7 @@
 
 All off by default: on this project's reference CPU (2-core AMD EPYC, AVX2, no AVX-512)
 bf16 autocast is about 10× slower than fp32 and torch.compile spends minutes compiling
-for a small gain (see BENCHMARKS.md §2.4, in full in docs/dev-log-2026-12-07.md, ``benchmarks/precision_layout.py``). On a CUDA GPU
+for a small gain (see BENCHMARKS.md §2.4, ``benchmarks/precision_layout.py``). On a CUDA GPU
 ``precision: fp16`` (AMP with a gradient scaler) or ``bf16`` is the usual choice.
 """
 
