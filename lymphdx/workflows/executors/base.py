@@ -27,6 +27,7 @@ __all__ = [
     "Outcome",
     "RunTask",
     "RunsFailed",
+    "announce",
     "crashed",
     "execute",
     "log_tail",
@@ -170,6 +171,12 @@ class RunsFailed(LymphdxError):
                 lines.append("  its log ends:")
                 lines.extend(f"  | {line}" for line in o.log_tail)
         super().__init__("\n".join(lines))
+
+
+def announce(outcome: Outcome, where: str) -> None:
+    """The progress line of a finished run: done or FAILED, the run and ``where`` it ran."""
+    state = "done" if outcome.ok else "FAILED"
+    print(f"[compare] {state}: {outcome.what} {where}", flush=True)
 
 
 def need_extra(module: str, extra: str, what: str):  # noqa: ANN201 (a module)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
-from lymphdx.workflows.executors.base import Outcome, RunTask, cores, crashed, execute
+from lymphdx.workflows.executors.base import Outcome, RunTask, announce, cores, crashed, execute
 
 __all__ = ["LocalExecutor"]
 
@@ -49,6 +49,5 @@ class LocalExecutor:
                     outcome = crashed(futures[future], err)
                 outcomes.append(outcome)
                 if progress:
-                    state = "done" if outcome.ok else "FAILED"
-                    print(f"[compare] {state}: {outcome.what} -> {outcome.run_dir}", flush=True)
+                    announce(outcome, f"-> {outcome.run_dir}")
         return outcomes

@@ -11,7 +11,15 @@ import os
 
 from lymphdx.core.config import CompareConfig
 from lymphdx.core.errors import LymphdxError
-from lymphdx.workflows.executors.base import Outcome, RunTask, cores, crashed, execute, need_extra
+from lymphdx.workflows.executors.base import (
+    Outcome,
+    RunTask,
+    announce,
+    cores,
+    crashed,
+    execute,
+    need_extra,
+)
 
 __all__ = ["RayExecutor"]
 
@@ -76,8 +84,7 @@ class RayExecutor:
                         outcome = crashed(refs[ref], err)
                     outcomes.append(outcome)
                     if progress:
-                        state = "done" if outcome.ok else "FAILED"
-                        print(f"[compare] {state}: {outcome.what} ({outcome.host})", flush=True)
+                        announce(outcome, f"({outcome.host})")
             return outcomes
         finally:
             if started:

@@ -15,6 +15,7 @@ from lymphdx.core.errors import LymphdxError
 from lymphdx.workflows.executors.base import (
     Outcome,
     RunTask,
+    announce,
     crashed,
     execute,
     log_tail,
@@ -79,8 +80,7 @@ class SlurmExecutor:
                 outcome = crashed(task, err, _stderr(job))
             outcomes.append(outcome)
             if progress:
-                state = "done" if outcome.ok else "FAILED"
-                print(f"[compare] {state}: {outcome.what} (job {job.job_id})", flush=True)
+                announce(outcome, f"(job {job.job_id})")
         return outcomes
 
 
