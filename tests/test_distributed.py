@@ -197,6 +197,35 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
             (bce * item_w).sum() / 3,
         )
 
+        # a bag refresh: each rank maps its block of the scans, every rank gets all peaks
+        from lymphdx.engine.bag_sampler import BagSampler
+        from tests.test_tiles import tiles_config
+
+        bags = BagSampler(tiles_config(Path(store).parent, "ssmdmt"))
+        mapped: list[int] = []
+
+        def roi_map(_model: torch.nn.Module, image: torch.Tensor, flips: bool) -> torch.Tensor:
+            i = int(image[0, 0, 0, 0, 0])  # the scan's index, written into its image
+            mapped.append(i)
+            prob = torch.zeros(1, 1, 16, 32, 32)
+            prob[0, 0, i, 2 * i, 3 * i] = 0.5 + i / 10
+            return prob
+
+        class Scans:
+            def __len__(self) -> int:
+                return 5
+
+            def image(self, i: int) -> np.ndarray:
+                return np.full((16, 32, 32), float(i), dtype=np.float32)
+
+        bags.inferer.roi_map = roi_map  # type: ignore[method-assign]
+        summary = bags.refresh(single, Scans(), "weak", 3, ctx)  # type: ignore[arg-type]
+        assert mapped == ctx.shard(range(5))  # blocks of 2 and 3
+        assert [tuple(c[0]) for c in bags.centres["weak"]] == [(i, 2 * i, 3 * i) for i in range(5)]
+        assert summary["bag_peak_prob_weak"] == pytest.approx(
+            np.mean([0.5 + i / 10 for i in range(5)] + [0.0] * 5)  # 2 peaks per scan
+        )
+
         # batch-norm buffers: averaged over ranks, then identical; weights checksum agrees
         buf = torch.full((2,), float(rank))
         holder = torch.nn.Module()
@@ -355,3 +384,31 @@ def test_torchrun_quick_recipe_with_patches_warmup_and_attention(
         rows = list(csv.DictReader(f))
     assert [r["phase"] for r in rows] == ["roi-warmup", "joint", "joint"]
     assert [int(r["step"]) for r in rows] == [2, 4, 6]
+
+
+def test_torchrun_tile_path_shares_the_bag_refresh_and_the_pseudo_masks(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """ssmdmt with ``training.sampler: tiles`` on whole fields of view under two processes:
+    each rank maps its block of the scans at a bag refresh and at a propagation, every rank
+    gets all peaks (a bag per scan), rank 0 writes the round's pseudo masks to RUN/pseudo/
+    that every rank reads, and the weights stay identical on both ranks."""
+    from tests.test_tiles import tiles_config
+
+    weak, strong = tiny_data / "weak" / "manifest.csv", tiny_data / "strong" / "manifest.csv"
+    # global batches of 4: two scans or patches per process (batch norm needs two values)
+    config = tiles_config(tmp_path, "ssmdmt", num_threads=1, batch_size=4, strong_batch_size=4)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(dump_config(config))
+    run = tmp_path / "two"
+    common = ["--weak", str(weak), "--strong", str(strong), "--config", str(config_path)]
+    _torchrun(*common, "--out", str(run), cwd=tmp_path)
+    log = (run / "train.log").read_text()
+    assert "weights identical on 2 ranks" in log
+    assert log.count("bags refreshed") == 2 and "epoch 2 propagation" in log
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert [len(state["bags"]["centres"][s]) for s in ("weak", "strong")] == [22, 9]
+    assert all(tuple(c.shape) == (2, 3) for c in state["bags"]["centres"]["weak"])
+    store = state["pseudo"]["weak_store"]
+    assert [p.name for p in (run / "pseudo").iterdir()] == [store] == ["epoch_002"]
+    assert len(list((run / "pseudo" / store).glob("mask_*.npy"))) == 22

@@ -141,8 +141,12 @@ def test_a_run_on_scans_of_their_own_size_sees_only_tiles(tmp_path: Path, tiny_d
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     centres = state["bags"]["centres"]["weak"]
     assert len(centres) == 22 and all(c.shape[1] == 3 for c in centres)
-    masks = state["pseudo"]["weak_masks"]
-    assert isinstance(masks, list) and tuple(masks[0].shape) == (16, 32, 32)
+    # the pseudo masks of the last round live in RUN/pseudo/, named by the checkpoint
+    store = state["pseudo"]["weak_store"]
+    assert state["pseudo"]["weak_masks"] is None and store == "epoch_002"
+    assert [p.name for p in (run / "pseudo").iterdir()] == [store]  # epoch 1's is gone
+    masks = sorted((run / "pseudo" / store).glob("mask_*.npy"))
+    assert len(masks) == 22 and np.load(masks[0]).shape == (16, 32, 32)
 
     from lymphdx.workflows.evaluate import evaluate_run
     from lymphdx.workflows.predict import predict

@@ -24,6 +24,7 @@ from lymphdx.core.seeding import seeded_rng
 from lymphdx.data.datasets import VolumeSet
 from lymphdx.data.tile_sampler import bag_corners, body_box, crop_padded
 from lymphdx.engine.candidates import peaks
+from lymphdx.engine.distributed import DistContext
 from lymphdx.engine.inferer import SlidingWindowInferer
 
 __all__ = ["BagSampler"]
@@ -72,27 +73,35 @@ class BagSampler:
     # -- the refresh -----------------------------------------------------------------
     @torch.no_grad()
     def refresh(
-        self, model: torch.nn.Module, volumes: VolumeSet, name: str, epoch: int
+        self,
+        model: torch.nn.Module,
+        volumes: VolumeSet,
+        name: str,
+        epoch: int,
+        ctx: DistContext | None = None,
     ) -> dict[str, float]:
         """Each scan's peak centres ``(K, 3)`` from ``model``'s sliding-window ROI map
         (no flip: the peaks, not the probabilities, matter); returns a summary for the
-        history (the mean of the peaks' probabilities)."""
+        history (the mean of the peaks' probabilities). With a distributed ``ctx`` each
+        rank maps its block of the scans (``ctx.shard``) and every rank gets all peaks."""
+        ctx = ctx or DistContext()
         was_training = model.training
         model.eval()
         separation = [max(1, t // 2) for t in self.tile]
-        found: list[np.ndarray | None] = []
-        heights = []
+        mine: list[tuple[np.ndarray, list[float]]] = []
         try:
-            for i in range(len(volumes)):
+            for i in ctx.shard(range(len(volumes))):
                 image = torch.from_numpy(np.ascontiguousarray(volumes.image(i)))[None, None]
-                prob = self.inferer.roi_map(model, image, flips=False)[0, 0].numpy()
-                centres = peaks(prob, self.n_peaks, separation)
-                heights += [float(prob[c]) for c in centres]
-                found.append(np.array(centres, dtype=np.int64).reshape(-1, 3))
+                prob_np = self.inferer.roi_map(model, image, flips=False)[0, 0].numpy()
+                centres = peaks(prob_np, self.n_peaks, separation)
+                found = np.array(centres, dtype=np.int64).reshape(-1, 3)
+                mine.append((found, [float(prob_np[c]) for c in centres]))
         finally:
             model.train(was_training)
-        self.centres[name] = found
+        every = [scan for part in ctx.all_gather_object(mine) for scan in part]
+        self.centres[name] = [found for found, _ in every]
         self.refreshed_at = epoch
+        heights = [h for _, hs in every for h in hs]
         return {f"bag_peak_prob_{name}": float(np.mean(heights)) if heights else 0.0}
 
     # -- one scan's bag --------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -32,6 +33,7 @@ from lymphdx.engine.distributed import DistContext
 from lymphdx.engine.graph_propagation import graph_label_propagation, pseudo_labels_for
 from lymphdx.engine.inferer import Inferer, WholeInferer
 from lymphdx.engine.pseudo_masks import curriculum_keep, pseudo_mask_targets
+from lymphdx.engine.pseudo_store import read_round, write_round
 from lymphdx.models.domain_norm import domains
 
 log = logging.getLogger("lymphdx")
@@ -54,13 +56,15 @@ class PseudoLabels:
     ``weak_masks`` ``(N_weak, D, H, W)`` uint8 and, with an ignore band or a classifier
     gate, ``weak_mask_weights`` of the same shape, uint8 0/1 (voxels of weight 0 count
     nowhere in the pseudo ROI loss); under ``data.fit: whole`` lists of each scan's
-    ``(D, H, W)``; any may be None."""
+    ``(D, H, W)``, memory-mapped from ``RUN/pseudo/<weak_store>/`` (``engine.pseudo_store``);
+    any may be None."""
 
     strong_targets: np.ndarray | None = None
     strong_weights: np.ndarray | None = None
     weak_masks: np.ndarray | list[np.ndarray] | None = None
     epoch: int = -1
     weak_mask_weights: np.ndarray | list[np.ndarray] | None = None
+    weak_store: str | None = None  # RUN/pseudo/'s round that holds the lists
 
     def summary(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -318,6 +322,7 @@ class PropagationMixin:
     weak_train: VolumeSet
     strong_train: VolumeSet | None
     teacher: torch.nn.Module
+    run_dir: Path
     inferer: Inferer
     gate_reading: dict[str, float]
 
@@ -358,6 +363,20 @@ class PropagationMixin:
         self.propagation_start = self.epoch
         log.info("epoch %d: propagation %s", self.epoch, self.propagation_note)
         return True
+
+    def _store_weak_masks(self) -> None:
+        """Scans of their own sizes (lists of masks): rank 0 writes the round to
+        ``RUN/pseudo/`` and every rank reads it back memory-mapped (``pseudo_store``)."""
+        pseudo = self.pseudo
+        if not isinstance(pseudo.weak_masks, list):
+            return  # the fixed grid: small masks, kept in the checkpoint
+        masks, weights = pseudo.weak_masks, pseudo.weak_mask_weights
+        assert weights is None or isinstance(weights, list)
+        name = self.ctx.on_main(lambda: write_round(self.run_dir, self.epoch, masks, weights))
+        name = self.ctx.broadcast_object(name)
+        assert name is not None
+        pseudo.weak_masks, pseudo.weak_mask_weights = read_round(self.run_dir, name)
+        pseudo.weak_store = name
 
     def propagation(self) -> None:
         cfg, ctx = self.config.propagation, self.ctx
@@ -400,6 +419,7 @@ class PropagationMixin:
                 )
                 log.warning("epoch %d propagation: %s", self.epoch, note)
                 self.propagation_note = "; ".join(filter(None, [self.propagation_note, note]))
+            self._store_weak_masks()
         self.pseudo.epoch = self.epoch
         log.info("epoch %d propagation: %s", self.epoch, self.pseudo.summary())
 

@@ -32,6 +32,7 @@ from lymphdx.core.files import (
 )
 from lymphdx.engine import selection
 from lymphdx.engine.propagation import PseudoLabels
+from lymphdx.engine.pseudo_store import read_round
 from lymphdx.engine.run_state import checkpoint_record, missing_checkpoint
 from lymphdx.models.multitask import MultiTaskNet, build_model
 
@@ -263,32 +264,39 @@ def verify_checkpoint(
 
 
 def pseudo_to_state(p: PseudoLabels) -> dict[str, Any]:
+    """The checkpoint's record of the pseudo-labels: tensors, except the weak masks of
+    scans of their own sizes, which live in ``RUN/pseudo/`` and are named by their round
+    (``weak_store``)."""
+
     def t(a: Any) -> Any:
-        if isinstance(a, list):  # data.fit whole: one array per scan
-            return [torch.from_numpy(np.ascontiguousarray(x)) for x in a]
         return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
 
+    stored = p.weak_store is not None
     return {
         "epoch": p.epoch,
         "strong_targets": t(p.strong_targets),
         "strong_weights": t(p.strong_weights),
-        "weak_masks": t(p.weak_masks),
-        "weak_mask_weights": t(p.weak_mask_weights),
+        "weak_masks": None if stored else t(p.weak_masks),
+        "weak_mask_weights": None if stored else t(p.weak_mask_weights),
+        "weak_store": p.weak_store,
     }
 
 
-def pseudo_from_state(d: dict[str, Any]) -> PseudoLabels:
+def pseudo_from_state(d: dict[str, Any], run_dir: Path) -> PseudoLabels:
+    """``pseudo_to_state``'s inverse; masks in ``run_dir/pseudo/`` come memory-mapped."""
+
     def a(x: Any) -> Any:
-        if isinstance(x, list):
+        if isinstance(x, list):  # checkpoints written before RUN/pseudo/
             return [t.numpy() for t in x]
         return None if x is None else x.numpy()
 
+    store = d.get("weak_store")
+    if store is not None:
+        masks, weights = read_round(run_dir, store)
+    else:
+        masks, weights = a(d["weak_masks"]), a(d.get("weak_mask_weights"))
     return PseudoLabels(
-        a(d["strong_targets"]),
-        a(d["strong_weights"]),
-        a(d["weak_masks"]),
-        d["epoch"],
-        a(d.get("weak_mask_weights")),
+        a(d["strong_targets"]), a(d["strong_weights"]), masks, d["epoch"], weights, store
     )
 
 

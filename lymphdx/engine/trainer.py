@@ -56,6 +56,7 @@ from lymphdx.engine.inferer import Inferer, make_inferer
 from lymphdx.engine.losses import RoiLoss
 from lymphdx.engine.performance import grad_scaler, optimizer_step
 from lymphdx.engine.propagation import PropagationMixin, PseudoLabels, predict_volumes
+from lymphdx.engine.pseudo_store import prune as prune_pseudo
 from lymphdx.engine.roi_status import strong_dice, write_roi_status
 from lymphdx.engine.run_data import RunData
 from lymphdx.engine.run_folder import (
@@ -267,7 +268,7 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
         self.best = dict(state["best"])
-        self.pseudo = pseudo_from_state(state["pseudo"])
+        self.pseudo = pseudo_from_state(state["pseudo"], self.run_dir)
         start = state.get("propagation_start")
         self.propagation_start = None if start is None else int(start)
         self.steps_done = int(state.get("steps_done", 0))
@@ -390,11 +391,13 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
         are read as bags (the weak set; the strong set's too for its pseudo class labels):
         the tiles the classifier reads until the next refresh."""
         assert self.bags is not None
-        summary = self.bags.refresh(self.teacher, self.weak_train, "weak", self.epoch)
+        summary = self.bags.refresh(self.teacher, self.weak_train, "weak", self.epoch, self.ctx)
         if self.strategy.pseudo_cls_strong and self.strong_train is not None:
             with domains(self.teacher, STRONG):
                 summary.update(
-                    self.bags.refresh(self.teacher, self.strong_train, "strong", self.epoch)
+                    self.bags.refresh(
+                        self.teacher, self.strong_train, "strong", self.epoch, self.ctx
+                    )
                 )
         log.info("epoch %d: bags refreshed %s", self.epoch, summary)
         return summary
@@ -456,6 +459,9 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
                 checkpoint_path(self.run_dir, name), self._checkpoint_of(validated, kept)
             )
         save_checkpoint(checkpoint_path(self.run_dir, "last"), state)
+        # RUN/pseudo/: the round that last.pt (what --resume reads) names; older ones go
+        store = self.pseudo.weak_store
+        prune_pseudo(self.run_dir, set() if store is None else {store})
 
     def run(self, progress: bool = True) -> dict[str, Any]:
         writer = None
