@@ -17,7 +17,7 @@ A model with domain-specific batch norm sees each set in its own domain (``domai
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +47,12 @@ __all__ = [
     "propagate_mask_targets",
     "is_propagation_epoch",
     "propagation_round",
+]
+
+
+# this rank's block of masks (and weights) -> every scan's, e.g. from RUN/pseudo/
+MaskStore = Callable[
+    [list[np.ndarray], list[np.ndarray] | None], tuple[list[np.ndarray], list[np.ndarray] | None]
 ]
 
 
@@ -262,6 +268,7 @@ def propagate_mask_targets(
     ctx: DistContext | None = None,
     domain: int = WEAK,
     inferer: Inferer | None = None,
+    store: MaskStore | None = None,
 ) -> tuple[Any, Any]:
     """Pseudo ROI masks ``(N, D, H, W)`` uint8, g(f(v)) > ζ (``cfg.roi_threshold``), and
     their voxel weights (uint8 0/1, same shape) when ``cfg.roi_ignore_low`` or
@@ -269,7 +276,9 @@ def propagate_mask_targets(
     (default ``WholeInferer``).
 
     With a distributed ``ctx`` each rank decodes its block and every rank gets all masks.
-    Under ``data.fit: whole`` (scans of their own sizes) both are lists of ``(D, H, W)``.
+    Under ``data.fit: whole`` (scans of their own sizes) both are lists of ``(D, H, W)``;
+    with ``store`` (``Trainer``: ``RUN/pseudo/``) each rank hands its block to it and gets
+    back every scan's masks, e.g. memory-mapped, instead of gathering them.
     """
     ctx = ctx or DistContext()
     inferer = inferer or WholeInferer()
@@ -290,6 +299,8 @@ def propagate_mask_targets(
         if weighted:
             weights.extend(weight.to(torch.uint8).cpu().numpy())
     if volumes.cache.cfg.shape is None:  # data.fit whole: scans of their own sizes
+        if store is not None:
+            return store(masks, weights if weighted else None)
         all_masks: np.ndarray | list[np.ndarray] = _gather_list(ctx, masks)
         return all_masks, _gather_list(ctx, weights) if weighted else None
     empty = np.zeros((0, *volumes.shape), dtype=np.uint8)
@@ -364,19 +375,15 @@ class PropagationMixin:
         log.info("epoch %d: propagation %s", self.epoch, self.propagation_note)
         return True
 
-    def _store_weak_masks(self) -> None:
-        """Scans of their own sizes (lists of masks): rank 0 writes the round to
-        ``RUN/pseudo/`` and every rank reads it back memory-mapped (``pseudo_store``)."""
-        pseudo = self.pseudo
-        if not isinstance(pseudo.weak_masks, list):
-            return  # the fixed grid: small masks, kept in the checkpoint
-        masks, weights = pseudo.weak_masks, pseudo.weak_mask_weights
-        assert weights is None or isinstance(weights, list)
-        name = self.ctx.on_main(lambda: write_round(self.run_dir, self.epoch, masks, weights))
-        name = self.ctx.broadcast_object(name)
-        assert name is not None
-        pseudo.weak_masks, pseudo.weak_mask_weights = read_round(self.run_dir, name)
-        pseudo.weak_store = name
+    def _store_weak_masks(
+        self, masks: list[np.ndarray], weights: list[np.ndarray] | None
+    ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """Scans of their own sizes: this rank's block of the round's masks goes to
+        ``RUN/pseudo/`` (``pseudo_store``), and every rank reads all of them back
+        memory-mapped."""
+        name = write_round(self.run_dir, self.epoch, masks, weights, self.ctx)
+        self.pseudo.weak_store = name
+        return read_round(self.run_dir, name)
 
     def propagation(self) -> None:
         cfg, ctx = self.config.propagation, self.ctx
@@ -410,7 +417,13 @@ class PropagationMixin:
             self.pseudo.strong_targets, self.pseudo.strong_weights = targets, weights
         if self.strategy.pseudo_roi_weak:
             self.pseudo.weak_masks, self.pseudo.weak_mask_weights = propagate_mask_targets(
-                teacher, self.weak_train, cfg, ctx=ctx, domain=WEAK, inferer=self.inferer
+                teacher,
+                self.weak_train,
+                cfg,
+                ctx=ctx,
+                domain=WEAK,
+                inferer=self.inferer,
+                store=self._store_weak_masks,
             )
             if not any(m.any() for m in self.pseudo.weak_masks):
                 note = (
@@ -419,7 +432,6 @@ class PropagationMixin:
                 )
                 log.warning("epoch %d propagation: %s", self.epoch, note)
                 self.propagation_note = "; ".join(filter(None, [self.propagation_note, note]))
-            self._store_weak_masks()
         self.pseudo.epoch = self.epoch
         log.info("epoch %d propagation: %s", self.epoch, self.pseudo.summary())
 

@@ -3,13 +3,13 @@
 
 Scans of their own sizes make pseudo masks of their own sizes: a hundred weak scans of
 TCIA size at 1.5 mm are about 2 GB of uint8, too much to write into ``last.pt`` and
-``best.pt`` every epoch and to keep in every process's memory. A propagation round is
-written once, as ``RUN/pseudo/epoch_EEE/mask_NNNNN.npy`` (and ``weight_NNNNN.npy`` with an
-ignore band or a classifier gate), into a temporary folder renamed when complete; the
-checkpoint records the round's folder name, and training reads the masks memory-mapped,
-so a tile reads only its bytes. Rounds that no checkpoint names any more are removed
-after ``last.pt`` is written (``prune``). Masks on the fixed grid (``fit: crop`` /
-``resize``) are small and stay in the checkpoint.
+``best.pt`` every epoch, to send between processes and to keep in every process's
+memory. A propagation round is written once, as ``RUN/pseudo/epoch_EEE/mask_NNNNN.npy``
+(and ``weight_NNNNN.npy`` with an ignore band or a classifier gate), into a temporary
+folder renamed when complete; the checkpoint records the round's folder name, and
+training reads the masks memory-mapped, so a tile reads only its bytes. Rounds that no
+checkpoint names any more are removed after ``last.pt`` is written (``prune``). Masks on
+the fixed grid (``fit: crop`` / ``resize``) are small and stay in the checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lymphdx.core.errors import LymphdxError
+from lymphdx.engine.distributed import DistContext
 
 __all__ = ["PSEUDO_DIR", "read_round", "write_round", "prune", "round_name"]
 
@@ -39,32 +40,49 @@ def write_round(
     epoch: int,
     masks: list[np.ndarray],
     weights: list[np.ndarray] | None,
+    ctx: DistContext | None = None,
 ) -> str:
     """Write one round's masks ``(D, H, W)`` uint8 per scan (and their weights) under
-    ``run_dir/pseudo/``, atomically; returns the round's folder name."""
-    root = Path(run_dir) / PSEUDO_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    name = round_name(epoch)
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    ``run_dir/pseudo/``, atomically; returns the round's folder name.
+
+    With a distributed ``ctx``, ``masks`` and ``weights`` are this rank's block of the
+    scans (``ctx.shard``'s order): each rank writes its own files into the round's
+    temporary folder (the run folder is shared, as for checkpoints), so no mask travels
+    between processes; rank 0 writes the index and renames the folder. Every rank gets the
+    name, or the error of any rank."""
+    ctx = ctx or DistContext()
     if weights is not None and len(weights) != len(masks):
         raise ValueError(f"{len(masks)} pseudo masks but {len(weights)} weight maps")
-    for i, mask in enumerate(masks):
-        np.save(tmp / f"mask_{i:05d}.npy", np.ascontiguousarray(mask, dtype=np.uint8))
-        if weights is not None:
-            np.save(tmp / f"weight_{i:05d}.npy", np.ascontiguousarray(weights[i], np.uint8))
-    index = {
-        "epoch": epoch,
-        "n": len(masks),
-        "weighted": weights is not None,
-        "shapes": [list(m.shape) for m in masks],
-    }
-    (tmp / INDEX).write_text(json.dumps(index))
-    final = root / name
-    if final.exists():  # the same epoch made again after a resume
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    root = Path(run_dir) / PSEUDO_DIR
+    name = round_name(epoch)
+    tmp = root / f".tmp-{name}"
+
+    def start() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    def write_block() -> None:
+        for k, mask in enumerate(masks):
+            i = first + k
+            np.save(tmp / f"mask_{i:05d}.npy", np.ascontiguousarray(mask, dtype=np.uint8))
+            if weights is not None:
+                np.save(tmp / f"weight_{i:05d}.npy", np.ascontiguousarray(weights[k], np.uint8))
+
+    shapes = [s for part in ctx.all_gather_object([list(m.shape) for m in masks]) for s in part]
+    counts = [int(c) for c in ctx.all_gather_object(len(masks))]
+    first = sum(counts[: ctx.rank])
+    ctx.on_main(start)  # every rank waits for the folder (the error reaches every rank)
+    ctx.on_every_rank(write_block)
+
+    def finish() -> None:
+        index = {"epoch": epoch, "n": len(shapes), "weighted": weights is not None}
+        (tmp / INDEX).write_text(json.dumps({**index, "shapes": shapes}))
+        final = root / name
+        if final.exists():  # the same epoch made again after a resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+    ctx.on_main(finish)
     return name
 
 
