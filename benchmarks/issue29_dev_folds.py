@@ -11,12 +11,21 @@ Detection is not scored here (the strong set's test split stays untouched).
 
     python benchmarks/issue29_dev_folds.py run DATA OUT --fold 0   # one fold; resumable
     python benchmarks/issue29_dev_folds.py summary DATA OUT        # pooled OOF per budget
+    python benchmarks/issue29_dev_folds.py readout DATA OUT --epochs 20   # the readout arm
+    python benchmarks/issue29_dev_folds.py summary DATA OUT --epochs 20 20r
 
 Run the folds in parallel with ``OMP_NUM_THREADS=1`` each on a 2-core machine. The
 summary gives, per budget, the pooled out-of-fold AUC with its bootstrap CI, DeLong's
 paired test between budgets, and the decoder's Dice on the strong training + validation
 scans (``roi_status.json``). Rule declared before the runs: the longer budget is adopted
 when its pooled AUC is higher and its decoder Dice is not lower; otherwise the shorter.
+
+The readout arm (``readout``, second round, 2026-12-07): each fold's run of the chosen
+budget, copied to ``e<E>r`` with ``evaluation.roi_readout: true`` in its ``config.yaml``
+(the weights are the same; the readout is fitted on the fold's weak training patients by
+``evaluate``) and scored on the same held-out patients. Rule declared before it ran: the
+clinical preset turns the readout on when the pooled out-of-fold AUC of ``e<E>r`` is
+higher than that of ``e<E>``; otherwise it stays off.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from lymphdx.core.config import load_config
 from lymphdx.engine.roi_status import read_roi_status
@@ -91,9 +101,26 @@ def run_fold(data: Path, out: Path, preset: str, k: int, fold: int, budgets: lis
         previous = run
 
 
-def summary(out: Path, budgets: list[int]) -> dict:
-    rows: dict[int, dict[str, tuple[int, float]]] = {}
-    dice: dict[int, list[float]] = {}
+def readout_arm(out: Path, epochs: int) -> None:
+    """Each fold's ``e<epochs>`` run copied to ``e<epochs>r`` with the ROI readout on,
+    scored on the fold's held-out patients (resumable)."""
+    for first in sorted(out.glob(f"cv/repeat0/fold*/e{epochs}/seed0")):
+        run = first.parent.parent / f"e{epochs}r" / "seed0"
+        if (run / "predictions_test.csv").exists():
+            continue
+        if not run.exists():
+            shutil.copytree(first, run)
+        for name in ("metrics.json", "predictions_test.csv", "roi_readout.json"):
+            (run / name).unlink(missing_ok=True)
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config.setdefault("evaluation", {})["roi_readout"] = True
+        (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        evaluate_run(run, "test", detection=False)
+
+
+def summary(out: Path, budgets: list[str]) -> dict:
+    rows: dict[str, dict[str, tuple[int, float]]] = {}
+    dice: dict[str, list[float]] = {}
     for epochs in budgets:
         for run in sorted(out.glob(f"cv/repeat0/fold*/e{epochs}/seed0")):
             if (run / "predictions_test.csv").exists():
@@ -124,16 +151,21 @@ def summary(out: Path, budgets: list[int]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("run", "summary"))
+    parser.add_argument("what", choices=("run", "readout", "summary"))
     parser.add_argument("data", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--preset", default="clinical")
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--fold", type=int, default=0)
-    parser.add_argument("--epochs", type=int, nargs="+", default=[10, 20])
+    parser.add_argument(
+        "--epochs", nargs="+", default=["10", "20"], help="budgets (summary: also <E>r)"
+    )
     args = parser.parse_args()
     if args.what == "run":
-        run_fold(args.data, args.out, args.preset, args.folds, args.fold, args.epochs)
+        budgets = [int(e) for e in args.epochs]
+        run_fold(args.data, args.out, args.preset, args.folds, args.fold, budgets)
+    elif args.what == "readout":
+        readout_arm(args.out, int(args.epochs[-1]))
     else:
         json.dump(summary(args.out, args.epochs), sys.stdout, indent=1)
         print()
