@@ -92,10 +92,10 @@ class BagSampler:
         try:
             for i in ctx.shard(range(len(volumes))):
                 image = torch.from_numpy(np.ascontiguousarray(volumes.image(i)))[None, None]
-                prob_np = self.inferer.roi_map(model, image, flips=False)[0, 0].numpy()
-                centres = peaks(prob_np, self.n_peaks, separation)
+                prob = self.inferer.roi_map(model, image, flips=False)[0, 0].numpy()
+                centres = peaks(prob, self.n_peaks, separation)
                 found = np.array(centres, dtype=np.int64).reshape(-1, 3)
-                mine.append((found, [float(prob_np[c]) for c in centres]))
+                mine.append((found, [float(prob[c]) for c in centres]))
         finally:
             model.train(was_training)
         every = [scan for part in ctx.all_gather_object(mine) for scan in part]

@@ -68,9 +68,9 @@ def write_round(
             if weights is not None:
                 np.save(tmp / f"weight_{i:05d}.npy", np.ascontiguousarray(weights[k], np.uint8))
 
-    shapes = [s for part in ctx.all_gather_object([list(m.shape) for m in masks]) for s in part]
-    counts = [int(c) for c in ctx.all_gather_object(len(masks))]
-    first = sum(counts[: ctx.rank])
+    parts = ctx.all_gather_object([list(m.shape) for m in masks])  # every rank's block
+    shapes = [shape for part in parts for shape in part]
+    first = sum(len(part) for part in parts[: ctx.rank])
     ctx.on_main(start)  # every rank waits for the folder (the error reaches every rank)
     ctx.on_every_rank(write_block)
 
