@@ -164,3 +164,23 @@ def test_a_step_that_will_not_fit_is_refused_before_training(
     assert "needs about" in msg and "0.1 GiB is available" in msg
     assert "model.checkpointing: block" in msg and "memory_check: false" in msg
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resume_takes_new_settings_read_after_training_only(tmp_path: Path) -> None:
+    """A preset's readout switched on while a run was interrupted: the run resumes with it
+    (it is fitted after the last epoch); a setting that steers training's validation or
+    propagation (``evaluation.tta_flip``) still refuses the resume."""
+    from lymphdx.core.config import dump_config
+    from lymphdx.engine.run_folder import open_run_dir
+
+    run = tmp_path / "run"
+    open_run_dir(tiny_config(tmp_path), run, resume=False)
+    later = tiny_config(
+        tmp_path,
+        evaluation={"roi_readout": True, "bootstrap": 500, "operating_point": {"sensitivity": 0.9}},
+    )
+    open_run_dir(later, run, resume=True)
+    assert (run / "config.yaml").read_text() == dump_config(later)
+    flipped = {"tta_flip": not later.evaluation.tta_flip}
+    with pytest.raises(LymphdxError, match=r"config differs.*evaluation.tta_flip"):
+        open_run_dir(tiny_config(tmp_path, evaluation=flipped), run, resume=True)

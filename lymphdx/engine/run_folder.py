@@ -318,14 +318,30 @@ def read_history(path: Path) -> list[dict[str, Any]]:
     return read_csv(path)
 
 
+# read only after the last epoch (the readout is fitted then; the rest by evaluate), so a
+# resumed run may take new values, e.g. from a preset changed while it was interrupted;
+# evaluation.inferer and tta_flip, and inference.*, steer training's validation,
+# propagation and bags, and may not change
+AFTER_TRAINING = tuple(
+    f"evaluation.{k}"
+    for k in ("roi_readout", "bootstrap", "ci", "threshold", "calibration", "operating_point")
+)
+
+
 def open_run_dir(config: Config, run_dir: Path, resume: bool) -> None:
-    """Check that ``run_dir`` may take this run (or resume it); write ``config.yaml``."""
+    """Check that ``run_dir`` may take this run (or resume it, with only ``training.epochs``
+    and the settings read after training, ``AFTER_TRAINING``, changed); write
+    ``config.yaml``."""
     config_path = run_dir / "config.yaml"
     if resume:
         if not config_path.exists():
             raise LymphdxError(f"cannot resume: {run_dir} holds no run (no config.yaml)")
         saved = validate(yaml.safe_load(config_path.read_text()), str(config_path))
-        differ = config_differences(saved, config)
+        differ = [
+            d
+            for d in config_differences(saved, config)
+            if not d.split(":")[0].startswith(AFTER_TRAINING)
+        ]
         if differ:
             raise LymphdxError(
                 f"cannot resume {run_dir}: the config differs from the run's config.yaml "
