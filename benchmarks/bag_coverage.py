@@ -32,7 +32,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lymphdx.data.grid import _resample  # noqa: E402
+from lymphdx.data.grid import resample_labels  # noqa: E402
 from lymphdx.data.scan_prep import prepare_scan  # noqa: E402
 from lymphdx.engine.candidates import peaks  # noqa: E402
 from lymphdx.engine.inferer import SlidingWindowInferer  # noqa: E402
@@ -66,7 +66,7 @@ def main() -> None:
         pid = scans.patient_ids[i]
         grid = prepare_scan(records[pid].image, config.data, pid).grid
         truth = sitk.ReadImage(str(args.data / "weak_truth" / "masks" / f"{pid}.nii.gz"))
-        ids = _resample(truth, grid, sitk.sitkNearestNeighbor, 0.0, truth.GetPixelID())
+        ids = resample_labels(truth, grid)
         image = torch.from_numpy(np.ascontiguousarray(scans.image(i)))[None, None]
         assert ids.shape == image.shape[2:], (pid, ids.shape, image.shape)
         with torch.no_grad():

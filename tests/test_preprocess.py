@@ -12,7 +12,14 @@ import SimpleITK as sitk
 from lymphdx.core.config import DataConfig
 from lymphdx.core.errors import InputError
 from lymphdx.data import preprocess
-from lymphdx.data.grid import Grid, canonical_grid, resample_image, resample_mask, to_original
+from lymphdx.data.grid import (
+    Grid,
+    canonical_grid,
+    resample_image,
+    resample_labels,
+    resample_mask,
+    to_original,
+)
 from lymphdx.data.preprocess import (
     Normalizer,
     PreprocessCache,
@@ -160,6 +167,19 @@ def test_mask_binarised_and_aligned(cfg: DataConfig) -> None:
     only_sphere = resample_mask(to_sitk((ids == 2).astype(np.uint8), GEOM), grid)
     np.testing.assert_allclose(centroid_xyz(only_sphere), centroid_xyz(bright), atol=0.5)
     assert np.count_nonzero(out) > np.count_nonzero(only_sphere)
+
+
+@pytest.mark.parametrize("cfg", [CROP, RESIZE], ids=["crop", "resize"])
+def test_labels_keep_their_ids_where_the_mask_is(cfg: DataConfig) -> None:
+    """resample_labels keeps each node's id, on exactly the voxels resample_mask marks."""
+    ids = np.zeros((12, 16, 20), dtype=np.uint16)
+    ids[sphere_mask()] = 7
+    ids[10:12, 2:4, 2:4] = 300
+    grid = canonical_grid(GEOM, SIZE_XYZ, cfg)
+    labels = resample_labels(to_sitk(ids, GEOM), grid)
+    assert labels.dtype == np.uint16 and labels.shape == grid.shape_zyx
+    assert set(np.unique(labels)) <= {0, 7, 300} and (labels == 7).any()
+    np.testing.assert_array_equal(labels != 0, resample_mask(to_sitk(ids, GEOM), grid) == 1)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -30,6 +30,7 @@ __all__ = [
     "coverage_warning",
     "preprocess_image",
     "resample_image",
+    "resample_labels",
     "resample_mask",
     "to_original",
 ]
@@ -248,11 +249,15 @@ def resample_image(image: sitk.Image, grid: Grid, cfg: DataConfig) -> np.ndarray
     return array
 
 
+def resample_labels(labels: sitk.Image, grid: Grid) -> np.ndarray:
+    """Label image (e.g. node instance ids) → ``grid.shape_zyx`` array of its own pixel
+    type, nearest neighbour, 0 outside: each label kept as it is."""
+    return _resample(labels, grid, sitk.sitkNearestNeighbor, 0.0, labels.GetPixelID())
+
+
 def resample_mask(mask: sitk.Image, grid: Grid) -> np.ndarray:
     """Mask (nonzero = node; instance ids allowed) → ``grid.shape_zyx`` uint8 0/1, nearest."""
-    pixel_type = mask.GetPixelID()
-    array = _resample(mask, grid, sitk.sitkNearestNeighbor, 0.0, pixel_type)
-    return (array != 0).astype(np.uint8)
+    return (resample_labels(mask, grid) != 0).astype(np.uint8)
 
 
 def preprocess_image(image: sitk.Image, cfg: DataConfig) -> tuple[np.ndarray, Grid]:

@@ -1,0 +1,156 @@
+"""Issue 29: scan-level heads on a run's stored ROI maps (``issue29_node_maps.py``), scored
+out of fold without training the network again.
+
+Each ``MAPS`` folder holds one run's weak scans (train, val, test). In each, a head is
+fitted on the train + val patients and scores the test patients; the test scores of all
+folders are pooled (the development folds' out-of-fold patients). Heads:
+
+* ``classifier``: the network's classifier alone.
+* ``map``: today's readout (``engine.roi_readout``: a regression on the map's voxel
+  readings), averaged with the classifier, as ``evaluation.roi_readout: true`` scores.
+* ``nodes``: multiple-instance learning over the map's nodes (``engine.node_readings``): a
+  regression on each node's readings, fitted with the nodes of negative scans as
+  negatives and, in each positive scan, its highest-scoring node as the positive (the
+  witness; all of its nodes in the first round), five rounds; a scan's score is its
+  highest node's. Averaged with the classifier (``nodes``) and alone (``nodes_alone``).
+
+Rule declared before the summary was first run (2026-12-07): a node head replaces the
+``map`` readout when its pooled out-of-fold AUC on seed 0's development folds is higher;
+of the two, the higher. DeLong's paired test against ``map`` is reported beside it.
+
+    python benchmarks/issue29_scan_heads.py MAPS [MAPS ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from lymphdx.engine.node_readings import node_table
+from lymphdx.engine.roi_readout import fit_readout, readout_features
+from lymphdx.stats.metrics import auc, bootstrap_auc_ci, delong_paired
+
+C_NODES = 0.3
+ROUNDS = 5
+
+
+@dataclass
+class Scans:
+    ids: list[str]
+    split: np.ndarray  # (N,) str
+    label: np.ndarray  # (N,) int
+    cls: np.ndarray  # (N,)
+    map_features: np.ndarray  # (N, F)
+    nodes: list[np.ndarray]  # N tables (n_i, len(NODE_FEATURES))
+
+
+def read_folder(folder: Path) -> Scans:
+    """The scans of one maps folder; node tables and map readings are cached beside them."""
+    cache = folder / "readings.npz"
+    files = sorted(folder.glob("W*.npz"))
+    if cache.exists():
+        c = np.load(cache, allow_pickle=True)
+        if list(c["ids"]) == [f.stem for f in files]:
+            return Scans(
+                list(c["ids"]), c["split"], c["label"], c["cls"], c["map"], list(c["nodes"])
+            )
+    ids, split, label, cls, feats, nodes = [], [], [], [], [], []
+    for f in files:
+        d = np.load(f)
+        roi = d["roi"].astype(np.float32) / 255.0
+        image = d["image"].astype(np.float32)
+        ids.append(f.stem)
+        split.append(str(d["split"]))
+        label.append(int(d["label"]))
+        cls.append(float(d["cls"]))
+        feats.append(
+            readout_features(torch.from_numpy(roi)[None], torch.from_numpy(image)[None])[0]
+        )
+        nodes.append(node_table(roi, image, d["voxel_mm"]))
+    table = np.empty(len(nodes), dtype=object)
+    table[:] = nodes
+    np.savez(cache, ids=ids, split=split, label=label, cls=cls, map=np.stack(feats), nodes=table)
+    return Scans(ids, np.asarray(split), np.asarray(label), np.asarray(cls), np.stack(feats), nodes)
+
+
+def fit_nodes(tables: list[np.ndarray], labels: np.ndarray):
+    """The node regression (scaler, model), fitted by witness MIL on training scans."""
+    scaler = StandardScaler().fit(np.concatenate([t for t in tables if len(t)]))
+    neg = [t for t, y in zip(tables, labels, strict=True) if y == 0 and len(t)]
+    pos = [t for t, y in zip(tables, labels, strict=True) if y == 1 and len(t)]
+    witnesses = pos
+    model = None
+    for _ in range(ROUNDS):
+        x = scaler.transform(np.concatenate(neg + witnesses))
+        y = np.r_[np.zeros(sum(map(len, neg))), np.ones(sum(map(len, witnesses)))]
+        model = LogisticRegression(C=C_NODES, class_weight="balanced", max_iter=2000).fit(x, y)
+        witnesses = [t[[int(np.argmax(model.decision_function(scaler.transform(t))))]] for t in pos]
+    return scaler, model
+
+
+def score_nodes(head, tables: list[np.ndarray]) -> np.ndarray:
+    """``(N,)`` each scan's highest node probability (0 for a scan without a node)."""
+    scaler, model = head
+    return np.array(
+        [model.predict_proba(scaler.transform(t))[:, 1].max() if len(t) else 0.0 for t in tables]
+    )
+
+
+def heads(s: Scans) -> dict[str, np.ndarray]:
+    """Every head's scores of the test patients of one folder, fitted on its others."""
+    tr, te = s.split != "test", s.split == "test"
+    readout = fit_readout(s.map_features[tr], s.label[tr])
+    node_head = fit_nodes([t for t, m in zip(s.nodes, tr, strict=True) if m], s.label[tr])
+    test_nodes = [t for t, m in zip(s.nodes, te, strict=True) if m]
+    nodes = score_nodes(node_head, test_nodes)
+    train_nodes = score_nodes(node_head, [t for t, m in zip(s.nodes, tr, strict=True) if m])
+    print(
+        f"  training AUC: classifier {auc(s.label[tr], s.cls[tr]):.3f}, "
+        f"map {readout.train_auc:.3f}, nodes {auc(s.label[tr], train_nodes):.3f}"
+    )
+    return {
+        "classifier": s.cls[te],
+        "map": readout.combine(s.cls[te], s.map_features[te]),
+        "map_alone": readout.probability(s.map_features[te]),
+        "nodes": 0.5 * (s.cls[te] + nodes),
+        "nodes_alone": nodes,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("maps", type=Path, nargs="+")
+    args = ap.parse_args()
+    pooled: dict[str, list[np.ndarray]] = {}
+    labels = []
+    for folder in args.maps:
+        s = read_folder(folder)
+        te = s.split == "test"
+        n_nodes = [len(t) for t in s.nodes]
+        print(f"{folder}: {int(te.sum())} test patients, nodes/scan median {np.median(n_nodes)}")
+        scores = heads(s)
+        for name, v in scores.items():
+            print(f"  {name:12s} test AUC {auc(s.label[te], v):.3f}")
+            pooled.setdefault(name, []).append(v)
+        labels.append(s.label[te])
+    y = np.concatenate(labels)
+    print(f"pooled out of fold ({len(y)} patients, {int(y.sum())} positive):")
+    base = np.concatenate(pooled["map"])
+    for name, parts in pooled.items():
+        v = np.concatenate(parts)
+        lo, hi = bootstrap_auc_ci(y, v, seed=0)[:2]
+        line = f"  {name:12s} AUC {auc(y, v):.3f} [{lo:.3f}, {hi:.3f}]"
+        if name != "map":
+            d = delong_paired(y, v, base)
+            line += f"  vs map: {d}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
