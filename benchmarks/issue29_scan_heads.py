@@ -8,11 +8,11 @@ folders are pooled (the development folds' out-of-fold patients). Heads:
 * ``classifier``: the network's classifier alone.
 * ``map``: today's readout (``engine.roi_readout``: a regression on the map's voxel
   readings), averaged with the classifier, as ``evaluation.roi_readout: true`` scores.
-* ``nodes``: multiple-instance learning over the map's nodes (``engine.node_readings``): a
-  regression on each node's readings, fitted with the nodes of negative scans as
-  negatives and, in each positive scan, its highest-scoring node as the positive (the
-  witness; all of its nodes in the first round), five rounds; a scan's score is its
-  highest node's. Averaged with the classifier (``nodes``) and alone (``nodes_alone``).
+* ``nodes``: multiple-instance learning over the map's nodes (``engine.node_readout``): a
+  regression on each node's readings (``engine.node_readings``), fitted with the nodes of
+  negative scans as negatives and, in each positive scan, its highest-scoring node as the
+  positive (the witness; all of its nodes in the first round), five rounds; a scan's
+  score is its highest node's. Averaged with the classifier (``nodes``) and alone (``nodes_alone``).
 
 Rule declared before the summary was first run (2026-12-07): a node head replaces the
 ``map`` readout when its pooled out-of-fold AUC on seed 0's development folds is higher;
@@ -29,15 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 
 from lymphdx.engine.node_readings import node_table
+from lymphdx.engine.node_readout import fit_node_readout
 from lymphdx.engine.roi_readout import fit_readout, readout_features
 from lymphdx.stats.metrics import auc, bootstrap_auc_ci, delong_paired
 
-C_NODES = 0.3
-ROUNDS = 5
+VOXEL_MM = (2.5, 1.5, 1.5)  # recorded in the fitted readout only
 
 
 @dataclass
@@ -79,40 +77,16 @@ def read_folder(folder: Path) -> Scans:
     return Scans(ids, np.asarray(split), np.asarray(label), np.asarray(cls), np.stack(feats), nodes)
 
 
-def fit_nodes(tables: list[np.ndarray], labels: np.ndarray):
-    """The node regression (scaler, model), fitted by witness MIL on training scans."""
-    scaler = StandardScaler().fit(np.concatenate([t for t in tables if len(t)]))
-    neg = [t for t, y in zip(tables, labels, strict=True) if y == 0 and len(t)]
-    pos = [t for t, y in zip(tables, labels, strict=True) if y == 1 and len(t)]
-    witnesses = pos
-    model = None
-    for _ in range(ROUNDS):
-        x = scaler.transform(np.concatenate(neg + witnesses))
-        y = np.r_[np.zeros(sum(map(len, neg))), np.ones(sum(map(len, witnesses)))]
-        model = LogisticRegression(C=C_NODES, class_weight="balanced", max_iter=2000).fit(x, y)
-        witnesses = [t[[int(np.argmax(model.decision_function(scaler.transform(t))))]] for t in pos]
-    return scaler, model
-
-
-def score_nodes(head, tables: list[np.ndarray]) -> np.ndarray:
-    """``(N,)`` each scan's highest node probability (0 for a scan without a node)."""
-    scaler, model = head
-    return np.array(
-        [model.predict_proba(scaler.transform(t))[:, 1].max() if len(t) else 0.0 for t in tables]
-    )
-
-
 def heads(s: Scans) -> dict[str, np.ndarray]:
     """Every head's scores of the test patients of one folder, fitted on its others."""
     tr, te = s.split != "test", s.split == "test"
     readout = fit_readout(s.map_features[tr], s.label[tr])
-    node_head = fit_nodes([t for t, m in zip(s.nodes, tr, strict=True) if m], s.label[tr])
-    test_nodes = [t for t, m in zip(s.nodes, te, strict=True) if m]
-    nodes = score_nodes(node_head, test_nodes)
-    train_nodes = score_nodes(node_head, [t for t, m in zip(s.nodes, tr, strict=True) if m])
+    train_nodes = [t for t, m in zip(s.nodes, tr, strict=True) if m]
+    node_head = fit_node_readout(train_nodes, s.label[tr], VOXEL_MM)
+    nodes = node_head.probability([t for t, m in zip(s.nodes, te, strict=True) if m])
     print(
         f"  training AUC: classifier {auc(s.label[tr], s.cls[tr]):.3f}, "
-        f"map {readout.train_auc:.3f}, nodes {auc(s.label[tr], train_nodes):.3f}"
+        f"map {readout.train_auc:.3f}, nodes {node_head.train_auc:.3f}"
     )
     return {
         "classifier": s.cls[te],

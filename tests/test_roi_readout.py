@@ -5,17 +5,22 @@ write (against the classifier and the readout computed here, scan by scan)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from lymphdx.core.errors import LymphdxError
+from lymphdx.engine import node_readout
 from lymphdx.engine import roi_readout as readout_module
+from lymphdx.engine.node_readings import node_table
+from lymphdx.engine.node_readout import fit_node_readout
 from lymphdx.engine.roi_readout import (
     FEATURES,
     READOUT_C,
@@ -27,7 +32,8 @@ from lymphdx.engine.roi_readout import (
 from lymphdx.engine.run_data import load_run_data
 from lymphdx.engine.run_folder import load_model
 from lymphdx.workflows.compare import compare
-from lymphdx.workflows.evaluate import read_predictions
+from lymphdx.workflows.evaluate import evaluate_run, read_predictions
+from lymphdx.workflows.export import export
 from lymphdx.workflows.predict import predict
 from tests.conftest import tiny_config
 
@@ -304,3 +310,75 @@ def test_predict_without_a_readout_or_its_data_says_what_to_do(
     text = str(err.value)
     assert str(run) in text and "/data/weak.csv" in text and "lymphdx evaluate" in text
     assert not (tmp / "pred_gone").exists()  # refused before any output
+
+
+def test_the_node_readout_is_fitted_stored_and_averaged(
+    compared: tuple[Path, Path, pytest.MonkeyPatch],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A copy of the multitask run set to ``evaluation.readout: nodes`` (a setting read
+    after training): evaluate fits the node readout on the weak train + val patients
+    (``fit_node_readout`` on the node tables of maps computed here, four scans a batch as
+    evaluate does) and writes the mean of the classifier and the readout; the stored
+    readout says its kind, and the map's readout is not read for it."""
+    out, _, _ = compared
+    run = tmp_path / "run"
+    shutil.copytree(out / "runs" / "multitask" / "seed0", run)
+    (run / "roi_readout.json").unlink()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["evaluation"]["readout"] = "nodes"
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    config, model, _ = load_model(run)
+    assert config.evaluation.readout == "nodes"
+    mm = tuple(float(v) for v in config.data.spacing[::-1])
+    data = load_run_data(config, run, need_strong=False)
+
+    def maps(split: str) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        volumes = data.volumes("weak", split)
+        cls, rois, images = [], [], []
+        with torch.no_grad():
+            for start in range(0, len(volumes), 4):
+                image = volumes.batch(range(start, min(start + 4, len(volumes)))).images
+                a, b = model(image, roi=True), model(image.flip(-1), roi=True)
+                cls += ((torch.sigmoid(a["cls"]) + torch.sigmoid(b["cls"])) / 2).tolist()
+                roi = (torch.sigmoid(a["roi"]) + torch.sigmoid(b["roi"]).flip(-1)) / 2
+                rois += [r[0].numpy() for r in roi]
+                images += [x[0].numpy() for x in image]
+        return np.array(cls), rois, images
+
+    by_split = {split: maps(split) for split in ("train", "val", "test")}
+    # the one-epoch map stays under 0.5: outline its regions at a value between two of its
+    # probabilities far apart (between its 97th and 99th percentiles), so that no voxel
+    # lies near it
+    values = np.unique(np.concatenate([r.ravel() for r in by_split["train"][1]]))
+    top = values[int(0.97 * len(values)) : int(0.99 * len(values))]
+    gap = int(np.argmax(np.diff(top)))
+    threshold = float((top[gap] + top[gap + 1]) / 2)
+    monkeypatch.setattr(node_readout, "THRESHOLD", threshold)
+
+    def tables(split: str) -> list[np.ndarray]:
+        _, rois, images = by_split[split]
+        return [node_table(r, x, mm, threshold) for r, x in zip(rois, images, strict=True)]
+
+    train, val = tables("train"), tables("val")
+    labels = np.r_[data.volumes("weak", "train").labels, data.volumes("weak", "val").labels]
+    assert sum(len(t) for t in train + val) > 0
+    evaluate_run(run, detection=False)
+    stored = json.loads((run / "roi_readout.json").read_text())
+    assert stored["kind"] == "nodes" and stored["voxel_mm"] == list(mm)
+    metrics = json.loads((run / "metrics.json").read_text())["roi_readout"]
+    assert metrics["applied"] and "nodes (MIL)" in metrics["note"]
+    want_readout = fit_node_readout(train + val, labels, mm)
+    np.testing.assert_allclose(stored["coef"], want_readout.coef, rtol=1e-6, atol=1e-9)
+    want = want_readout.combine(by_split["test"][0], tables("test"))
+    got = read_predictions(run / "predictions_test.csv")
+    ids = data.volumes("weak", "test").patient_ids
+    np.testing.assert_allclose([got[i][1] for i in ids], want, atol=1e-5)
+    # predict reads a scan's nodes with the stored readout, as evaluate did
+    image = Path(data.volumes("weak", "test").records[0].image)
+    (res,) = predict(run, [image], tmp_path / "pred")
+    assert res["probability_uncalibrated"] == pytest.approx(want[0], abs=1e-5)
+    with pytest.raises(LymphdxError, match="evaluation.readout: nodes.*lymphdx predict"):
+        export(run, tmp_path / "exported", "torchscript")
+    assert not (tmp_path / "exported").exists()

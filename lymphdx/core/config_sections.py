@@ -442,6 +442,11 @@ class EvaluationConfig(_Section):
     # the run's weak train + val patients after training
     # (lymphdx/engine/roi_readout.py; roi_readout.json in the run folder)
     roi_readout: bool = False
+    # which readout (lymphdx.engine.roi_readout.READOUTS): map, a regression on the map's
+    # voxel readings (above); nodes, multiple-instance learning over the nodes the map
+    # finds, each read for short and long axis, roundness, margin, spread and necrosis at
+    # data.spacing, a scan as its most suspicious node (lymphdx/engine/node_readout.py)
+    readout: Literal["map", "nodes"] = "map"
     # how every scan is scored (lymphdx.engine.inferer; training's validation and
     # propagation too): whole, one forward pass (quick, paper); sliding_window, tiles of
     # inference.tile blended into the ROI map, the classifier reading the tiles at its

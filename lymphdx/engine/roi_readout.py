@@ -25,6 +25,7 @@ the classifier alone and says why.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ from lymphdx.core.strategies import get_strategy
 from lymphdx.data.datasets import VolumeSet
 from lymphdx.engine.distributed import DistContext
 from lymphdx.engine.inferer import Inferer, WholeInferer, make_inferer
+from lymphdx.engine.node_readings import NODE_FEATURES
+from lymphdx.engine.node_readout import NodeReadout, fit_node_readout, read_nodes
 from lymphdx.engine.propagation import _my_batches
 from lymphdx.engine.roi_status import read_roi_status
 from lymphdx.engine.run_data import RunData, load_run_data
@@ -119,6 +122,12 @@ class RoiReadout:
     n_pos: int
     train_auc: float
 
+    kind = "map"
+
+    def read(self, roi: torch.Tensor, image: torch.Tensor) -> np.ndarray:
+        """The readings ``(B, F)`` of ``roi`` and ``image`` (``readout_features``)."""
+        return readout_features(roi, image)
+
     def probability(self, features: np.ndarray) -> np.ndarray:
         """``(N,)`` readout probabilities of ``features`` ``(N, F)``."""
         z = (np.asarray(features, dtype=np.float64) - self.mean) / self.scale
@@ -132,6 +141,7 @@ class RoiReadout:
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form (``from_json`` reads it back)."""
         return {
+            "kind": self.kind,
             "features": list(FEATURES),
             "mean": self.mean.tolist(),
             "scale": self.scale.tolist(),
@@ -147,7 +157,7 @@ class RoiReadout:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RoiReadout:
         """The readout written by ``to_json``; ``ValueError`` for another feature set."""
-        if list(d.get("features", [])) != list(FEATURES):
+        if d.get("kind", cls.kind) != cls.kind or list(d.get("features", [])) != list(FEATURES):
             raise ValueError(f"readout of features {d.get('features')}, expected {FEATURES}")
         return cls(
             mean=np.asarray(d["mean"], dtype=np.float64),
@@ -182,27 +192,66 @@ def fit_readout(features: np.ndarray, labels: np.ndarray) -> RoiReadout:
     return replace(readout, train_auc=auc(labels, readout.probability(features)))
 
 
+Readout = RoiReadout | NodeReadout
+
+
+@dataclass(frozen=True)
+class ReadoutKind:
+    """One readout of ``evaluation.readout``: how a batch is read (maps and images ``(B,
+    1, D, H, W)``, the voxel size in mm in (D, H, W)), how a readout is fitted on training
+    scans' readings and labels, and read back from its JSON."""
+
+    read: Callable[[torch.Tensor, torch.Tensor, tuple[float, ...]], Sequence[Any]]
+    fit: Callable[[list[Any], np.ndarray, tuple[float, ...]], Readout]
+    load: Callable[[dict[str, Any]], Readout]
+    features: tuple[str, ...]
+
+
+READOUTS: dict[str, ReadoutKind] = {
+    # the map's voxel readings (this module)
+    "map": ReadoutKind(
+        read=lambda roi, image, _mm: readout_features(roi, image),
+        fit=lambda readings, labels, _mm: fit_readout(np.asarray(readings), labels),
+        load=RoiReadout.from_json,
+        features=FEATURES,
+    ),
+    # multiple-instance learning over the map's nodes (engine.node_readout)
+    "nodes": ReadoutKind(
+        read=read_nodes, fit=fit_node_readout, load=NodeReadout.from_json, features=NODE_FEATURES
+    ),
+}
+
+
+def voxel_mm(config: Config) -> tuple[float, float, float]:
+    """The working grid's voxel size in mm, (D, H, W) order (``data.spacing`` reversed;
+    nominal with ``data.fit: resize``, whose spacing follows each scan)."""
+    x, y, z = (float(v) for v in config.data.spacing)
+    return (z, y, x)
+
+
 @torch.no_grad()
 def score_volumes(
     model: torch.nn.Module,
     volumes: VolumeSet,
     tta: bool,
+    read: Callable[[torch.Tensor, torch.Tensor], Sequence[Any]],
     batch_size: int = 4,
     domain: int = WEAK,
     inferer: Inferer | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The classifier's probabilities ``(N,)`` and the ROI map's readings ``(N, F)`` of
-    every volume (averaged with the left-right flip with ``tta``), in order, one pass of
-    ``inferer`` (default ``WholeInferer``)."""
+) -> tuple[np.ndarray, list[Any]]:
+    """The classifier's probabilities ``(N,)`` and each volume's readings of its ROI map
+    by ``read`` (a readout's ``read``, or a kind's with the voxel size bound), averaged
+    with the left-right flip with ``tta``, in order, one pass of ``inferer`` (default
+    ``WholeInferer``)."""
     inferer = inferer or WholeInferer()
     cls: list[np.ndarray] = [np.zeros(0)]
-    feats: list[np.ndarray] = [np.zeros((0, len(FEATURES)))]
+    readings: list[Any] = []
     n = inferer.batch_size(batch_size)
     for images in _my_batches(model, volumes, n, DistContext(), domain):
         out = inferer(model, images, roi=True, flips=tta)
         cls.append(out["cls"].double().cpu().numpy())
-        feats.append(readout_features(out["roi"], images))
-    return np.concatenate(cls), np.concatenate(feats)
+        readings.extend(read(out["roi"], images))
+    return np.concatenate(cls), readings
 
 
 def _fingerprint(checkpoint: Path, config: Config) -> dict[str, Any]:
@@ -234,14 +283,15 @@ def run_readout(
     data: RunData | None = None,
     which: str = "best",
     refit: bool = False,
-) -> tuple[RoiReadout | None, str]:
-    """The readout of run ``run_dir``'s ``which`` weights (``model``), and a line that says
-    what it is or why there is none (``evaluation.roi_readout`` off, a strategy without
-    the ROI task, a decoder that found no node, training patients of one class).
+) -> tuple[Readout | None, str]:
+    """The readout (``evaluation.readout``: ``READOUTS``) of run ``run_dir``'s ``which``
+    weights (``model``), and a line that says what it is or why there is none
+    (``evaluation.roi_readout`` off, a strategy without the ROI task, a decoder that found
+    no node, training patients of one class).
 
     Kept in ``roi_readout.json``; fitted again (on the weak set's train and val patients
     of ``data``, loaded when ``None``) when ``refit``, when missing, or when the weights,
-    the flip setting or the readings (``FEATURES``) changed since.
+    the flip setting, the readout's kind or its readings changed since.
     """
     run_dir = Path(run_dir)
     if not config.evaluation.roi_readout:
@@ -252,13 +302,20 @@ def run_readout(
     if status is not None and not status["learned"]:
         where = f" (Dice {status['dice']:.3f} on {status.get('n_scans', '?')} {status['read_on']})"
         return None, f"none: the ROI decoder found no node{where}, so its map has nothing to read"
+    name = config.evaluation.readout
+    kind = READOUTS[name]
     path = readout_path(run_dir, which)
     stamp = _fingerprint(run_dir / "checkpoints" / f"{which}.pt", config)
     if path.exists() and not refit:
         stored = json.loads(path.read_text())
-        # fitted for these weights and this flip setting, on this version's readings
-        if stored.get("fitted_for") == stamp and stored.get("features") == list(FEATURES):
-            readout = RoiReadout.from_json(stored)
+        # fitted for these weights and this flip setting, on this version's readings;
+        # readouts written before evaluation.readout existed are of the map
+        if (
+            stored.get("fitted_for") == stamp
+            and stored.get("kind", "map") == name
+            and stored.get("features") == list(kind.features)
+        ):
+            readout = kind.load(stored)
             return readout, _describe(readout)
     if data is None:
         try:
@@ -270,23 +327,27 @@ def run_readout(
                 f"`lymphdx evaluate {run_dir}` where the data is, or set "
                 "evaluation.roi_readout: false in the run's config.yaml"
             ) from None
-    labels, feats = [], []
+    labels: list[np.ndarray] = []
+    readings: list[Any] = []
+    mm = voxel_mm(config)
+    tta, inferer = config.evaluation.tta_flip, make_inferer(config)
     for split in ("train", "val"):
         volumes = data.volumes("weak", split)
         if len(volumes):
-            tta, inferer = config.evaluation.tta_flip, make_inferer(config)
-            feats.append(score_volumes(model, volumes, tta, inferer=inferer)[1])
+            read = lambda roi, image: kind.read(roi, image, mm)  # noqa: E731
+            readings.extend(score_volumes(model, volumes, tta, read, inferer=inferer)[1])
             labels.append(volumes.labels)
     try:
-        readout = fit_readout(np.concatenate(feats), np.concatenate(labels))
+        readout = kind.fit(readings, np.concatenate(labels), mm)
     except ValueError as err:
         return None, f"none: {err}"
     write_json(path, {**readout.to_json(), "fitted_for": stamp})
     return readout, _describe(readout)
 
 
-def _describe(readout: RoiReadout) -> str:
+def _describe(readout: Readout) -> str:
+    what = {"map": "the ROI map's readings", "nodes": "the ROI map's nodes (MIL)"}[readout.kind]
     return (
         f"fitted on {readout.n_train} weak training patients ({readout.n_pos} positive; "
-        f"training AUC {readout.train_auc:.3f}), averaged with the classifier"
+        f"training AUC {readout.train_auc:.3f}) to {what}, averaged with the classifier"
     )

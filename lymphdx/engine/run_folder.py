@@ -324,7 +324,15 @@ def read_history(path: Path) -> list[dict[str, Any]]:
 # propagation and bags, and may not change
 AFTER_TRAINING = tuple(
     f"evaluation.{k}"
-    for k in ("roi_readout", "bootstrap", "ci", "threshold", "calibration", "operating_point")
+    for k in (
+        "roi_readout",
+        "readout",
+        "bootstrap",
+        "ci",
+        "threshold",
+        "calibration",
+        "operating_point",
+    )
 )
 
 

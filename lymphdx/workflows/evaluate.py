@@ -174,7 +174,7 @@ def _evaluate_run(run_dir: Path, split: str, detection: bool) -> dict[str, Any]:
         each half's AUC is put in it."""
         if readout is None:
             return predict_volumes(model, volumes, domain=WEAK, tta=tta, inferer=inferer)
-        classifier, features = score_volumes(model, volumes, tta, inferer=inferer)
+        classifier, features = score_volumes(model, volumes, tta, readout.read, inferer=inferer)
         combined = readout.combine(classifier, features).astype(np.float32)
         if record is not None:
             with _quiet_numpy():  # each half alone, for the record

@@ -45,7 +45,7 @@ from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import atomic_dir, folder_problem, write_json
 from lymphdx.data.preprocess import load_normalizers
 from lymphdx.engine.export_net import ExportNet
-from lymphdx.engine.roi_readout import run_readout
+from lymphdx.engine.roi_readout import RoiReadout, run_readout
 from lymphdx.engine.run_folder import load_model, load_run_config
 from lymphdx.engine.run_state import refuse_while_busy
 
@@ -255,6 +255,12 @@ def export(
     refuse_while_busy(run_dir, "export it")
     config, model, state = load_model(run_dir, which)
     readout, readout_note = run_readout(run_dir, config, model, which=which)
+    if readout is not None and not isinstance(readout, RoiReadout):
+        raise LymphdxError(
+            f"{run_dir} reads its ROI map with evaluation.readout: {readout.kind} (connected "
+            "regions, measured node by node), which a traced network cannot hold; export "
+            "supports evaluation.readout: map. Use lymphdx predict for this run"
+        )
     normalizers = load_normalizers(run_dir / "normalization.json")
     if domain not in normalizers:
         raise LymphdxError(f"unknown domain {domain!r}; the run has {sorted(normalizers)}")

@@ -24,7 +24,7 @@ from lymphdx.core.errors import LymphdxError
 from lymphdx.data.preprocess import Normalizer, load_normalizers
 from lymphdx.data.scan_prep import PreparedScan, prepare_scan
 from lymphdx.engine.inferer import Inferer, make_inferer
-from lymphdx.engine.roi_readout import RoiReadout, readout_features, run_readout
+from lymphdx.engine.roi_readout import Readout, run_readout
 from lymphdx.engine.run_folder import load_model
 from lymphdx.models.domain_norm import domains
 from lymphdx.stats.calibration import Recalibration
@@ -59,7 +59,7 @@ class RunScorer:
     domain: str
     normalizer: Normalizer
     inferer: Inferer
-    readout: RoiReadout | None
+    readout: Readout | None
     readout_note: str
     recalibration: Recalibration
     calibration: dict[str, Any] | None
@@ -120,7 +120,7 @@ class RunScorer:
         classifier = float(out["cls"][0])
         uncalibrated = classifier
         if self.readout is not None:  # the mean of the classifier and the ROI map's regression
-            features = readout_features(out["roi"], image)
+            features = self.readout.read(out["roi"], image)
             uncalibrated = float(self.readout.combine(np.array([classifier]), features)[0])
         probability = float(self.recalibration(np.array([uncalibrated]))[0])
         roi = out["roi"][0, 0].numpy().astype(np.float32)
