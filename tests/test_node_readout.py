@@ -4,6 +4,7 @@ planted nodes and an independent regression."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -92,6 +93,7 @@ def test_json_round_trip_and_kinds_kept_apart() -> None:
     head = fit_node_readout(tables, labels, MM)
     back = NodeReadout.from_json(json.loads(json.dumps(head.to_json())))
     np.testing.assert_allclose(back.probability(tables), head.probability(tables))
+    assert NodeReadout.from_json(replace(head, weight=1.0).to_json()).weight == 1.0
     assert back.voxel_mm == MM and READOUTS["nodes"].load == NodeReadout.from_json
     with pytest.raises(ValueError, match="not a node readout"):
         NodeReadout.from_json({**head.to_json(), "kind": "map"})

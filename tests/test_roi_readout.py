@@ -382,3 +382,13 @@ def test_the_node_readout_is_fitted_stored_and_averaged(
     with pytest.raises(LymphdxError, match="evaluation.readout: nodes.*lymphdx predict"):
         export(run, tmp_path / "exported", "torchscript")
     assert not (tmp_path / "exported").exists()
+    # evaluation.readout_weight 1: the readout alone, from the same stored fit
+    saved["evaluation"]["readout_weight"] = 1.0
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    evaluate_run(run, detection=False)
+    got = read_predictions(run / "predictions_test.csv")
+    alone = want_readout.probability(tables("test"))
+    np.testing.assert_allclose([got[i][1] for i in ids], alone, atol=1e-5)
+    assert json.loads((run / "roi_readout.json").read_text())["coef"] == stored["coef"]
+    note = json.loads((run / "metrics.json").read_text())["roi_readout"]["note"]
+    assert note.endswith("in place of the classifier")

@@ -447,6 +447,9 @@ class EvaluationConfig(_Section):
     # finds, each read for short and long axis, roundness, margin, spread and necrosis at
     # data.spacing, a scan as its most suspicious node (lymphdx/engine/node_readout.py)
     readout: Literal["map", "nodes"] = "map"
+    # the readout's share of the scan probability: 0.5, the mean of the classifier and the
+    # readout; 1, the readout alone (the classifier's probability still recorded beside it)
+    readout_weight: float = Field(0.5, ge=0.0, le=1.0)
     # how every scan is scored (lymphdx.engine.inferer; training's validation and
     # propagation too): whole, one forward pass (quick, paper); sliding_window, tiles of
     # inference.tile blended into the ROI map, the classifier reading the tiles at its

@@ -109,6 +109,7 @@ class ExportNet(nn.Module):
         self.register_buffer("norm_scale", torch.tensor(scale))
         self.flips = bool(flips)
         self.has_readout = readout is not None
+        self.readout_weight = float(readout.weight) if readout is not None else 0.5
         if readout is not None:
             if len(readout.coef) != len(FEATURES):
                 raise ValueError(f"readout of {len(readout.coef)} features, not {len(FEATURES)}")
@@ -137,4 +138,6 @@ class ExportNet(nn.Module):
             return cls, roi
         z = (readout_features_torch(roi, image) - self.readout_mean) / self.readout_scale
         readout = torch.sigmoid(z @ self.readout_coef + self.readout_intercept)
-        return (0.5 * (cls.double() + readout)).float(), roi
+        return (
+            (1 - self.readout_weight) * cls.double() + self.readout_weight * readout
+        ).float(), roi

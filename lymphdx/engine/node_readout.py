@@ -63,6 +63,7 @@ class NodeReadout:
     n_train: int
     n_pos: int
     train_auc: float
+    weight: float = 0.5  # the readout's share of the scan probability (evaluation.readout_weight)
 
     kind = "nodes"
 
@@ -82,8 +83,10 @@ class NodeReadout:
         )
 
     def combine(self, classifier: np.ndarray, readings: Sequence[np.ndarray]) -> np.ndarray:
-        """``(N,)`` the mean of ``classifier`` ``(N,)`` and the readout's probability."""
-        return 0.5 * (np.asarray(classifier, dtype=np.float64) + self.probability(readings))
+        """``(N,)`` the mean of ``classifier`` ``(N,)`` and the readout's probability, the
+        readout weighted ``weight``."""
+        w = self.weight
+        return (1 - w) * np.asarray(classifier, dtype=np.float64) + w * self.probability(readings)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form (``from_json`` reads it back)."""
@@ -101,7 +104,7 @@ class NodeReadout:
             "C": NODES_C,
             "rounds": ROUNDS,
             "threshold": THRESHOLD,
-            "weight": 0.5,
+            "weight": self.weight,
         }
 
     @classmethod
@@ -118,6 +121,7 @@ class NodeReadout:
             n_train=int(d["n_train"]),
             n_pos=int(d["n_pos"]),
             train_auc=float(d["train_auc"]),
+            weight=float(d.get("weight", 0.5)),
         )
 
 

@@ -121,6 +121,7 @@ class RoiReadout:
     n_train: int
     n_pos: int
     train_auc: float
+    weight: float = 0.5  # the readout's share of the scan probability (evaluation.readout_weight)
 
     kind = "map"
 
@@ -135,8 +136,9 @@ class RoiReadout:
 
     def combine(self, classifier: np.ndarray, features: np.ndarray) -> np.ndarray:
         """``(N,)`` the scan's probability: the mean of ``classifier`` ``(N,)`` and the
-        readout's probability of ``features`` ``(N, F)``."""
-        return 0.5 * (np.asarray(classifier, dtype=np.float64) + self.probability(features))
+        readout's probability of ``features`` ``(N, F)``, the readout weighted ``weight``."""
+        w = self.weight
+        return (1 - w) * np.asarray(classifier, dtype=np.float64) + w * self.probability(features)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form (``from_json`` reads it back)."""
@@ -151,7 +153,7 @@ class RoiReadout:
             "n_pos": self.n_pos,
             "train_auc": self.train_auc,
             "C": READOUT_C,
-            "weight": 0.5,
+            "weight": self.weight,
         }
 
     @classmethod
@@ -167,6 +169,7 @@ class RoiReadout:
             n_train=int(d["n_train"]),
             n_pos=int(d["n_pos"]),
             train_auc=float(d["train_auc"]),
+            weight=float(d.get("weight", 0.5)),
         )
 
 
@@ -315,7 +318,7 @@ def run_readout(
             and stored.get("kind", "map") == name
             and stored.get("features") == list(kind.features)
         ):
-            readout = kind.load(stored)
+            readout = replace(kind.load(stored), weight=config.evaluation.readout_weight)
             return readout, _describe(readout)
     if data is None:
         try:
@@ -341,13 +344,19 @@ def run_readout(
         readout = kind.fit(readings, np.concatenate(labels), mm)
     except ValueError as err:
         return None, f"none: {err}"
+    readout = replace(readout, weight=config.evaluation.readout_weight)
     write_json(path, {**readout.to_json(), "fitted_for": stamp})
     return readout, _describe(readout)
 
 
 def _describe(readout: Readout) -> str:
     what = {"map": "the ROI map's readings", "nodes": "the ROI map's nodes (MIL)"}[readout.kind]
+    share = (
+        "in place of the classifier"
+        if readout.weight == 1.0
+        else f"averaged with the classifier (weight {readout.weight:g})"
+    )
     return (
         f"fitted on {readout.n_train} weak training patients ({readout.n_pos} positive; "
-        f"training AUC {readout.train_auc:.3f}) to {what}, averaged with the classifier"
+        f"training AUC {readout.train_auc:.3f}) to {what}, {share}"
     )

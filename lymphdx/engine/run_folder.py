@@ -327,6 +327,7 @@ AFTER_TRAINING = tuple(
     for k in (
         "roi_readout",
         "readout",
+        "readout_weight",
         "bootstrap",
         "ci",
         "threshold",

@@ -261,12 +261,11 @@ def table_one(results: dict[str, Any]) -> TableOne:
         if ro := r.get("roi_readout"):
             cls_auc, ro_auc = fmt(ro.get("auc_classifier_mean")), fmt(ro.get("auc_readout_mean"))
             readout_notes.append(
-                f"{label(s)}: the probability is the mean of the classifier's and of a "
-                "logistic regression on readings of the ROI map and of the image under it, "
-                "fitted on each run's weak "
-                f"training patients (evaluation.roi_readout; {ro['runs']} of {ro['of_runs']} "
-                f"runs). Each alone, mean test AUC over those runs: classifier {cls_auc}, "
-                f"readout {ro_auc}."
+                f"{label(s)}: the probability {_readout_share(ro)} a logistic regression "
+                f"on {_readout_reads(ro)}, fitted on each run's weak training patients "
+                f"(evaluation.roi_readout; {ro['runs']} of {ro['of_runs']} runs). Each "
+                f"alone, mean test AUC over those runs: classifier {cls_auc}, readout "
+                f"{ro_auc}."
             )
     widths = [c[1] - c[0] for r in strategies.values() if (c := r.get("test_auc_ci95"))]
     widths_note = (
@@ -446,3 +445,24 @@ def table_one_html(results: dict[str, Any]) -> str:
     if t.split_note:
         parts.append(f'<p class="warn">{escape(t.split_note)}</p>')
     return "\n".join(parts)
+
+
+def _readout_share(ro: dict[str, Any]) -> str:
+    """How the readout enters the probability (``evaluation.readout_weight``)."""
+    weights = ro.get("weights", [0.5])
+    if weights == [0.5]:
+        return "is the mean of the classifier's and of"
+    if weights == [1.0]:
+        return "is, in place of the classifier's, that of"
+    shares = " / ".join(f"{w:g}" for w in weights)
+    return f"weighs (readout weight {shares}) the classifier's against"
+
+
+def _readout_reads(ro: dict[str, Any]) -> str:
+    """What the readout reads (``evaluation.readout``)."""
+    what = {
+        "map": "readings of the ROI map and of the image under it",
+        "nodes": "each node the ROI map finds (its axes, roundness, margin and texture; "
+        "multiple-instance learning, a scan read as its most suspicious node)",
+    }
+    return " / ".join(what.get(k, k) for k in ro.get("kinds", ["map"]))

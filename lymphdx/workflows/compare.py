@@ -449,6 +449,9 @@ def _add_detection(results: dict[str, Any], runs: dict[str, list[Path]]) -> None
                 "of_runs": len(run_dirs),
                 "auc_classifier_mean": _mean_of(parts, "auc_classifier"),
                 "auc_readout_mean": _mean_of(parts, "auc_readout"),
+                # absent from metrics written before evaluation.readout: the map, averaged
+                "kinds": sorted({r.get("kind", "map") for r in parts}),
+                "weights": sorted({float(r.get("weight", 0.5)) for r in parts}),
             }
 
 

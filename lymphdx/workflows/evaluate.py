@@ -182,6 +182,8 @@ def _evaluate_run(run_dir: Path, split: str, detection: bool) -> dict[str, Any]:
                 record["auc_readout"] = auc(volumes.labels, readout.probability(features))
             record["train_auc_readout"] = readout.train_auc
             record["n_train"] = readout.n_train
+            record["kind"] = readout.kind
+            record["weight"] = readout.weight
         return combined
 
     probs = score(volumes, readout_metrics)
