@@ -13,6 +13,8 @@ Detection is not scored here (the strong set's test split stays untouched).
     python benchmarks/issue29_dev_folds.py summary DATA OUT        # pooled OOF per budget
     python benchmarks/issue29_dev_folds.py readout DATA OUT --epochs 20   # the readout arm
     python benchmarks/issue29_dev_folds.py summary DATA OUT --epochs 20 20r
+    python benchmarks/issue29_dev_folds.py readout DATA OUT --epochs 20 --arm n  # nodes
+    python benchmarks/issue29_dev_folds.py summary DATA OUT --epochs 20r 20n
 
 Run the folds in parallel with ``OMP_NUM_THREADS=1`` each on a 2-core machine. The
 summary gives, per budget, the pooled out-of-fold AUC with its bootstrap CI, DeLong's
@@ -26,6 +28,11 @@ budget, copied to ``e<E>r`` with ``evaluation.roi_readout: true`` in its ``confi
 ``evaluate``) and scored on the same held-out patients. Rule declared before it ran: the
 clinical preset turns the readout on when the pooled out-of-fold AUC of ``e<E>r`` is
 higher than that of ``e<E>``; otherwise it stays off.
+
+The node readout (third round, 2026-12-07; ``--arm n``, ``e<E>n``): chosen on the same
+folds by ``benchmarks/issue29_scan_heads.py`` from the runs' stored maps (its rule is in
+its docstring); ``e<E>n`` scores the chosen setting (``evaluation.readout: nodes``,
+``readout_weight: 1``) through ``evaluate`` itself, the figure BENCHMARKS.md gives.
 """
 
 from __future__ import annotations
@@ -101,11 +108,19 @@ def run_fold(data: Path, out: Path, preset: str, k: int, fold: int, budgets: lis
         previous = run
 
 
-def readout_arm(out: Path, epochs: int) -> None:
-    """Each fold's ``e<epochs>`` run copied to ``e<epochs>r`` with the ROI readout on,
-    scored on the fold's held-out patients (resumable)."""
+# readout arms: the run folder's suffix and the evaluation settings it scores with
+ARMS = {
+    "r": {"roi_readout": True},  # the map's readout, averaged (second round)
+    "n": {"roi_readout": True, "readout": "nodes", "readout_weight": 1.0},  # third round
+    "nm": {"roi_readout": True, "readout": "nodes", "readout_weight": 0.5},
+}
+
+
+def readout_arm(out: Path, epochs: int, arm: str = "r") -> None:
+    """Each fold's ``e<epochs>`` run copied to ``e<epochs><arm>`` with the arm's readout
+    settings (``ARMS``), scored on the fold's held-out patients (resumable)."""
     for first in sorted(out.glob(f"cv/repeat0/fold*/e{epochs}/seed0")):
-        run = first.parent.parent / f"e{epochs}r" / "seed0"
+        run = first.parent.parent / f"e{epochs}{arm}" / "seed0"
         if (run / "predictions_test.csv").exists():
             continue
         if not run.exists():
@@ -113,7 +128,7 @@ def readout_arm(out: Path, epochs: int) -> None:
         for name in ("metrics.json", "predictions_test.csv", "roi_readout.json"):
             (run / name).unlink(missing_ok=True)
         config = yaml.safe_load((run / "config.yaml").read_text())
-        config.setdefault("evaluation", {})["roi_readout"] = True
+        config.setdefault("evaluation", {}).update(ARMS[arm])
         (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         evaluate_run(run, "test", detection=False)
 
@@ -157,6 +172,7 @@ def main() -> None:
     parser.add_argument("--preset", default="clinical")
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--arm", choices=sorted(ARMS), default="r", help="readout: the arm")
     parser.add_argument(
         "--epochs", nargs="+", default=["10", "20"], help="budgets (summary: also <E>r)"
     )
@@ -165,7 +181,7 @@ def main() -> None:
         budgets = [int(e) for e in args.epochs]
         run_fold(args.data, args.out, args.preset, args.folds, args.fold, budgets)
     elif args.what == "readout":
-        readout_arm(args.out, int(args.epochs[-1]))
+        readout_arm(args.out, int(args.epochs[-1]), args.arm)
     else:
         json.dump(summary(args.out, args.epochs), sys.stdout, indent=1)
         print()
