@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lymphdx.core.config import dump_config
+from lymphdx.core.config import Config, dump_config
 from lymphdx.core.errors import LymphdxError
 from lymphdx.engine.distributed import DistContext, distributed
 from lymphdx.engine.losses import RoiLoss, classification_loss
@@ -259,6 +259,19 @@ def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return done
 
 
+def _torchrun_train(config: Config, tiny_data: Path, tmp_path: Path, *more: str) -> Path:
+    """Train ``config`` (written to ``tmp_path/config.yaml``) on the tiny data set with two
+    torchrun processes into ``tmp_path/two``, with the further arguments ``more``; the
+    run folder."""
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(dump_config(config))
+    weak, strong = tiny_data / "weak" / "manifest.csv", tiny_data / "strong" / "manifest.csv"
+    run = tmp_path / "two"
+    common = ["--weak", str(weak), "--strong", str(strong), "--config", str(config_path)]
+    _torchrun(*common, "--out", str(run), *more, cwd=tmp_path)
+    return run
+
+
 def test_torchrun_two_processes_replay_one_process(tiny_data: Path, tmp_path: Path) -> None:
     """ssmdmt, global batch 4 weak + 2 strong scans, propagation in epoch 1: two processes
     (one epoch, then ``--resume`` for the second) against one process."""
@@ -321,7 +334,6 @@ def test_torchrun_all_options_with_domain_batch_norm(tiny_data: Path, tmp_path: 
     processes: every new
     collective runs on every rank (no hang), and the student and the EMA teacher stay
     identical on both ranks (checked after every epoch)."""
-    weak, strong = tiny_data / "weak" / "manifest.csv", tiny_data / "strong" / "manifest.csv"
     config = tiny_config(
         tmp_path,
         strategy="ssmdmt",
@@ -329,11 +341,7 @@ def test_torchrun_all_options_with_domain_batch_norm(tiny_data: Path, tmp_path: 
         model={"norm": "domain_batch"},
         training={**ALL_OPTIONS["training"], "epochs": 2, "num_threads": 1},
     )
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(dump_config(config))
-    run = tmp_path / "two"
-    common = ["--weak", str(weak), "--strong", str(strong), "--config", str(config_path)]
-    _torchrun(*common, "--out", str(run), cwd=tmp_path)
+    run = _torchrun_train(config, tiny_data, tmp_path)
     log = (run / "train.log").read_text()
     assert "weights identical on 2 ranks" in log and "epoch 1 propagation" in log
     best = load_checkpoint(run / "checkpoints" / "best.pt")
@@ -349,7 +357,6 @@ def test_torchrun_quick_recipe_with_patches_warmup_and_attention(
     the ROI-evidence skip, Dice gate, EMA selection) under two processes: DDP sees one
     forward per step (``StepModule``), the warm-up's unused classifier does not hang it,
     and the weights stay identical on both ranks after every epoch."""
-    weak, strong = tiny_data / "weak" / "manifest.csv", tiny_data / "strong" / "manifest.csv"
     config = tiny_config(
         tmp_path,
         strategy="ssmdmt",
@@ -372,11 +379,7 @@ def test_torchrun_quick_recipe_with_patches_warmup_and_attention(
         },
         propagation={"warmup_epochs": 1, "every": 1, "dice_gate": 0.0},
     )
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(dump_config(config))
-    run = tmp_path / "two"
-    common = ["--weak", str(weak), "--strong", str(strong), "--config", str(config_path)]
-    _torchrun(*common, "--out", str(run), cwd=tmp_path)
+    run = _torchrun_train(config, tiny_data, tmp_path)
     log = (run / "train.log").read_text()
     assert "weights identical on 2 ranks" in log
     assert "propagation started" in log
@@ -395,14 +398,9 @@ def test_torchrun_tile_path_shares_the_bag_refresh_and_the_pseudo_masks(
     that every rank reads, and the weights stay identical on both ranks."""
     from tests.test_tiles import tiles_config
 
-    weak, strong = tiny_data / "weak" / "manifest.csv", tiny_data / "strong" / "manifest.csv"
     # global batches of 4: two scans or patches per process (batch norm needs two values)
     config = tiles_config(tmp_path, "ssmdmt", num_threads=1, batch_size=4, strong_batch_size=4)
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(dump_config(config))
-    run = tmp_path / "two"
-    common = ["--weak", str(weak), "--strong", str(strong), "--config", str(config_path)]
-    _torchrun(*common, "--out", str(run), cwd=tmp_path)
+    run = _torchrun_train(config, tiny_data, tmp_path)
     log = (run / "train.log").read_text()
     assert "weights identical on 2 ranks" in log
     assert log.count("bags refreshed") == 2 and "epoch 2 propagation" in log
