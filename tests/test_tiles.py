@@ -145,6 +145,8 @@ def test_a_run_on_scans_of_their_own_size_sees_only_tiles(tmp_path: Path, tiny_d
     store = state["pseudo"]["weak_store"]
     assert state["pseudo"]["weak_masks"] is None and store == "epoch_002"
     assert [p.name for p in (run / "pseudo").iterdir()] == [store]  # epoch 1's is gone
+    # best.pt holds weights to score, not the masks (only --resume reads them, from last.pt)
+    assert "pseudo" not in torch.load(run / "checkpoints" / "best.pt", weights_only=True)
     masks = sorted((run / "pseudo" / store).glob("mask_*.npy"))
     assert len(masks) == 22 and np.load(masks[0]).shape == (16, 32, 32)
 

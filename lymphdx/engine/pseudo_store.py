@@ -7,8 +7,9 @@ TCIA size at 1.5 mm are about 2 GB of uint8, too much to write into ``last.pt`` 
 memory. A propagation round is written once, as ``RUN/pseudo/epoch_EEE/mask_NNNNN.npy``
 (and ``weight_NNNNN.npy`` with an ignore band or a classifier gate), into a temporary
 folder renamed when complete; the checkpoint records the round's folder name, and
-training reads the masks memory-mapped, so a tile reads only its bytes. Rounds that no
-checkpoint names any more are removed after ``last.pt`` is written (``prune``). Masks on
+training reads the masks memory-mapped, so a tile reads only its bytes. Rounds that
+``last.pt`` no longer names are removed after it is written (``prune``); ``best.pt`` holds
+no masks (only ``--resume`` reads them). Masks on
 the fixed grid (``fit: crop`` / ``resize``) are small and stay in the checkpoint.
 """
 

@@ -438,10 +438,10 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
             if isinstance(v, float) and k != "epoch":
                 writer.add_scalar(k, v, row["epoch"])
         state = self.state()
-        if chosen is not None:
-            save_checkpoint(
-                checkpoint_path(self.run_dir, "best"), self._checkpoint_of(chosen, state)
-            )
+        if chosen is not None:  # weights to score: no pseudo masks (only --resume reads them,
+            # from last.pt), so that no best.pt names a RUN/pseudo/ round pruned since
+            best = {k: v for k, v in self._checkpoint_of(chosen, state).items() if k != "pseudo"}
+            save_checkpoint(checkpoint_path(self.run_dir, "best"), best)
         if self.config.training.keep_epochs:  # the validated weights of this epoch
             kept = {
                 k: v for k, v in state.items() if k not in ("optimizer", "ema", "swa", "pseudo")
