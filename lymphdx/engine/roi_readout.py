@@ -334,10 +334,13 @@ def run_readout(
     readings: list[Any] = []
     mm = voxel_mm(config)
     tta, inferer = config.evaluation.tta_flip, make_inferer(config)
+
+    def read(roi: torch.Tensor, image: torch.Tensor) -> Sequence[Any]:
+        return kind.read(roi, image, mm)
+
     for split in ("train", "val"):
         volumes = data.volumes("weak", split)
         if len(volumes):
-            read = lambda roi, image: kind.read(roi, image, mm)  # noqa: E731
             readings.extend(score_volumes(model, volumes, tta, read, inferer=inferer)[1])
             labels.append(volumes.labels)
     try:
