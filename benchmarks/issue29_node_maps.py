@@ -8,7 +8,7 @@ Each scan goes to ``OUT/<patient>.npz`` (the map as uint8 in 1/255 steps, the im
 float16, the voxel size in mm in (D, H, W) order, split and label); patients already there
 are skipped, so the dump resumes.
 
-    OMP_NUM_THREADS=1 python benchmarks/issue29_node_maps.py RUN OUT
+    OMP_NUM_THREADS=1 python benchmarks/issue29_node_maps.py RUN OUT [--splits test]
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from lymphdx.engine.run_data import load_run_data
 from lymphdx.engine.run_folder import load_model
 
 
-def dump(run_dir: Path, out: Path) -> None:
+def dump(run_dir: Path, out: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> None:
     config, model, _ = load_model(run_dir)
     data = load_run_data(config, run_dir, need_strong=False)
     inferer, tta = make_inferer(config), config.evaluation.tta_flip
     voxel_mm = np.asarray(config.data.spacing[::-1], dtype=np.float32)  # (D, H, W)
     out.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "val", "test"):
+    for split in splits:
         volumes = data.volumes("weak", split)
         ids, labels = volumes.patient_ids, volumes.labels
         for i, pid in enumerate(ids):
@@ -65,9 +65,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("out", type=Path)
+    ap.add_argument("--splits", nargs="+", default=["train", "val", "test"])
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    dump(args.run, args.out)
+    dump(args.run, args.out, tuple(args.splits))
 
 
 if __name__ == "__main__":

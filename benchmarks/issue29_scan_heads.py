@@ -13,10 +13,17 @@ folders are pooled (the development folds' out-of-fold patients). Heads:
   negative scans as negatives and, in each positive scan, its highest-scoring node as the
   positive (the witness; all of its nodes in the first round), five rounds; a scan's
   score is its highest node's. Averaged with the classifier (``nodes``) and alone (``nodes_alone``).
+* ``nodes_noshell``: ``nodes_alone`` without the shell readings (``shell_mean``,
+  ``shell_sd``: the image around each node), the readings of the first node readout.
 
 Rule declared before the summary was first run (2026-12-07): a node head replaces the
 ``map`` readout when its pooled out-of-fold AUC on seed 0's development folds is higher;
 of the two, the higher. DeLong's paired test against ``map`` is reported beside it.
+
+Rule declared before ``nodes_noshell`` was first scored (2026-12-07, fifth session, after
+the default data's CV fold 2 showed bowel-like false regions read as metastatic): the
+shell readings stay in the node readout when ``nodes_alone``'s pooled out-of-fold AUC on
+seed 0's development folds is higher than ``nodes_noshell``'s; otherwise they go.
 
     python benchmarks/issue29_scan_heads.py MAPS [MAPS ...]
 """
@@ -30,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lymphdx.engine.node_readings import node_table
+from lymphdx.engine.node_readings import NODE_FEATURES, node_table
 from lymphdx.engine.node_readout import fit_node_readout
 from lymphdx.engine.roi_readout import fit_readout, readout_features
 from lymphdx.stats.metrics import auc, bootstrap_auc_ci, delong_paired
@@ -54,7 +61,8 @@ def read_folder(folder: Path) -> Scans:
     files = sorted(folder.glob("W*.npz"))
     if cache.exists():
         c = np.load(cache, allow_pickle=True)
-        if list(c["ids"]) == [f.stem for f in files]:
+        widths = {t.shape[1] for t in c["nodes"]}
+        if list(c["ids"]) == [f.stem for f in files] and widths == {len(NODE_FEATURES)}:
             return Scans(
                 list(c["ids"]), c["split"], c["label"], c["cls"], c["map"], list(c["nodes"])
             )
@@ -83,10 +91,13 @@ def heads(s: Scans) -> dict[str, np.ndarray]:
     readout = fit_readout(s.map_features[tr], s.label[tr])
     train_nodes = [t for t, m in zip(s.nodes, tr, strict=True) if m]
     node_head = fit_node_readout(train_nodes, s.label[tr], VOXEL_MM)
-    nodes = node_head.probability([t for t, m in zip(s.nodes, te, strict=True) if m])
+    test_nodes = [t for t, m in zip(s.nodes, te, strict=True) if m]
+    nodes = node_head.probability(test_nodes)
+    noshell = fit_node_readout(train_nodes, s.label[tr], VOXEL_MM, NODE_FEATURES[:-2])
     print(
         f"  training AUC: classifier {auc(s.label[tr], s.cls[tr]):.3f}, "
-        f"map {readout.train_auc:.3f}, nodes {node_head.train_auc:.3f}"
+        f"map {readout.train_auc:.3f}, nodes {node_head.train_auc:.3f}, "
+        f"nodes without shell {noshell.train_auc:.3f}"
     )
     return {
         "classifier": s.cls[te],
@@ -94,6 +105,7 @@ def heads(s: Scans) -> dict[str, np.ndarray]:
         "map_alone": readout.probability(s.map_features[te]),
         "nodes": 0.5 * (s.cls[te] + nodes),
         "nodes_alone": nodes,
+        "nodes_noshell": noshell.probability(test_nodes),
     }
 
 

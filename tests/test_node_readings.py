@@ -76,3 +76,27 @@ def test_threshold_small_regions_and_limits() -> None:
     assert len(node_table(roi, roi, SPACING, min_voxels=2, max_nodes=1)) == 1
     with pytest.raises(ValueError, match="one \\(D, H, W\\) grid"):
         node_table(roi, roi[:-1], SPACING)
+
+
+def test_shell_readings_read_the_image_around_the_node_outside_other_nodes() -> None:
+    """A 6 mm sphere in a shell of value 0.2 (1-4.5 mm out) beyond which the image is 5:
+    shell_mean 0.2 and shell_sd 0; a second node touching the shell on one side is left
+    out of it, whatever its image value; a node with no shell reads its own mean and 0."""
+    z, y, x = _grid()
+    r = np.sqrt((z - 50) ** 2 + (y - 45) ** 2 + (x - 45) ** 2)
+    roi = (r <= 6).astype(np.float32)
+    image = np.where(r <= 6, 1.0, np.where(r <= 12, 0.2, 5.0))
+    row = _row(node_table(roi, image, SPACING), 0)
+    assert row["shell_mean"] == pytest.approx(0.2, abs=1e-6)
+    assert row["shell_sd"] == pytest.approx(0.0, abs=1e-6)
+    # a neighbour 2-4 mm beyond the sphere's surface on +x, image 9 inside it
+    near = (x - 45 >= 8) & (x - 45 <= 10) & (np.abs(z - 50) <= 5) & (np.abs(y - 45) <= 5)
+    roi2, image2 = roi.copy(), image.copy()
+    roi2[near], image2[near] = 1.0, 9.0
+    table = node_table(roi2, image2, SPACING)
+    assert len(table) == 2
+    sphere = _row(table, int(np.argmax(table[:, NODE_FEATURES.index("roundness")])))
+    assert sphere["shell_mean"] == pytest.approx(0.2, abs=1e-6)
+    # a node that fills the field of view has no shell
+    full = _row(node_table(np.ones((6, 6, 6), np.float32), np.full((6, 6, 6), 3.0), SPACING), 0)
+    assert full["shell_mean"] == pytest.approx(3.0) and full["shell_sd"] == 0.0

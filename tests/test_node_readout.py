@@ -22,7 +22,7 @@ MM = (2.5, 1.5, 1.5)
 
 def _scans(n: int, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray, list[int]]:
     """``n`` scans of 2-6 benign nodes (readings ~ N(0, 1)); each positive scan has one more
-    node, planted at a random place in its table, whose first reading is +4."""
+    node, planted at a random place in its table, whose first reading is +5."""
     tables, labels, planted = [], [], []
     for i in range(n):
         t = rng.normal(size=(int(rng.integers(2, 7)), F))
@@ -30,7 +30,7 @@ def _scans(n: int, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarr
         where = -1
         if y:
             node = rng.normal(size=(1, F))
-            node[0, 0] += 4.0
+            node[0, 0] += 5.0
             where = int(rng.integers(0, len(t) + 1))
             t = np.insert(t, where, node, axis=0)
         tables.append(t)
@@ -44,7 +44,7 @@ def test_mil_finds_the_planted_node_and_equals_a_regression_on_the_witnesses() -
     (standardised on all nodes, balanced classes) on benign nodes against planted ones;
     new scans are ranked by their planted node."""
     rng = np.random.default_rng(0)
-    tables, labels, planted = _scans(60, rng)
+    tables, labels, planted = _scans(100, rng)
     head = fit_node_readout(tables, labels, MM)
     for t, y, w in zip(tables, labels, planted, strict=True):
         if y:
@@ -61,7 +61,7 @@ def test_mil_finds_the_planted_node_and_equals_a_regression_on_the_witnesses() -
     test_tables, test_labels, _ = _scans(40, np.random.default_rng(1))
     p = head.probability(test_tables)
     assert p[test_labels == 1].min() > np.median(p[test_labels == 0])
-    assert head.train_auc > 0.95 and head.n_train == 60 and head.n_pos == 30
+    assert head.train_auc > 0.95 and head.n_train == 100 and head.n_pos == 50
 
 
 def test_probability_is_the_most_suspicious_node_and_empty_scans_read_zero() -> None:
@@ -104,6 +104,28 @@ def test_json_round_trip_and_kinds_kept_apart() -> None:
     with pytest.raises(ValueError, match="all of one class"):  # no node in the positives
         empty = [t if y == 0 else t[:0] for t, y in zip(tables, labels, strict=True)]
         fit_node_readout(empty, labels, MM)
+
+
+def test_a_readout_on_some_readings_reads_their_columns_of_whole_tables() -> None:
+    """Fitted on a subset of the readings (as a readout stored before a reading was added),
+    the readout equals one fitted on tables of those columns alone, reads whole tables,
+    and its JSON keeps its readings; unknown readings are refused."""
+    tables, labels, planted = _scans(100, np.random.default_rng(3))
+    some = NODE_FEATURES[:4]  # the planted reading (the first) among them
+    head = fit_node_readout(tables, labels, MM, some)
+    assert head.features == some and head.coef.shape == (4,)
+    neg = np.concatenate([t for t, y in zip(tables, labels, strict=True) if y == 0])[:, :4]
+    pos = np.stack([t[w, :4] for t, y, w in zip(tables, labels, planted, strict=True) if y])
+    scaler = StandardScaler().fit(np.concatenate(tables)[:, :4])
+    x, y = scaler.transform(np.r_[neg, pos]), np.r_[np.zeros(len(neg)), np.ones(len(pos))]
+    lr = LogisticRegression(C=NODES_C, class_weight="balanced", max_iter=2000).fit(x, y)
+    want = [lr.predict_proba(scaler.transform(t[:, :4]))[:, 1].max() for t in tables]
+    np.testing.assert_allclose(head.probability(tables), want, rtol=1e-3, atol=1e-5)
+    back = NodeReadout.from_json(json.loads(json.dumps(head.to_json())))
+    assert back.features == some
+    np.testing.assert_allclose(back.probability(tables), head.probability(tables))
+    with pytest.raises(ValueError, match="not a node readout"):
+        NodeReadout.from_json({**head.to_json(), "features": ["short_mm", "colour"]})
 
 
 def test_read_nodes_reads_each_scan_of_a_batch() -> None:

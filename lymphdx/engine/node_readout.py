@@ -2,7 +2,8 @@
 nodes that the ROI map finds, the way a radiologist reads a scan, node by node.
 
 Each node is read by ``engine.node_readings`` (short and long axis, roundness, volume,
-margin fill, the map's confidence, the image's mean, spread, low tail and core drop). A
+margin fill, the map's confidence, the image's mean, spread, low tail and core drop, and
+the image in a shell around it, which tells a node in fat from a bowel loop). A
 logistic regression on a node's readings gives its probability of being metastatic, and
 a scan's probability is that of its most suspicious node (0 for a scan where the map
 finds none): one malignant node makes the scan positive, the definition of the weak
@@ -12,7 +13,7 @@ Only scan labels are known, so the regression is fitted by witness MIL (MI-SVM's
 alternation, Andrews et al., NIPS 2002, with a logistic loss): every node of a negative
 scan is a negative; in each positive scan, the node that the current regression finds
 most suspicious is the positive (in the first round all of them), for ``ROUNDS`` rounds.
-About ten readings and a strong L2 penalty: a head that about a hundred training scans
+About a dozen readings and a strong L2 penalty: a head that about a hundred training scans
 can fit without learning the patients, which the network's classifier does (BENCHMARKS.md
 §4.2, "why the tile classifier fails").
 """
@@ -64,6 +65,7 @@ class NodeReadout:
     n_pos: int
     train_auc: float
     weight: float = 0.5  # the readout's share of the scan probability (evaluation.readout_weight)
+    features: tuple[str, ...] = NODE_FEATURES  # the readings it uses, of NODE_FEATURES
 
     kind = "nodes"
 
@@ -72,8 +74,10 @@ class NodeReadout:
         return read_nodes(roi, image, self.voxel_mm)
 
     def node_probability(self, table: np.ndarray) -> np.ndarray:
-        """``(n,)`` each node's probability of being metastatic, of a table ``(n, F)``."""
-        z = (np.asarray(table, dtype=np.float64) - self.mean) / self.scale
+        """``(n,)`` each node's probability of being metastatic, of a table
+        ``(n, len(NODE_FEATURES))`` (the columns of ``features`` are read)."""
+        columns = [NODE_FEATURES.index(f) for f in self.features]
+        z = (np.asarray(table, dtype=np.float64)[:, columns] - self.mean) / self.scale
         return 1.0 / (1.0 + np.exp(-(z @ self.coef + self.intercept)))
 
     def probability(self, readings: Sequence[np.ndarray]) -> np.ndarray:
@@ -92,7 +96,7 @@ class NodeReadout:
         """JSON-ready form (``from_json`` reads it back)."""
         return {
             "kind": self.kind,
-            "features": list(NODE_FEATURES),
+            "features": list(self.features),
             "mean": self.mean.tolist(),
             "scale": self.scale.tolist(),
             "coef": self.coef.tolist(),
@@ -109,9 +113,11 @@ class NodeReadout:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> NodeReadout:
-        """The readout written by ``to_json``; ``ValueError`` for another kind or readings."""
-        if d.get("kind") != cls.kind or list(d.get("features", [])) != list(NODE_FEATURES):
-            raise ValueError(f"not a node readout of features {NODE_FEATURES}")
+        """The readout written by ``to_json`` (one fitted before a reading was added reads
+        the readings it was fitted on); ``ValueError`` for another kind or readings."""
+        features = tuple(d.get("features", ()))
+        if d.get("kind") != cls.kind or not features or not set(features) <= set(NODE_FEATURES):
+            raise ValueError(f"not a node readout of readings among {NODE_FEATURES}")
         return cls(
             mean=np.asarray(d["mean"], dtype=np.float64),
             scale=np.asarray(d["scale"], dtype=np.float64),
@@ -122,39 +128,46 @@ class NodeReadout:
             n_pos=int(d["n_pos"]),
             train_auc=float(d["train_auc"]),
             weight=float(d.get("weight", 0.5)),
+            features=features,
         )
 
 
 def fit_node_readout(
-    readings: Sequence[np.ndarray], labels: np.ndarray, voxel_mm: Sequence[float]
+    readings: Sequence[np.ndarray],
+    labels: np.ndarray,
+    voxel_mm: Sequence[float],
+    features: Sequence[str] = NODE_FEATURES,
 ) -> NodeReadout:
     """Fit the node readout by witness MIL on training scans' node tables ``readings``
-    and scan ``labels`` ``(N,)``; ``ValueError`` when the scans with a node are all of
-    one class."""
+    ``(n_i, len(NODE_FEATURES))`` and scan ``labels`` ``(N,)``, on the readings
+    ``features``; ``ValueError`` when the scans with a node are all of one class."""
     labels = np.asarray(labels).astype(int)
+    columns = [NODE_FEATURES.index(f) for f in features]
     neg = [t for t, y in zip(readings, labels, strict=True) if y == 0 and len(t)]
     pos = [t for t, y in zip(readings, labels, strict=True) if y == 1 and len(t)]
     if not neg or not pos:
         raise ValueError(
             "the training scans in which the ROI map finds a node are all of one class"
         )
-    scaler = StandardScaler().fit(np.concatenate(neg + pos))
+    scaler = StandardScaler().fit(np.concatenate(neg + pos)[:, columns])
     scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
     head = NodeReadout(
         mean=scaler.mean_.astype(np.float64),
         scale=scale.astype(np.float64),
-        coef=np.zeros(len(NODE_FEATURES)),
+        coef=np.zeros(len(columns)),
         intercept=0.0,
         voxel_mm=tuple(float(v) for v in voxel_mm),  # type: ignore[arg-type]
         n_train=int(len(labels)),
         n_pos=int(labels.sum()),
         train_auc=0.0,
+        features=tuple(features),
     )
     witnesses = pos
-    for _ in range(ROUNDS):
-        x = (np.concatenate(neg + witnesses) - head.mean) / head.scale
+    for round_ in range(ROUNDS):
+        if round_:
+            witnesses = [t[[int(np.argmax(head.node_probability(t)))]] for t in pos]
+        x = (np.concatenate(neg + witnesses)[:, columns] - head.mean) / head.scale
         y = np.r_[np.zeros(sum(map(len, neg))), np.ones(sum(map(len, witnesses)))]
         lr = LogisticRegression(C=NODES_C, class_weight="balanced", max_iter=2000).fit(x, y)
         head = replace(head, coef=lr.coef_[0].astype(np.float64), intercept=float(lr.intercept_[0]))
-        witnesses = [t[[int(np.argmax(head.node_probability(t)))]] for t in pos]
     return replace(head, train_auc=auc(labels, head.probability(readings)))
