@@ -22,24 +22,20 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from lymphdx.core.config import load_config
 from lymphdx.data.grid import resample_labels
 from lymphdx.data.scan_prep import prepare_scan
-from lymphdx.engine.node_readings import NODE_FEATURES, node_table
+from lymphdx.engine.node_readings import NODE_FEATURES, node_regions, node_table
 from lymphdx.engine.node_readout import THRESHOLD, NodeReadout
 
 NODE_SHARE = 0.3  # a region is a node when this share of its voxels lies in a truth node
-_STRUCTURE = np.ones((3, 3, 3), dtype=bool)
 
 
 def regions(roi: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per region of ``roi`` ``(D, H, W)`` in ``node_table``'s order: the truth node id it
     lies most in (0: none) and whether it is a node (``NODE_SHARE`` of it in truth)."""
-    labels, n = ndimage.label(roi >= THRESHOLD, structure=_STRUCTURE)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    order = [int(i) + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] >= 4][:32]
+    labels, order = node_regions(roi, THRESHOLD)
     ids, is_node = [], []
     for lab in order:
         inside = truth[labels == lab]
@@ -100,10 +96,11 @@ def main() -> None:
         f"\nregions: {len(all_kinds)}; false {int((all_kinds == 0).sum())}, "
         f"benign nodes {int((all_kinds == 1).sum())}, metastatic {int((all_kinds == 2).sum())}"
     )
-    for y in (0, 1):
-        tops = [r[5] for r in rows if r[2] == y]
-        share = {w: tops.count(w) for w in sorted(set(tops))}
-        print(f"label {y} scans ({len(tops)}), most suspicious region: {share}")
+    for split in sorted({r[3] for r in rows}):
+        for y in (0, 1):
+            tops = [r[5] for r in rows if r[2] == y and r[3] == split]
+            share = {w: tops.count(w) for w in sorted(set(tops))}
+            print(f"{split} label {y} scans ({len(tops)}), most suspicious region: {share}")
     print("\nmedian reading " + " ".join(f"{n:>10s}" for n in ("false", "benign", "metastatic")))
     for j, name in enumerate(NODE_FEATURES):
         meds = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lymphdx.engine.node_readings import NODE_FEATURES, node_table
+from lymphdx.engine.node_readings import NODE_FEATURES, node_regions, node_table
 
 SPACING = np.array([2.5, 1.5, 1.5])  # mm, (D, H, W)
 SHAPE = (40, 64, 64)
@@ -100,3 +100,19 @@ def test_shell_readings_read_the_image_around_the_node_outside_other_nodes() -> 
     # a node that fills the field of view has no shell
     full = _row(node_table(np.ones((6, 6, 6), np.float32), np.full((6, 6, 6), 3.0), SPACING), 0)
     assert full["shell_mean"] == pytest.approx(3.0) and full["shell_sd"] == 0.0
+
+
+def test_node_regions_are_the_rows_of_the_table() -> None:
+    """node_regions labels the regions node_table reads, in its row order: each region's
+    voxel count is its row's volume."""
+    roi = np.zeros(SHAPE, dtype=np.float32)
+    roi[20:23, 20:23, 20:23] = 0.9  # 27 voxels
+    roi[2:6, 40:46, 40:46] = 0.8  # 144 voxels
+    roi[30, 5, 5:7] = 0.9  # 2 voxels: too small
+    labels, order = node_regions(roi)
+    table = node_table(roi, roi, SPACING)
+    sizes = [int((labels == lab).sum()) for lab in order]
+    assert sizes == [144, 27] and len(table) == 2
+    np.testing.assert_allclose(
+        np.exp(table[:, NODE_FEATURES.index("log_volume")]), np.array(sizes) * SPACING.prod()
+    )

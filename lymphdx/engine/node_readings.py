@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["NODE_FEATURES", "SHELL_MM", "node_table"]
+__all__ = ["NODE_FEATURES", "SHELL_MM", "node_regions", "node_table"]
 
 NODE_FEATURES = (
     "short_mm",
@@ -53,6 +53,20 @@ SHELL_MM = (1.0, 4.5)  # the shell's inner and outer distance from the region, i
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
 
 
+def node_regions(
+    roi: np.ndarray, threshold: float = 0.5, min_voxels: int = 4, max_nodes: int = 32
+) -> tuple[np.ndarray, list[int]]:
+    """The connected regions of ``roi`` ``(D, H, W)`` at or above ``threshold``: their label
+    volume ``(D, H, W)`` int32 (0 outside) and the labels of the nodes, in the order of
+    ``node_table``'s rows (largest first, at least ``min_voxels``, at most ``max_nodes``)."""
+    labels, n = ndimage.label(np.asarray(roi) >= threshold, structure=_STRUCTURE)
+    if n == 0:
+        return labels, []
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    order = [int(i) + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] >= min_voxels]
+    return labels, order[:max_nodes]
+
+
 def node_table(
     roi: np.ndarray,
     image: np.ndarray,
@@ -69,15 +83,13 @@ def node_table(
     if roi.shape != image.shape or roi.ndim != 3:
         raise ValueError(f"roi {roi.shape} and image {image.shape} must be one (D, H, W) grid")
     spacing = np.asarray(voxel_mm, dtype=np.float64)
-    labels, n = ndimage.label(roi >= threshold, structure=_STRUCTURE)
-    if n == 0:
+    labels, order = node_regions(roi, threshold, min_voxels, max_nodes)
+    if not order:
         return np.zeros((0, len(NODE_FEATURES)))
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    order = [int(i) + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] >= min_voxels]
     boxes = ndimage.find_objects(labels)
     pad = np.ceil(SHELL_MM[1] / spacing).astype(int) + 1
     rows = []
-    for lab in order[:max_nodes]:
+    for lab in order:
         box = boxes[lab - 1]
         mask = labels[box] == lab
         wide = tuple(
