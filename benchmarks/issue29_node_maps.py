@@ -42,11 +42,10 @@ def dump(
     inferer, tta = make_inferer(config), config.evaluation.tta_flip
     voxel_mm = np.asarray(config.data.spacing[::-1], dtype=np.float32)  # (D, H, W)
     out.mkdir(parents=True, exist_ok=True)
+    code = WEAK if domain == "weak" else STRONG
     for split in splits:
         volumes = data.volumes(domain, split, masks=domain == "strong")
-        ids = volumes.patient_ids
-        masks = [volumes.mask(i) for i in range(len(ids))] if domain == "strong" else None
-        labels = volumes.labels if masks is None else [int(m.any()) for m in masks]
+        ids, labels = volumes.patient_ids, volumes.labels
         for i, pid in enumerate(ids):
             path = out / f"{pid}.npz"
             if path.exists():
@@ -54,12 +53,14 @@ def dump(
             t0 = time.perf_counter()
             sub = type(volumes)([volumes.records[i]], volumes.cache, volumes.normalizer)
             with torch.no_grad():
-                code = WEAK if domain == "weak" else STRONG
                 for images in _my_batches(model, sub, 1, DistContext(), code):
                     res = inferer(model, images, roi=True, flips=tta)
             roi = res["roi"][0, 0].numpy()
             tmp = out / f".{pid}.tmp.npz"
-            extra = {} if masks is None else {"mask": masks[i].astype(np.uint8)}
+            extra = {}
+            if labels is None:  # the strong set: its mask, and whether it has a node
+                extra = {"mask": volumes.mask(i).astype(np.uint8)}
+            label = int(labels[i]) if labels is not None else int(extra["mask"].any())
             np.savez_compressed(
                 tmp,
                 **extra,
@@ -67,11 +68,11 @@ def dump(
                 image=images[0, 0].cpu().numpy().astype(np.float16),
                 voxel_mm=voxel_mm,
                 cls=np.float64(res["cls"][0]),
-                label=np.int64(labels[i]),
+                label=np.int64(label),
                 split=split,
             )
             tmp.rename(path)
-            print(f"{split} {pid} label {labels[i]} {time.perf_counter() - t0:.1f} s", flush=True)
+            print(f"{split} {pid} label {label} {time.perf_counter() - t0:.1f} s", flush=True)
 
 
 def main() -> None:
