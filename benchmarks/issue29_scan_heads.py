@@ -181,19 +181,21 @@ def heads(s: Scans) -> dict[str, np.ndarray]:
         "nodes_noshell": noshell.probability(test_nodes),
     }
     if s.nodeness is not None:
-        q = nodeness_model(*s.nodeness)
-        kept = [t[q(t) >= 0.5] for t in s.nodes]
+        nodeness = nodeness_model(*s.nodeness)
+        qs = [nodeness(t) for t in s.nodes]  # each scan's regions' q, once
+        kept = [t[q >= 0.5] for t, q in zip(s.nodes, qs, strict=True)]
         drop = fit_node_readout(
             [t for t, m in zip(kept, tr, strict=True) if m], s.label[tr], VOXEL_MM
         )
         scores["nodes_drop"] = drop.probability([t for t, m in zip(kept, te, strict=True) if m])
         scores["nodes_xq"] = np.array(
             [
-                float((node_head.node_probability(t) * q(t)).max()) if len(t) else 0.0
-                for t in test_nodes
+                float((node_head.node_probability(t) * q).max()) if len(t) else 0.0
+                for t, q, m in zip(s.nodes, qs, te, strict=True)
+                if m
             ]
         )
-        share = np.mean([float((q(t) >= 0.5).mean()) for t in s.nodes if len(t)])
+        share = np.mean([float((q >= 0.5).mean()) for q in qs if len(q)])
         print(
             f"  nodeness: weak regions kept at q >= 0.5: {share:.2f} (mean per scan); "
             f"nodes_drop training AUC {drop.train_auc:.3f}"
