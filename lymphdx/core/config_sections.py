@@ -455,6 +455,12 @@ class EvaluationConfig(_Section):
     # inference.tile blended into the ROI map, the classifier reading the tiles at its
     # peaks: memory set by the tile, not the scan
     inferer: Literal["whole", "sliding_window"] = "whole"
+    # the batch-norm statistics every scan is scored with (lymphdx.engine.domain_stats):
+    # trained, those training left (a running mix of its batches); per_hospital, each
+    # hospital's own, re-estimated after training on its training scans by the inferer's
+    # tiles (AdaBN, Li et al. 2016), the weak set's scans then normalised with the weak
+    # hospital's and the strong set's with the strong hospital's (RUN/bn_stats.pt)
+    bn_stats: Literal["trained", "per_hospital"] = "trained"
     # the gain in AUC declared before looking at the results (default: the paper's
     # ssmdmt − supervised gain) at which compare's design analysis gives each paired
     # test's power, type S and exaggeration and the patients 80% power needs

@@ -258,8 +258,9 @@ def score_volumes(
 
 
 def _fingerprint(checkpoint: Path, config: Config) -> dict[str, Any]:
-    """What a stored readout was fitted for: the weights file, the flip setting and (when
-    not ``whole``) the inferer and its settings."""
+    """What a stored readout was fitted for: the weights file, the flip setting, (when
+    not ``whole``) the inferer and its settings, and (when not ``trained``) the batch-norm
+    statistics."""
     st = checkpoint.stat()
     stamp: dict[str, Any] = {
         "checkpoint": checkpoint.name,
@@ -271,6 +272,8 @@ def _fingerprint(checkpoint: Path, config: Config) -> dict[str, Any]:
     if config.evaluation.inferer != "whole":
         inference = config.inference.model_dump(mode="json")
         stamp["inferer"] = {"name": config.evaluation.inferer, **inference}
+    if config.evaluation.bn_stats != "trained":  # absent for trained: older readouts stay valid
+        stamp["bn_stats"] = config.evaluation.bn_stats
     return stamp
 
 

@@ -13,7 +13,7 @@ import shutil
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from lymphdx.engine.propagation import PseudoLabels
 from lymphdx.engine.pseudo_store import read_round
 from lymphdx.engine.run_state import checkpoint_record, missing_checkpoint
 from lymphdx.models.multitask import MultiTaskNet, build_model
+
+if TYPE_CHECKING:
+    from lymphdx.engine.run_data import RunData
 
 log = logging.getLogger("lymphdx")
 
@@ -394,10 +397,15 @@ def load_run_config(run_dir: str | Path) -> Config:
     return validate(yaml.safe_load(path.read_text()), str(path))
 
 
-def load_model(run_dir: str | Path, which: str = "best") -> tuple[Config, MultiTaskNet, dict]:
+def load_model(
+    run_dir: str | Path, which: str = "best", data: RunData | None = None
+) -> tuple[Config, MultiTaskNet, dict]:
     """Config, model (eval mode) and checkpoint state of a run; the state's ``source`` is
     the ``checkpoint_record`` (file, SHA-256, epoch) that files scored from it record.
-    A run without the checkpoint is told apart: still training, or never finished."""
+    A run without the checkpoint is told apart: still training, or never finished.
+    With ``evaluation.bn_stats: per_hospital`` the model carries each hospital's batch-norm
+    statistics (``engine.domain_stats``; estimated on ``data``'s training scans when the
+    run has none stored for these weights, ``data`` loaded when ``None``)."""
     config = load_run_config(run_dir)
     path = Path(run_dir) / "checkpoints" / f"{which}.pt"
     if not path.exists():
@@ -414,4 +422,7 @@ def load_model(run_dir: str | Path, which: str = "best") -> tuple[Config, MultiT
         ) from None
     model.eval()
     state["source"] = checkpoint_record(Path(run_dir), path, sha, state)
+    from lymphdx.engine.domain_stats import apply_domain_stats  # it reads the run's data
+
+    apply_domain_stats(Path(run_dir), config, model, which, data)
     return config, model, state

@@ -84,7 +84,7 @@ def _fit_readout(run_dir: Path, config: Config, data: RunData) -> None:
     now, so that the run folder carries it (``predict`` needs no data); logged."""
     if not (config.evaluation.roi_readout and get_strategy(config.strategy).trains_decoder):
         return
-    config, model, _ = load_model(run_dir)
+    config, model, _ = load_model(run_dir, data=data)
     try:
         _, note = run_readout(run_dir, config, model, data, refit=True)
     except LymphdxError as err:  # e.g. a scan unreadable now: evaluate will try again

@@ -1,0 +1,194 @@
+"""Each hospital's own batch-norm statistics, re-estimated after training (AdaBN).
+
+``evaluation.bn_stats: per_hospital``. Training leaves every batch norm with running
+statistics that mix its batches: the weak scans' bags with the strong set's ROI patches.
+The ROI decoder, though, learnt on the strong hospital's patches normalised by their own
+batch statistics, and a scan of the other hospital (other noise, other contrast phase)
+reaches it normalised by that mix. AdaBN (Li et al. 2016, "Revisiting batch normalization
+for practical domain adaptation") keeps every weight and re-estimates the statistics of
+each domain from its own images: here each hospital's training scans, cut into the
+inferer's tiles as inference cuts them.
+
+The model's ``BatchNorm3d`` become ``DomainBatchNorm3d`` with one shared affine (the
+trained γ, β) and two sets of statistics (weak = 0, strong = 1); every scorer already
+routes a scan to its hospital (``domain_norm.domains``). The statistics are kept in
+``RUN/bn_stats.pt`` for the weights they were estimated for, so ``predict`` needs no data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lymphdx.core.config import Config
+from lymphdx.core.domains import STRONG, WEAK
+from lymphdx.core.errors import LymphdxError
+from lymphdx.data.datasets import VolumeSet
+from lymphdx.engine.run_data import RunData, load_run_data
+from lymphdx.engine.teacher import update_bn
+from lymphdx.models.domain_norm import DomainBatchNorm3d, convert_to_domain_bn
+
+__all__ = [
+    "MAX_SCANS",
+    "apply_domain_stats",
+    "estimate_domain_stats",
+    "scan_tiles",
+    "stats_path",
+]
+
+log = logging.getLogger("lymphdx")
+
+#: training scans per hospital the statistics are estimated on (evenly spread over the
+#: split's patients): 24 scans give thousands of tiles, and the cost stays a few minutes
+MAX_SCANS = 24
+
+
+def stats_path(run_dir: Path, which: str = "best") -> Path:
+    """Where the per-hospital statistics of ``checkpoints/<which>.pt`` are kept."""
+    return run_dir / ("bn_stats.pt" if which == "best" else f"bn_stats@{which}.pt")
+
+
+def scan_tiles(
+    image: torch.Tensor, tile: tuple[int, int, int], overlap: float
+) -> Iterator[torch.Tensor]:
+    """The sliding window's tiles ``(1, 1, d, h, w)`` of ``image`` ``(1, 1, D, H, W)``:
+    starts ``tile * (1 - overlap)`` apart, the last flush with the end, a scan smaller
+    than a tile padded with 0 (the normalised mean) as MONAI pads it."""
+    pad: list[int] = []
+    for size, t in zip(reversed(image.shape[2:]), reversed(tile), strict=True):
+        diff = max(t - size, 0)
+        pad += [diff // 2, diff - diff // 2]
+    padded = F.pad(image, pad, value=0.0) if any(pad) else image
+    starts = []
+    for size, t in zip(padded.shape[2:], tile, strict=True):
+        step = max(1, int(t * (1 - overlap)))
+        n = max(1, math.ceil((size - t) / step) + 1)
+        starts.append(sorted({min(i * step, size - t) for i in range(n)}))
+    d, h, w = tile
+    for z in starts[0]:
+        for y in starts[1]:
+            for x in starts[2]:
+                yield padded[..., z : z + d, y : y + h, x : x + w]
+
+
+def _spread(volumes: VolumeSet, n: int) -> list[int]:
+    """At most ``n`` indices of ``volumes`` spread evenly over it."""
+    m = len(volumes)
+    return list(range(m)) if m <= n else sorted({round(i * (m - 1) / (n - 1)) for i in range(n)})
+
+
+def _batches(config: Config, volumes: VolumeSet, domain: int) -> Iterator[tuple[torch.Tensor, int]]:
+    """``(tiles (b, 1, d, h, w), domain)`` of up to ``MAX_SCANS`` scans, cut as the inferer
+    cuts them, ``inference.tile_batch`` tiles a batch across scans, the remainder joined
+    to the last batch (a batch of one small tile has one value per channel at the
+    bottleneck); ``whole``: each scan a batch."""
+    inference = config.inference
+    x, y, z = inference.tile
+    b = inference.tile_batch
+    pending: list[torch.Tensor] = []
+    for i in _spread(volumes, MAX_SCANS):
+        image = torch.from_numpy(volumes.image(i))[None, None]
+        if config.evaluation.inferer == "whole":
+            yield image, domain
+            continue
+        pending.extend(scan_tiles(image, (z, y, x), inference.overlap))
+        while len(pending) >= 2 * b:
+            yield torch.cat(pending[:b]), domain
+            pending = pending[b:]
+    if pending:
+        yield torch.cat(pending), domain
+
+
+def estimate_domain_stats(model: nn.Module, config: Config, data: RunData) -> nn.Module:
+    """``model`` (eval mode) with per-hospital batch norms whose statistics are the
+    averages over each hospital's training scans' tiles; returned converted in place."""
+    convert_to_domain_bn(model, n_domains=2, shared_affine=True)
+    batches = [(data.volumes("weak", "train"), WEAK), (data.volumes("strong", "train"), STRONG)]
+    if not any(len(v) for v, _ in batches):
+        raise LymphdxError("per-hospital batch-norm statistics need training scans; none found")
+
+    def all_batches() -> Iterator[tuple[torch.Tensor, int]]:
+        for volumes, domain in batches:
+            yield from _batches(config, volumes, domain)
+
+    update_bn(model, all_batches(), forward=lambda m, x: m(x, roi=True))
+    for volumes, domain in batches:  # a hospital without scans keeps the trained statistics
+        if len(volumes) == 0:
+            log.warning("no training scans of domain %d: its batch norms keep training's", domain)
+    return model.eval()
+
+
+def _stamp(checkpoint: Path, config: Config) -> dict[str, Any]:
+    """What stored statistics were estimated for: the weights file and the tiling."""
+    st = checkpoint.stat()
+    return {
+        "checkpoint": checkpoint.name,
+        "checkpoint_size": st.st_size,
+        "checkpoint_mtime_ns": st.st_mtime_ns,
+        "inferer": config.evaluation.inferer,
+        "inference": config.inference.model_dump(mode="json"),
+        "max_scans": MAX_SCANS,
+    }
+
+
+def _dsbn_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        k: v
+        for name, m in model.named_modules()
+        if isinstance(m, DomainBatchNorm3d)
+        for k, v in ((f"{name}.{b}", t) for b, t in m.state_dict().items())
+    }
+
+
+def apply_domain_stats(
+    run_dir: Path,
+    config: Config,
+    model: nn.Module,
+    which: str = "best",
+    data: RunData | None = None,
+) -> nn.Module:
+    """``model`` of run ``run_dir``'s ``which`` weights as ``evaluation.bn_stats`` says:
+    unchanged (``trained``), or with each hospital's statistics (``per_hospital``), read
+    from ``bn_stats.pt`` when it was estimated for these weights, else estimated now on
+    the run's training scans (``data``, loaded when ``None``) and stored."""
+    if config.evaluation.bn_stats == "trained":
+        return model
+    run_dir = Path(run_dir)
+    if any(isinstance(m, DomainBatchNorm3d) for m in model.modules()):
+        raise LymphdxError(
+            f"{run_dir}: evaluation.bn_stats: per_hospital re-estimates the statistics of a "
+            "model with plain batch norm; this one was trained with model.norm: domain_batch, "
+            "which has each hospital's already: set evaluation.bn_stats: trained"
+        )
+    path = stats_path(run_dir, which)
+    stamp = _stamp(run_dir / "checkpoints" / f"{which}.pt", config)
+    if path.exists():
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if stored.get("stamp") == stamp:
+            convert_to_domain_bn(model, n_domains=2, shared_affine=True)
+            model.load_state_dict({**model.state_dict(), **stored["state"]})
+            return model.eval()
+    if data is None:
+        try:
+            data = load_run_data(config, run_dir, need_strong=True)
+        except LymphdxError as err:
+            raise LymphdxError(
+                f"{run_dir} has no per-hospital batch-norm statistics for its {which} weights "
+                f"yet, and estimating them needs the run's training scans, which cannot be "
+                f"read: {err}. Run `lymphdx evaluate {run_dir}` where the data is, or set "
+                "evaluation.bn_stats: trained in the run's config.yaml"
+            ) from None
+    estimate_domain_stats(model, config, data)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"stamp": stamp, "state": _dsbn_state(model)}, tmp)
+    tmp.replace(path)
+    log.info("per-hospital batch-norm statistics estimated: %s", path)
+    return model
