@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from lymphdx.core.errors import LymphdxError
 from lymphdx.engine.inferer import SlidingWindowInferer
@@ -18,6 +20,7 @@ from lymphdx.engine.run_data import load_run_data
 from lymphdx.engine.run_folder import load_model
 from lymphdx.workflows import detection as detection_module
 from lymphdx.workflows.compare import compare
+from lymphdx.workflows.compare_runs import reuse_finished
 from lymphdx.workflows.evaluate import read_predictions
 from lymphdx.workflows.predict import predict
 from tests.conftest import tiny_config
@@ -210,3 +213,30 @@ def test_a_run_is_scored_by_the_sliding_window_inferer(
     (result,) = predict(run, [record.image], tmp / "pred_tiles", progress=False)
     assert result["inferer"] == "sliding_window"
     assert result["classifier_probability"] == pytest.approx(by_hand[0], abs=2e-6)
+
+
+def test_a_rescoring_stopped_part_way_is_scored_again(
+    compared: tuple[Path, Path], tiny_data: Path, tmp_path: Path
+) -> None:
+    """A compare killed while it scored a run again leaves config.yaml with the new
+    evaluation settings and metrics.json with the old ones: the next compare sees it
+    (``metrics.json``'s ``scored_with``) and scores it again; then it is left alone."""
+    out, tmp = compared
+    run = tmp_path / "run"
+    shutil.copytree(out / "runs" / "multitask" / "seed0", run)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    flip = not saved["evaluation"]["tta_flip"]
+    saved["evaluation"]["tta_flip"] = flip  # what compare writes before it scores
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    config = tiny_config(
+        tmp, training={"epochs": 1}, evaluation={"tta_flip": flip}, strategy="multitask"
+    )
+    why = reuse_finished(config, run, *_manifests(tiny_data))
+    assert why is not None and "evaluation.tta_flip" in why and "stopped part-way" in why
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["tta_flip"] is flip and metrics["scored_with"]["evaluation"]["tta_flip"] is flip
+    assert reuse_finished(config, run, *_manifests(tiny_data)) is None
+    # a metrics.json that does not record a key (written before it existed) keeps its scores
+    del metrics["scored_with"]["evaluation"]["tta_flip"]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert reuse_finished(config, run, *_manifests(tiny_data)) is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from lymphdx.core.config import Config, dump_config, validate
 from lymphdx.core.errors import LymphdxError
@@ -20,7 +21,7 @@ from lymphdx.engine.run_folder import config_differences, load_run_config
 from lymphdx.engine.run_state import epochs_done, refuse_while_busy, stale_reason
 from lymphdx.engine.train import train
 from lymphdx.workflows.calibrate import CALIBRATION_FILE
-from lymphdx.workflows.evaluate import evaluate_run
+from lymphdx.workflows.evaluate import evaluate_run, scoring_settings
 
 __all__ = ["expected_cost", "finished", "reuse_finished", "run_one", "warm_cache"]
 
@@ -55,6 +56,22 @@ def run_one(
     evaluate_run(run_dir, "test", detection=detection)
 
 
+def _rescoring_unfinished(recorded: Any, now: dict[str, dict[str, Any]]) -> list[str]:
+    """The ``section.key`` settings whose value in ``metrics.json``'s ``scored_with``
+    (``recorded``) differs from the run's config (``now``). Keys it does not record (it
+    predates them, or an older lymphdx wrote it) are not compared: a key added with a
+    default keeps the scoring it names."""
+    if not isinstance(recorded, dict):
+        return []
+    return [
+        f"{section}.{key}"
+        for section, values in recorded.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+        if key in now.get(section, {}) and now[section][key] != value
+    ]
+
+
 def reuse_finished(
     config: Config, run_dir: Path, weak_csv: Path, strong_csv: Path, detection: bool = True
 ) -> str | None:
@@ -77,13 +94,20 @@ def reuse_finished(
         )
     metrics = run_dir / "metrics.json"
     try:
-        record = json.loads(metrics.read_text()).get("checkpoint")
+        scored = json.loads(metrics.read_text())
+        record = scored.get("checkpoint")
     except (OSError, ValueError, AttributeError):  # unreadable: scored again below
         record, stale = None, f"{metrics.name} is unreadable"
     else:
         stale = stale_reason(run_dir, record, metrics)
         if stale is None and not (run_dir / CALIBRATION_FILE).is_file():
             stale = f"no {CALIBRATION_FILE} (scored before probabilities were calibrated)"
+        changed = _rescoring_unfinished(scored.get("scored_with"), scoring_settings(saved))
+        if stale is None and changed:
+            stale = (
+                f"{metrics.name} was scored with other settings than the run's config.yaml "
+                f"({', '.join(changed)}): a rescoring stopped part-way"
+            )
     if not differ and stale is None:
         return None
     if differ:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from lymphdx.core.config import Config
 from lymphdx.core.domains import WEAK
 from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import read_csv, run_lock, write_csv, write_json
@@ -121,6 +122,12 @@ def _delong_se(labels: np.ndarray, probs: np.ndarray) -> float | None:
     _, var = delong(labels, probs)
     se = float(np.sqrt(var))
     return se if np.isfinite(se) else None
+
+
+def scoring_settings(config: Config) -> dict[str, Any]:
+    """The sections of ``config`` that say how a run is scored, not trained
+    (``evaluation``, ``inference``), as JSON; ``metrics.json`` records them."""
+    return {k: config.model_dump(mode="json")[k] for k in ("evaluation", "inference")}
 
 
 def evaluate_run(
@@ -240,6 +247,8 @@ def _evaluate_run(run_dir: Path, split: str, detection: bool) -> dict[str, Any]:
         "selection": str(state.get("selection", "best_val")),
         # the checkpoint scored (file, sha256, epoch): compare and report check it
         "checkpoint": state["source"],
+        # the settings it was scored with: compare tells a rescoring stopped part-way
+        "scored_with": scoring_settings(config),
     }
     # a run whose ROI decoder found nothing in the end says so (training.roi_status)
     status = read_roi_status(run_dir)
