@@ -319,6 +319,54 @@ def test_intensity_augmentation_leaves_the_masks_alone() -> None:
     np.testing.assert_array_equal(out["pseudo_mask"], mask)
 
 
+def test_simulated_low_resolution_by_hand() -> None:
+    """``low_res_prob: 1`` at zoom 0.5: the image downsampled to half its size by nearest
+    neighbour and upsampled back trilinearly, computed here with torch; masks untouched."""
+    cfg = AugmentationConfig(
+        enabled=True,
+        flip_axes=(),
+        spatial_prob=0.0,
+        **NO_INTENSITY,
+        low_res_prob=1.0,
+        low_res_zoom=(0.5, 0.5),
+    )
+    mask = _blob()
+    image = np.random.default_rng(3).normal(size=mask.shape).astype(np.float32)
+    out = Augmenter(cfg)((2,), {"image": image, "mask": mask})
+    x = torch.from_numpy(image)[None, None]
+    half = [s // 2 for s in image.shape]
+    low = F.interpolate(x, size=half, mode="nearest")
+    expected = F.interpolate(low, size=image.shape, mode="trilinear", align_corners=False)
+    np.testing.assert_allclose(out["image"], expected[0, 0].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(out["mask"], mask)
+
+
+def test_gamma_by_hand() -> None:
+    """``gamma_prob: 1`` with gamma 2: the image rescaled to [0, 1] by its min and max,
+    squared and mapped back."""
+    cfg = AugmentationConfig(
+        enabled=True,
+        flip_axes=(),
+        spatial_prob=0.0,
+        **NO_INTENSITY,
+        gamma_prob=1.0,
+        gamma_range=(2.0, 2.0),
+    )
+    mask = _blob()
+    image = np.random.default_rng(4).normal(size=mask.shape).astype(np.float32)
+    out = Augmenter(cfg)((3,), {"image": image, "mask": mask})
+    lo, span = float(image.min()), float(image.max() - image.min())
+    np.testing.assert_allclose(out["image"], ((image - lo) / span) ** 2 * span + lo, atol=1e-4)
+    np.testing.assert_array_equal(out["mask"], mask)
+
+
+def test_low_resolution_and_gamma_ranges_are_checked() -> None:
+    with pytest.raises(ValueError, match="low_res_zoom"):
+        AugmentationConfig(low_res_zoom=(0.5, 1.5))
+    with pytest.raises(ValueError, match="gamma_range"):
+        AugmentationConfig(gamma_range=(1.5, 0.7))
+
+
 # -- models.multitask: attention pooling, the ROI prior ------------------------------------
 
 

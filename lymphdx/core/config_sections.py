@@ -355,6 +355,25 @@ class AugmentationConfig(_Section):
     noise_std: float = Field(0.05, ge=0)  # Gaussian noise, sd drawn in [0, noise_std]
     blur_sigma: tuple[float, float] = (0.5, 1.0)  # voxels; Gaussian blur sigma range
     intensity_prob: float = Field(0.15, ge=0, le=1)  # each of noise and blur
+    # nnU-Net's "simulate low resolution": share of scans downsampled by a zoom drawn in
+    # low_res_zoom (nearest) and upsampled back (trilinear), as a coarser acquisition
+    # looks (MONAI RandSimulateLowResolutiond); 0: off
+    low_res_prob: float = Field(0.0, ge=0, le=1)
+    low_res_zoom: tuple[float, float] = (0.5, 1.0)
+    # share of scans whose contrast is bent by a gamma drawn in gamma_range, on the image
+    # rescaled to its [min, max] and back (MONAI RandAdjustContrastd); 0: off
+    gamma_prob: float = Field(0.0, ge=0, le=1)
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+
+    @field_validator("low_res_zoom", "gamma_range")
+    @classmethod
+    def _ordered_positive(cls, v: tuple[float, float], info: Any) -> tuple[float, float]:
+        low, high = v
+        if not 0 < low <= high:
+            raise ValueError(f"{info.field_name} must be (low, high) with 0 < low <= high")
+        if info.field_name == "low_res_zoom" and high > 1:
+            raise ValueError("low_res_zoom must lie in (0, 1]: a zoom below 1 downsamples")
+        return v
 
 
 class TrainingConfig(_Section):

@@ -4,8 +4,9 @@ One draw per scan transforms its image and every volume that lives on the image'
 (mask, pseudo-mask, pseudo-mask weights) with the same spatial parameters: flips,
 small rotations and scaling (``RandFlipd``, ``RandAffined``; masks by nearest
 neighbour), then the image alone gets intensity scaling and shift, Gaussian noise and
-Gaussian blur. Each draw is seeded by a key (run seed, epoch, step, stream, scan position
-in the global batch), so a resumed run, or the same batch split across any number of
+Gaussian blur, and when asked nnU-Net's simulated low resolution and a gamma. Each draw
+is seeded by a key (run seed, epoch, step, stream, scan position in the global batch),
+so a resumed run, or the same batch split across any number of
 processes, replays the same augmentation.
 """
 
@@ -18,12 +19,14 @@ import torch
 from monai.data import get_track_meta, set_track_meta
 from monai.transforms import (
     Compose,
+    RandAdjustContrastd,
     RandAffined,
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RandSimulateLowResolutiond,
 )
 
 from lymphdx.core.config import AugmentationConfig
@@ -79,6 +82,16 @@ class Augmenter:
             s = tuple(cfg.blur_sigma)
             intensity.append(
                 RandGaussianSmoothd(IMAGE, sigma_x=s, sigma_y=s, sigma_z=s, prob=cfg.intensity_prob)
+            )
+        if cfg.low_res_prob > 0:
+            intensity.append(
+                RandSimulateLowResolutiond(
+                    IMAGE, prob=cfg.low_res_prob, zoom_range=tuple(cfg.low_res_zoom)
+                )
+            )
+        if cfg.gamma_prob > 0:
+            intensity.append(
+                RandAdjustContrastd(IMAGE, prob=cfg.gamma_prob, gamma=tuple(cfg.gamma_range))
             )
         self.transform = Compose([*spatial, *intensity])
 
