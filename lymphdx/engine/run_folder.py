@@ -331,6 +331,7 @@ AFTER_TRAINING = tuple(
         "roi_readout",
         "readout",
         "readout_weight",
+        "bn_stats",
         "bootstrap",
         "ci",
         "threshold",
