@@ -25,14 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lymphdx.core.config import Config
 from lymphdx.core.domains import STRONG, WEAK
 from lymphdx.core.errors import LymphdxError
 from lymphdx.data.datasets import VolumeSet
+from lymphdx.engine.inferer import pad_to_tile
 from lymphdx.engine.run_data import RunData, load_run_data
+from lymphdx.engine.run_state import weights_stamp
 from lymphdx.engine.teacher import update_bn
 from lymphdx.models.domain_norm import DomainBatchNorm3d, convert_to_domain_bn
 
@@ -62,11 +63,7 @@ def scan_tiles(
     """The sliding window's tiles ``(1, 1, d, h, w)`` of ``image`` ``(1, 1, D, H, W)``:
     starts ``tile * (1 - overlap)`` apart, the last flush with the end, a scan smaller
     than a tile padded with 0 (the normalised mean) as MONAI pads it."""
-    pad: list[int] = []
-    for size, t in zip(reversed(image.shape[2:]), reversed(tile), strict=True):
-        diff = max(t - size, 0)
-        pad += [diff // 2, diff - diff // 2]
-    padded = F.pad(image, pad, value=0.0) if any(pad) else image
+    padded, _ = pad_to_tile(image, tile)
     starts = []
     for size, t in zip(padded.shape[2:], tile, strict=True):
         step = max(1, int(t * (1 - overlap)))
@@ -128,11 +125,8 @@ def estimate_domain_stats(model: nn.Module, config: Config, data: RunData) -> nn
 
 def _stamp(checkpoint: Path, config: Config) -> dict[str, Any]:
     """What stored statistics were estimated for: the weights file and the tiling."""
-    st = checkpoint.stat()
     return {
-        "checkpoint": checkpoint.name,
-        "checkpoint_size": st.st_size,
-        "checkpoint_mtime_ns": st.st_mtime_ns,
+        **weights_stamp(checkpoint),
         "inferer": config.evaluation.inferer,
         "inference": config.inference.model_dump(mode="json"),
         "max_scans": MAX_SCANS,

@@ -35,7 +35,7 @@ from lymphdx.engine.candidates import peaks, tile_starts
 from lymphdx.engine.teacher import predict_with_tta
 from lymphdx.models.multitask import TileCells
 
-__all__ = ["Inferer", "WholeInferer", "SlidingWindowInferer", "make_inferer"]
+__all__ = ["Inferer", "WholeInferer", "SlidingWindowInferer", "make_inferer", "pad_to_tile"]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -44,6 +44,18 @@ def _device(model: nn.Module) -> torch.device:
 
 def _flip(x: torch.Tensor) -> torch.Tensor:
     return torch.flip(x, dims=(-1,))
+
+
+def pad_to_tile(image: torch.Tensor, tile: tuple[int, int, int]) -> tuple[torch.Tensor, list[int]]:
+    """``image`` ``(1, 1, D, H, W)`` padded with 0 (the normalised mean) to at least
+    ``tile`` ``(d, h, w)`` as MONAI's sliding window pads it (half before, the rest after),
+    and the padding before each axis ``[z, y, x]``."""
+    pad, offset = [], []
+    for size, t in zip(reversed(image.shape[2:]), reversed(tile), strict=True):
+        diff = max(t - size, 0)
+        pad += [diff // 2, diff - diff // 2]
+        offset.insert(0, diff // 2)
+    return (F.pad(image, pad, value=0.0) if any(pad) else image), offset
 
 
 class Inferer(ABC):
@@ -169,12 +181,7 @@ class SlidingWindowInferer(Inferer):
         ``image`` ``(1, 1, D, H, W)`` (T ≤ ``bag_tiles``): centred on the highest peaks of
         ``prob`` ``(D, H, W)`` half a bag tile apart, inside the scan padded to at least a
         bag tile, each place once."""
-        pad, offset = [], []
-        for size, t in zip(reversed(image.shape[2:]), reversed(self.bag_tile), strict=True):
-            diff = max(t - size, 0)  # MONAI's padding: half before, the rest after
-            pad += [diff // 2, diff - diff // 2]
-            offset.insert(0, diff // 2)
-        padded = F.pad(image, pad, value=0.0) if any(pad) else image
+        padded, offset = pad_to_tile(image, self.bag_tile)
         separation = [max(1, t // 2) for t in self.bag_tile]
         centres = peaks(prob.numpy(), self.cfg.bag_tiles, separation)
         starts = tile_starts(centres, self.bag_tile, padded.shape[2:], offset)

@@ -48,6 +48,7 @@ from lymphdx.engine.node_readout import NodeReadout, fit_node_readout, read_node
 from lymphdx.engine.propagation import _my_batches
 from lymphdx.engine.roi_status import read_roi_status
 from lymphdx.engine.run_data import RunData, load_run_data
+from lymphdx.engine.run_state import weights_stamp
 from lymphdx.stats.metrics import auc
 
 __all__ = [
@@ -261,11 +262,8 @@ def _fingerprint(checkpoint: Path, config: Config) -> dict[str, Any]:
     """What a stored readout was fitted for: the weights file, the flip setting, (when
     not ``whole``) the inferer and its settings, and (when not ``trained``) the batch-norm
     statistics."""
-    st = checkpoint.stat()
     stamp: dict[str, Any] = {
-        "checkpoint": checkpoint.name,
-        "checkpoint_size": st.st_size,
-        "checkpoint_mtime_ns": st.st_mtime_ns,
+        **weights_stamp(checkpoint),
         "tta_flip": bool(config.evaluation.tta_flip),
     }
     # absent for whole, so that readouts stored before evaluation.inferer existed stay valid

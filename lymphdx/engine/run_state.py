@@ -19,6 +19,7 @@ from lymphdx.core.files import lock_holder, read_csv
 
 __all__ = [
     "sha256_file",
+    "weights_stamp",
     "epochs_done",
     "busy_note",
     "refuse_while_busy",
@@ -36,6 +37,17 @@ def sha256_file(path: str | Path) -> str:
     """SHA-256 of a file's bytes (cached while its size and mtime stay the same)."""
     st = Path(path).stat()
     return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def weights_stamp(checkpoint: Path) -> dict[str, object]:
+    """What a file fitted for a checkpoint records of it (name, size, mtime), so that a
+    replaced checkpoint makes the file stale (the readout's, the batch-norm statistics')."""
+    st = checkpoint.stat()
+    return {
+        "checkpoint": checkpoint.name,
+        "checkpoint_size": st.st_size,
+        "checkpoint_mtime_ns": st.st_mtime_ns,
+    }
 
 
 @functools.lru_cache(maxsize=256)
