@@ -14,7 +14,7 @@ from monai.inferers import sliding_window_inference
 
 from lymphdx.core.domains import STRONG, WEAK
 from lymphdx.core.errors import LymphdxError
-from lymphdx.engine import domain_stats
+from lymphdx.engine import run_data
 from lymphdx.engine.domain_stats import (
     MAX_SCANS,
     apply_domain_stats,
@@ -182,7 +182,7 @@ def test_a_run_scored_with_each_hospitals_statistics(
     def unreadable(*args: object, **kwargs: object) -> None:
         raise LymphdxError("the manifest cannot be read")
 
-    monkeypatch.setattr(domain_stats, "load_run_data", unreadable)
+    monkeypatch.setattr(run_data, "load_run_data", unreadable)
     _, again, _ = load_model(run)
     assert all(torch.equal(again.state_dict()[k], v) for k, v in stored.items())
     # without them and without the data: a clear error

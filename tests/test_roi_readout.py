@@ -19,6 +19,7 @@ from sklearn.preprocessing import StandardScaler
 from lymphdx.core.errors import LymphdxError
 from lymphdx.engine import node_readout
 from lymphdx.engine import roi_readout as readout_module
+from lymphdx.engine import run_data as run_data_module
 from lymphdx.engine.node_readings import node_table
 from lymphdx.engine.node_readout import fit_node_readout
 from lymphdx.engine.roi_readout import (
@@ -258,7 +259,7 @@ def test_predict_uses_the_stored_readout(
         raise AssertionError("the stored readout should have been used")
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(readout_module, "load_run_data", no_refit)
+    mp.setattr(run_data_module, "load_run_data", no_refit)
     try:
         (res,) = predict(run, [image], tmp / "pred")
     finally:
@@ -299,7 +300,7 @@ def test_predict_without_a_readout_or_its_data_says_what_to_do(
         raise LymphdxError("the weak manifest /data/weak.csv does not exist")
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(readout_module, "load_run_data", gone)
+    mp.setattr(run_data_module, "load_run_data", gone)
     path.unlink()
     try:
         with pytest.raises(LymphdxError) as err:

@@ -32,7 +32,7 @@ from lymphdx.core.domains import STRONG, WEAK
 from lymphdx.core.errors import LymphdxError
 from lymphdx.data.datasets import VolumeSet
 from lymphdx.engine.inferer import pad_to_tile
-from lymphdx.engine.run_data import RunData, load_run_data
+from lymphdx.engine.run_data import RunData, data_to_fit
 from lymphdx.engine.run_state import weights_stamp
 from lymphdx.engine.teacher import update_bn
 from lymphdx.models.domain_norm import DomainBatchNorm3d, convert_to_domain_bn
@@ -171,15 +171,8 @@ def apply_domain_stats(
             model.load_state_dict({**model.state_dict(), **stored["state"]})
             return model.eval()
     if data is None:
-        try:
-            data = load_run_data(config, run_dir, need_strong=True)
-        except LymphdxError as err:
-            raise LymphdxError(
-                f"{run_dir} has no per-hospital batch-norm statistics for its {which} weights "
-                f"yet, and estimating them needs the run's training scans, which cannot be "
-                f"read: {err}. Run `lymphdx evaluate {run_dir}` where the data is, or set "
-                "evaluation.bn_stats: trained in the run's config.yaml"
-            ) from None
+        what = f"per-hospital batch-norm statistics for its {which} weights"
+        data = data_to_fit(config, run_dir, True, what, "evaluation.bn_stats: trained")
     estimate_domain_stats(model, config, data)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save({"stamp": stamp, "state": _dsbn_state(model)}, tmp)

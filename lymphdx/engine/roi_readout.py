@@ -37,7 +37,6 @@ from sklearn.preprocessing import StandardScaler
 
 from lymphdx.core.config import Config
 from lymphdx.core.domains import WEAK
-from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import write_json
 from lymphdx.core.strategies import get_strategy
 from lymphdx.data.datasets import VolumeSet
@@ -47,7 +46,7 @@ from lymphdx.engine.node_readings import NODE_FEATURES
 from lymphdx.engine.node_readout import NodeReadout, fit_node_readout, read_nodes
 from lymphdx.engine.propagation import _my_batches
 from lymphdx.engine.roi_status import read_roi_status
-from lymphdx.engine.run_data import RunData, load_run_data
+from lymphdx.engine.run_data import RunData, data_to_fit
 from lymphdx.engine.run_state import weights_stamp
 from lymphdx.stats.metrics import auc
 
@@ -322,15 +321,8 @@ def run_readout(
             readout = replace(kind.load(stored), weight=config.evaluation.readout_weight)
             return readout, _describe(readout)
     if data is None:
-        try:
-            data = load_run_data(config, run_dir, need_strong=False)
-        except LymphdxError as err:
-            raise LymphdxError(
-                f"{run_dir} has no ROI readout for its {which} weights yet, and fitting it "
-                f"needs the run's weak training scans, which cannot be read: {err}. Run "
-                f"`lymphdx evaluate {run_dir}` where the data is, or set "
-                "evaluation.roi_readout: false in the run's config.yaml"
-            ) from None
+        what = f"ROI readout for its {which} weights"
+        data = data_to_fit(config, run_dir, False, what, "evaluation.roi_readout: false")
     labels: list[np.ndarray] = []
     readings: list[Any] = []
     mm = voxel_mm(config)

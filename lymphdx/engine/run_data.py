@@ -172,6 +172,22 @@ def load_run_data(config: Config, run_dir: Path, need_strong: bool = True) -> Ru
     return RunData(weak, strong, cache, normalizers)
 
 
+def data_to_fit(
+    config: Config, run_dir: Path, need_strong: bool, what: str, instead: str
+) -> RunData:
+    """``load_run_data`` for something fitted after training on the run's scans (``what``,
+    e.g. "an ROI readout for its best weights"); when the scans cannot be read, an error
+    that says where to fit it, or the setting that does without it (``instead``)."""
+    try:
+        return load_run_data(config, run_dir, need_strong=need_strong)
+    except LymphdxError as err:
+        raise LymphdxError(
+            f"{run_dir} has no {what} yet, and fitting it needs the run's training scans, "
+            f"which cannot be read: {err}. Run `lymphdx evaluate {run_dir}` where the data "
+            f"is, or set {instead} in the run's config.yaml"
+        ) from None
+
+
 def resolve_manifests(config: Config, weak_csv: Path | None, strong_csv: Path | None) -> Config:
     """``config`` with the manifests' absolute paths, as a run's ``config.yaml`` holds it."""
     data = config.model_dump(mode="json")
