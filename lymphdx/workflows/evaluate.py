@@ -157,9 +157,9 @@ def evaluate_run(
 
 
 def _evaluate_run(run_dir: Path, split: str, detection: bool) -> dict[str, Any]:
-    config = load_run_config(run_dir)
-    data = load_run_data(config, run_dir, need_strong=False)
-    config, model, state = load_model(run_dir, data=data)
+    # the checkpoint is checked before any scan is read (load_model reads the scans only
+    # to estimate evaluation.bn_stats: per_hospital the first time)
+    config, model, state = load_model(run_dir)
     done, planned = epochs_done(run_dir)[0], config.training.epochs
     if done < planned:  # no process trains it (refuse_while_busy): it was stopped
         log.warning(
@@ -170,6 +170,7 @@ def _evaluate_run(run_dir: Path, split: str, detection: bool) -> dict[str, Any]:
             planned,
             run_dir,
         )
+    data = load_run_data(config, run_dir, need_strong=False)
     volumes = data.volumes("weak", split)
     if len(volumes) == 0:
         raise LymphdxError(f"the weak set has no patients in split {split!r}")
