@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from lymphdx.core.config import validate
 from lymphdx.core.errors import LymphdxError
 from lymphdx.engine.inferer import SlidingWindowInferer
 from lymphdx.engine.run_data import load_run_data
@@ -221,16 +222,14 @@ def test_a_rescoring_stopped_part_way_is_scored_again(
     """A compare killed while it scored a run again leaves config.yaml with the new
     evaluation settings and metrics.json with the old ones: the next compare sees it
     (``metrics.json``'s ``scored_with``) and scores it again; then it is left alone."""
-    out, tmp = compared
+    out, _ = compared
     run = tmp_path / "run"
     shutil.copytree(out / "runs" / "multitask" / "seed0", run)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     flip = not saved["evaluation"]["tta_flip"]
     saved["evaluation"]["tta_flip"] = flip  # what compare writes before it scores
     (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    config = tiny_config(
-        tmp, training={"epochs": 1}, evaluation={"tta_flip": flip}, strategy="multitask"
-    )
+    config = validate(saved)  # what compare asks for (the run's settings, earlier tests')
     why = reuse_finished(config, run, *_manifests(tiny_data))
     assert why is not None and "evaluation.tta_flip" in why and "stopped part-way" in why
     metrics = json.loads((run / "metrics.json").read_text())
