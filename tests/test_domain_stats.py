@@ -147,10 +147,19 @@ def test_at_most_max_scans_per_hospital_are_read(tmp_path: Path) -> None:
             return super().image(i)
 
     n = MAX_SCANS + 7
-    data = _Data([], [])
+    data = _Data([], [np.zeros((16, 32, 32), np.float32)])
     data.sets["weak"] = Counting([np.zeros((16, 32, 32), np.float32)] * n)
     estimate_domain_stats(model, config, data)  # type: ignore[arg-type]
     assert len(read) == MAX_SCANS and read[0] == 0 and read[-1] == n - 1
+
+
+def test_a_hospital_without_training_scans_is_refused(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, evaluation={"bn_stats": "per_hospital"})
+    model = build_model(config.model)
+    data = _Data([np.zeros((16, 32, 32), np.float32)], [])
+    with pytest.raises(LymphdxError, match="strong set has none"):
+        estimate_domain_stats(model, config, data)  # type: ignore[arg-type]
+    assert not any(isinstance(m, DomainBatchNorm3d) for m in model.modules())
 
 
 def test_a_run_scored_with_each_hospitals_statistics(

@@ -107,19 +107,20 @@ def _batches(config: Config, volumes: VolumeSet, domain: int) -> Iterator[tuple[
 def estimate_domain_stats(model: nn.Module, config: Config, data: RunData) -> nn.Module:
     """``model`` (eval mode) with per-hospital batch norms whose statistics are the
     averages over each hospital's training scans' tiles; returned converted in place."""
-    convert_to_domain_bn(model, n_domains=2, shared_affine=True)
     batches = [(data.volumes("weak", "train"), WEAK), (data.volumes("strong", "train"), STRONG)]
-    if not any(len(v) for v, _ in batches):
-        raise LymphdxError("per-hospital batch-norm statistics need training scans; none found")
+    for (volumes, _), name in zip(batches, ("weak", "strong"), strict=True):
+        if len(volumes) == 0:  # update_bn would leave its statistics reset (mean 0, var 1)
+            raise LymphdxError(
+                f"evaluation.bn_stats: per_hospital estimates each hospital's statistics on "
+                f"its training scans, and the {name} set has none: set bn_stats: trained"
+            )
+    convert_to_domain_bn(model, n_domains=2, shared_affine=True)
 
     def all_batches() -> Iterator[tuple[torch.Tensor, int]]:
         for volumes, domain in batches:
             yield from _batches(config, volumes, domain)
 
     update_bn(model, all_batches(), forward=lambda m, x: m(x, roi=True))
-    for volumes, domain in batches:  # a hospital without scans keeps the trained statistics
-        if len(volumes) == 0:
-            log.warning("no training scans of domain %d: its batch norms keep training's", domain)
     return model.eval()
 
 
