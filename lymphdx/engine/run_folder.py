@@ -13,7 +13,7 @@ import shutil
 import warnings
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,13 +31,12 @@ from lymphdx.core.files import (
     write_text,
 )
 from lymphdx.engine import selection
+from lymphdx.engine.domain_stats import apply_domain_stats
 from lymphdx.engine.propagation import PseudoLabels
 from lymphdx.engine.pseudo_store import read_round
+from lymphdx.engine.run_data import RunData
 from lymphdx.engine.run_state import checkpoint_record, missing_checkpoint
 from lymphdx.models.multitask import MultiTaskNet, build_model
-
-if TYPE_CHECKING:
-    from lymphdx.engine.run_data import RunData
 
 log = logging.getLogger("lymphdx")
 
@@ -423,7 +422,5 @@ def load_model(
         ) from None
     model.eval()
     state["source"] = checkpoint_record(Path(run_dir), path, sha, state)
-    from lymphdx.engine.domain_stats import apply_domain_stats  # it reads the run's data
-
     apply_domain_stats(Path(run_dir), config, model, which, data)
     return config, model, state
