@@ -195,3 +195,65 @@ def test_the_bags_tiles_are_bag_tile_sized_and_centred_on_the_peaks(tmp_path: Pa
     corner = tile_corner((3, 5, 5), (16, 16, 16), (24, 40, 40))
     assert corner == (0, 0, 0)  # the training sampler places the second one alike
     torch.testing.assert_close(tiles[1, 0], image[0, 0, 0:16, 0:16, 0:16])
+
+
+# ------------------------------------------------------------ per-stream augmentation
+
+
+def test_bag_augmentation_overrides_only_the_keys_it_gives(tmp_path: Path) -> None:
+    base = {"enabled": True, "noise_std": 0.2}
+    cfg = tiny_config(tmp_path, training={"augmentation": base})
+    assert cfg.training.bag_augmentation is None  # off: the tiles are augmented as patches
+    cfg = tiny_config(
+        tmp_path, training={"augmentation": base, "bag_augmentation": {"gamma_prob": 0.3}}
+    )
+    bag, patches = cfg.training.bag_augmentation, cfg.training.augmentation
+    assert bag is not None and bag.gamma_prob == 0.3 and patches.gamma_prob == 0.0
+    assert bag.model_dump() == {**patches.model_dump(), "gamma_prob": 0.3}
+    with pytest.raises(Exception, match="gamma_range"):
+        tiny_config(tmp_path, training={"bag_augmentation": {"gamma_range": [2.0, 1.0]}})
+
+
+class AugmentSpy(Trainer):
+    """Records the stream of every draw each of the two augmenters makes (key[3]: 0 weak
+    scans, 1 strong scans, 2 ROI patches) and the gamma share of its settings."""
+
+    streams: dict[str, set[int]] = {}
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        AugmentSpy.streams = {"patches": set(), "bags": set()}
+        self.augmenter = self._spy("patches", self.augmenter)
+        self.bag_augmenter = self._spy("bags", self.bag_augmenter)
+
+    @staticmethod
+    def _spy(name, augmenter):
+        def augment(key, volumes):
+            AugmentSpy.streams[name].add(key[3])
+            AugmentSpy.streams.setdefault(f"{name}_gamma", set()).add(augmenter.cfg.gamma_prob)
+            return augmenter(key, volumes)
+
+        return augment
+
+
+@pytest.mark.parametrize("strategy", ["multitask", "ssmdmt"])
+def test_bags_tiles_take_bag_augmentation_and_patches_the_other(
+    tmp_path: Path, tiny_data: Path, strategy: str
+) -> None:
+    """With ``training.bag_augmentation`` the weak (and, under ssmdmt, the strong) bags'
+    tiles are drawn by its augmenter and the ROI patches by ``training.augmentation``'s."""
+    config = tiles_config(
+        tmp_path,
+        strategy,
+        epochs=2,
+        roi_warmup_epochs=0,
+        augmentation={"enabled": True},
+        bag_augmentation={"gamma_prob": 1.0},
+    )
+    config.propagation.warmup_epochs = 1
+    weak, strong = tiny_data / "weak/manifest.csv", tiny_data / "strong/manifest.csv"
+    train(config, tmp_path / "run", weak, strong, progress=False, trainer=AugmentSpy)
+    bags = {0, 1} if strategy == "ssmdmt" else {0}
+    assert AugmentSpy.streams["bags"] == bags and AugmentSpy.streams["patches"] == {2}
+    assert AugmentSpy.streams["bags_gamma"] == {1.0}
+    assert AugmentSpy.streams["patches_gamma"] == {0.0}

@@ -396,6 +396,11 @@ class TrainingConfig(_Section):
     # share of those patches centred on a random node voxel (nnU-Net: 1/3), the rest anywhere
     roi_foreground: float = Field(0.33, ge=0, le=1)
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
+    # the bags' tiles (training.sampler: tiles; the weak and strong scans the classifier
+    # reads) augmented otherwise than the ROI patches: the keys given here override
+    # training.augmentation's for the tiles alone (config.yaml records the whole section);
+    # None: the tiles are augmented as the patches are
+    bag_augmentation: AugmentationConfig | None = None
     optimizer: Literal["adam", "adamw"] = "adam"
     batch_size: int = Field(4, ge=1)
     strong_batch_size: int = Field(4, ge=1)
@@ -444,6 +449,15 @@ class TrainingConfig(_Section):
     # validation (weak-val AUC, strong-val Dice) every this many epochs and at the last;
     # with a fixed budget (selection last / ema_last) it only draws the learning curves
     validate_every: int = Field(1, ge=1)
+
+    @field_validator("bag_augmentation", mode="before")
+    @classmethod
+    def _bag_augmentation_over_augmentation(cls, v: object, info: ValidationInfo) -> object:
+        # the keys given override training.augmentation's, the rest are its
+        base = info.data.get("augmentation")
+        if isinstance(v, dict) and isinstance(base, AugmentationConfig):
+            return {**base.model_dump(), **v}
+        return v
 
 
 class EvaluationConfig(_Section):

@@ -32,6 +32,7 @@ class BatchesMixin:
     patch: tuple[int, ...] | None
     pseudo: PseudoLabels
     augmenter: Augmenter | None
+    bag_augmenter: Augmenter | None
     weak_train: VolumeSet
     strong_train: VolumeSet | None
     bags: BagSampler | None
@@ -43,8 +44,20 @@ class BatchesMixin:
         """One scan's volumes (``image`` and any on its grid), augmented with the draw of
         ``key``: MONAI transforms (``training.augmentation``), else a left-right flip with
         probability 1/2 (``training.flip_augment``), else as they are."""
-        if self.augmenter is not None:
-            return self.augmenter(key, volumes)
+        return self._augment_with(self.augmenter, key, volumes)
+
+    def _bag_augmented(
+        self, key: tuple[int, ...], volumes: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """One tile of a bag, as ``_augmented`` with ``training.bag_augmentation`` (when
+        set) in place of ``training.augmentation``."""
+        return self._augment_with(self.bag_augmenter, key, volumes)
+
+    def _augment_with(
+        self, augmenter: Augmenter | None, key: tuple[int, ...], volumes: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        if augmenter is not None:
+            return augmenter(key, volumes)
         if self.config.training.flip_augment and seeded_rng(*key).random() < 0.5:
             return {k: v[..., ::-1] for k, v in volumes.items()}
         return volumes
@@ -94,7 +107,7 @@ class BatchesMixin:
                 vols = {n: crop_padded(v, corner, self.patch) for n, v in vols.items()}
             if bags is not None:  # the scan as a bag of tiles (training.sampler: tiles)
                 extra = {n: v for n, v in vols.items() if n != "image"}
-                tiles = bags.load(volumes, kind, i, key, extra, self._augmented)
+                tiles = bags.load(volumes, kind, i, key, extra, self._bag_augmented)
                 items += tiles
                 sizes.append(len(tiles))
                 continue

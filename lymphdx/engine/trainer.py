@@ -129,6 +129,10 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
             self.model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay
         )
         self.augmenter = Augmenter(tcfg.augmentation) if tcfg.augmentation.enabled else None
+        self.bag_augmenter = self.augmenter  # the bags' tiles (training.bag_augmentation)
+        if tcfg.bag_augmentation is not None:
+            bag_cfg = tcfg.bag_augmentation
+            self.bag_augmenter = Augmenter(bag_cfg) if bag_cfg.enabled else None
         self._foreground: dict[int, np.ndarray] = {}  # strong training scan -> node voxels
         self.roi_loss = RoiLoss()
         self.weak_train = data.volumes("weak", "train")
