@@ -22,6 +22,7 @@ with the config ``--config FILE`` (the preset and the settings the arm changes) 
 
     python benchmarks/issue29_dev_folds.py arm DATA OUT --fold 0 --name a --config a.yaml
     python benchmarks/issue29_dev_folds.py arm DATA OUT --fold 0 --name b --config b.yaml
+    python benchmarks/issue29_dev_folds.py arm DATA OUT --fold 0 --name c --config c.yaml
 
 Arm ``a`` (nnU-Net's simulated low resolution and gamma, ``training.augmentation``:
 ``low_res_prob: 0.25``, ``low_res_zoom: [0.5, 1]``, ``gamma_prob: 0.3``, ``gamma_range:
@@ -43,6 +44,19 @@ that of ``e20n`` scored by today's code (0.758) and the mean over the folds of i
 Dice on the strong training + validation scans is no more than 0.02 below ``e20n``'s
 (0.671; the patches' augmentation is unchanged, so a lower Dice would be noise: the two
 folds of ``e20n`` differ by 0.025).
+
+Arm ``c`` (seventh session, 2026-12-08): the refresh's sliding window without overlap
+(``training.bag_refresh_overlap: 0``) on the preset as arm ``b``'s rule leaves it (with
+``bag_augmentation`` if ``b`` is adopted). Why: the refreshes are most of a clinical run's
+time, and overlap 0 maps a scan in half the time (``benchmarks/refresh_overlap.py``: 2.5
+against 5.1 s); it finds 49 of the 80 peaks again, against 58 for overlap 0.5, so whether
+the bags teach as well is a question for the learning curves. Rule declared before it
+ran: the preset takes overlap 0 when the arm's training time (history.csv's seconds,
+summed over both folds, run as a pair at one thread each as arm ``b`` was) is lower than
+arm ``b``'s, and its pooled out-of-fold AUC and its mean decoder Dice are each no more
+than 0.02 below those of the arm it changes (``b`` if adopted, else ``e20n``). The
+per-epoch curves (validation AUC, strong Dice, the bags' peak probability) are shown
+beside.
 
 Run the folds in parallel with ``OMP_NUM_THREADS=1`` each on a 2-core machine. The
 summary gives, per budget, the pooled out-of-fold AUC with its bootstrap CI, DeLong's

@@ -257,3 +257,50 @@ def test_bags_tiles_take_bag_augmentation_and_patches_the_other(
     assert AugmentSpy.streams["bags"] == bags and AugmentSpy.streams["patches"] == {2}
     assert AugmentSpy.streams["bags_gamma"] == {1.0}
     assert AugmentSpy.streams["patches_gamma"] == {0.0}
+
+
+class _Scans:
+    """Two normalised scans of 32^3 voxels, as a ``VolumeSet`` hands them to the sampler."""
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(0)
+        self.arrays = [rng.normal(size=(32, 32, 32)).astype(np.float32) for _ in range(2)]
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def image(self, i: int) -> np.ndarray:
+        return self.arrays[i]
+
+
+class _TileCounter(torch.nn.Module):
+    """A model's ROI forward that counts the tiles it is handed."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.tiles = model, 0
+
+    def forward(self, x: torch.Tensor, roi: bool = False) -> dict[str, torch.Tensor]:
+        self.tiles += x.shape[0]
+        return self.model(x, roi=roi)
+
+
+@pytest.mark.parametrize(("overlap", "tiles"), [(None, 27), (0.0, 8), (0.5, 27)])
+def test_refresh_reads_its_scans_with_its_own_overlap(
+    tmp_path: Path, overlap: float | None, tiles: int
+) -> None:
+    """``training.bag_refresh_overlap``: a 32^3 scan in 16^3 tiles is 2 x 2 x 2 tiles
+    without overlap and 3 x 3 x 3 at inference's 0.25 (MONAI's step: 12 voxels) or at 0.5;
+    unset, the refresh reads as inference does."""
+    from lymphdx.engine.bag_sampler import BagSampler
+
+    config = tiles_config(tmp_path, "multitask", bag_refresh_overlap=overlap)
+    config.inference.tile = (16, 16, 16)
+    config.inference.overlap = 0.25
+    torch.manual_seed(0)
+    counter = _TileCounter(build_model(config.model))
+    sampler = BagSampler(config)
+    summary = sampler.refresh(counter, _Scans(), "weak", epoch=1)
+    assert counter.tiles == 2 * tiles
+    assert [len(c) for c in sampler.centres["weak"]] == [2, 2]  # inference.bag_tiles peaks
+    assert 0.0 < summary["bag_peak_prob_weak"] < 1.0

@@ -39,7 +39,7 @@ class BagSampler:
 
     Args:
         config: the run's config (``inference.bag_tile``, ``inference.bag_tiles``,
-            ``training.bag_random``, ``data.hu_window``).
+            ``training.bag_random``, ``training.bag_refresh_overlap``, ``data.hu_window``).
     """
 
     def __init__(self, config: Config) -> None:
@@ -48,7 +48,11 @@ class BagSampler:
         self.n_peaks = config.inference.bag_tiles
         self.n_random = config.training.bag_random
         self.floor = float(config.data.hu_window[0])
-        self.inferer = SlidingWindowInferer(config.inference)
+        overlap = config.training.bag_refresh_overlap
+        window = config.inference
+        if overlap is not None:  # the refresh's own overlap
+            window = window.model_copy(update={"overlap": overlap})
+        self.inferer = SlidingWindowInferer(window)
         self.centres: dict[str, list[np.ndarray | None]] = {}  # set -> per scan (K, 3)
         self.refreshed_at = -1  # the epoch of the last refresh
         self._boxes: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
