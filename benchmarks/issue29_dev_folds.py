@@ -23,6 +23,7 @@ with the config ``--config FILE`` (the preset and the settings the arm changes) 
     python benchmarks/issue29_dev_folds.py arm DATA OUT --fold 0 --name a --config a.yaml
     python benchmarks/issue29_dev_folds.py arm DATA OUT --fold 0 --name b --config b.yaml
     python benchmarks/issue29_dev_folds.py arm DATA OUT --fold 0 --name c --config c.yaml
+    python benchmarks/issue29_dev_folds.py arm DATA OUT --fold 0 --name d --config d.yaml
 
 Arm ``a`` (nnU-Net's simulated low resolution and gamma, ``training.augmentation``:
 ``low_res_prob: 0.25``, ``low_res_zoom: [0.5, 1]``, ``gamma_prob: 0.3``, ``gamma_range:
@@ -57,6 +58,16 @@ arm ``b``'s, and its pooled out-of-fold AUC and its mean decoder Dice are each n
 than 0.02 below those of the arm it changes (``b`` if adopted, else ``e20n``). The
 per-epoch curves (validation AUC, strong Dice, the bags' peak probability) are shown
 beside.
+
+Arm ``d`` (seventh session, 2026-12-08): arm ``b``'s config (the preset since) with
+nnU-Net's poly learning-rate schedule (``training.lr_schedule: poly``). Why: arms ``b``
+and ``c`` differ only in where the bags' tiles lie, yet their fold AUCs differ by +0.09
+and −0.33, and ``c``'s fold 1 decoder fell from Dice 0.70 to 0.45 over its last
+validations: with a constant rate a run ends wherever its last steps leave it. Rule
+declared before it ran: the preset takes ``poly`` when the arm's pooled out-of-fold AUC
+and its mean decoder Dice are each no more than 0.02 below arm ``b``'s (0.828; 0.669) and
+its strong-validation Dice varies less over the last four validations (max − min, mean
+over the folds; arm ``b``: 0.229 and 0.060, mean 0.145).
 
 Run the folds in parallel with ``OMP_NUM_THREADS=1`` each on a 2-core machine. The
 summary gives, per budget, the pooled out-of-fold AUC with its bootstrap CI, DeLong's

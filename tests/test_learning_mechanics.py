@@ -824,3 +824,33 @@ def test_small_node_budget_is_off_by_default_and_never_shortens(
         )
         assert len(_history(run)) == 2, name
         assert "instead of" not in (run / "train.log").read_text(encoding="utf-8")
+
+
+# -- training.lr_schedule ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["constant", "poly"])
+def test_each_epochs_rate_is_the_schedules_worked_by_hand(
+    schedule: str, tiny_data: Path, cache: Path, tmp_path: Path
+) -> None:
+    """history.csv's ``lr`` of each epoch: 1e-3 throughout, or nnU-Net's poly 1e-3 · (1 −
+    e/4)^0.9 = 1e-3, 7.719e-4, 5.359e-4, 2.872e-4. A 2-epoch run trained on to 4 by
+    ``--resume`` had the 2-epoch schedule (1e-3, 5.359e-4), then takes the 4-epoch one's."""
+    weak, strong = _manifests(tiny_data)
+
+    def config(epochs: int) -> Config:
+        return _mechanics(
+            cache, "multitask", epochs, training={"lr_schedule": schedule, "lr": 1e-3}
+        )
+
+    full, longer = tmp_path / "full", tmp_path / "longer"
+    train(config(4), full, weak, strong, progress=False)
+    hand = [1e-3] * 4 if schedule == "constant" else [1e-3, 7.719e-4, 5.359e-4, 2.872e-4]
+    rates = [float(r["lr"]) for r in _history(full)]
+    np.testing.assert_allclose(rates, hand, rtol=2e-4)
+    train(config(2), longer, weak, strong, progress=False)
+    train(config(4), longer, weak, strong, resume=True, progress=False)
+    first = [1e-3] * 2 if schedule == "constant" else [1e-3, 5.359e-4]
+    np.testing.assert_allclose(
+        [float(r["lr"]) for r in _history(longer)], first + hand[2:], rtol=2e-4
+    )

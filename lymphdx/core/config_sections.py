@@ -405,6 +405,10 @@ class TrainingConfig(_Section):
     batch_size: int = Field(4, ge=1)
     strong_batch_size: int = Field(4, ge=1)
     lr: float = Field(1e-3, gt=0)
+    # the rate of each epoch (lymphdx.engine.lr_schedule): constant (the paper), or poly:
+    # nnU-Net's lr * (1 - epoch / epochs) ** lr_poly_exponent
+    lr_schedule: Literal["constant", "poly"] = "constant"
+    lr_poly_exponent: float = Field(0.9, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     flip_augment: bool = True
     num_threads: int | None = None  # default: all cores, shared by the processes of a node

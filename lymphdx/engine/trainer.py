@@ -54,6 +54,7 @@ from lymphdx.engine.batches import BatchesMixin
 from lymphdx.engine.distributed import DistContext
 from lymphdx.engine.inferer import Inferer, make_inferer
 from lymphdx.engine.losses import RoiLoss
+from lymphdx.engine.lr_schedule import set_epoch_lr
 from lymphdx.engine.performance import grad_scaler, optimizer_step
 from lymphdx.engine.propagation import PropagationMixin, PseudoLabels, predict_volumes
 from lymphdx.engine.pseudo_store import prune as prune_pseudo
@@ -331,6 +332,7 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
         return {"loss": float(total.detach()), **losses}
 
     def train_epoch(self) -> dict[str, float]:
+        set_epoch_lr(self.optimizer, self.config.training, self.epoch)
         self.train_model.train()
         batches = self.epoch_batches()
         sums: dict[str, float] = {}
