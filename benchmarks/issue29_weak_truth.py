@@ -23,7 +23,7 @@ from lymphdx.core.domains import WEAK
 from lymphdx.engine.inferer import make_inferer
 from lymphdx.engine.run_data import load_run_data
 from lymphdx.engine.run_folder import load_model
-from lymphdx.workflows.detection import _roi_probabilities, _score_split
+from lymphdx.workflows.detection import _roi_probabilities, _score_split, weak_truth_masks
 
 
 def weak_truth_scores(run: Path, data: Path, candidate_threshold: float = 0.1) -> dict:
@@ -32,13 +32,7 @@ def weak_truth_scores(run: Path, data: Path, candidate_threshold: float = 0.1) -
     config, model, state = load_model(run)
     run_data = load_run_data(config, run)
     weak = run_data.volumes("weak", "test")
-    truth_dir = data / "weak_truth" / "masks"
-    idx, truths = [], []
-    for i, rec in enumerate(weak.records):
-        path = truth_dir / f"{rec.patient_id}.nii.gz"
-        if path.exists():
-            idx.append(i)
-            truths.append(run_data.cache.mask(path, rec.image, rec.patient_id))
+    idx, truths = weak_truth_masks(run_data, weak, data / "weak_truth" / "masks")
     probs = _roi_probabilities(
         model, weak, idx, WEAK, config.evaluation.tta_flip, make_inferer(config)
     )

@@ -41,7 +41,7 @@ from lymphdx.core.files import write_json
 from lymphdx.core.zeta import roi_mask
 from lymphdx.data.datasets import VolumeSet
 from lymphdx.engine.inferer import Inferer, WholeInferer, make_inferer
-from lymphdx.engine.run_data import load_run_data
+from lymphdx.engine.run_data import RunData, load_run_data
 from lymphdx.engine.run_folder import load_model
 from lymphdx.engine.run_state import refuse_while_busy
 from lymphdx.models.domain_norm import domains
@@ -286,6 +286,21 @@ def _score_split(
     }
 
 
+def weak_truth_masks(
+    data: RunData, weak: VolumeSet, truth_dir: Path
+) -> tuple[list[int], list[np.ndarray]]:
+    """The synthetic generator's true masks ``(D, H, W)`` of the weak scans ``weak`` that
+    have one in ``truth_dir`` (``<patient_id>.nii.gz``), on the working grid as the cache
+    prepares masks: their positions in ``weak`` and the masks."""
+    idx, truths = [], []
+    for i, rec in enumerate(weak.records):
+        path = truth_dir / f"{rec.patient_id}.nii.gz"
+        if path.exists():
+            idx.append(i)
+            truths.append(data.cache.mask(path, rec.image, rec.patient_id))
+    return idx, truths
+
+
 def evaluate_detection(
     run_dir: str | Path,
     candidate_threshold: float = 0.1,
@@ -333,12 +348,7 @@ def evaluate_detection(
     truth_dir = Path(config.manifests.weak).parent.parent / "weak_truth" / "masks"
     if truth_dir.is_dir():
         weak = data.volumes("weak", "test")
-        idx, truths = [], []
-        for i, rec in enumerate(weak.records):
-            path = truth_dir / f"{rec.patient_id}.nii.gz"
-            if path.exists():
-                idx.append(i)
-                truths.append(data.cache.mask(path, rec.image, rec.patient_id))
+        idx, truths = weak_truth_masks(data, weak, truth_dir)
         if idx:
             result["weak_test"] = _score_split(
                 _roi_probabilities(model, weak, idx, WEAK, config.evaluation.tta_flip, inferer),
