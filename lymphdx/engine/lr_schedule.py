@@ -41,9 +41,8 @@ def epoch_lr(cfg: TrainingConfig, epoch: int) -> float:
     return LR_SCHEDULES[cfg.lr_schedule](cfg, epoch)
 
 
-def set_epoch_lr(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, epoch: int) -> float:
-    """Set every parameter group of ``optimizer`` to epoch ``epoch``'s rate; returns it."""
+def set_epoch_lr(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, epoch: int) -> None:
+    """Set every parameter group of ``optimizer`` to epoch ``epoch``'s rate."""
     lr = epoch_lr(cfg, epoch)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    return lr
