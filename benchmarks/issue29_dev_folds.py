@@ -69,6 +69,18 @@ and its mean decoder Dice are each no more than 0.02 below arm ``b``'s (0.828; 0
 its strong-validation Dice varies less over the last four validations (max − min, mean
 over the folds; arm ``b``: 0.229 and 0.060, mean 0.145).
 
+The eighth session (2026-12-08) starts no new arm before it knows why arm ``d``'s fold 1
+decoder scored Dice 0.009 in eval mode while its training loss equalled fold 0's. It
+trains again, from scratch, arm ``d``'s fold 1 (``d.yaml``: ``preset: clinical``,
+``training: {lr_schedule: poly}``) and, beside it, the preset itself on fold 1 with
+training seed 1 (``--seed 1``, ``e20p/seed1``: a replicate, the first of the two seeds
+per arm that later rules read), then scores both with ``benchmarks/bn_stats_probe.py``:
+the same weights with the batch-norm statistics re-estimated on the strong ROI patches
+alone. Declared before the runs: the running statistics are the cause when the
+re-estimated ones lift ``d``'s fold 1 decoder Dice on the strong training + validation
+scans to at least 0.4 (the propagation gate); re-estimation then becomes a candidate
+component, judged on both folds by its own rule, written before it is scored.
+
 Run the folds in parallel with ``OMP_NUM_THREADS=1`` each on a 2-core machine. The
 summary gives, per budget, the pooled out-of-fold AUC with its bootstrap CI, DeLong's
 paired test between budgets, and the decoder's Dice on the strong training + validation
@@ -118,7 +130,14 @@ def _paths(data: Path) -> tuple[Path, Path]:
 
 
 def _fold_dirs(
-    data: Path, out: Path, preset: str, k: int, first: int, arm: Path | None = None, name: str = ""
+    data: Path,
+    out: Path,
+    preset: str,
+    k: int,
+    first: int,
+    arm: Path | None = None,
+    name: str = "",
+    seed: int = 0,
 ) -> list[Path]:
     """The folds' run folders of the first budget (or of an ``arm``'s config file, named
     ``e<first><name>``), each with its ``splits.csv`` written."""
@@ -135,19 +154,19 @@ def _fold_dirs(
     write_development_manifest(development, out / "development_weak.csv")
     folds = cv.cv_folds(config, development, k, 1)
     runs = cv.fold_runs(
-        out, folds, development, strong, [f"e{first}{name}"], [0], lambda n, s: config
+        out, folds, development, strong, [f"e{first}{name}"], [seed], lambda n, s: config
     )
     return [r.run_dir for r in runs]
 
 
-def _train(run: Path, cfg: Path, out: Path, data: Path) -> None:
+def _train(run: Path, cfg: Path, out: Path, data: Path, seed: int = 0) -> None:
     if (run / "predictions_test.csv").exists():
         return
     resume = ["--resume"] if (run / "checkpoints" / "last.pt").exists() else []
     cmd = [
         "lymphdx", "train", "--weak", str(out / "development_weak.csv"),
         "--strong", str(_paths(data)[1]), "--strategy", "multitask",
-        "--config", str(cfg), "--out", str(run), "--seed", "0", *resume,
+        "--config", str(cfg), "--out", str(run), "--seed", str(seed), *resume,
     ]  # fmt: skip
     subprocess.run(cmd, check=True)
     evaluate_run(run, "test", detection=False)
@@ -169,12 +188,15 @@ def run_fold(data: Path, out: Path, preset: str, k: int, fold: int, budgets: lis
         previous = run
 
 
-def train_arm(data: Path, out: Path, k: int, fold: int, name: str, arm: Path) -> None:
+def train_arm(
+    data: Path, out: Path, k: int, fold: int, name: str, arm: Path, seed: int = 0
+) -> None:
     """Fold ``fold``'s run of the arm's config ``arm`` (its ``training.epochs`` the budget),
-    trained from scratch in ``e<epochs><name>`` and scored (resumable)."""
+    trained from scratch with training seed ``seed`` in ``e<epochs><name>/seed<seed>`` and
+    scored (resumable)."""
     epochs = load_config(arm).training.epochs
-    run = _fold_dirs(data, out, "", k, epochs, arm, name)[fold]
-    _train(run, out / f"e{epochs}{name}.yaml", out, data)
+    run = _fold_dirs(data, out, "", k, epochs, arm, name, seed)[fold]
+    _train(run, out / f"e{epochs}{name}.yaml", out, data, seed)
 
 
 # readout arms: the run folder's suffix and the evaluation settings it scores with
@@ -244,6 +266,7 @@ def main() -> None:
     parser.add_argument("--arm", choices=sorted(ARMS), default="r", help="readout: the arm")
     parser.add_argument("--name", default="a", help="arm: the run folders' suffix")
     parser.add_argument("--config", type=Path, help="arm: the arm's config file")
+    parser.add_argument("--seed", type=int, default=0, help="arm: the training seed")
     parser.add_argument(
         "--epochs", nargs="+", default=["10", "20"], help="budgets (summary: also <E>r)"
     )
@@ -254,7 +277,7 @@ def main() -> None:
     elif args.what == "arm":
         if args.config is None:
             parser.error("arm needs --config")
-        train_arm(args.data, args.out, args.folds, args.fold, args.name, args.config)
+        train_arm(args.data, args.out, args.folds, args.fold, args.name, args.config, args.seed)
     elif args.what == "readout":
         readout_arm(args.out, int(args.epochs[-1]), args.arm)
     else:

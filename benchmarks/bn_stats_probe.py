@@ -1,0 +1,150 @@
+"""Does a run's eval-mode decoder Dice hinge on its batch-norm running statistics? (issue 29)
+
+A clinical run trains with two separate forward passes per step in train mode: the weak
+scans' bags (small tiles anywhere in the weak hospital's scans, with the bags'
+augmentation) and the strong ROI patches (node-oversampled). Each pass moves every batch
+norm's running mean and variance, so the statistics eval mode uses are a mix of both
+kinds of input, while the decoder's loss was only ever computed under the patches' own
+batch statistics. This probe scores one finished run's selected weights (``best.pt``:
+the EMA under ``selection: ema_last``) as ``roi_status.json`` does (sliding window, no
+flip, pooled Dice at ζ over the strong training + validation scans), with the batch-norm
+statistics
+
+- ``running``: as trained (what every score reads);
+- ``patches``: re-estimated (``teacher.update_bn``, equal weights) on strong training ROI
+  patches drawn as training draws them (``training.roi_foreground``, no augmentation);
+- ``weak_tiles``: re-estimated on tiles of ``inference.bag_tile`` placed uniformly in the
+  weak training scans (no augmentation);
+- ``both``: on both, one batch of each in turn (what the running statistics average);
+
+then, per batch-norm layer, how far the running mean lies from the patches' mean in the
+patches' standard deviations (channel mean), for the encoder and the decoder apart.
+
+Usage: python benchmarks/bn_stats_probe.py RUN_DIR [--batches 40] [--model best|student]
+[--json OUT.json] (set LYMPHDX_CACHE to the run's cache; one thread is enough).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lymphdx.data.sampling import patch_corner  # noqa: E402
+from lymphdx.data.tile_sampler import crop_padded  # noqa: E402
+from lymphdx.engine.distributed import DistContext  # noqa: E402
+from lymphdx.engine.inferer import make_inferer  # noqa: E402
+from lymphdx.engine.roi_status import strong_dice  # noqa: E402
+from lymphdx.engine.run_data import load_run_data  # noqa: E402
+from lymphdx.engine.run_folder import load_model, read_checkpoint  # noqa: E402
+from lymphdx.engine.teacher import update_bn  # noqa: E402
+from lymphdx.models.multitask import MultiTaskNet, build_model  # noqa: E402
+
+
+def _patch_batches(
+    volumes: Any, patch: tuple[int, int, int], foreground: float, batch: int, n: int, seed: int
+) -> list[torch.Tensor]:
+    """``n`` batches ``(batch, 1, d, h, w)`` of ROI patches of ``volumes`` (strong, with
+    masks): centred on a node voxel with probability ``foreground``, as training does."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        items = []
+        for i in rng.integers(len(volumes), size=batch):
+            mask = volumes.mask(int(i))
+            corner = patch_corner(mask, patch, foreground, rng)
+            items.append(crop_padded(volumes.image(int(i)), corner, patch))
+        out.append(torch.from_numpy(np.stack(items)[:, None].copy()))
+    return out
+
+
+def _interleave(*lists: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    for group in zip(*lists, strict=True):
+        yield from group
+
+
+def _bn_shift(model: MultiTaskNet, reference: MultiTaskNet) -> dict[str, float]:
+    """Mean over the encoder's / decoder's batch norms of the channel-mean
+    ``|μ_model − μ_ref| / σ_ref``: how far ``model``'s running means lie from the
+    reference statistics."""
+    ref = {n: m for n, m in reference.named_modules() if isinstance(m, _BatchNorm)}
+    parts: dict[str, list[float]] = {"decoder": [], "encoder": []}
+    for name, m in model.named_modules():
+        if not isinstance(m, _BatchNorm) or m.running_mean is None:
+            continue
+        r = ref[name]
+        assert r.running_mean is not None and r.running_var is not None
+        z = (m.running_mean - r.running_mean).abs() / (r.running_var + r.eps).sqrt()
+        parts["decoder" if name.startswith("decoder") else "encoder"].append(float(z.mean()))
+    return {k: float(np.mean(v)) if v else float("nan") for k, v in parts.items()}
+
+
+def probe(run_dir: Path, n_batches: int, which: str) -> dict[str, Any]:
+    config, best, _ = load_model(run_dir, "best")
+    if which == "student":
+        state, _ = read_checkpoint(run_dir / "checkpoints" / "last.pt")
+        best = build_model(config.model)
+        best.load_state_dict(state["model"])
+    best.eval()
+    zeta = float(config.propagation.roi_threshold)
+    data = load_run_data(config, run_dir)
+    strong = [data.volumes("strong", s, masks=True) for s in ("train", "val")]
+    weak = data.volumes("weak", "train")
+    tcfg = config.training
+    assert tcfg.roi_patch is not None, "a run trained on ROI patches (training.roi_patch)"
+    patch = tuple(reversed(tcfg.roi_patch))
+    x, y, z = config.inference.bag_tile or config.inference.tile
+    tile = (z, y, x)
+    patches = _patch_batches(
+        strong[0], patch, tcfg.roi_foreground, tcfg.strong_batch_size, n_batches, 0
+    )
+    n_tiles = tcfg.batch_size * ((config.inference.bag_tiles or 8) + tcfg.bag_random)
+    tiles = _patch_batches(weak, tile, 0.0, n_tiles, n_batches, 1) if len(weak) else []
+    if not tiles:
+        raise SystemExit(f"{run_dir}: no weak training scans to draw tiles from")
+    ctx, inferer = DistContext(), make_inferer(config)
+    roi = dict(forward=lambda m, x: m(x, roi=True))
+    models = {"running": best}
+    models["patches"] = update_bn(copy.deepcopy(best), patches, **roi)
+    models["weak_tiles"] = update_bn(copy.deepcopy(best), tiles, **roi)
+    models["both"] = update_bn(copy.deepcopy(best), _interleave(patches, tiles), **roi)
+    rows: dict[str, Any] = {}
+    for name, model in models.items():
+        t0 = time.perf_counter()
+        dice = strong_dice(model.eval(), strong, zeta, ctx, inferer)
+        rows[name] = {
+            "dice_strong_train_val": dice,
+            "n_scans": sum(map(len, strong)),
+            "shift_from_patches": _bn_shift(model, models["patches"]),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        print(f"{name:>10}: Dice {dice:.3f}  shift {rows[name]['shift_from_patches']}", flush=True)
+    return {"run": str(run_dir), "model": which, "zeta": zeta, "batches": n_batches, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--model", choices=("best", "student"), default="best")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    result = probe(args.run, args.batches, args.model)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
