@@ -55,16 +55,18 @@ from lymphdx.models.multitask import MultiTaskNet, build_model  # noqa: E402
 def _patch_batches(
     volumes: Any, patch: tuple[int, int, int], foreground: float, batch: int, n: int, seed: int
 ) -> list[torch.Tensor]:
-    """``n`` batches ``(batch, 1, d, h, w)`` of ROI patches of ``volumes`` (strong, with
-    masks): centred on a node voxel with probability ``foreground``, as training does."""
+    """``n`` batches ``(batch, 1, d, h, w)`` of patches of ``volumes``: centred on a node
+    voxel with probability ``foreground`` (a strong set with masks), as training draws its
+    ROI patches, else placed uniformly."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         items = []
         for i in rng.integers(len(volumes), size=batch):
-            mask = volumes.mask(int(i))
+            image = volumes.image(int(i))
+            mask = volumes.mask(int(i)) if foreground > 0 else np.zeros(image.shape, bool)
             corner = patch_corner(mask, patch, foreground, rng)
-            items.append(crop_padded(volumes.image(int(i)), corner, patch))
+            items.append(crop_padded(image, corner, patch))
         out.append(torch.from_numpy(np.stack(items)[:, None].copy()))
     return out
 
