@@ -20,8 +20,10 @@ statistics
 then, per batch-norm layer, how far the running mean lies from the patches' mean in the
 patches' standard deviations (channel mean), for the encoder and the decoder apart.
 
-Usage: python benchmarks/bn_stats_probe.py RUN_DIR [--batches 40] [--model best|student]
-[--json OUT.json] (set LYMPHDX_CACHE to the run's cache; one thread is enough).
+Usage: python benchmarks/bn_stats_probe.py RUN_DIR [--batches 40]
+[--model best|student|ema] [--variants running patches ...] [--json OUT.json]
+(``student``/``ema``: ``last.pt``'s weights, readable while the run trains; set
+LYMPHDX_CACHE to the run's cache; one thread is enough).
 """
 
 from __future__ import annotations
@@ -47,9 +49,11 @@ from lymphdx.engine.distributed import DistContext  # noqa: E402
 from lymphdx.engine.inferer import make_inferer  # noqa: E402
 from lymphdx.engine.roi_status import strong_dice  # noqa: E402
 from lymphdx.engine.run_data import load_run_data  # noqa: E402
-from lymphdx.engine.run_folder import load_model, read_checkpoint  # noqa: E402
+from lymphdx.engine.run_folder import load_model, load_run_config, read_checkpoint  # noqa: E402
 from lymphdx.engine.teacher import update_bn  # noqa: E402
 from lymphdx.models.multitask import MultiTaskNet, build_model  # noqa: E402
+
+VARIANTS = ("running", "patches", "weak_tiles", "both")
 
 
 def _patch_batches(
@@ -92,12 +96,14 @@ def _bn_shift(model: MultiTaskNet, reference: MultiTaskNet) -> dict[str, float]:
     return {k: float(np.mean(v)) if v else float("nan") for k, v in parts.items()}
 
 
-def probe(run_dir: Path, n_batches: int, which: str) -> dict[str, Any]:
-    config, best, _ = load_model(run_dir, "best")
-    if which == "student":
+def probe(run_dir: Path, n_batches: int, which: str, variants: list[str]) -> dict[str, Any]:
+    config = load_run_config(run_dir)
+    if which == "best":
+        _, best, _ = load_model(run_dir, "best")
+    else:  # last.pt's weights: also while the run trains
         state, _ = read_checkpoint(run_dir / "checkpoints" / "last.pt")
         best = build_model(config.model)
-        best.load_state_dict(state["model"])
+        best.load_state_dict(state["model"] if which == "student" else state["ema"]["model"])
     best.eval()
     zeta = float(config.propagation.roi_threshold)
     data = load_run_data(config, run_dir)
@@ -119,10 +125,14 @@ def probe(run_dir: Path, n_batches: int, which: str) -> dict[str, Any]:
     roi = dict(forward=lambda m, x: m(x, roi=True))
     models = {"running": best}
     models["patches"] = update_bn(copy.deepcopy(best), patches, **roi)
-    models["weak_tiles"] = update_bn(copy.deepcopy(best), tiles, **roi)
-    models["both"] = update_bn(copy.deepcopy(best), _interleave(patches, tiles), **roi)
+    if "weak_tiles" in variants:
+        models["weak_tiles"] = update_bn(copy.deepcopy(best), tiles, **roi)
+    if "both" in variants:
+        models["both"] = update_bn(copy.deepcopy(best), _interleave(patches, tiles), **roi)
     rows: dict[str, Any] = {}
     for name, model in models.items():
+        if name not in variants:
+            continue
         t0 = time.perf_counter()
         dice = strong_dice(model.eval(), strong, zeta, ctx, inferer)
         rows[name] = {
@@ -139,11 +149,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--batches", type=int, default=40)
-    parser.add_argument("--model", choices=("best", "student"), default="best")
+    parser.add_argument("--model", choices=("best", "student", "ema"), default="best")
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="statistics scored"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    result = probe(args.run, args.batches, args.model)
+    result = probe(args.run, args.batches, args.model, args.variants)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -501,7 +501,10 @@ class EvaluationConfig(_Section):
     # hospital's own, re-estimated after training on its training scans by the inferer's
     # tiles (AdaBN, Li et al. 2016), the weak set's scans then normalised with the weak
     # hospital's and the strong set's with the strong hospital's (RUN/bn_stats.pt)
-    bn_stats: Literal["trained", "per_hospital"] = "trained"
+    # roi_patches: one set re-estimated on the strong set's training scans' ROI patches,
+    # drawn as training draws them (lymphdx.engine.patch_stats): what the decoder learnt
+    # under, without the bags' tiles that a tile run's running statistics also average
+    bn_stats: Literal["trained", "per_hospital", "roi_patches"] = "trained"
     # the gain in AUC declared before looking at the results (default: the paper's
     # ssmdmt − supervised gain) at which compare's design analysis gives each paired
     # test's power, type S and exaggeration and the patients 80% power needs

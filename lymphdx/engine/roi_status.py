@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from scipy import ndimage
 
 from lymphdx.core.domains import STRONG
@@ -103,15 +104,31 @@ def write_roi_status(
     return status
 
 
+def status_file(bn_stats: str = "trained") -> str:
+    """Where the decoder's status with batch-norm statistics ``bn_stats`` is kept:
+    training's (``trained``) in ``roi_status.json``; that of statistics re-estimated after
+    training (``evaluation.bn_stats``, written by ``evaluate``) in ``roi_status_<how>.json``."""
+    return STATUS_FILE if bn_stats == "trained" else f"roi_status_{bn_stats}.json"
+
+
+def _scored_bn_stats(run_dir: Path) -> str:
+    """The run's ``evaluation.bn_stats`` (``trained`` when its config says nothing)."""
+    path = run_dir / "config.yaml"
+    config = yaml.safe_load(path.read_text()) if path.exists() else None
+    evaluation = (config or {}).get("evaluation") or {}
+    return str(evaluation.get("bn_stats") or "trained")
+
+
 def read_roi_status(run_dir: str | Path) -> dict[str, Any] | None:
-    """Did the run's decoder find nodes: ``roi_status.json`` (Dice on all strong training
-    + validation scans, written at the end of training) or, for runs from before it, the
-    history's last strong-validation Dice (``roi_decoder_status``); None without an ROI
-    task."""
+    """Did the run's decoder find nodes, scored with the batch-norm statistics the run is
+    scored with: ``roi_status.json`` (Dice on all strong training + validation scans,
+    written at the end of training), ``roi_status_<how>.json`` under ``evaluation.bn_stats:
+    <how>`` once ``evaluate`` wrote it, or, for runs from before either, the history's
+    last strong-validation Dice (``roi_decoder_status``); None without an ROI task."""
     run_dir = Path(run_dir)
-    path = run_dir / STATUS_FILE
-    if path.exists():
-        return json.loads(path.read_text())
+    for name in dict.fromkeys((status_file(_scored_bn_stats(run_dir)), STATUS_FILE)):
+        if (run_dir / name).exists():
+            return json.loads((run_dir / name).read_text())
     history = run_dir / "history.csv"
     return roi_decoder_status(read_csv(history)) if history.exists() else None
 

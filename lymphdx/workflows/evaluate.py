@@ -23,6 +23,7 @@ from lymphdx.core.errors import LymphdxError
 from lymphdx.core.files import read_csv, run_lock, write_csv, write_json
 from lymphdx.core.strategies import get_strategy
 from lymphdx.data.datasets import VolumeSet
+from lymphdx.engine.domain_stats import decoder_status_with_stats
 from lymphdx.engine.inferer import make_inferer
 from lymphdx.engine.propagation import predict_volumes
 from lymphdx.engine.roi_readout import run_readout, score_volumes
@@ -174,6 +175,8 @@ def _evaluate_run(run_dir: Path, split: str, detection: bool) -> dict[str, Any]:
     volumes = data.volumes("weak", split)
     if len(volumes) == 0:
         raise LymphdxError(f"the weak set has no patients in split {split!r}")
+    # with statistics re-estimated after training: the switches read the decoder as scored
+    decoder_status_with_stats(run_dir, config, model, data)
     readout, readout_note = run_readout(run_dir, config, model, data)
     readout_metrics: dict[str, Any] = {"applied": readout is not None, "note": readout_note}
     tta, inferer = config.evaluation.tta_flip, make_inferer(config)
