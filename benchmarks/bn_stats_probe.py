@@ -81,19 +81,31 @@ def _interleave(*lists: list[torch.Tensor]) -> Iterator[torch.Tensor]:
 
 
 def _bn_shift(model: MultiTaskNet, reference: MultiTaskNet) -> dict[str, float]:
-    """Mean over the encoder's / decoder's batch norms of the channel-mean
-    ``|μ_model − μ_ref| / σ_ref``: how far ``model``'s running means lie from the
-    reference statistics."""
+    """How far ``model``'s running statistics lie from ``reference``'s, per part (encoder,
+    decoder): the mean over its batch norms of the channel-mean ``|μ − μ_ref| / σ_ref``
+    (``mean_*``), the largest such layer value (``max_mean_*``), and the mean over its
+    batch norms of the channel-mean ``|log(var / var_ref)|`` (``logvar_*``)."""
     ref = {n: m for n, m in reference.named_modules() if isinstance(m, _BatchNorm)}
-    parts: dict[str, list[float]] = {"decoder": [], "encoder": []}
+    shift: dict[str, list[float]] = {"decoder": [], "encoder": []}
+    logvar: dict[str, list[float]] = {"decoder": [], "encoder": []}
     for name, m in model.named_modules():
         if not isinstance(m, _BatchNorm) or m.running_mean is None:
             continue
         r = ref[name]
-        assert r.running_mean is not None and r.running_var is not None
+        assert m.running_var is not None and r.running_mean is not None
+        assert r.running_var is not None
+        part = "decoder" if name.startswith("decoder") else "encoder"
         z = (m.running_mean - r.running_mean).abs() / (r.running_var + r.eps).sqrt()
-        parts["decoder" if name.startswith("decoder") else "encoder"].append(float(z.mean()))
-    return {k: float(np.mean(v)) if v else float("nan") for k, v in parts.items()}
+        shift[part].append(float(z.mean()))
+        ratio = ((m.running_var + m.eps) / (r.running_var + r.eps)).log().abs()
+        logvar[part].append(float(ratio.mean()))
+    out: dict[str, float] = {}
+    for part in ("encoder", "decoder"):
+        if shift[part]:
+            out[f"mean_{part}"] = round(float(np.mean(shift[part])), 4)
+            out[f"max_mean_{part}"] = round(float(np.max(shift[part])), 4)
+            out[f"logvar_{part}"] = round(float(np.mean(logvar[part])), 4)
+    return out
 
 
 def probe(run_dir: Path, n_batches: int, which: str, variants: list[str]) -> dict[str, Any]:

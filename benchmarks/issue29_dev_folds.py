@@ -81,6 +81,18 @@ re-estimated ones lift ``d``'s fold 1 decoder Dice on the strong training + vali
 scans to at least 0.4 (the propagation gate); re-estimation then becomes a candidate
 component, judged on both folds by its own rule, written before it is scored.
 
+Mid-run (04:28 UTC), ``bn_stats_probe.py --model ema`` on ``d``'s fold 1 at epoch 12:
+decoder Dice 0.076 with the EMA's running statistics, 0.666 with statistics re-estimated
+on the strong ROI patches, the same weights. So ``evaluation.bn_stats: roi_patches``
+(``engine.patch_stats``) is the candidate. Rule declared before any run is rescored with
+it: the clinical preset takes ``bn_stats: roi_patches`` when, on the preset's replicate
+``e20p/seed1`` (folds 0 and 1; copies rescored by ``issue29_rescore.py copy ... --set
+bn_stats=roi_patches``), the pooled out-of-fold AUC is no more than 0.02 below that of the
+same runs scored with their trained statistics, and the mean over the folds of the
+decoder Dice (strong training + validation scans, each with the statistics it is scored
+with) is no more than 0.02 lower. ``d``'s fold 1, rescored the same way, is reported
+beside it.
+
 Run the folds in parallel with ``OMP_NUM_THREADS=1`` each on a 2-core machine. The
 summary gives, per budget, the pooled out-of-fold AUC with its bootstrap CI, DeLong's
 paired test between budgets, and the decoder's Dice on the strong training + validation

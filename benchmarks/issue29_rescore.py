@@ -4,7 +4,9 @@ runs' test predictions against a reference (BENCHMARKS.md §4.2, §4.6).
 ``copy`` copies what scoring needs of run ``RUN`` to ``DST`` (weights, config, splits,
 normalisation, the decoder's status, history and log; not its scores), sets the
 ``evaluation`` keys given (``--set readout=nodes --set readout_weight=1``: the clinical
-preset's node readout), and runs ``lymphdx evaluate DST``. ``pool`` gives the pooled AUC
+preset's node readout), and scores ``DST``'s weak test split as ``lymphdx evaluate``
+does (the strong set's test split only with ``--detection``: since 2026-12-08 not by
+default, so that a choice made on development folds never reads it). ``pool`` gives the pooled AUC
 with its bootstrap CI of each group of ``predictions_test.csv`` files (a comma-separated
 list per group, e.g. the folds of a CV), on the patients all groups share, and DeLong's
 paired test of each group against the first.
@@ -36,8 +38,9 @@ KEEP = (
 )
 
 
-def copy_and_score(run: Path, dst: Path, settings: list[str]) -> dict:
-    """``run`` copied to ``dst`` with ``evaluation`` ``settings`` (``key=value``), scored."""
+def copy_and_score(run: Path, dst: Path, settings: list[str], detection: bool = False) -> dict:
+    """``run`` copied to ``dst`` with ``evaluation`` ``settings`` (``key=value``), scored
+    (with ``detection``, also on the strong set's test split)."""
     if dst.exists():
         raise SystemExit(f"{dst} exists")
     dst.mkdir(parents=True)
@@ -52,7 +55,7 @@ def copy_and_score(run: Path, dst: Path, settings: list[str]) -> dict:
         key, value = item.split("=", 1)
         config.setdefault("evaluation", {})[key] = yaml.safe_load(value)
     (dst / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    return evaluate_run(dst, "test")
+    return evaluate_run(dst, "test", detection=detection)
 
 
 def pool(groups: list[str]) -> None:
@@ -84,11 +87,14 @@ def main() -> None:
     c.add_argument("run", type=Path)
     c.add_argument("dst", type=Path)
     c.add_argument("--set", action="append", default=[], help="evaluation KEY=VALUE")
+    c.add_argument(
+        "--detection", action="store_true", help="also the strong test split (never for choices)"
+    )
     p = sub.add_parser("pool")
     p.add_argument("groups", nargs="+")
     args = parser.parse_args()
     if args.what == "copy":
-        m = copy_and_score(args.run, args.dst, args.set)
+        m = copy_and_score(args.run, args.dst, args.set, args.detection)
         print(f"AUC {m['auc']:.3f} {m['auc_ci95']}; readout {m.get('roi_readout')}")
     else:
         pool(args.groups)
