@@ -17,8 +17,10 @@ statistics
   weak training scans (no augmentation);
 - ``both``: on both, one batch of each in turn (what the running statistics average);
 
-then, per batch-norm layer, how far the running mean lies from the patches' mean in the
-patches' standard deviations (channel mean), for the encoder and the decoder apart.
+each also at ζ 0.2 and 0.5 (are the nodes found, under ζ?) with the mean probability on
+the node voxels; then how far each model's statistics lie from the patches' (means in
+the patches' standard deviations, log variance ratios), for the encoder and the decoder
+apart.
 
 Usage: python benchmarks/bn_stats_probe.py RUN_DIR [--batches 40]
 [--model best|student|ema] [--variants running patches ...] [--json OUT.json]
@@ -43,17 +45,41 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lymphdx.core.zeta import roi_mask  # noqa: E402
 from lymphdx.data.sampling import patch_corner  # noqa: E402
 from lymphdx.data.tile_sampler import crop_padded  # noqa: E402
-from lymphdx.engine.distributed import DistContext  # noqa: E402
 from lymphdx.engine.inferer import make_inferer  # noqa: E402
-from lymphdx.engine.roi_status import strong_dice  # noqa: E402
 from lymphdx.engine.run_data import load_run_data  # noqa: E402
 from lymphdx.engine.run_folder import load_model, load_run_config, read_checkpoint  # noqa: E402
 from lymphdx.engine.teacher import update_bn  # noqa: E402
 from lymphdx.models.multitask import MultiTaskNet, build_model  # noqa: E402
+from lymphdx.stats.metrics import dice_counts, dice_of  # noqa: E402
 
 VARIANTS = ("running", "patches", "weak_tiles", "both")
+#: thresholds the maps are also scored at (the run's ζ is added)
+ZETAS = (0.2, 0.5)
+
+
+@torch.no_grad()
+def _dice_by_zeta(
+    model: MultiTaskNet, sets: list[Any], zetas: list[float], inferer: Any
+) -> tuple[dict[str, float], float]:
+    """Pooled Dice over the scans of ``sets`` at each ζ of ``zetas`` (the maps computed
+    once, as ``roi_status.strong_dice`` computes them: the inferer, no flip, batches of
+    its size), and the mean probability on the node voxels."""
+    counts = {z: np.zeros(2) for z in zetas}
+    node_sum = node_n = 0.0
+    n = inferer.batch_size(4)
+    for volumes in sets:
+        for start in range(0, len(volumes), n):
+            batch = volumes.batch(list(range(start, min(start + n, len(volumes)))))
+            prob = inferer(model, batch.images)["roi"].cpu().numpy()
+            masks = batch.masks.numpy()
+            for z in zetas:
+                counts[z] += dice_counts(roi_mask(prob, z), masks)
+            node_sum += float(prob[masks > 0].sum())
+            node_n += float((masks > 0).sum())
+    return {f"{z:g}": dice_of(*c) for z, c in counts.items()}, node_sum / max(node_n, 1.0)
 
 
 def _patch_batches(
@@ -133,7 +159,7 @@ def probe(run_dir: Path, n_batches: int, which: str, variants: list[str]) -> dic
     tiles = _patch_batches(weak, tile, 0.0, n_tiles, n_batches, 1) if len(weak) else []
     if not tiles:
         raise SystemExit(f"{run_dir}: no weak training scans to draw tiles from")
-    ctx, inferer = DistContext(), make_inferer(config)
+    inferer = make_inferer(config)
     roi = dict(forward=lambda m, x: m(x, roi=True))
     models = {"running": best}
     models["patches"] = update_bn(copy.deepcopy(best), patches, **roi)
@@ -146,14 +172,21 @@ def probe(run_dir: Path, n_batches: int, which: str, variants: list[str]) -> dic
         if name not in variants:
             continue
         t0 = time.perf_counter()
-        dice = strong_dice(model.eval(), strong, zeta, ctx, inferer)
+        by_zeta, node_prob = _dice_by_zeta(model.eval(), strong, sorted({*ZETAS, zeta}), inferer)
+        dice = by_zeta[f"{zeta:g}"]
         rows[name] = {
             "dice_strong_train_val": dice,
+            "dice_by_zeta": by_zeta,
+            "mean_prob_on_nodes": node_prob,
             "n_scans": sum(map(len, strong)),
             "shift_from_patches": _bn_shift(model, models["patches"]),
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        print(f"{name:>10}: Dice {dice:.3f}  shift {rows[name]['shift_from_patches']}", flush=True)
+        print(
+            f"{name:>10}: Dice {dice:.3f} (by ζ {by_zeta}; mean p on nodes {node_prob:.3f}) "
+            f"shift {rows[name]['shift_from_patches']}",
+            flush=True,
+        )
     return {"run": str(run_dir), "model": which, "zeta": zeta, "batches": n_batches, "rows": rows}
 
 
