@@ -93,6 +93,18 @@ decoder Dice (strong training + validation scans, each with the statistics it is
 with) is no more than 0.02 lower. ``d``'s fold 1, rescored the same way, is reported
 beside it.
 
+The probe of ``d``'s fold 1 at its end (best.pt): Dice 0.009 with the running statistics,
+0.703 with the ROI patches' alone, 0.000 with the weak tiles' alone, 0.012 with an equal
+mix of both re-estimated for these weights. The mix, not stale statistics, is the cause.
+So ``training.running_stats: patches`` (``engine/running_stats.py``: the scans' or bags'
+pass leaves the running statistics alone) should keep training's own eval-mode passes
+(validation, the bags' refresh) right. A mechanism check, not an adoption rule
+(``dq``: ``d.yaml`` with ``running_stats: patches``, fold 1, training seed 0, so paired
+with ``d``'s fold 1 run): expected, declared before it ran, a strong-validation Dice that
+stays at or above 0.4 from epoch 6 on (``d``: 0.04 at epoch 10, 0.003 at epoch 18) and a
+decoder Dice at the end (running statistics, ``roi_status.json``) of at least 0.6.
+Adopting it needs both folds of the preset's config, next.
+
 Run the folds in parallel with ``OMP_NUM_THREADS=1`` each on a 2-core machine. The
 summary gives, per budget, the pooled out-of-fold AUC with its bootstrap CI, DeLong's
 paired test between budgets, and the decoder's Dice on the strong training + validation

@@ -409,6 +409,12 @@ class TrainingConfig(_Section):
     # nnU-Net's lr * (1 - epoch / epochs) ** lr_poly_exponent
     lr_schedule: Literal["constant", "poly"] = "constant"
     lr_poly_exponent: float = Field(0.9, gt=0)
+    # which forward passes move the batch norms' running statistics
+    # (lymphdx.engine.running_stats): all; patches, only the strong ROI patches' pass (the
+    # scans' or bags' pass normalises with its batch statistics and leaves them), so that
+    # eval mode normalises as the decoder learnt; a strategy without the patches' pass
+    # moves them on every pass
+    running_stats: Literal["all", "patches"] = "all"
     weight_decay: float = Field(0.0, ge=0)
     flip_augment: bool = True
     num_threads: int | None = None  # default: all cores, shared by the processes of a node

@@ -18,6 +18,7 @@ from lymphdx.engine.losses import RoiLoss, classification_loss
 from lymphdx.engine.performance import autocast, prepare_input
 from lymphdx.engine.propagation import PseudoLabels
 from lymphdx.engine.run_folder import TrainingError
+from lymphdx.engine.running_stats import PassContext
 from lymphdx.models.domain_norm import domains
 from lymphdx.models.multitask import MultiTaskNet
 
@@ -42,9 +43,15 @@ class StepModule(torch.nn.Module):
     ``roi``), or with ``sizes`` the tiles of B scans' bags (``MultiTaskNet.bags``), and,
     when given, ROI patches ``(P, 1, d, h, w)`` decoded under ``roi_patch``."""
 
-    def __init__(self, model: MultiTaskNet) -> None:
+    def __init__(
+        self,
+        model: MultiTaskNet,
+        scan_context: PassContext | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
+        # what the scans' pass runs in when patches follow (training.running_stats)
+        self.scan_context = scan_context or (lambda m: contextlib.nullcontext())
 
     def forward(
         self,
@@ -53,12 +60,14 @@ class StepModule(torch.nn.Module):
         patches: torch.Tensor | None = None,
         sizes: list[int] | None = None,
     ) -> dict[str, torch.Tensor]:
-        if images is None:
-            out = {}
-        elif sizes is not None:  # scans as bags of tiles: MultiTaskNet.bags
-            out = dict(self.model.bags(images, sizes))
-        else:
-            out = dict(self.model(images, roi=roi))
+        passes = self.scan_context(self.model) if patches is not None else contextlib.nullcontext()
+        with passes:
+            if images is None:
+                out = {}
+            elif sizes is not None:  # scans as bags of tiles: MultiTaskNet.bags
+                out = dict(self.model.bags(images, sizes))
+            else:
+                out = dict(self.model(images, roi=roi))
         if patches is not None:
             maps = self.model(patches, roi=True)
             out["roi_patch"] = maps["roi"]

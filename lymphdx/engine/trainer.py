@@ -71,6 +71,7 @@ from lymphdx.engine.run_folder import (
     verify_checkpoint,
     write_history,
 )
+from lymphdx.engine.running_stats import scan_pass_context
 from lymphdx.engine.selection import SelectionMixin
 from lymphdx.engine.steps import LossesMixin, StepModule
 from lymphdx.engine.teacher import EmaTeacher, SwaAverager
@@ -119,8 +120,10 @@ class Trainer(BatchesMixin, LossesMixin, PropagationMixin, SelectionMixin):
         # ROI warm-up epochs give the classifier no gradient
         self.roi_warmup = config.training.roi_warmup_epochs if self.strategy.roi_strong else 0
         # what train_step calls: DDP when distributed, compiled when configured
+        patch_pass = tcfg.roi_patch is not None and self.strategy.roi_strong
+        scan_pass = scan_pass_context(tcfg.running_stats, patch_pass)
         self.train_model = self.ctx.wrap(
-            StepModule(self.model), find_unused=self.domain_bn or self.roi_warmup > 0
+            StepModule(self.model, scan_pass), find_unused=self.domain_bn or self.roi_warmup > 0
         )
         if tcfg.compile:
             self.train_model = torch.compile(self.train_model, dynamic=False)
