@@ -23,6 +23,7 @@ from lymphdx.core.files import (
 )
 from lymphdx.core.strategies import get_strategy
 from lymphdx.engine.distributed import DistContext, distributed
+from lymphdx.engine.domain_stats import decoder_status_with_stats
 from lymphdx.engine.memory import check_memory
 from lymphdx.engine.performance import autocast
 from lymphdx.engine.roi_readout import run_readout
@@ -85,6 +86,9 @@ def _fit_readout(run_dir: Path, config: Config, data: RunData) -> None:
     if not (config.evaluation.roi_readout and get_strategy(config.strategy).trains_decoder):
         return
     config, model, _ = load_model(run_dir, data=data)
+    # with evaluation.bn_stats re-estimated: the "found no node" switch reads the decoder
+    # as it is scored
+    decoder_status_with_stats(run_dir, config, model, data)
     try:
         _, note = run_readout(run_dir, config, model, data, refit=True)
     except LymphdxError as err:  # e.g. a scan unreadable now: evaluate will try again
